@@ -1,0 +1,179 @@
+"""Hugging Face DeepSeek-V3 checkpoints in and out: config.json plus safetensors (one file or sharded).
+
+The on-disk layout is DeepSeek's: one tensor per expert (`model.layers.N.mlp.experts.E.gate_proj.weight`),
+MTP module k at layer index num_hidden_layers + k-1 with its own copies of the embedding and head (as
+in DeepSeek-V3's layer 61). In memory the experts are stacked for grouped matmuls and the MTP modules
+share the main embedding and head; `hf_tensor_map` is the single place that maps one onto the other.
+safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanoseek.config import ModelConfig
+from nanoseek.model import Transformer
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: names the tensors and shapes at fault."""
+
+
+def hf_tensor_map(model: Transformer) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Every checkpoint key -> a view of the model tensor that holds it; plus the keys that are only
+    written (MTP copies of the embedding and head), which loading accepts and skips."""
+    cfg = model.cfg
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name == "lm_head.weight":
+            if not cfg.tie_word_embeddings:
+                tensors[name] = t
+            continue
+        if name.startswith("mtp."):  # mtp.K.block.x / mtp.K.enorm.weight -> model.layers.{L+K}.x
+            k, rest = name.removeprefix("mtp.").split(".", 1)
+            name = f"layers.{cfg.num_hidden_layers + int(k)}.{rest.removeprefix('block.')}"
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix, inter = name.removesuffix("gate_up_proj"), cfg.moe_intermediate_size
+            for e in range(t.shape[0]):
+                tensors[f"model.{prefix}{e}.gate_proj.weight"] = t[e, :inter]
+                tensors[f"model.{prefix}{e}.up_proj.weight"] = t[e, inter:]
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name.removesuffix("down_proj")
+            for e in range(t.shape[0]):
+                tensors[f"model.{prefix}{e}.down_proj.weight"] = t[e]
+        else:
+            tensors[f"model.{name}"] = t
+    copies: set[str] = set()
+    for k in range(cfg.num_nextn_predict_layers):
+        layer = f"model.layers.{cfg.num_hidden_layers + k}"
+        tensors[f"{layer}.embed_tokens.weight"] = model.embed_tokens.weight
+        tensors[f"{layer}.shared_head.head.weight"] = model.lm_head.weight
+        copies |= {f"{layer}.embed_tokens.weight", f"{layer}.shared_head.head.weight"}
+    return tensors, copies
+
+
+# --- saving ---------------------------------------------------------------------------------------
+def save_pretrained(model: Transformer, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write config.json and safetensors that nanoseek and transformers' DeepseekV3ForCausalLM load."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, _ = hf_tensor_map(model)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    for stale in [*out.glob("model-*-of-*.safetensors"), out / SAFE_SINGLE, out / SAFE_INDEX]:
+        stale.unlink(missing_ok=True)
+    names = (
+        [SAFE_SINGLE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map = {}
+    for fname, keys in zip(names, shards, strict=True):
+        # clone: the expert views share storage, which safetensors refuses to write.
+        shard = {k: tensors[k].detach().to("cpu", copy=True).contiguous() for k in keys}
+        _atomic(out / fname, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(keys, fname))
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic(out / SAFE_INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    model.cfg.save_json(out / "config.json", dtype=dtype)
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file, fsync, rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --- loading --------------------------------------------------------------------------------------
+def weight_files(model_dir: Path) -> list[Path]:
+    if (model_dir / SAFE_INDEX).is_file():
+        weight_map = json.loads((model_dir / SAFE_INDEX).read_text())["weight_map"]
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    if (model_dir / SAFE_SINGLE).is_file():
+        return [model_dir / SAFE_SINGLE]
+    pickled = [p.name for p in model_dir.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    hint = f" (found {', '.join(pickled)}: nanoseek never unpickles; re-save it as safetensors)" if pickled else ""
+    raise FileNotFoundError(f"no {SAFE_SINGLE} or {SAFE_INDEX} in {model_dir}{hint}")
+
+
+def read_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) from every safetensors file, one tensor in memory at a time."""
+    for path in weight_files(model_dir):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path.name} is listed in {SAFE_INDEX} but missing from {model_dir}")
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield key, f.get_tensor(key)
+
+
+def checkpoint_dtype(model_dir: Path) -> torch.dtype:
+    for _, t in read_checkpoint(model_dir):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+@torch.no_grad()
+def load_weights(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Copy checkpoint tensors into the model; every problem is collected and reported by name."""
+    targets, copies = hf_tensor_map(model)
+    seen: set[str] = set()
+    problems: list[str] = []
+    for key, t in tensors:
+        if key in copies:
+            seen.add(key)
+            continue
+        if key not in targets:
+            problems.append(f"unexpected tensor {key} {tuple(t.shape)}")
+            continue
+        target = targets[key]
+        if t.shape != target.shape:
+            problems.append(f"{key}: checkpoint shape {tuple(t.shape)} but the model expects {tuple(target.shape)}")
+            continue
+        target.copy_(t)
+        seen.add(key)
+    problems += [f"missing tensor {k} {tuple(targets[k].shape)}" for k in sorted(set(targets) - seen - copies)]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+        raise CheckpointError(f"checkpoint does not fit the config ({len(problems)} problems):\n  {shown}")
+
+
+def from_pretrained(
+    model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> Transformer:
+    """Load a Hugging Face DeepSeek-V3 model folder. dtype None keeps the checkpoint's; device None is CPU."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: pass a Hugging Face model folder (config.json + safetensors)")
+    cfg = ModelConfig.from_json(path)
+    dtype = dtype or checkpoint_dtype(path)
+    with torch.device("meta"):  # no memory and no random init for weights that are overwritten anyway
+        model = Transformer(cfg)
+    model.to_empty(device=device or "cpu").to(dtype)
+    load_weights(model, read_checkpoint(path))
+    model.rotary_emb.reset_parameters()  # a non-persistent buffer: recomputed, not loaded
+    return model.eval()

@@ -1,0 +1,127 @@
+"""DeepSeekMoE (V3 paper Sec. 2.1.2): shared experts plus fine-grained routed SwiGLU experts.
+
+The gate scores each token against every routed expert with a sigmoid (softmax for V2-style configs).
+Selection adds `e_score_correction_bias`, the auxiliary-loss-free balancing bias (V3 Sec. 2.1.2,
+eq. 16), and is group-limited: a group scores the sum of its top-2 experts, only the best topk_group
+groups stay eligible. The chosen experts are weighted by their *unbiased* scores, normalised over the
+top-k when norm_topk_prob is set, and scaled by routed_scaling_factor.
+
+Routed experts run as one grouped computation over tokens sorted by expert: torch._grouped_mm on CUDA,
+one padded batched matmul elsewhere; never a Python loop over experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.layers import MLP
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick experts for each token. logits [N, E] (fp32) -> (weights [N, k] fp32, indices [N, k])."""
+    scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores if bias is None else scores + bias  # the bias steers selection only
+    n_tokens, n_experts = choice.shape
+    if cfg.topk_group < cfg.n_group:
+        grouped = choice.view(n_tokens, cfg.n_group, n_experts // cfg.n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+        keep = group_scores.topk(cfg.topk_group, dim=-1).indices
+        group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+        choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).view(n_tokens, n_experts)
+    indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+    weights = scores.gather(1, indices)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, indices
+
+
+def _use_grouped_mm(x: torch.Tensor) -> bool:
+    # torch._grouped_mm's backward is CUDA-only (on CPU it fails for fp32 and for empty groups).
+    return hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x [M, in], sorted by group, times their group's weight [G, out, in]^T -> [M, out].
+
+    counts [G] says how many consecutive rows belong to each group (sum = M).
+    """
+    if _use_grouped_mm(x):
+        offsets = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    # Fallback: scatter into [G, C, in] with C the largest group, one bmm, gather the real rows back.
+    n_groups = weight.shape[0]
+    group_of_row = torch.repeat_interleave(torch.arange(n_groups, device=x.device), counts, output_size=x.shape[0])
+    starts = counts.cumsum(0) - counts
+    slot = torch.arange(x.shape[0], device=x.device) - starts[group_of_row]
+    capacity = int(counts.max()) if x.shape[0] else 0
+    padded = x.new_zeros(n_groups, capacity, x.shape[1])
+    padded = padded.index_put((group_of_row, slot), x)
+    return torch.bmm(padded, weight.transpose(1, 2))[group_of_row, slot]
+
+
+class Gate(nn.Module):
+    """Router weights plus the balancing bias; the bias is a buffer, so no optimizer ever touches it."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        bias = torch.zeros(cfg.n_routed_experts, dtype=torch.float32) if cfg.scoring_func == "sigmoid" else None
+        self.register_buffer("e_score_correction_bias", bias)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the bias in fp32 through model.to(bf16): its 1e-3 updates would vanish in bf16.
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias is not None:
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, hidden] -> (weights [N, k] fp32, indices [N, k], logits [N, E] fp32)."""
+        logits = F.linear(x.float(), self.weight.float())  # routing decisions in fp32, as in the paper
+        weights, indices = route(logits, self.e_score_correction_bias, self.cfg)
+        return weights, indices, logits
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored stacked, so that all of them run as two grouped matmuls."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # per expert [gate_proj; up_proj]
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [N, hidden], weights/indices [N, k] -> sum over the k chosen experts, [N, hidden]."""
+        k = indices.shape[1]
+        flat = indices.flatten()  # [N * k]
+        order = flat.argsort(stable=True)  # sort (token, slot) pairs by expert
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        token = order // k
+        gate, up = grouped_mm(x[token], self.gate_up_proj, counts).chunk(2, dim=-1)
+        out = grouped_mm(F.silu(gate) * up, self.down_proj, counts)  # [N * k, hidden]
+        out = out * weights.flatten()[order].unsqueeze(-1).to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token, out)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = RoutedExperts(cfg)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, hidden]
+        weights, indices, _ = self.gate(x)
+        y = self.experts(x, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)

@@ -1,0 +1,86 @@
+"""The DeepSeek-V3 language model: embedding, decoder blocks (MLA + dense/MoE), final norm, output head, and
+the optional MTP modules. One class serves training, RL rollouts and serving.
+
+    model = Transformer(get_preset("tiny"))
+    logits = model(input_ids)                        # [B, T, vocab]
+    logits, mtp_logits = model(input_ids, mtp=True)  # mtp_logits[k-1]: [B, T-k, vocab], predicts t_{i+k+1}
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.block import Block
+from nanoseek.model.layers import RMSNorm
+from nanoseek.model.moe import Gate, RoutedExperts
+from nanoseek.model.mtp import MTPModule
+from nanoseek.model.rope import RotaryEmbedding
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
+        self.rotary_emb = RotaryEmbedding(cfg)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for matrices and embeddings, ones for norms, zero balancing bias."""
+        std = self.cfg.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Gate):
+                nn.init.normal_(module.weight, std=std)
+                if module.e_score_correction_bias is not None:
+                    module.e_score_correction_bias.zero_()
+            elif isinstance(module, RoutedExperts):
+                nn.init.normal_(module.gate_up_proj, std=std)
+                nn.init.normal_(module.down_proj, std=std)
+        self.rotary_emb.reset_parameters()
+
+    def forward(
+        self, input_ids: torch.Tensor, mtp: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """input_ids [B, T] -> logits [B, T, vocab]; with mtp=True also each MTP depth's logits."""
+        t = input_ids.shape[1]
+        embeds = self.embed_tokens(input_ids)
+        positions = torch.arange(t, device=input_ids.device)
+        cos, sin = self.rotary_emb(positions, embeds.dtype)
+        h = embeds
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        h = self.norm(h)
+        logits = self.lm_head(h)
+        if not mtp:
+            return logits
+        mtp_logits = []
+        for k, module in enumerate(self.mtp, start=1):
+            # Depth k at position i sees token i+k and depth k-1's hidden state at i: T-k positions.
+            h = module(embeds[:, k:], h[:, :-1], cos[: t - k], sin[: t - k])
+            mtp_logits.append(self.lm_head(h))
+        return logits, mtp_logits
+
+    def save_pretrained(self, out_dir: str, max_shard_bytes: int | None = None) -> None:
+        """Write a Hugging Face DeepSeek-V3 folder (config.json + safetensors) that transformers loads."""
+        from nanoseek import checkpoint  # checkpoint.py builds on this module, not the reverse
+
+        kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+        checkpoint.save_pretrained(self, out_dir, **kwargs)
+
+    def num_parameters(self, include_mtp: bool = False) -> int:
+        """Parameters (tied weights once); the MTP modules only when asked, as the V3 paper counts."""
+        total = sum(p.numel() for p in self.parameters())
+        return total if include_mtp else total - sum(p.numel() for p in self.mtp.parameters())
