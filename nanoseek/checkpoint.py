@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,11 +131,17 @@ def read_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def checkpoint_dtype(model_dir: Path) -> torch.dtype:
-    for _, t in read_checkpoint(model_dir):
-        if t.is_floating_point():
-            return t.dtype
-    return torch.float32
+def checkpoint_keys(model_dir: Path) -> dict[str, torch.dtype]:
+    """Every tensor name and dtype, read from the headers only."""
+    keys = {}
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                keys[key] = f.get_slice(key).get_dtype()
+    return keys
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 @torch.no_grad()
@@ -170,10 +177,19 @@ def from_pretrained(
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a folder: pass a Hugging Face model folder (config.json + safetensors)")
     cfg = ModelConfig.from_json(path)
-    dtype = dtype or checkpoint_dtype(path)
+    keys = checkpoint_keys(path)
+    mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
+    if cfg.num_nextn_predict_layers and not any(k.startswith(mtp_prefix) for k in keys):
+        # transformers drops DeepSeek's MTP layer when it saves; the main model is still complete.
+        warnings.warn(f"{path} has no MTP weights ({mtp_prefix}*): loading without MTP modules", stacklevel=2)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    if dtype is None:
+        stored = [_SAFETENSORS_DTYPES[d] for d in keys.values() if d in _SAFETENSORS_DTYPES]
+        dtype = max(set(stored), key=stored.count) if stored else torch.float32
     with torch.device("meta"):  # no memory and no random init for weights that are overwritten anyway
         model = Transformer(cfg)
     model.to_empty(device=device or "cpu").to(dtype)
+    model.tie_weights()
     load_weights(model, read_checkpoint(path))
     model.rotary_emb.reset_parameters()  # a non-persistent buffer: recomputed, not loaded
     return model.eval()

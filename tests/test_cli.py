@@ -1,0 +1,41 @@
+"""The `nanoseek` console script, run as a user runs it."""
+
+import json
+import subprocess
+
+import pytest
+
+from nanoseek import Transformer, get_preset, model_stats
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["nanoseek", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_info_json_for_v3_reports_the_paper_figures():
+    result = run("info", "--preset", "v3-671b", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert {"params_total", "params_active", "params_mtp", "kv_bytes_per_token"} <= info.keys()
+    assert round(info["params_total"] / 1e9) == 671 and round(info["params_active"] / 1e9) in (37, 38)
+
+
+def test_info_reads_a_model_folder(tmp_path):
+    Transformer(get_preset("tiny")).save_pretrained(str(tmp_path))
+    result = run("info", "--model", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert f"{model_stats(get_preset('tiny')).params_total:,}" in result.stdout
+    assert "MLA" in result.stdout and "MHA" in result.stdout
+
+
+def test_info_on_a_missing_folder_is_a_clear_error(tmp_path):
+    result = run("info", "--model", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert "no config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["info", "--help"]])
+def test_help_explains_the_commands(args):
+    result = run(*args)
+    assert result.returncode == 0
+    assert "usage: nanoseek" in result.stdout and ("--preset" in result.stdout or "info" in result.stdout)
