@@ -2,14 +2,19 @@
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from nanoseek import Transformer, get_preset, model_stats
 
 
+NANOSEEK = str(Path(sys.executable).parent / "nanoseek")  # the console script installed beside this Python
+
+
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["nanoseek", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([NANOSEEK, *args], capture_output=True, text=True, timeout=120)
 
 
 def test_info_json_for_v3_reports_the_paper_figures():

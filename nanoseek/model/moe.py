@@ -43,23 +43,56 @@ def _use_grouped_mm(x: torch.Tensor) -> bool:
     return hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
 
 
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+class _PaddedGroupedMM(torch.autograd.Function):
+    """Grouped matmul as one bmm over groups padded to the largest one. Rows move by index_select and
+    index_copy_; the index_put that autograd would use for fancy indexing is several times slower on CPU."""
+
+    @staticmethod
+    def forward(ctx, x, weight, to_padded, to_rows):
+        # Padding slots read row 0: their outputs are never gathered, and their gradients are zero.
+        padded = x.index_select(0, to_padded).view(weight.shape[0], -1, x.shape[1])  # [G, C, in]
+        ctx.save_for_backward(x, weight, to_padded, to_rows)
+        return torch.bmm(padded, weight.transpose(1, 2)).flatten(0, 1).index_select(0, to_rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, to_padded, to_rows = ctx.saved_tensors
+        n_groups = weight.shape[0]
+        grad_padded = grad.new_zeros(to_padded.shape[0], grad.shape[1]).index_copy_(0, to_rows, grad)
+        grad_padded = grad_padded.view(n_groups, -1, grad.shape[1])  # [G, C, out], zero at padding
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(grad_padded, weight).flatten(0, 1).index_select(0, to_rows)
+        if ctx.needs_input_grad[1]:
+            padded = x.index_select(0, to_padded).view(n_groups, -1, x.shape[1])
+            grad_w = torch.bmm(grad_padded.transpose(1, 2), padded)  # [G, out, in]
+        return grad_x, grad_w, None, None
+
+
+def padded_layout(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows sorted by group, padded to C = the largest group: the row that fills each of the G * C
+    slots (0 for padding), and the slot of each row [M]."""
+    n_groups, n_rows = counts.shape[0], int(counts.sum())
+    capacity = int(counts.max()) if n_rows else 0
+    group_of_row = torch.repeat_interleave(torch.arange(n_groups, device=counts.device), counts, output_size=n_rows)
+    starts = counts.cumsum(0) - counts
+    to_rows = group_of_row * capacity + torch.arange(n_rows, device=counts.device) - starts[group_of_row]
+    to_padded = torch.zeros(n_groups * capacity, dtype=torch.long, device=counts.device)
+    to_padded[to_rows] = torch.arange(n_rows, device=counts.device)
+    return to_padded, to_rows
+
+
+def grouped_mm(
+    x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """Rows of x [M, in], sorted by group, times their group's weight [G, out, in]^T -> [M, out].
 
-    counts [G] says how many consecutive rows belong to each group (sum = M).
+    counts [G] says how many consecutive rows belong to each group (sum = M); layout is
+    `padded_layout(counts)`, passed in when several matmuls share it.
     """
     if _use_grouped_mm(x):
-        offsets = counts.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    # Fallback: scatter into [G, C, in] with C the largest group, one bmm, gather the real rows back.
-    n_groups = weight.shape[0]
-    group_of_row = torch.repeat_interleave(torch.arange(n_groups, device=x.device), counts, output_size=x.shape[0])
-    starts = counts.cumsum(0) - counts
-    slot = torch.arange(x.shape[0], device=x.device) - starts[group_of_row]
-    capacity = int(counts.max()) if x.shape[0] else 0
-    padded = x.new_zeros(n_groups, capacity, x.shape[1])
-    padded = padded.index_put((group_of_row, slot), x)
-    return torch.bmm(padded, weight.transpose(1, 2))[group_of_row, slot]
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
+    return _PaddedGroupedMM.apply(x, weight, *(layout or padded_layout(counts)))
 
 
 class Gate(nn.Module):
@@ -97,15 +130,16 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, hidden], weights/indices [N, k] -> sum over the k chosen experts, [N, hidden]."""
-        k = indices.shape[1]
+        n, k = indices.shape
         flat = indices.flatten()  # [N * k]
         order = flat.argsort(stable=True)  # sort (token, slot) pairs by expert
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
-        token = order // k
-        gate, up = grouped_mm(x[token], self.gate_up_proj, counts).chunk(2, dim=-1)
-        out = grouped_mm(F.silu(gate) * up, self.down_proj, counts)  # [N * k, hidden]
-        out = out * weights.flatten()[order].unsqueeze(-1).to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token, out)
+        layout = None if _use_grouped_mm(x) else padded_layout(counts)
+        h = grouped_mm(x.index_select(0, order // k), self.gate_up_proj, counts, layout)
+        gate, up = h.chunk(2, dim=-1)
+        out = grouped_mm(F.silu(gate) * up, self.down_proj, counts, layout)  # [N * k, hidden], sorted
+        out = out.index_select(0, order.argsort()).view(n, k, -1)  # back to (token, slot) order
+        return torch.bmm(weights.unsqueeze(1).to(out.dtype), out).squeeze(1)  # weighted sum over the k
 
 
 class MoE(nn.Module):
