@@ -83,9 +83,9 @@ def main() -> None:
         fwd = race({"nanoseek": lambda: ours(x[:, :-1]), "transformers": lambda: reference(x[:, :-1])}, args.iters)
 
     ours.train(), reference.train()
-    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in (("ours", ours), ("ref", reference))}
+    ours_opt, ref_opt = (torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (ours, reference))
     step = race(
-        {"nanoseek": lambda: train_step(ours, opts["ours"], x), "transformers": lambda: train_step(reference, opts["ref"], x)},
+        {"nanoseek": lambda: train_step(ours, ours_opt, x), "transformers": lambda: train_step(reference, ref_opt, x)},
         args.iters,
     )
     for label, result in (("forward", fwd), ("train step (fwd+bwd+AdamW)", step)):

@@ -9,7 +9,6 @@ import pytest
 
 from nanoseek import Transformer, get_preset, model_stats
 
-
 NANOSEEK = str(Path(sys.executable).parent / "nanoseek")  # the console script installed beside this Python
 
 
