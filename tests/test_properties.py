@@ -89,3 +89,11 @@ def test_group_limited_routing_only_picks_from_the_best_groups():
     # group scores (sum of top-2 sigmoids): g0 ~1.97, g1 1.0, g2 ~1.90, g3 ~1.0 -> keep g0 and g2
     _, indices = route(logits, None, cfg)
     assert set(indices[0].tolist()) == {0, 1}  # expert 6 scores highest but its group loses (9 + -9)
+
+
+def test_softmax_gate_weights_are_softmax_probabilities_of_the_chosen():
+    cfg = CFG.replace(scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1, topk_group=1)
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 0.5, -1.0, 4.0, 0.0]])
+    weights, indices = route(logits, None, cfg)
+    assert indices[0].tolist() == [6, 3]
+    torch.testing.assert_close(weights, logits.softmax(-1)[:, [6, 3]])
