@@ -7,8 +7,10 @@ nanoseek info --model DIR --json        # the same for a Hugging Face model fold
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 
 from nanoseek.config import PRESETS, ModelConfig, get_preset
 from nanoseek.cost import model_stats
@@ -55,6 +57,62 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from nanoseek.data import expand_inputs, iter_texts
+    from nanoseek.tokenizer import train_tokenizer
+
+    files = expand_inputs(args.input)
+    tokenizer = train_tokenizer(iter_texts(files), args.vocab_size)
+    tokenizer.save(args.out)
+    print(f"trained a {tokenizer.vocab_size}-token BPE on {len(files)} file(s) -> {args.out}")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from nanoseek.data import expand_inputs, prepare
+    from nanoseek.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    meta = prepare(expand_inputs(args.input), tokenizer, args.out, seed=args.seed, val_permille=args.val_permille)
+    tokenizer.save(f"{args.out}/tokenizer")  # the data remembers how it was tokenised
+    tokens = {split: sum(s["tokens"] for s in shards) for split, shards in meta.shards.items()}
+    print(f"{meta.documents} documents, {tokens} tokens ({meta.dtype}) -> {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nanoseek.train.trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    history = Trainer(cfg).fit()
+    if history:
+        last = history[-1]
+        val = next((m["val_loss"] for m in reversed(history) if m.get("val_loss") is not None), None)
+        print(f"step {last['step']}: loss {last['loss']:.3f}, val loss {val if val is None else round(val, 3)}, "
+              f"{last['tokens_per_s']:.0f} tok/s; model in {cfg.out}/model")  # fmt: skip
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from nanoseek.report import plot_run
+
+    for path in plot_run(args.run):
+        print(path)
+    return 0
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One kebab-case flag per config field, with its type, default and help."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag, kind, help_text = f"--{f.name.replace('_', '-')}", hints[f.name], f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
+        parser.add_argument(flag, type=base, default=f.default, help=f"{help_text} (default: {f.default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek-V3 system in one PyTorch codebase.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -70,6 +128,38 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--kv-bytes", type=int, default=2, metavar="N", help="bytes per cached element (bf16: 2)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
+
+    tok = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    tok_train = tok.add_parser("train", help="train on text files", description="Train a byte-level BPE.")
+    tok_train.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, folders or globs")
+    tok_train.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    tok_train.add_argument("--out", required=True, metavar="DIR")
+    tok_train.set_defaults(func=cmd_tokenizer_train)
+
+    data = commands.add_parser("data", help="tokenise a corpus into shards").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    about = "Tokenise text, JSONL ('text') and parquet ('text') into memmap shards."
+    prep = data.add_parser("prepare", help="text, JSONL and parquet -> token shards", description=about)
+    prep.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, folders or globs")
+    prep.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder or tokenizer.json")
+    prep.add_argument("--out", required=True, metavar="DIR")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    prep.add_argument("--val-permille", type=int, default=10, help="documents per 1000 kept for validation")
+    prep.set_defaults(func=cmd_data_prepare)
+
+    from nanoseek.train.trainer import TrainConfig
+
+    train = commands.add_parser("train", help="pretrain a model (default: tiny, on Python's stdlib)",
+                                description="Pretrain with MTP and auxiliary-loss-free balancing.")  # fmt: skip
+    add_dataclass_flags(train, TrainConfig)
+    train.set_defaults(func=cmd_train)
+
+    plot = commands.add_parser("plot", help="PNG plots of a run folder")
+    plot.add_argument("run", metavar="DIR", help="a run folder with metrics.jsonl")
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -142,9 +142,39 @@ class RoutedExperts(nn.Module):
         return torch.bmm(weights.unsqueeze(1).to(out.dtype), out).squeeze(1)  # weighted sum over the k
 
 
+def sequence_balance_loss(logits: torch.Tensor, indices: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """V3's complementary sequence-wise balance loss (Sec. 2.1.2, eq. 17-20), before alpha.
+
+    logits [B, T, E] (fp32), indices [B, T, K]: sum_i f_i P_i per sequence, averaged over sequences,
+    with f_i = E / (K T) * (tokens routed to i) and P_i the mean normalised affinity of expert i.
+    """
+    b, t, e = logits.shape
+    scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # [B, E]
+    routed = torch.zeros(b, e, device=logits.device).scatter_add_(
+        1, indices.flatten(1), torch.ones(b, indices[0].numel(), device=logits.device)
+    )
+    f = routed * e / (cfg.num_experts_per_tok * t)
+    return (f * p).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def update_balancing_bias(gate: Gate, load: torch.Tensor, gamma: float) -> None:
+    """Auxiliary-loss-free balancing (V3 Sec. 2.1.2): after each step, b_i += gamma * sign(mean load - load_i),
+    so overloaded experts become less attractive to the router and idle ones more."""
+    load = load.float()
+    gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+
+
 class MoE(nn.Module):
+    """Shared plus routed experts. In training mode each forward leaves `expert_load` (tokens per expert,
+    detached, for the bias update) and `balance_loss` (differentiable) for the trainer to collect."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
+        self.expert_load: torch.Tensor | None = None
+        self.balance_loss: torch.Tensor | None = None
         self.gate = Gate(cfg)
         self.experts = RoutedExperts(cfg)
         self.shared_experts = (
@@ -154,7 +184,13 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, hidden]
-        weights, indices, _ = self.gate(x)
+        weights, indices, logits = self.gate(x)
+        if self.training:
+            self.expert_load = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts).detach()
+            if len(shape) == 3:
+                self.balance_loss = sequence_balance_loss(
+                    logits.view(*shape[:2], -1), indices.view(*shape[:2], -1), self.cfg
+                )
         y = self.experts(x, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -14,7 +14,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
 from nanoseek.model.layers import RMSNorm
-from nanoseek.model.moe import Gate, RoutedExperts
+from nanoseek.model.moe import Gate, MoE, RoutedExperts
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.rope import RotaryEmbedding
 
@@ -83,6 +83,10 @@ class Transformer(nn.Module):
 
         kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
         checkpoint.save_pretrained(self, out_dir, **kwargs)
+
+    def moe_layers(self) -> list[tuple[str, MoE]]:
+        """(name, MoE) for every MoE block, the MTP modules' included, in checkpoint order."""
+        return [(name.removesuffix(".mlp"), m) for name, m in self.named_modules() if isinstance(m, MoE)]
 
     def num_parameters(self, include_mtp: bool = False) -> int:
         """Parameters (tied weights once); the MTP modules only when asked, as the V3 paper counts."""

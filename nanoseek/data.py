@@ -1,0 +1,282 @@
+"""Token shards and packed batches.
+
+    nanoseek data prepare --input corpus/ notes.jsonl 'web/*.parquet' --tokenizer tok/ --out data/
+
+`prepare` tokenises text files, JSONL (a `text` field) and parquet files (a `text` column) into flat
+uint16/uint32 memmap shards, one document after another, each followed by EOS; a seeded ~1% of the
+documents go to the validation split. `PackedLoader` cuts the stream into fixed windows of seq_len + 1
+tokens (documents packed back to back, as in GPT-style pretraining), visits them in a seeded random
+order per epoch, and saves and restores its position exactly.
+
+With no data of its own, nanoseek trains on the Python standard library's source (`stdlib_files`), which
+every Python installation ships: a small model learns to write Python, with nothing to download.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nanoseek.tokenizer import Tokenizer, train_tokenizer
+
+TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".c", ".h", ".js", ".ts", ".html", ".css", ".json", ".toml"}
+SHARD_TOKENS = 100_000_000
+META = "meta.json"
+
+
+# --- reading documents ----------------------------------------------------------------------------
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Paths, globs and folders (searched recursively for text, .jsonl and .parquet files), in order."""
+    files: list[Path] = []
+    for item in inputs:
+        matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))] or [Path(item)]
+        for path in matches:
+            if path.is_dir():
+                files += sorted(p for p in path.rglob("*") if p.is_file() and _readable_suffix(p))
+            elif path.is_file():
+                files.append(path)
+            else:
+                raise FileNotFoundError(f"input {item!r} matches no file or folder")
+    return files
+
+
+def _readable_suffix(path: Path) -> bool:
+    return path.suffix in TEXT_SUFFIXES or path.suffix in (".jsonl", ".parquet")
+
+
+def read_documents(path: Path) -> Iterator[str]:
+    """One document per text file, per JSONL line (`text` field) or per parquet row (`text` column)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise ValueError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
+        yield from (t for t in table.column("text").to_pylist() if t)
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+            "convert it to UTF-8 or leave it out"
+        ) from None
+    if path.suffix != ".jsonl":
+        if text.strip():
+            yield text
+        return
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{n} needs a string field 'text'")
+        if record["text"]:
+            yield record["text"]
+
+
+def stdlib_files() -> list[Path]:
+    """The embedded default corpus: the standard library's own .py files, without its test suites."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+    return [p for p in sorted(root.rglob("*.py")) if not skip & set(p.relative_to(root).parts)]
+
+
+def iter_texts(files: list[Path]) -> Iterator[str]:
+    for path in files:
+        yield from read_documents(path)
+
+
+# --- writing shards -------------------------------------------------------------------------------
+@dataclass(slots=True)
+class DataMeta:
+    dtype: str
+    vocab_size: int
+    eos_id: int
+    shards: dict[str, list[dict]] = field(default_factory=dict)  # split -> [{"file", "tokens"}]
+    documents: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, data_dir: Path) -> DataMeta:
+        path = Path(data_dir) / META
+        if not path.is_file():
+            raise FileNotFoundError(f"no {META} in {data_dir}: create the data with `nanoseek data prepare`")
+        return cls(**json.loads(path.read_text()))
+
+
+class _ShardWriter:
+    def __init__(self, out: Path, split: str, dtype: np.dtype):
+        self.out, self.split, self.dtype = out, split, dtype
+        self.shards: list[dict] = []
+        self.file = None
+
+    def write(self, ids: list[int]) -> None:
+        if self.file is None or self.shards[-1]["tokens"] + len(ids) > SHARD_TOKENS:
+            self._open()
+        np.asarray(ids, dtype=self.dtype).tofile(self.file)
+        self.shards[-1]["tokens"] += len(ids)
+
+    def _open(self) -> None:
+        self.close()
+        name = f"{self.split}_{len(self.shards):04d}.bin"
+        self.file = open(self.out / name, "wb")  # noqa: SIM115 (kept open across writes)
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _is_val(doc_index: int, seed: int, val_permille: int) -> bool:
+    digest = hashlib.blake2b(f"{seed}:{doc_index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") % 1000 < val_permille
+
+
+def prepare(
+    files: list[Path], tokenizer: Tokenizer, out_dir: str | Path, seed: int = 0, val_permille: int = 10,
+    batch_docs: int = 256, progress: bool = True,
+) -> DataMeta:  # fmt: skip
+    """Tokenise documents into train/val shards under out_dir; returns what meta.json records."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    writers = {split: _ShardWriter(out, split, dtype) for split in ("train", "val")}
+    counts = {"train": 0, "val": 0}
+    batch: list[str] = []
+    n_docs = 0
+
+    def flush() -> None:
+        for ids in tokenizer.encode_batch(batch):
+            split = "val" if _is_val(counts["train"] + counts["val"], seed, val_permille) else "train"
+            counts[split] += 1
+            writers[split].write([*ids, tokenizer.eos_id])
+        batch.clear()
+
+    for path in tqdm(files, desc="tokenising", unit="file", disable=not progress):
+        for text in read_documents(path):
+            batch.append(text)
+            n_docs += 1
+            if len(batch) >= batch_docs:
+                flush()
+    flush()
+    for w in writers.values():
+        w.close()
+    if n_docs == 0:
+        raise ValueError(f"no text in {len(files)} input file(s): nothing to train on")
+    if counts["val"] == 0 or counts["train"] == 0:
+        raise ValueError(f"{n_docs} document(s) are too few for a train/val split: add more text")
+    meta = DataMeta(
+        dtype=np.dtype(dtype).name, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
+        shards={s: w.shards for s, w in writers.items()}, documents=counts,
+    )  # fmt: skip
+    (out / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+    return meta
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NANOSEEK_CACHE", Path.home() / ".cache" / "nanoseek"))
+
+
+def ensure_default_data(vocab_size: int, progress: bool = True) -> Path:
+    """The embedded default, built once and cached: a BPE of vocab_size trained on the stdlib source,
+    and the stdlib tokenised with it (tokenizer in <dir>/tokenizer, shards beside it)."""
+    out = cache_dir() / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-v{vocab_size}"
+    if (out / META).is_file():
+        return out
+    files = stdlib_files()
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"preparing the default corpus: {len(files)} stdlib files -> {out}", file=sys.stderr)
+    tokenizer = train_tokenizer(iter_texts(files), vocab_size, show_progress=progress)
+    tokenizer.save(tmp / "tokenizer")
+    prepare(files, tokenizer, tmp, progress=progress)
+    if (out / META).is_file():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return out
+
+
+# --- packed batches -------------------------------------------------------------------------------
+class PackedLoader:
+    """Windows of seq_len + 1 tokens from the shards of one split, in a seeded order per epoch.
+
+    Each call returns this rank's rows of one global batch: with world_size ranks every rank reads
+    batch_size / world_size rows, so 1 or N processes see the same data per step.
+    """
+
+    def __init__(
+        self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, seed: int = 0,
+        rank: int = 0, world_size: int = 1, shuffle: bool = True,
+    ):  # fmt: skip
+        meta = DataMeta.load(Path(data_dir))
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} must be divisible by the world size {world_size}")
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.shards = [
+            np.memmap(Path(data_dir) / s["file"], dtype=meta.dtype, mode="r")
+            for s in meta.shards.get(split, [])
+            if s["tokens"] > seq_len
+        ]
+        windows = torch.tensor([(len(s) - 1) // seq_len for s in self.shards], dtype=torch.long)
+        self.first_window = torch.cat((torch.zeros(1, dtype=torch.long), windows.cumsum(0)))
+        self.n_windows = int(self.first_window[-1])
+        if self.n_windows < batch_size:
+            raise ValueError(
+                f"the {split} split of {data_dir} holds {self.n_windows} windows of {seq_len + 1} tokens, "
+                f"fewer than one batch of {batch_size}: use more data, a smaller --batch-size or --seq-len"
+            )
+        self.epoch, self.cursor = 0, 0
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    @staticmethod
+    def count_windows(data_dir: str | Path, split: str, seq_len: int) -> int:
+        meta = DataMeta.load(Path(data_dir))
+        return sum((s["tokens"] - 1) // seq_len for s in meta.shards.get(split, []) if s["tokens"] > seq_len)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.n_windows, generator=g) if self.shuffle else torch.arange(self.n_windows)
+            self._order = (epoch, perm)
+        return self._order[1]
+
+    def window(self, index: int) -> torch.Tensor:
+        shard = int(torch.searchsorted(self.first_window, index, right=True)) - 1
+        start = (index - int(self.first_window[shard])) * self.seq_len
+        return torch.from_numpy(self.shards[shard][start : start + self.seq_len + 1].astype(np.int64))
+
+    def next_batch(self) -> torch.Tensor:
+        """[batch_size / world_size, seq_len + 1] int64 token ids."""
+        if self.cursor + self.batch_size > self.n_windows:  # drop the ragged end of the epoch
+            self.epoch, self.cursor = self.epoch + 1, 0
+        ids = self.order(self.epoch)[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        per_rank = self.batch_size // self.world_size
+        mine = ids[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return torch.stack([self.window(int(i)) for i in mine])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])

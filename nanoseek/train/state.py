@@ -1,0 +1,113 @@
+"""Training checkpoints: model, optimizer, data position, RNG and step, written atomically.
+
+Each checkpoint is a folder checkpoints/step_XXXXXX/ built under a temporary name, every file fsynced,
+then renamed into place: a run killed at any moment leaves either the whole checkpoint or none.
+state.json records a SHA-256 of every file, so a corrupt or truncated checkpoint is an error that says
+which file, never a silently different run. Tensors go through safetensors; the optimizer state through
+torch.load(weights_only=True), which refuses arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nanoseek.checkpoint import CheckpointError
+
+STATE = "state.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    return sorted(p for p in Path(root).glob("step_*") if p.is_dir())
+
+
+def save_checkpoint(
+    root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any], keep: int
+) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    # clone: tied weights share storage, which safetensors refuses; loading re-ties them.
+    save_file(
+        {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors"
+    )
+    save_file({k: v.contiguous() for k, v in rng_state().items()}, tmp / "rng.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    (tmp / STATE).write_text(json.dumps({"step": step, **extra, "sha256": files}, indent=2) + "\n")
+    for p in tmp.iterdir():
+        _fsync(p)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync(root)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and RNG from a checkpoint folder; returns its state.json."""
+    path = Path(path)
+    state_file = path / STATE
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({state_file.name}: {e}); delete it to resume "
+                              "from an earlier one") from None  # fmt: skip
+    for name, digest in state.get("sha256", {}).items():
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}; delete it to resume from an earlier one")
+        if _sha256(path / name) != digest:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its checksum; "
+                                  "delete it to resume from an earlier one")  # fmt: skip
+    weights = load_file(path / "model.safetensors")
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {e}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: missing {result.missing_keys[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]}")  # fmt: skip
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    set_rng_state(load_file(path / "rng.safetensors"))
+    return state

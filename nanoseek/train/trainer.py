@@ -1,0 +1,299 @@
+"""The one training loop: pretraining now; supervised fine-tuning and distillation reuse it.
+
+    nanoseek train --preset tiny --steps 300 --out runs/tiny     # trains on Python's own stdlib source
+
+Loss = next-token cross-entropy + mtp_lambda * mean MTP cross-entropy (V3 Sec. 2.2.2, eq. 24-25)
++ balance_alpha * the sequence-wise balance loss (Sec. 2.1.2, eq. 17-20). After every optimizer step,
+each MoE gate's bias moves by bias_gamma * sign(mean load - load) (auxiliary-loss-free balancing).
+AdamW, warmup then cosine or WSD, clipping, accumulation, bf16 autocast where the hardware is fast at
+it, exact resume from atomic checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nanoseek.checkpoint import CheckpointError
+from nanoseek.config import ModelConfig, get_preset
+from nanoseek.data import PackedLoader, ensure_default_data
+from nanoseek.device import default_device, default_dtype
+from nanoseek.model import Transformer
+from nanoseek.model.moe import update_balancing_bias
+from nanoseek.tokenizer import Tokenizer, load_tokenizer
+from nanoseek.train import state
+from nanoseek.train.optim import build_optimizer, lr_at
+from nanoseek.train.samples import sample_text
+
+IGNORE = -100
+SAMPLE_PROMPTS = ("def ", "class ")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(slots=True)
+class TrainConfig:
+    """Every field is a `nanoseek train` flag of the same name in kebab case."""
+
+    preset: str = _help("model preset", default="tiny")
+    out: str = _help("run folder: metrics, checkpoints, exported model", default="runs/tiny")
+    data: str | None = _help("folder from `nanoseek data prepare` (default: Python's stdlib source)", default=None)
+    steps: int = _help("optimizer steps in total", default=300)
+    seed: int = _help("seed for initialisation and data order", default=0)
+    batch_size: int = _help("global batch, in sequences", default=16)
+    micro_batch_size: int = _help("sequences per forward pass (accumulate up to --batch-size); 0: all", default=0)
+    seq_len: int = _help("tokens per sequence", default=256)
+    lr: float = _help("peak learning rate", default=3e-3)
+    min_lr_ratio: float = _help("final learning rate as a fraction of --lr", default=0.1)
+    warmup_steps: int = _help("linear warmup steps", default=30)
+    schedule: str = _help("cosine or wsd (warmup-stable-decay)", default="cosine")
+    weight_decay: float = _help("AdamW weight decay on matrices", default=0.1)
+    beta1: float = _help("AdamW beta1", default=0.9)
+    beta2: float = _help("AdamW beta2", default=0.95)
+    grad_clip: float = _help("clip the global gradient norm to this", default=1.0)
+    mtp_lambda: float = _help("weight of the MTP loss (V3: 0.3, then 0.1)", default=0.3)
+    balance_alpha: float = _help("weight of the sequence-wise balance loss", default=1e-4)
+    bias_gamma: float = _help("aux-loss-free bias update speed; 0 turns it off", default=1e-3)
+    eval_every: int = _help("validate and print samples every N steps", default=50)
+    eval_batches: int = _help("validation batches per evaluation", default=4)
+    save_every: int = _help("checkpoint every N steps (and at the end)", default=100)
+    keep: int = _help("checkpoints to keep", default=3)
+    resume: bool = _help("continue from the last checkpoint in --out", default=False)
+    compile: bool = _help("torch.compile the model", default=False)
+    tensorboard: bool = _help("also log to --out/tensorboard", default=False)
+    device: str = _help("auto, cpu or cuda", default="auto")
+    dtype: str = _help("auto, float32 or bfloat16 (autocast)", default="auto")
+    progress: bool = _help("show a progress bar", default=True)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "keep", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+            raise ValueError("--micro-batch-size must divide --batch-size")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError("--schedule must be cosine or wsd")
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+
+
+def mtp_targets(targets: torch.Tensor, depth: int) -> torch.Tensor:
+    """Depth k predicts token i+k+1 at position i: the next-token targets shifted left by k."""
+    return targets[:, depth:]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig | None = None, tokenizer: Tokenizer | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
+        self.amp_dtype = default_dtype(self.device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        self.data_dir = Path(cfg.data) if cfg.data else None
+        if self.data_dir is None:
+            vocab = (model_cfg or get_preset(cfg.preset)).vocab_size
+            self.data_dir = ensure_default_data(vocab, progress=cfg.progress)
+        self.tokenizer = tokenizer or load_tokenizer(self.data_dir / "tokenizer")
+        model_cfg = model_cfg or get_preset(cfg.preset)
+        model_cfg = model_cfg.replace(
+            vocab_size=self.tokenizer.vocab_size, bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id
+        )
+        torch.manual_seed(cfg.seed)
+        self.model = Transformer(model_cfg).to(self.device)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        self.loader = PackedLoader(self.data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+        val_batch = min(cfg.batch_size, PackedLoader.count_windows(self.data_dir, "val", cfg.seq_len))
+        self.val_loader = (
+            PackedLoader(self.data_dir, "val", val_batch, cfg.seq_len, shuffle=False) if val_batch > 0 else None
+        )
+        self.step = 0
+        self.moe = self.model.moe_layers()
+        self.writer = None
+
+    # --- one optimizer step ------------------------------------------------------------------
+    def autocast(self):
+        if self.amp_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def compute_loss(self, window: torch.Tensor) -> dict[str, torch.Tensor]:
+        """window [B, T+1] token ids -> the loss and its parts (the parts detached)."""
+        inputs, targets = window[:, :-1], window[:, 1:]
+        use_mtp = bool(self.model.mtp) and self.cfg.mtp_lambda > 0
+        for _, moe in self.moe:
+            moe.expert_load = moe.balance_loss = None
+        with self.autocast():
+            logits, mtp_logits = self.forward(inputs, mtp=True) if use_mtp else (self.forward(inputs), [])
+        lm = lm_loss(logits, targets)
+        zero = lm.new_zeros(())
+        mtp = (
+            torch.stack([lm_loss(lg, mtp_targets(targets, k)) for k, lg in enumerate(mtp_logits, 1)]).mean()
+            if mtp_logits
+            else zero
+        )
+        balance = [m.balance_loss for _, m in self.moe if m.balance_loss is not None]
+        bal = torch.stack(balance).mean() if balance else zero
+        loss = lm + self.cfg.mtp_lambda * mtp + self.cfg.balance_alpha * bal
+        return {"loss": loss, "lm_loss": lm.detach(), "mtp_loss": mtp.detach(), "balance_loss": bal.detach()}
+
+    def train_step(self) -> dict[str, Any]:
+        cfg = self.cfg
+        start = time.perf_counter()
+        self.model.train()
+        window = self.loader.next_batch()
+        chunks = window.split(cfg.micro_batch_size or len(window))
+        loads = [torch.zeros(m.cfg.n_routed_experts, device=self.device) for _, m in self.moe]
+        totals: dict[str, float] = {}
+        for chunk in chunks:
+            parts = self.compute_loss(chunk.to(self.device, non_blocking=True))
+            (parts["loss"] / len(chunks)).backward()
+            for load, (_, moe) in zip(loads, self.moe, strict=True):
+                if moe.expert_load is not None:
+                    load += moe.expert_load
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + v.item() / len(chunks)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
+        lr = lr_at(self.step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if cfg.bias_gamma > 0:
+            for load, (_, moe) in zip(loads, self.moe, strict=True):
+                if load.sum() > 0:
+                    update_balancing_bias(moe.gate, load, cfg.bias_gamma)
+        self.step += 1
+        seconds = time.perf_counter() - start
+        metrics: dict[str, Any] = {"step": self.step, **totals, "grad_norm": grad_norm, "lr": lr}
+        metrics["tokens_per_s"] = window.shape[0] * cfg.seq_len / seconds
+        metrics["tokens"] = self.step * cfg.batch_size * cfg.seq_len
+        used = [(name, load) for (name, _), load in zip(self.moe, loads, strict=True) if load.sum() > 0]
+        metrics["max_over_mean_load"] = {n: round((ld.max() / ld.mean()).item(), 4) for n, ld in used}
+        metrics["expert_load"] = {n: (ld / ld.sum()).tolist() for n, ld in used}
+        return metrics
+
+    # --- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_loader is None:
+            return None
+        self.model.eval()
+        self.val_loader.load_state_dict({"epoch": 0, "cursor": 0})  # the same windows every time
+        n = min(self.cfg.eval_batches, self.val_loader.n_windows // self.val_loader.batch_size)
+        losses = []
+        for _ in range(n):
+            window = self.val_loader.next_batch().to(self.device)
+            with self.autocast():
+                logits = self.forward(window[:, :-1])
+            losses.append(lm_loss(logits, window[:, 1:]).item())
+        return sum(losses) / len(losses)
+
+    def samples(self) -> dict[str, str]:
+        return {
+            p: sample_text(
+                self.model, self.tokenizer, p, max_new_tokens=48, seed=self.step, max_context=self.cfg.seq_len
+            )
+            for p in SAMPLE_PROMPTS
+        }
+
+    # --- run folder -------------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save(self) -> None:
+        extra = {"loader": self.loader.state_dict(), "train_config": dataclasses.asdict(self.cfg)}
+        state.save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, extra, self.cfg.keep)
+        self.export_model(self.out / "model")
+
+    def export_model(self, target: Path) -> None:
+        """The latest weights as a Hugging Face folder with the tokenizer, swapped in atomically."""
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(str(tmp))
+        self.tokenizer.save(tmp)
+        old = target.with_name(target.name + ".old")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self) -> None:
+        checkpoints = state.list_checkpoints(self.checkpoint_root)
+        if not checkpoints:
+            raise CheckpointError(f"--resume: no checkpoint in {self.checkpoint_root}; drop --resume to start afresh")
+        saved = state.load_checkpoint(checkpoints[-1], self.model, self.optimizer)
+        self.loader.load_state_dict(saved["loader"])
+        self.step = int(saved["step"])
+
+    def _open_metrics(self) -> Any:
+        path = self.out / "metrics.jsonl"
+        kept = []
+        if self.cfg.resume and path.is_file():  # drop what was logged after the checkpoint we resume from
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+        return open(path, "a")
+
+    # --- the loop ---------------------------------------------------------------------------
+    def fit(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            self.restore()
+        elif state.list_checkpoints(self.checkpoint_root):
+            raise CheckpointError(
+                f"{self.out} already holds checkpoints: pass --resume to continue, or pick a new --out"
+            )
+        (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        history = []
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress)
+        with self._open_metrics() as log:
+            while self.step < cfg.steps:
+                metrics = self.train_step()
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    metrics["val_loss"] = self.evaluate()
+                    metrics["samples"] = self.samples()
+                    for prompt, text in metrics["samples"].items():
+                        bar.write(f"step {self.step} | {prompt!r} -> {text[:120]!r}")
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                self._tensorboard(metrics)
+                history.append(metrics)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}", lr=f"{metrics['lr']:.2e}"
+                )
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save()
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        return history
+
+    def _tensorboard(self, metrics: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and value is not None and key != "step":
+                self.writer.add_scalar(key, value, self.step)
