@@ -205,10 +205,8 @@ class Trainer:
 
     def samples(self) -> dict[str, str]:
         return {
-            p: sample_text(
-                self.model, self.tokenizer, p, max_new_tokens=48, seed=self.step, max_context=self.cfg.seq_len
-            )
-            for p in SAMPLE_PROMPTS
+            p: sample_text(self.model, self.tokenizer, p, 48, seed=1000 * self.step + i, max_context=self.cfg.seq_len)
+            for i, p in enumerate(SAMPLE_PROMPTS)
         }
 
     # --- run folder -------------------------------------------------------------------------
