@@ -161,11 +161,18 @@ def prepare(
     batch: list[str] = []
     n_docs = 0
 
+    pending: list[tuple[str, list[int]]] = []  # the last document, held back so val is never empty
+
+    def emit(split: str, ids: list[int]) -> None:
+        counts[split] += 1
+        writers[split].write([*ids, tokenizer.eos_id])
+
     def flush() -> None:
         for ids in tokenizer.encode_batch(batch):
-            split = "val" if _is_val(counts["train"] + counts["val"], seed, val_permille) else "train"
-            counts[split] += 1
-            writers[split].write([*ids, tokenizer.eos_id])
+            if pending:
+                emit(*pending.pop())
+            index = counts["train"] + counts["val"]
+            pending.append(("val" if _is_val(index, seed, val_permille) else "train", ids))
         batch.clear()
 
     for path in tqdm(files, desc="tokenising", unit="file", disable=not progress):
@@ -175,12 +182,15 @@ def prepare(
             if len(batch) >= batch_docs:
                 flush()
     flush()
+    if pending:
+        split, ids = pending.pop()
+        emit("val" if val_permille and counts["val"] == 0 and counts["train"] else split, ids)
     for w in writers.values():
         w.close()
     if n_docs == 0:
         raise ValueError(f"no text in {len(files)} input file(s): nothing to train on")
-    if counts["val"] == 0 or counts["train"] == 0:
-        raise ValueError(f"{n_docs} document(s) are too few for a train/val split: add more text")
+    if n_docs < 2:
+        raise ValueError("one document is too few for a train/val split: add more text")
     meta = DataMeta(
         dtype=np.dtype(dtype).name, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
         shards={s: w.shards for s, w in writers.items()}, documents=counts,

@@ -69,6 +69,7 @@ class TrainConfig:
     bias_gamma: float = _help("aux-loss-free bias update speed; 0 turns it off", default=1e-3)
     eval_every: int = _help("validate and print samples every N steps", default=50)
     eval_batches: int = _help("validation batches per evaluation", default=4)
+    sample_tokens: int = _help("tokens sampled per prompt at evaluation steps; 0: none", default=48)
     save_every: int = _help("checkpoint every N steps (and at the end)", default=100)
     keep: int = _help("checkpoints to keep", default=3)
     resume: bool = _help("continue from the last checkpoint in --out", default=False)
@@ -79,7 +80,7 @@ class TrainConfig:
     progress: bool = _help("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "keep", "eval_batches"):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "keep", "eval_batches"):  # > 0
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
@@ -204,8 +205,11 @@ class Trainer:
         return sum(losses) / len(losses)
 
     def samples(self) -> dict[str, str]:
+        n, context = self.cfg.sample_tokens, self.cfg.seq_len
+        if n <= 0:
+            return {}
         return {
-            p: sample_text(self.model, self.tokenizer, p, 48, seed=1000 * self.step + i, max_context=self.cfg.seq_len)
+            p: sample_text(self.model, self.tokenizer, p, n, seed=1000 * self.step + i, max_context=context)
             for i, p in enumerate(SAMPLE_PROMPTS)
         }
 

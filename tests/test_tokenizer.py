@@ -1,0 +1,76 @@
+"""The BPE tokenizer: round trips, digits, DeepSeek-V3's chat format, and transformers' AutoTokenizer."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanoseek.tokenizer import ASSISTANT, BOS, EOS, SPECIAL_TOKENS, USER, load_tokenizer
+
+MESSAGES = [
+    {"role": "system", "content": "You write Python."},
+    {"role": "user", "content": "Sum 2 and 3."},
+    {"role": "assistant", "content": "2 + 3"},
+    {"role": "user", "content": "Now 40 + 2?"},
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=200))
+def test_any_text_round_trips(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_python_round_trips_and_compresses(tokenizer, corpus_files):
+    source = corpus_files[0].read_text()
+    ids = tokenizer.encode(source)
+    assert tokenizer.decode(ids) == source
+    assert len(ids) < len(source.encode()) / 1.5  # BPE merges learnt from Python code
+
+
+def test_digits_are_split_one_by_one(tokenizer):
+    ids = tokenizer.encode("x = 12345")
+    assert [tokenizer.decode([i]) for i in ids[-5:]] == list("12345")
+
+
+def test_special_tokens_have_deepseek_ids(tokenizer):
+    assert [tokenizer.tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (0, 1)
+    assert tokenizer.encode(f"{USER}hi{ASSISTANT}")[0] == tokenizer.tok.token_to_id(USER)
+
+
+def test_chat_template_renders_deepseek_v3_format(tokenizer):
+    expected = f"{BOS}You write Python.{USER}Sum 2 and 3.{ASSISTANT}2 + 3{EOS}{USER}Now 40 + 2?{ASSISTANT}"
+    assert tokenizer.apply_chat_template(MESSAGES) == expected
+    assert tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=False) == expected.removesuffix(ASSISTANT)
+    assert tokenizer.apply_chat_template(MESSAGES, tokenize=True) == tokenizer.encode(expected)
+
+
+def test_bad_messages_are_refused(tokenizer):
+    with pytest.raises(ValueError, match="role"):
+        tokenizer.apply_chat_template([{"role": "robot", "content": "beep"}])
+
+
+def test_saved_tokenizer_loads_in_transformers_and_agrees(tmp_path, tokenizer):
+    from transformers import AutoTokenizer
+
+    tokenizer.save(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    text = "def add(a, b):\n    return a + b  # 42 ünïcode\n"
+    assert hf.encode(text, add_special_tokens=False) == tokenizer.encode(text)
+    assert hf.apply_chat_template(
+        MESSAGES, tokenize=False, add_generation_prompt=True
+    ) == tokenizer.apply_chat_template(MESSAGES)
+    assert (hf.bos_token_id, hf.eos_token_id) == (tokenizer.bos_id, tokenizer.eos_id)
+    ours = load_tokenizer(tmp_path)
+    assert ours.encode(text) == tokenizer.encode(text) and ours.vocab_size == tokenizer.vocab_size
+
+
+def test_a_bare_tokenizer_json_loads_with_default_specials(tmp_path, tokenizer):
+    tokenizer.tok.save(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(tmp_path / "tokenizer.json")
+    assert loaded.eos_id == 1 and loaded.decode(loaded.encode("x = 1")) == "x = 1"
+
+
+def test_missing_tokenizer_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nanoseek tokenizer train"):
+        load_tokenizer(tmp_path)

@@ -1,0 +1,156 @@
+"""The trainer: it learns, balances experts, shifts MTP targets right, and resumes exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek import CheckpointError, Transformer, get_preset
+from nanoseek.model.moe import Gate, sequence_balance_loss, update_balancing_bias
+from nanoseek.train.trainer import TrainConfig, Trainer, mtp_targets
+
+SMALL = get_preset("tiny").replace(num_hidden_layers=2, num_nextn_predict_layers=1)
+
+
+def make_trainer(data_dir, out, **changes) -> Trainer:
+    defaults = dict(
+        out=str(out), data=str(data_dir), steps=4, batch_size=4, seq_len=32, warmup_steps=2, eval_every=2,
+        save_every=2, sample_tokens=4, progress=False,
+    )  # fmt: skip
+    return Trainer(TrainConfig(**(defaults | changes)), model_cfg=SMALL)
+
+
+def test_a_few_steps_fit_a_fixed_batch(data_dir, tmp_path):
+    trainer = make_trainer(data_dir, tmp_path, lr=3e-3)
+    window = trainer.loader.next_batch()
+    losses = []
+    for _ in range(25):
+        parts = trainer.compute_loss(window)
+        parts["loss"].backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        losses.append(parts["lm_loss"].item())
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_bias_update_moves_overloaded_experts_down_and_idle_ones_up():
+    gate = Gate(get_preset("tiny"))  # 8 experts
+    load = torch.tensor([40.0, 0.0, 10.0, 10.0, 10.0, 10.0, 0.0, 0.0])  # mean 10
+    update_balancing_bias(gate, load, gamma=1e-3)
+    expected = torch.tensor([-1e-3, 1e-3, 0.0, 0.0, 0.0, 0.0, 1e-3, 1e-3])
+    torch.testing.assert_close(gate.e_score_correction_bias, expected)
+
+
+def test_sequence_balance_loss_by_hand():
+    cfg = get_preset("tiny").replace(n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=2)
+    logits = torch.zeros(1, 2, 4)  # sigmoid(0) = 0.5 everywhere: P_i = 1/4
+    logits[0, :, 0] = 10.0  # expert 0 takes nearly all the affinity mass ... except P is normalised per token
+    indices = torch.tensor([[[0, 1], [0, 2]]])  # expert 0 gets both tokens
+    s = logits.sigmoid()
+    p = (s / s.sum(-1, keepdim=True)).mean(1)[0]
+    f = torch.tensor([2.0, 1.0, 1.0, 0.0]) * 4 / (2 * 2)
+    torch.testing.assert_close(sequence_balance_loss(logits, indices, cfg), (f * p).sum())
+
+
+def test_mtp_targets_are_shifted_by_depth():
+    targets = torch.tensor([[11, 12, 13, 14, 15]])  # next-token targets of inputs t0..t4
+    assert mtp_targets(targets, 1).tolist() == [[12, 13, 14, 15]]
+    assert mtp_targets(targets, 2).tolist() == [[13, 14, 15]]
+
+
+def test_mtp_depth_one_at_position_i_sees_token_i_plus_one_and_nothing_later():
+    model = Transformer(SMALL.replace(vocab_size=64)).eval()
+    x = torch.randint(0, 64, (1, 10))
+    y = x.clone()
+    y[0, 6] = (x[0, 6] + 1) % 64  # change token 6
+    with torch.no_grad():
+        (_, (a,)), (_, (b,)) = model(x, mtp=True), model(y, mtp=True)
+    assert a.shape == (1, 9, 64)
+    torch.testing.assert_close(a[0, :5], b[0, :5], rtol=0, atol=1e-6)  # positions 0..4 see tokens 0..5 only
+    assert not torch.allclose(a[0, 5], b[0, 5])  # position 5 embeds token 6 to predict token 7
+
+
+def test_training_run_writes_metrics_model_and_plots(data_dir, tmp_path):
+    history = make_trainer(data_dir, tmp_path).fit()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4] == [m["step"] for m in history]
+    keys = {"loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens_per_s", "max_over_mean_load"}
+    assert keys <= lines[0].keys() and lines[1]["val_loss"] > 0 and "val_loss" not in lines[0]
+    assert set(lines[0]["max_over_mean_load"]) == {"layers.1", "mtp.0.block"}
+    assert lines[0]["mtp_loss"] > 0
+    # The exported model folder loads in nanoseek and in transformers, tokenizer included.
+    model = nanoseek.from_pretrained(tmp_path / "model")
+    assert model.cfg.vocab_size == 512 and len(model.mtp) == 1
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert AutoTokenizer.from_pretrained(tmp_path / "model").eos_token_id == 1
+    from nanoseek.report import plot_run
+
+    assert {p.name for p in plot_run(tmp_path)} == {"loss.png", "expert_load.png"}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+
+
+def test_resume_gives_the_same_losses_as_a_straight_run(data_dir, tmp_path):
+    straight = make_trainer(data_dir, tmp_path / "a", steps=6, schedule="wsd").fit()
+    make_trainer(data_dir, tmp_path / "b", steps=2, schedule="wsd").fit()  # stop after 2 steps
+    resumed = make_trainer(data_dir, tmp_path / "b", steps=6, schedule="wsd", resume=True).fit()
+    assert [m["step"] for m in resumed] == [3, 4, 5, 6]
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight[2:]]
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_aux_free_bias_changes_only_with_gamma(data_dir, tmp_path):
+    on = make_trainer(data_dir, tmp_path / "on", steps=2)
+    on.fit()
+    off = make_trainer(data_dir, tmp_path / "off", steps=2, bias_gamma=0.0)
+    off.fit()
+    assert on.model.layers[1].mlp.gate.e_score_correction_bias.abs().sum() > 0
+    assert off.model.layers[1].mlp.gate.e_score_correction_bias.abs().sum() == 0
+
+
+def test_corrupt_checkpoint_is_a_clear_error(data_dir, tmp_path):
+    make_trainer(data_dir, tmp_path, steps=2).fit()
+    weights = tmp_path / "checkpoints" / "step_000002" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not match its checksum"):
+        make_trainer(data_dir, tmp_path, steps=4, resume=True).fit()
+
+
+def test_missing_checkpoint_and_clobbering_are_clear_errors(data_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        make_trainer(data_dir, tmp_path, resume=True).fit()
+    make_trainer(data_dir, tmp_path, steps=2).fit()
+    with pytest.raises(CheckpointError, match="pass --resume"):
+        make_trainer(data_dir, tmp_path, steps=2).fit()
+
+
+def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(data_dir, tmp_path):
+    nanoseek_cli = str(Path(sys.executable).parent / "nanoseek")
+    args = [nanoseek_cli, "train", "--data", str(data_dir), "--out", str(tmp_path), "--steps", "40",
+            "--batch-size", "2", "--seq-len", "32", "--save-every", "2", "--eval-every", "100",
+            "--sample-tokens", "0", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoints" / "step_000004").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "no checkpoint within 2 minutes"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = subprocess.run([*args, "--resume", "--steps", "8"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    assert (tmp_path / "model" / "model.safetensors").is_file()
