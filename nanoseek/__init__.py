@@ -4,6 +4,7 @@ from nanoseek.checkpoint import CheckpointError, from_pretrained, save_pretraine
 from nanoseek.config import PRESETS, ModelConfig, YarnScaling, get_preset
 from nanoseek.cost import ModelStats, model_stats
 from nanoseek.model import Transformer
+from nanoseek.tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -12,10 +13,12 @@ __all__ = [
     "CheckpointError",
     "ModelConfig",
     "ModelStats",
+    "Tokenizer",
     "Transformer",
     "YarnScaling",
     "from_pretrained",
     "get_preset",
+    "load_tokenizer",
     "model_stats",
     "save_pretrained",
 ]

@@ -154,3 +154,13 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(data_dir, tm
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_gradient_accumulation_matches_the_full_batch(data_dir, tmp_path):
+    full = make_trainer(data_dir, tmp_path / "full", balance_alpha=0.0)
+    accumulated = make_trainer(data_dir, tmp_path / "acc", balance_alpha=0.0, micro_batch_size=1)
+    a, b = full.train_step(), accumulated.train_step()
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    for p, q in zip(full.model.parameters(), accumulated.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # AdamW step 1 ~ lr * sign(grad): 3e-3
