@@ -67,6 +67,9 @@ def hf_tensor_map(model: Transformer) -> tuple[dict[str, torch.Tensor], set[str]
 # --- saving ---------------------------------------------------------------------------------------
 def save_pretrained(model: Transformer, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
     """Write config.json and safetensors that nanoseek and transformers' DeepseekV3ForCausalLM load."""
+    if model.cfg.scoring_func != "sigmoid":
+        warnings.warn("transformers' DeepseekV3 always scores experts with a sigmoid: this softmax-gated model "
+                      "loads in nanoseek but will not match there", stacklevel=2)  # fmt: skip
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors, _ = hf_tensor_map(model)
@@ -113,7 +116,11 @@ def _atomic(path: Path, write) -> None:
 def weight_files(model_dir: Path) -> list[Path]:
     if (model_dir / SAFE_INDEX).is_file():
         weight_map = json.loads((model_dir / SAFE_INDEX).read_text())["weight_map"]
-        return [model_dir / f for f in sorted(set(weight_map.values()))]
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        for path in files:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path.name} is listed in {SAFE_INDEX} but missing from {model_dir}")
+        return files
     if (model_dir / SAFE_SINGLE).is_file():
         return [model_dir / SAFE_SINGLE]
     pickled = [p.name for p in model_dir.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
@@ -124,8 +131,6 @@ def weight_files(model_dir: Path) -> list[Path]:
 def read_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) from every safetensors file, one tensor in memory at a time."""
     for path in weight_files(model_dir):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path.name} is listed in {SAFE_INDEX} but missing from {model_dir}")
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield key, f.get_tensor(key)

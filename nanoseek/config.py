@@ -22,8 +22,8 @@ class YarnScaling:
     original_max_position_embeddings: int = 4096
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 1.0
+    mscale: float | None = None  # None: not set, as transformers reads a config without the key
+    mscale_all_dim: float | None = None
 
     def __post_init__(self) -> None:
         if self.factor < 1.0:
@@ -107,7 +107,8 @@ class ModelConfig:
     # --- derived sizes -------------------------------------------------------------------------
     @property
     def has_moe(self) -> bool:
-        return self.n_routed_experts > 0 and self.first_k_dense_replace < self.num_hidden_layers
+        moe_layers = self.num_hidden_layers - self.first_k_dense_replace + self.num_nextn_predict_layers
+        return self.n_routed_experts > 0 and moe_layers > 0
 
     @property
     def qk_head_dim(self) -> int:
@@ -120,6 +121,15 @@ class ModelConfig:
     # --- Hugging Face config.json -------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        unsupported = {
+            "hidden_act": ("silu",), "moe_layer_freq": (1,), "topk_method": ("noaux_tc", "greedy"),
+            "attention_bias": (False,),
+        }  # fmt: skip
+        for key, allowed in unsupported.items():
+            if d.get(key, allowed[0]) not in allowed:
+                raise ValueError(
+                    f"{key}={d[key]!r} is not supported (nanoseek implements {', '.join(map(repr, allowed))})"
+                )
         names = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling", "rope_theta"}
         kwargs = {k: v for k, v in d.items() if k in names}
         for key in ("bos_token_id", "eos_token_id"):  # transformers allows lists; we keep the first
@@ -134,7 +144,10 @@ class ModelConfig:
         if kind == "yarn":
             yarn_names = {f.name for f in dataclasses.fields(YarnScaling)}
             yarn = {k: v for k, v in rope.items() if k in yarn_names and v is not None}
-            if "factor" not in yarn and "original_max_position_embeddings" in yarn:
+            if "factor" not in yarn:  # transformers' rule: the context extension ratio
+                if "original_max_position_embeddings" not in yarn or "max_position_embeddings" not in d:
+                    raise ValueError("yarn rope scaling needs 'factor' or both max_position_embeddings and "
+                                     "'original_max_position_embeddings'")  # fmt: skip
                 yarn["factor"] = d["max_position_embeddings"] / yarn["original_max_position_embeddings"]
             kwargs["rope_scaling"] = YarnScaling(**yarn)
         elif kind != "default":
@@ -148,7 +161,8 @@ class ModelConfig:
         d.pop("rope_scaling")
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:
-            rope = {"rope_type": "yarn", "rope_theta": self.rope_theta, **dataclasses.asdict(self.rope_scaling)}
+            yarn = {k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if v is not None}
+            rope = {"rope_type": "yarn", "rope_theta": self.rope_theta, **yarn}
         return {
             "architectures": ["DeepseekV3ForCausalLM"],
             "model_type": "deepseek_v3",
@@ -251,7 +265,7 @@ PRESETS: dict[str, ModelConfig] = {
     # The real DeepSeek-V3 dimensions (config.json of deepseek-ai/DeepSeek-V3): arithmetic only.
     "v3-671b": ModelConfig(
         max_position_embeddings=163840,
-        rope_scaling=YarnScaling(factor=40.0, original_max_position_embeddings=4096),
+        rope_scaling=YarnScaling(factor=40.0, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0),
     ),
 }
 

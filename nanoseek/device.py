@@ -18,5 +18,6 @@ def cpu_has_fast_bf16() -> bool:
 def default_dtype(device: torch.device | str) -> torch.dtype:
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # fp16 would need loss scaling; without bf16, stay in fp32.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32

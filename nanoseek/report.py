@@ -11,7 +11,13 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: pass a folder written by `nanoseek train`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    metrics = []
+    for line in path.read_text().splitlines():
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a killed run
+            continue
+    return metrics
 
 
 def _smooth(values: list[float], beta: float = 0.9) -> list[float]:

@@ -102,3 +102,11 @@ def test_unknown_preset_lists_the_choices():
 def test_unsupported_rope_type_is_refused():
     with pytest.raises(ValueError, match="unsupported rope type 'linear'"):
         ModelConfig.from_hf_dict({"rope_scaling": {"type": "linear", "factor": 2.0}})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("topk_method", "group_limited_greedy"), ("hidden_act", "gelu"), ("moe_layer_freq", 2)]
+)
+def test_settings_nanoseek_does_not_implement_are_refused(key, value):
+    with pytest.raises(ValueError, match=f"{key}="):
+        ModelConfig.from_hf_dict({**DEEPSEEK_V3_RELEASE, key: value})

@@ -18,6 +18,10 @@ CASES = {
     "q_lora-groups-norm": {},
     "plain_q_proj": {"q_lora_rank": None},
     "yarn-long-context": {"rope_parameters": YARN, "max_position_embeddings": 64},
+    "yarn-without-mscale": {
+        "rope_parameters": {k: v for k, v in YARN.items() if "mscale" not in k},
+        "max_position_embeddings": 64,
+    },
     "one_group-no_norm": {"n_group": 1, "topk_group": 1, "norm_topk_prob": False},
     "all_moe": {"first_k_dense_replace": 0},
     "two_dense": {"first_k_dense_replace": 2},

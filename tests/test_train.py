@@ -50,13 +50,13 @@ def test_bias_update_moves_overloaded_experts_down_and_idle_ones_up():
 
 def test_sequence_balance_loss_by_hand():
     cfg = get_preset("tiny").replace(n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=2)
-    logits = torch.zeros(1, 2, 4)  # sigmoid(0) = 0.5 everywhere: P_i = 1/4
-    logits[0, :, 0] = 10.0  # expert 0 takes nearly all the affinity mass ... except P is normalised per token
-    indices = torch.tensor([[[0, 1], [0, 2]]])  # expert 0 gets both tokens
-    s = logits.sigmoid()
-    p = (s / s.sum(-1, keepdim=True)).mean(1)[0]
-    f = torch.tensor([2.0, 1.0, 1.0, 0.0]) * 4 / (2 * 2)
-    torch.testing.assert_close(sequence_balance_loss(logits, indices, cfg), (f * p).sum())
+    logit = torch.logit(torch.tensor([0.8, 0.4, 0.4, 0.4]))
+    logits = torch.stack([torch.zeros(2, 4), logit.expand(2, 4)])  # [B=2, T=2, E=4]
+    indices = torch.tensor([[[0, 1], [0, 2]], [[0, 1], [0, 1]]])
+    # Sequence 0: P = 1/4 each, f = [2, 1, 1, 0] * 4 / (2 * 2)   -> sum f P = 1.0
+    # Sequence 1: P = [.4, .2, .2, .2], f = [2, 2, 0, 0]          -> sum f P = 1.2
+    loss = sequence_balance_loss(logits, indices, cfg)
+    assert loss.item() == pytest.approx(1.1, rel=1e-6)
 
 
 def test_mtp_targets_are_shifted_by_depth():
@@ -75,6 +75,27 @@ def test_mtp_depth_one_at_position_i_sees_token_i_plus_one_and_nothing_later():
     assert a.shape == (1, 9, 64)
     torch.testing.assert_close(a[0, :5], b[0, :5], rtol=0, atol=1e-6)  # positions 0..4 see tokens 0..5 only
     assert not torch.allclose(a[0, 5], b[0, 5])  # position 5 embeds token 6 to predict token 7
+
+
+def test_bf16_autocast_step_runs_and_keeps_fp32_masters(data_dir, tmp_path):
+    trainer = make_trainer(data_dir, tmp_path, dtype="bfloat16")
+    metrics = trainer.train_step()
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["grad_norm"] > 0
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_softmax_gate_trains_without_a_bias(data_dir, tmp_path):
+    trainer = Trainer(
+        TrainConfig(out=str(tmp_path), data=str(data_dir), steps=1, batch_size=2, seq_len=16, progress=False),
+        model_cfg=SMALL.replace(scoring_func="softmax"),
+    )
+    assert trainer.train_step()["loss"] > 0
+
+
+def test_resume_refuses_a_different_data_stream(data_dir, tmp_path):
+    make_trainer(data_dir, tmp_path, steps=2).fit()
+    with pytest.raises(CheckpointError, match=r"--batch-size 4 \(now 2\)"):
+        make_trainer(data_dir, tmp_path, steps=4, batch_size=2, resume=True).fit()
 
 
 def test_training_run_writes_metrics_model_and_plots(data_dir, tmp_path):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.fp8 import dequantize_tiles, fake_quantize_blocks, fake_quantize_tiles, quantize_tiles
 from nanoseek.model.layers import MLP
 
 
@@ -38,35 +39,67 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig) -> 
     return weights * cfg.routed_scaling_factor, indices
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: autocast's when it is on, else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 def _use_grouped_mm(x: torch.Tensor) -> bool:
     # torch._grouped_mm's backward is CUDA-only (on CPU it fails for fp32 and for empty groups).
-    return hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+    return hasattr(torch, "_grouped_mm") and x.is_cuda and compute_dtype(x) == torch.bfloat16
 
 
 class _PaddedGroupedMM(torch.autograd.Function):
     """Grouped matmul as one bmm over groups padded to the largest one. Rows move by index_select and
-    index_copy_; the index_put that autograd would use for fancy indexing is several times slower on CPU."""
+    index_copy_; the index_put that autograd would use for fancy indexing is several times slower on CPU.
+
+    With fp8, every operand is E4M3 with DeepSeek-V3's fine-grained scales (see nanoseek.fp8): tokens in
+    1x128 tiles, expert weights in 128x128 blocks, Wgrad re-quantized in 128x1 tiles along the tokens;
+    the input is saved in FP8. This is the emulation (FP8 values, FP32 products) on every device."""
 
     @staticmethod
-    def forward(ctx, x, weight, to_padded, to_rows):
+    def forward(ctx, x, weight, to_padded, to_rows, fp8):
+        # Custom functions bypass autocast: cast to its dtype here; backward then runs in it too, and
+        # autograd casts the gradients back to the inputs' dtypes.
+        dtype = compute_dtype(x)
+        x, weight = x.to(dtype), weight.to(dtype)
+        ctx.fp8 = fp8
+        if fp8:
+            xq, xs = quantize_tiles(x)
+            ctx.save_for_backward(xq, xs, weight, to_padded, to_rows)
+            x, weight = dequantize_tiles(xq, xs, x.shape[1]).to(x.dtype), fake_quantize_blocks(weight).to(x.dtype)
+        else:
+            ctx.save_for_backward(x, weight, to_padded, to_rows)
         # Padding slots read row 0: their outputs are never gathered, and their gradients are zero.
         padded = x.index_select(0, to_padded).view(weight.shape[0], -1, x.shape[1])  # [G, C, in]
-        ctx.save_for_backward(x, weight, to_padded, to_rows)
         return torch.bmm(padded, weight.transpose(1, 2)).flatten(0, 1).index_select(0, to_rows)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, to_padded, to_rows = ctx.saved_tensors
+        if ctx.fp8:
+            xq, xs, weight, to_padded, to_rows = ctx.saved_tensors
+            x = dequantize_tiles(xq, xs, weight.shape[2]).to(weight.dtype)
+        else:
+            x, weight, to_padded, to_rows = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
         n_groups = weight.shape[0]
         grad_padded = grad.new_zeros(to_padded.shape[0], grad.shape[1]).index_copy_(0, to_rows, grad)
         grad_padded = grad_padded.view(n_groups, -1, grad.shape[1])  # [G, C, out], zero at padding
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(grad_padded, weight).flatten(0, 1).index_select(0, to_rows)
+            g, w = grad_padded, weight
+            if ctx.fp8:  # Dgrad: gradient tiles along `out`, the same weight blocks
+                g, w = fake_quantize_tiles(g).to(g.dtype), fake_quantize_blocks(w).to(g.dtype)
+            grad_x = torch.bmm(g, w).flatten(0, 1).index_select(0, to_rows)
         if ctx.needs_input_grad[1]:
             padded = x.index_select(0, to_padded).view(n_groups, -1, x.shape[1])
-            grad_w = torch.bmm(grad_padded.transpose(1, 2), padded)  # [G, out, in]
-        return grad_x, grad_w, None, None
+            g_t = grad_padded.transpose(1, 2)  # [G, out, C]
+            if ctx.fp8:  # Wgrad contracts over tokens: 128x1 tiles along C
+                g_t = fake_quantize_tiles(g_t).to(grad.dtype)
+                padded = fake_quantize_tiles(padded.transpose(1, 2)).transpose(1, 2).to(grad.dtype)
+            grad_w = torch.bmm(g_t, padded)  # [G, out, in]
+        return grad_x, grad_w, None, None, None
 
 
 def padded_layout(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,16 +116,20 @@ def padded_layout(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def grouped_mm(
-    x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor] | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    counts: torch.Tensor,
+    layout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fp8: bool = False,
 ) -> torch.Tensor:
     """Rows of x [M, in], sorted by group, times their group's weight [G, out, in]^T -> [M, out].
 
     counts [G] says how many consecutive rows belong to each group (sum = M); layout is
     `padded_layout(counts)`, passed in when several matmuls share it.
     """
-    if _use_grouped_mm(x):
+    if _use_grouped_mm(x) and not fp8:
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
-    return _PaddedGroupedMM.apply(x, weight, *(layout or padded_layout(counts)))
+    return _PaddedGroupedMM.apply(x, weight, *(layout or padded_layout(counts)), fp8)
 
 
 class Gate(nn.Module):
@@ -114,7 +151,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> (weights [N, k] fp32, indices [N, k], logits [N, E] fp32)."""
-        logits = F.linear(x.float(), self.weight.float())  # routing decisions in fp32, as in the paper
+        with torch.autocast(x.device.type, enabled=False):  # routing in fp32, also under bf16 autocast
+            logits = F.linear(x.float(), self.weight.float())
         weights, indices = route(logits, self.e_score_correction_bias, self.cfg)
         return weights, indices, logits
 
@@ -127,6 +165,7 @@ class RoutedExperts(nn.Module):
         e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # per expert [gate_proj; up_proj]
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.fp8 = False  # set by nanoseek.fp8.convert_to_fp8
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, hidden], weights/indices [N, k] -> sum over the k chosen experts, [N, hidden]."""
@@ -134,10 +173,10 @@ class RoutedExperts(nn.Module):
         flat = indices.flatten()  # [N * k]
         order = flat.argsort(stable=True)  # sort (token, slot) pairs by expert
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
-        layout = None if _use_grouped_mm(x) else padded_layout(counts)
-        h = grouped_mm(x.index_select(0, order // k), self.gate_up_proj, counts, layout)
+        layout = None if _use_grouped_mm(x) and not self.fp8 else padded_layout(counts)
+        h = grouped_mm(x.index_select(0, order // k), self.gate_up_proj, counts, layout, self.fp8)
         gate, up = h.chunk(2, dim=-1)
-        out = grouped_mm(F.silu(gate) * up, self.down_proj, counts, layout)  # [N * k, hidden], sorted
+        out = grouped_mm(F.silu(gate) * up, self.down_proj, counts, layout, self.fp8)  # [N * k, hidden], sorted
         out = out.index_select(0, order.argsort()).view(n, k, -1)  # back to (token, slot) order
         return torch.bmm(weights.unsqueeze(1).to(out.dtype), out).squeeze(1)  # weighted sum over the k
 
@@ -162,6 +201,8 @@ def sequence_balance_loss(logits: torch.Tensor, indices: torch.Tensor, cfg: Mode
 def update_balancing_bias(gate: Gate, load: torch.Tensor, gamma: float) -> None:
     """Auxiliary-loss-free balancing (V3 Sec. 2.1.2): after each step, b_i += gamma * sign(mean load - load_i),
     so overloaded experts become less attractive to the router and idle ones more."""
+    if gate.e_score_correction_bias is None:  # softmax (V2-style) gates have no bias
+        return
     load = load.float()
     gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
 

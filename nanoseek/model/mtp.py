@@ -3,9 +3,9 @@
 Module k predicts token t_{i+k+1} at position i from the embedding of t_{i+k} and the hidden state of
 depth k-1 at position i: h' = eh_proj(cat[enorm(emb(t_{i+k})), hnorm(h^{k-1}_i)]), one decoder block,
 then shared_head.norm and the main model's output head. The embedding and the head are the main
-model's (shared, as in the paper); the checkpoint names follow DeepSeek-V3's layer 61. As in
-transformers' MtpLayer, the state passed on to depth k+1 is the normed one (the main model passes its
-final-normed hidden state to depth 1, as vLLM and SGLang do).
+model's (shared, as in the paper); the checkpoint names follow DeepSeek-V3's layer 61. Depth 1 receives
+the main model's final-normed hidden state (as vLLM and SGLang feed their MTP drafters), and, as in
+transformers' generic `MtpLayer` (transformers/modeling_layers.py), depth k passes its normed state on.
 """
 
 from __future__ import annotations

@@ -40,7 +40,10 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1: keep the original frequency (high-frequency channels)
     inv_freq = (1.0 / (yarn.factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolate
-    attention_factor = yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+    if yarn.mscale and yarn.mscale_all_dim:
+        attention_factor = yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+    else:  # YaRN's own temperature when DeepSeek's pair is not given
+        attention_factor = yarn_mscale(yarn.factor)
     return inv_freq, attention_factor
 
 

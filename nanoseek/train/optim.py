@@ -34,7 +34,7 @@ def lr_at(
         return lr * (step + 1) / warmup_steps
     min_lr = lr * min_lr_ratio
     if schedule == "cosine":
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = (step - warmup_steps + 1) / max(1, total_steps - warmup_steps)  # the last step reaches min_lr
         return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     if schedule == "wsd":
         decay_start = total_steps - int(decay_fraction * total_steps)

@@ -56,7 +56,8 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    return sorted(p for p in Path(root).glob("step_*") if p.is_dir())
+    steps = [p for p in Path(root).glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(steps, key=lambda p: int(p.name[5:]))
 
 
 def save_checkpoint(

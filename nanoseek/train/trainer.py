@@ -31,12 +31,14 @@ from nanoseek.data import PackedLoader, ensure_default_data
 from nanoseek.device import default_device, default_dtype
 from nanoseek.model import Transformer
 from nanoseek.model.moe import update_balancing_bias
+from nanoseek.report import read_metrics
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
 from nanoseek.train import state
 from nanoseek.train.optim import build_optimizer, lr_at
 from nanoseek.train.samples import sample_text
 
 IGNORE = -100
+RESUME_MUST_MATCH = ("preset", "data", "seed", "batch_size", "seq_len")  # what fixes the data stream
 SAMPLE_PROMPTS = ("def ", "class ")
 
 
@@ -65,7 +67,7 @@ class TrainConfig:
     beta2: float = _help("AdamW beta2", default=0.95)
     grad_clip: float = _help("clip the global gradient norm to this", default=1.0)
     mtp_lambda: float = _help("weight of the MTP loss (V3: 0.3, then 0.1)", default=0.3)
-    balance_alpha: float = _help("weight of the sequence-wise balance loss", default=1e-4)
+    balance_alpha: float = _help("weight of the sequence-wise balance loss, per MoE layer", default=1e-4)
     bias_gamma: float = _help("aux-loss-free bias update speed; 0 turns it off", default=1e-3)
     eval_every: int = _help("validate and print samples every N steps", default=50)
     eval_batches: int = _help("validation batches per evaluation", default=4)
@@ -87,6 +89,10 @@ class TrainConfig:
             raise ValueError("--micro-batch-size must divide --batch-size")
         if self.schedule not in ("cosine", "wsd"):
             raise ValueError("--schedule must be cosine or wsd")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError("--dtype must be auto, float32 or bfloat16")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
+            raise ValueError("--lr and --grad-clip must be positive and --warmup-steps >= 0")
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -113,6 +119,9 @@ class Trainer:
         model_cfg = model_cfg.replace(
             vocab_size=self.tokenizer.vocab_size, bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id
         )
+        if not model_cfg.num_nextn_predict_layers < cfg.seq_len <= model_cfg.max_position_embeddings:
+            raise ValueError(f"--seq-len must lie in ({model_cfg.num_nextn_predict_layers}, "
+                             f"{model_cfg.max_position_embeddings}] for this model")  # fmt: skip
         torch.manual_seed(cfg.seed)
         self.model = Transformer(model_cfg).to(self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
@@ -148,7 +157,7 @@ class Trainer:
             else zero
         )
         balance = [m.balance_loss for _, m in self.moe if m.balance_loss is not None]
-        bal = torch.stack(balance).mean() if balance else zero
+        bal = torch.stack(balance).sum() if balance else zero  # alpha applies per MoE layer (V3 eq. 17)
         loss = lm + self.cfg.mtp_lambda * mtp + self.cfg.balance_alpha * bal
         return {"loss": loss, "lm_loss": lm.detach(), "mtp_loss": mtp.detach(), "balance_loss": bal.detach()}
 
@@ -230,6 +239,7 @@ class Trainer:
         self.model.save_pretrained(str(tmp))
         self.tokenizer.save(tmp)
         old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)  # left over if a run died mid-swap
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)
@@ -240,15 +250,22 @@ class Trainer:
         if not checkpoints:
             raise CheckpointError(f"--resume: no checkpoint in {self.checkpoint_root}; drop --resume to start afresh")
         saved = state.load_checkpoint(checkpoints[-1], self.model, self.optimizer)
+        before, now = saved.get("train_config", {}), dataclasses.asdict(self.cfg)
+        changed = [k for k in RESUME_MUST_MATCH if k in before and before[k] != now[k]]
+        if changed:  # the saved data position only means something for the same stream
+            diffs = ", ".join(f"--{k.replace('_', '-')} {before[k]} (now {now[k]})" for k in changed)
+            raise CheckpointError(f"{checkpoints[-1]} was trained with {diffs}: resume with the same settings")
         self.loader.load_state_dict(saved["loader"])
         self.step = int(saved["step"])
 
     def _open_metrics(self) -> Any:
         path = self.out / "metrics.jsonl"
         kept = []
-        if self.cfg.resume and path.is_file():  # drop what was logged after the checkpoint we resume from
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        if self.cfg.resume and path.is_file():  # keep what was logged up to the checkpoint we resume from
+            kept = [m for m in read_metrics(self.out) if m["step"] <= self.step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        os.replace(tmp, path)
         return open(path, "a")
 
     # --- the loop ---------------------------------------------------------------------------
@@ -297,5 +314,5 @@ class Trainer:
         if self.writer is None:
             return
         for key, value in metrics.items():
-            if isinstance(value, (int, float)) and value is not None and key != "step":
+            if isinstance(value, (int, float)) and key != "step":
                 self.writer.add_scalar(key, value, self.step)
