@@ -20,11 +20,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
+from nanoseek.fp8 import FP8, dequantize_blocks, quantize_blocks
 from nanoseek.model import Transformer
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30
+SCALE_SUFFIX = "_scale_inv"  # DeepSeek-V3's FP8 checkpoints: `weight` in E4M3 plus `weight_scale_inv`
+FP8_QUANTIZATION_CONFIG = {
+    "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+}  # fmt: skip
 
 
 class CheckpointError(ValueError):
@@ -65,14 +70,27 @@ def hf_tensor_map(model: Transformer) -> tuple[dict[str, torch.Tensor], set[str]
 
 
 # --- saving ---------------------------------------------------------------------------------------
-def save_pretrained(model: Transformer, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """Write config.json and safetensors that nanoseek and transformers' DeepseekV3ForCausalLM load."""
+def is_fp8_weight(key: str, t: torch.Tensor) -> bool:
+    """The projections DeepSeek-V3 ships in FP8: attention and MLP/expert matrices (not gate, embeddings,
+    head, norms, or the MTP modules' eh_proj)."""
+    return t.ndim == 2 and key.endswith("_proj.weight") and (".self_attn." in key or ".mlp." in key)
+
+
+def save_pretrained(
+    model: Transformer, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, fp8: bool = False
+) -> None:
+    """Write config.json and safetensors that nanoseek and transformers' DeepseekV3ForCausalLM load.
+
+    fp8=True writes DeepSeek-V3's FP8 format: projection weights in E4M3 with a `weight_scale_inv` per
+    128x128 block, everything else in bf16 (about half the bytes of a bf16 checkpoint)."""
     if model.cfg.scoring_func != "sigmoid":
         warnings.warn("transformers' DeepseekV3 always scores experts with a sigmoid: this softmax-gated model "
                       "loads in nanoseek but will not match there", stacklevel=2)  # fmt: skip
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors, _ = hf_tensor_map(model)
+    if fp8:
+        tensors = _to_fp8_layout(tensors)
     shards: list[list[str]] = [[]]
     size = 0
     for key in sorted(tensors):
@@ -99,8 +117,22 @@ def save_pretrained(model: Transformer, out_dir: str | Path, max_shard_bytes: in
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _atomic(out / SAFE_INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
-    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    model.cfg.save_json(out / "config.json", dtype=dtype)
+    if fp8:
+        model.cfg.save_json(out / "config.json", dtype="bfloat16", quantization_config=FP8_QUANTIZATION_CONFIG)
+    else:
+        model.cfg.save_json(out / "config.json", dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."))
+
+
+def _to_fp8_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, t in tensors.items():
+        if is_fp8_weight(key, t):
+            out[key], out[key + SCALE_SUFFIX] = quantize_blocks(t.detach())
+        elif t.is_floating_point() and not key.endswith("e_score_correction_bias"):  # the bias stays fp32
+            out[key] = t.detach().to(torch.bfloat16)
+        else:
+            out[key] = t
+    return out
 
 
 def _atomic(path: Path, write) -> None:
@@ -149,13 +181,40 @@ def checkpoint_keys(model_dir: Path) -> dict[str, torch.dtype]:
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
+def dequantize_fp8(
+    tensors: Iterator[tuple[str, torch.Tensor]], problems: list[str]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pair each E4M3 `weight` with its `weight_scale_inv` (in any order, in any shard) and yield it
+    dequantized; everything else passes through."""
+    waiting: dict[str, torch.Tensor] = {}
+    for key, t in tensors:
+        if not (t.dtype == FP8 or key.endswith(SCALE_SUFFIX)):
+            yield key, t
+            continue
+        base = key.removesuffix(SCALE_SUFFIX)
+        waiting[key] = t
+        weight, scale = waiting.get(base), waiting.get(base + SCALE_SUFFIX)
+        if weight is None or scale is None:
+            continue
+        del waiting[base], waiting[base + SCALE_SUFFIX]
+        blocks = tuple(-(-n // 128) for n in weight.shape)
+        if tuple(scale.shape) != blocks:
+            problems.append(f"{base + SCALE_SUFFIX}: checkpoint shape {tuple(scale.shape)} but {base} "
+                            f"{tuple(weight.shape)} needs {blocks} (one scale per 128x128 block)")  # fmt: skip
+            continue
+        yield base, dequantize_blocks(weight, scale.float())
+    for key in sorted(waiting):
+        partner = key + SCALE_SUFFIX if waiting[key].dtype == FP8 else key.removesuffix(SCALE_SUFFIX)
+        problems.append(f"missing tensor {partner} (the partner of {key})")
+
+
 @torch.no_grad()
 def load_weights(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into the model; every problem is collected and reported by name."""
+    """Copy checkpoint tensors into the model, dequantizing FP8 ones; every problem is reported by name."""
     targets, copies = hf_tensor_map(model)
     seen: set[str] = set()
     problems: list[str] = []
-    for key, t in tensors:
+    for key, t in dequantize_fp8(tensors, problems):
         if key in copies:
             seen.add(key)
             continue
@@ -188,7 +247,7 @@ def from_pretrained(
         # transformers drops DeepSeek's MTP layer when it saves; the main model is still complete.
         warnings.warn(f"{path} has no MTP weights ({mtp_prefix}*): loading without MTP modules", stacklevel=2)
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    if dtype is None:
+    if dtype is None:  # the checkpoint's own (bf16 for DeepSeek's FP8 checkpoints, dequantized)
         stored = [_SAFETENSORS_DTYPES[d] for d in keys.values() if d in _SAFETENSORS_DTYPES]
         dtype = max(set(stored), key=stored.count) if stored else torch.float32
     with torch.device("meta"):  # no memory and no random init for weights that are overwritten anyway

@@ -1,7 +1,11 @@
 """`nanoseek <command>`: the command line.
 
-nanoseek info --preset v3-671b          # parameters, active parameters, KV-cache bytes per token
-nanoseek info --model DIR --json        # the same for a Hugging Face model folder, as JSON
+nanoseek info --preset v3-671b                  # parameters, active parameters, KV bytes per token
+nanoseek tokenizer train --input DIR --vocab-size 4096 --out tok/
+nanoseek data prepare --input DIR --tokenizer tok/ --out data/
+nanoseek train --preset tiny --steps 300 --out runs/tiny    # default data: Python's stdlib source
+nanoseek plot runs/tiny                         # loss and expert-load PNGs
+nanoseek convert --model runs/tiny/model --to fp8 --out tiny-fp8/   # DeepSeek-V3's FP8 format
 """
 
 from __future__ import annotations
@@ -93,6 +97,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from nanoseek.checkpoint import from_pretrained
+
+    model = from_pretrained(args.model, dtype=torch.float32)  # dequantizes an FP8 source
+    if args.to == "bf16":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(args.out, fp8=args.to == "fp8")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (Path(args.model) / name).is_file():
+            shutil.copy(Path(args.model) / name, Path(args.out) / name)
+    size = sum(p.stat().st_size for p in Path(args.out).glob("*.safetensors"))
+    print(f"{args.model} -> {args.out} ({args.to}, {size / 2**20:.1f} MiB of weights)")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from nanoseek.report import plot_run
 
@@ -156,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Pretrain with MTP and auxiliary-loss-free balancing.")  # fmt: skip
     add_dataclass_flags(train, TrainConfig)
     train.set_defaults(func=cmd_train)
+
+    convert = commands.add_parser(
+        "convert",
+        help="rewrite a checkpoint in FP8 or bf16",
+        description="Convert a DeepSeek-V3 model folder to DeepSeek's FP8 format (E4M3 weights with a "
+        "weight_scale_inv per 128x128 block) or back to bf16.",
+    )
+    convert.add_argument("--model", required=True, metavar="DIR")
+    convert.add_argument("--to", required=True, choices=["fp8", "bf16"])
+    convert.add_argument("--out", required=True, metavar="DIR")
+    convert.set_defaults(func=cmd_convert)
 
     plot = commands.add_parser("plot", help="PNG plots of a run folder")
     plot.add_argument("run", metavar="DIR", help="a run folder with metrics.jsonl")

@@ -77,12 +77,13 @@ class Transformer(nn.Module):
             mtp_logits.append(self.lm_head(h))
         return logits, mtp_logits
 
-    def save_pretrained(self, out_dir: str, max_shard_bytes: int | None = None) -> None:
-        """Write a Hugging Face DeepSeek-V3 folder (config.json + safetensors) that transformers loads."""
+    def save_pretrained(self, out_dir: str, max_shard_bytes: int | None = None, fp8: bool = False) -> None:
+        """Write a Hugging Face DeepSeek-V3 folder (config.json + safetensors) that transformers loads;
+        fp8=True writes DeepSeek-V3's FP8 checkpoint format."""
         from nanoseek import checkpoint  # checkpoint.py builds on this module, not the reverse
 
         kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-        checkpoint.save_pretrained(self, out_dir, **kwargs)
+        checkpoint.save_pretrained(self, out_dir, fp8=fp8, **kwargs)
 
     def moe_layers(self) -> list[tuple[str, MoE]]:
         """(name, MoE) for every MoE block, the MTP modules' included, in checkpoint order."""

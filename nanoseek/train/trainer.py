@@ -29,6 +29,7 @@ from nanoseek.checkpoint import CheckpointError
 from nanoseek.config import ModelConfig, get_preset
 from nanoseek.data import PackedLoader, ensure_default_data
 from nanoseek.device import default_device, default_dtype
+from nanoseek.fp8 import convert_to_fp8
 from nanoseek.model import Transformer
 from nanoseek.model.moe import update_balancing_bias
 from nanoseek.report import read_metrics
@@ -75,6 +76,7 @@ class TrainConfig:
     save_every: int = _help("checkpoint every N steps (and at the end)", default=100)
     keep: int = _help("checkpoints to keep", default=3)
     resume: bool = _help("continue from the last checkpoint in --out", default=False)
+    fp8: bool = _help("FP8 GEMMs with DeepSeek-V3's 1x128 / 128x128 scaling", default=False)
     compile: bool = _help("torch.compile the model", default=False)
     tensorboard: bool = _help("also log to --out/tensorboard", default=False)
     device: str = _help("auto, cpu or cuda", default="auto")
@@ -124,6 +126,8 @@ class Trainer:
                              f"{model_cfg.max_position_embeddings}] for this model")  # fmt: skip
         torch.manual_seed(cfg.seed)
         self.model = Transformer(model_cfg).to(self.device)
+        if cfg.fp8:
+            convert_to_fp8(self.model)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.loader = PackedLoader(self.data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
