@@ -3,7 +3,8 @@
 Every GEMM input is E4M3. Activations (and activation gradients) are scaled per 1x128 tile: each token,
 each 128 channels of the contraction dimension; weights per 128x128 block. Scales come from the online
 max-abs of the tile (no delayed scaling) and values are clamped to +-448 before the cast, because torch's
-float8 cast does not saturate on every backend and version (on CUDA it gives NaN). Dimensions that are not multiples of 128 are zero-padded.
+float8 cast does not saturate on every backend and version (on CUDA it gives NaN). Dimensions that are
+not multiples of 128 are zero-padded.
 
 The three GEMMs of a linear layer (Fig. 6): Fprop y = x W^T, Dgrad dx = dy W, Wgrad dW = dy^T x, all on
 FP8 operands with FP32 accumulation across 128-element K blocks. For Wgrad the contraction runs over
