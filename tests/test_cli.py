@@ -43,3 +43,17 @@ def test_help_explains_the_commands(args):
     result = run(*args)
     assert result.returncode == 0
     assert "usage: nanoseek" in result.stdout and ("--preset" in result.stdout or "info" in result.stdout)
+
+
+def test_convert_to_fp8_and_back(tmp_path):
+    import torch
+
+    Transformer(get_preset("tiny").replace(vocab_size=300)).to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
+    for source, to, target in (("bf16", "fp8", "fp8"), ("fp8", "bf16", "back")):
+        result = run("convert", "--model", str(tmp_path / source), "--to", to, "--out", str(tmp_path / target))
+        assert result.returncode == 0, result.stderr
+    size = {d: (tmp_path / d / "model.safetensors").stat().st_size for d in ("bf16", "fp8", "back")}
+    assert size["fp8"] < 0.75 * size["bf16"] and size["back"] == size["bf16"]
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    assert "quantization_config" not in json.loads((tmp_path / "back" / "config.json").read_text())
