@@ -85,11 +85,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from nanoseek.train import parallel
     from nanoseek.train.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    history = Trainer(cfg).fit()
-    if history:
+    trainer = Trainer(cfg)
+    history = trainer.fit()
+    parallel.shutdown(trainer.par)
+    if history and trainer.par.is_main:
         last = history[-1]
         val = next((m["val_loss"] for m in reversed(history) if m.get("val_loss") is not None), None)
         print(f"step {last['step']}: loss {last['loss']:.3f}, val loss {val if val is None else round(val, 3)}, "

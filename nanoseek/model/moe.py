@@ -18,6 +18,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.fp8 import dequantize_tiles, fake_quantize_blocks, fake_quantize_tiles, quantize_tiles
+from nanoseek.model.expert_parallel import ExpertGroup, dispatch
 from nanoseek.model.layers import MLP
 
 
@@ -158,25 +159,45 @@ class Gate(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts stored stacked, so that all of them run as two grouped matmuls."""
+    """E SwiGLU experts stored stacked, so that all of them run as two grouped matmuls.
+
+    Under expert parallelism (`shard`), this rank holds only its E / P experts and exchanges tokens
+    with the other ranks of its EP group (nanoseek.model.expert_parallel)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts = e
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # per expert [gate_proj; up_proj]
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.fp8 = False  # set by nanoseek.fp8.convert_to_fp8
+        self.ep: ExpertGroup | None = None
+
+    @torch.no_grad()
+    def shard(self, ep: ExpertGroup) -> None:
+        """Keep only this rank's experts: [rank * E/P, (rank + 1) * E/P)."""
+        if self.n_experts % ep.size:
+            raise ValueError(f"--ep {ep.size} must divide n_routed_experts ({self.n_experts})")
+        for name in ("gate_up_proj", "down_proj"):
+            local = getattr(self, name).chunk(ep.size)[ep.rank].clone()
+            setattr(self, name, nn.Parameter(local))
+        self.ep = ep
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, hidden], weights/indices [N, k] -> sum over the k chosen experts, [N, hidden]."""
         n, k = indices.shape
         flat = indices.flatten()  # [N * k]
         order = flat.argsort(stable=True)  # sort (token, slot) pairs by expert
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        rows = x.index_select(0, order // k)
+        if self.ep is not None:  # to the ranks that own the experts, and (below) back
+            rows, counts, combine = dispatch(rows, counts, self.ep)
         layout = None if _use_grouped_mm(x) and not self.fp8 else padded_layout(counts)
-        h = grouped_mm(x.index_select(0, order // k), self.gate_up_proj, counts, layout, self.fp8)
+        h = grouped_mm(rows, self.gate_up_proj, counts, layout, self.fp8)
         gate, up = h.chunk(2, dim=-1)
         out = grouped_mm(F.silu(gate) * up, self.down_proj, counts, layout, self.fp8)  # [N * k, hidden], sorted
+        if self.ep is not None:
+            out = combine(out)
         out = out.index_select(0, order.argsort()).view(n, k, -1)  # back to (token, slot) order
         return torch.bmm(weights.unsqueeze(1).to(out.dtype), out).squeeze(1)  # weighted sum over the k
 

@@ -3,8 +3,8 @@
 Each checkpoint is a folder checkpoints/step_XXXXXX/ built under a temporary name, every file fsynced,
 then renamed into place: a run killed at any moment leaves either the whole checkpoint or none.
 state.json records a SHA-256 of every file, so a corrupt or truncated checkpoint is an error that says
-which file, never a silently different run. Tensors go through safetensors; the optimizer state through
-torch.load(weights_only=True), which refuses arbitrary pickled objects.
+which file, never a silently different run. The model and optimizer are stored in full, keyed by
+parameter name, as safetensors (nothing is pickled), so any world size can resume them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from nanoseek.checkpoint import CheckpointError
 
@@ -61,19 +60,17 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any], keep: int
-) -> Path:
+    root: Path, step: int, model_state: dict[str, torch.Tensor], optim_state: dict[str, torch.Tensor],
+    extra: dict[str, Any], keep: int,
+) -> Path:  # fmt: skip
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    # clone: tied weights share storage, which safetensors refuses; loading re-ties them.
-    save_file(
-        {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors"
-    )
+    save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in optim_state.items()}, tmp / "optimizer.safetensors")
     save_file({k: v.contiguous() for k, v in rng_state().items()}, tmp / "rng.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
     (tmp / STATE).write_text(json.dumps({"step": step, **extra, "sha256": files}, indent=2) + "\n")
     for p in tmp.iterdir():
@@ -86,8 +83,8 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and RNG from a checkpoint folder; returns its state.json."""
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """Verify a checkpoint folder and read it: (model tensors, optimizer tensors, state.json); restores RNG."""
     path = Path(path)
     state_file = path / STATE
     try:
@@ -101,14 +98,5 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         if _sha256(path / name) != digest:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its checksum; "
                                   "delete it to resume from an earlier one")  # fmt: skip
-    weights = load_file(path / "model.safetensors")
-    try:
-        result = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise CheckpointError(f"checkpoint {path} does not fit the model: {e}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"checkpoint {path} does not fit the model: missing {result.missing_keys[:5]}, "
-                              f"unexpected {result.unexpected_keys[:5]}")  # fmt: skip
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     set_rng_state(load_file(path / "rng.safetensors"))
-    return state
+    return load_file(path / "model.safetensors"), load_file(path / "optimizer.safetensors"), state

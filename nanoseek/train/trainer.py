@@ -1,6 +1,7 @@
 """The one training loop: pretraining now; supervised fine-tuning and distillation reuse it.
 
     nanoseek train --preset tiny --steps 300 --out runs/tiny     # trains on Python's own stdlib source
+    torchrun --nproc-per-node 2 -m nanoseek train --preset tiny --ep 2 --out runs/ep2   # FSDP2 + EP
 
 Loss = next-token cross-entropy + mtp_lambda * mean MTP cross-entropy (V3 Sec. 2.2.2, eq. 24-25)
 + balance_alpha * the sequence-wise balance loss (Sec. 2.1.2, eq. 17-20). After every optimizer step,
@@ -34,7 +35,7 @@ from nanoseek.model import Transformer
 from nanoseek.model.moe import update_balancing_bias
 from nanoseek.report import read_metrics
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
-from nanoseek.train import state
+from nanoseek.train import parallel, state
 from nanoseek.train.optim import build_optimizer, lr_at
 from nanoseek.train.samples import sample_text
 
@@ -77,6 +78,7 @@ class TrainConfig:
     keep: int = _help("checkpoints to keep", default=3)
     resume: bool = _help("continue from the last checkpoint in --out", default=False)
     fp8: bool = _help("FP8 GEMMs with DeepSeek-V3's 1x128 / 128x128 scaling", default=False)
+    ep: int = _help("expert-parallel group size (under torchrun); must divide the process count", default=1)
     compile: bool = _help("torch.compile the model", default=False)
     tensorboard: bool = _help("also log to --out/tensorboard", default=False)
     device: str = _help("auto, cpu or cuda", default="auto")
@@ -111,11 +113,21 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
+        self.par = parallel.init(cfg.ep, self.device.type)
+        if self.device.type == "cuda" and self.par.distributed:
+            self.device = torch.device("cuda", self.par.local_rank)
+            torch.cuda.set_device(self.device)
+        if cfg.batch_size % (self.par.world * max(1, cfg.micro_batch_size)):
+            raise ValueError(f"--batch-size {cfg.batch_size} must split evenly over {self.par.world} process(es) "
+                             f"and --micro-batch-size {cfg.micro_batch_size}")  # fmt: skip
         self.amp_dtype = default_dtype(self.device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         self.data_dir = Path(cfg.data) if cfg.data else None
-        if self.data_dir is None:
+        if self.data_dir is None:  # built once, by the first process
             vocab = (model_cfg or get_preset(cfg.preset)).vocab_size
-            self.data_dir = ensure_default_data(vocab, progress=cfg.progress)
+            if self.par.is_main:
+                self.data_dir = ensure_default_data(vocab, progress=cfg.progress)
+            parallel.barrier(self.par)
+            self.data_dir = ensure_default_data(vocab, progress=False)
         self.tokenizer = tokenizer or load_tokenizer(self.data_dir / "tokenizer")
         model_cfg = model_cfg or get_preset(cfg.preset)
         model_cfg = model_cfg.replace(
@@ -124,16 +136,22 @@ class Trainer:
         if not model_cfg.num_nextn_predict_layers < cfg.seq_len <= model_cfg.max_position_embeddings:
             raise ValueError(f"--seq-len must lie in ({model_cfg.num_nextn_predict_layers}, "
                              f"{model_cfg.max_position_embeddings}] for this model")  # fmt: skip
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # every rank builds the same initial model, then keeps its shards
         self.model = Transformer(model_cfg).to(self.device)
         if cfg.fp8:
             convert_to_fp8(self.model)
+        gpu_bf16 = self.device.type == "cuda" and self.amp_dtype == torch.bfloat16
+        parallel.apply(self.model, self.par, param_dtype=torch.bfloat16 if gpu_bf16 else None)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-        self.loader = PackedLoader(self.data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-        val_batch = min(cfg.batch_size, PackedLoader.count_windows(self.data_dir, "val", cfg.seq_len))
+        rank, world = self.par.rank, self.par.world
+        self.loader = PackedLoader(self.data_dir, "train", cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
+        val_windows = PackedLoader.count_windows(self.data_dir, "val", cfg.seq_len)
+        val_batch = min(cfg.batch_size, val_windows) // world * world
         self.val_loader = (
-            PackedLoader(self.data_dir, "val", val_batch, cfg.seq_len, shuffle=False) if val_batch > 0 else None
+            PackedLoader(self.data_dir, "val", val_batch, cfg.seq_len, 0, rank, world, shuffle=False)
+            if val_batch > 0
+            else None
         )
         self.step = 0
         self.moe = self.model.moe_layers()
@@ -180,8 +198,15 @@ class Trainer:
                 if moe.expert_load is not None:
                     load += moe.expert_load
             for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v.item() / len(chunks)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
+                totals[k] = totals.get(k, 0.0) + v.detach().float() / len(chunks)
+        # Every rank reports the mean over ranks and balances with the global expert loads.
+        names = list(totals)
+        means = parallel.all_reduce_sum(torch.stack([totals[k] for k in names]), self.par) / self.par.world
+        totals = dict(zip(names, means.tolist(), strict=True))
+        for load in loads:
+            parallel.all_reduce_sum(load, self.par)
+        parallel.sync_expert_grads(self.model, self.par)
+        grad_norm = parallel.clip_grad_norm(self.model, cfg.grad_clip, self.par)
         lr = lr_at(self.step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -194,7 +219,7 @@ class Trainer:
         self.step += 1
         seconds = time.perf_counter() - start
         metrics: dict[str, Any] = {"step": self.step, **totals, "grad_norm": grad_norm, "lr": lr}
-        metrics["tokens_per_s"] = window.shape[0] * cfg.seq_len / seconds
+        metrics["tokens_per_s"] = cfg.batch_size * cfg.seq_len / seconds  # all ranks together
         metrics["tokens"] = self.step * cfg.batch_size * cfg.seq_len
         used = [(name, load) for (name, _), load in zip(self.moe, loads, strict=True) if load.sum() > 0]
         metrics["max_over_mean_load"] = {n: round((ld.max() / ld.mean()).item(), 4) for n, ld in used}
@@ -209,13 +234,13 @@ class Trainer:
         self.model.eval()
         self.val_loader.load_state_dict({"epoch": 0, "cursor": 0})  # the same windows every time
         n = min(self.cfg.eval_batches, self.val_loader.n_windows // self.val_loader.batch_size)
-        losses = []
+        total = torch.zeros((), device=self.device)
         for _ in range(n):
             window = self.val_loader.next_batch().to(self.device)
             with self.autocast():
                 logits = self.forward(window[:, :-1])
-            losses.append(lm_loss(logits, window[:, 1:]).item())
-        return sum(losses) / len(losses)
+            total += lm_loss(logits, window[:, 1:]).float()
+        return (parallel.all_reduce_sum(total, self.par) / (n * self.par.world)).item()
 
     def samples(self) -> dict[str, str]:
         n, context = self.cfg.sample_tokens, self.cfg.seq_len
@@ -232,15 +257,25 @@ class Trainer:
         return self.out / "checkpoints"
 
     def save(self) -> None:
-        extra = {"loader": self.loader.state_dict(), "train_config": dataclasses.asdict(self.cfg)}
-        state.save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, extra, self.cfg.keep)
-        self.export_model(self.out / "model")
+        """Gather the full state on every rank (collective); the first process writes it."""
+        model_state, optim_state = parallel.full_state(self.model, self.optimizer, self.par)
+        if self.par.is_main:
+            extra = {"loader": self.loader.state_dict(), "train_config": dataclasses.asdict(self.cfg)}
+            state.save_checkpoint(self.checkpoint_root, self.step, model_state, optim_state, extra, self.cfg.keep)
+            self.export_model(self.out / "model", model_state)
+        parallel.barrier(self.par)
 
-    def export_model(self, target: Path) -> None:
+    def export_model(self, target: Path, model_state: dict[str, torch.Tensor]) -> None:
         """The latest weights as a Hugging Face folder with the tokenizer, swapped in atomically."""
+        with torch.device("meta"):
+            plain = Transformer(self.model.cfg)
+        plain.to_empty(device="cpu")
+        plain.load_state_dict(model_state, strict=False)  # strict below: the full state has every tensor
+        plain.tie_weights()
+        plain.rotary_emb.reset_parameters()
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(str(tmp))
+        plain.save_pretrained(str(tmp))
         self.tokenizer.save(tmp)
         old = target.with_name(target.name + ".old")
         shutil.rmtree(old, ignore_errors=True)  # left over if a run died mid-swap
@@ -253,7 +288,8 @@ class Trainer:
         checkpoints = state.list_checkpoints(self.checkpoint_root)
         if not checkpoints:
             raise CheckpointError(f"--resume: no checkpoint in {self.checkpoint_root}; drop --resume to start afresh")
-        saved = state.load_checkpoint(checkpoints[-1], self.model, self.optimizer)
+        model_state, optim_state, saved = state.load_checkpoint(checkpoints[-1])
+        parallel.load_full_state(self.model, self.optimizer, model_state, optim_state, self.par)
         before, now = saved.get("train_config", {}), dataclasses.asdict(self.cfg)
         changed = [k for k in RESUME_MUST_MATCH if k in before and before[k] != now[k]]
         if changed:  # the saved data position only means something for the same stream
@@ -282,26 +318,30 @@ class Trainer:
             raise CheckpointError(
                 f"{self.out} already holds checkpoints: pass --resume to continue, or pick a new --out"
             )
-        (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        if cfg.tensorboard:
+        main = self.par.is_main  # the first process alone writes logs, progress and files
+        if main:
+            (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        if cfg.tensorboard and main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
         history = []
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress)
-        with self._open_metrics() as log:
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not (cfg.progress and main))
+        with self._open_metrics() if main else nullcontext() as log:
             while self.step < cfg.steps:
                 metrics = self.train_step()
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    metrics["val_loss"] = self.evaluate()
+                    metrics["val_loss"] = self.evaluate()  # every rank: the forward pass is collective
                     metrics["samples"] = self.samples()
                     for prompt, text in metrics["samples"].items():
-                        bar.write(f"step {self.step} | {prompt!r} -> {text[:120]!r}")
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-                self._tensorboard(metrics)
+                        if main:
+                            bar.write(f"step {self.step} | {prompt!r} -> {text[:120]!r}")
+                if main:
+                    log.write(json.dumps(metrics) + "\n")
+                    log.flush()
+                    self._tensorboard(metrics)
                 history.append(metrics)
                 bar.update(1)
                 bar.set_postfix(
