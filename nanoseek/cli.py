@@ -17,7 +17,7 @@ import sys
 import typing
 
 from nanoseek.config import PRESETS, ModelConfig, get_preset
-from nanoseek.cost import model_stats
+from nanoseek.cost import all_to_all_bytes_per_token, model_stats
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -34,27 +34,28 @@ def _config_from_args(args: argparse.Namespace) -> ModelConfig:
 def cmd_info(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     stats = model_stats(cfg, dtype_bytes=args.kv_bytes)
+    a2a = all_to_all_bytes_per_token(cfg, args.ep) if args.ep > 1 else None
     if args.json:
-        print(json.dumps({"source": args.model or args.preset, **stats.as_dict()}))
+        extra = {} if a2a is None else {"ep": args.ep, "all_to_all_bytes_per_token": a2a}
+        print(json.dumps({"source": args.model or args.preset, **stats.as_dict(), **extra}))
         return 0
     ratio = stats.kv_bytes_per_token_mha / stats.kv_bytes_per_token
     rows = [
         ("model", args.model or f"preset {args.preset}"),
-        (
-            "layers",
-            f"{cfg.num_hidden_layers} ({cfg.first_k_dense_replace} dense, "
-            f"{cfg.num_hidden_layers - cfg.first_k_dense_replace} MoE), hidden {cfg.hidden_size}",
-        ),
+        ("layers", f"{cfg.num_hidden_layers} ({cfg.first_k_dense_replace} dense, "
+                   f"{cfg.num_hidden_layers - cfg.first_k_dense_replace} MoE), hidden {cfg.hidden_size}"),
         ("experts", f"{cfg.n_routed_experts} routed (top-{cfg.num_experts_per_tok}) + {cfg.n_shared_experts} shared"),
         ("parameters", f"{_human(stats.params_total)} ({stats.params_total:,})"),
         ("active per token", f"{_human(stats.params_active)} ({stats.params_active:,})"),
         ("MTP modules", f"{_human(stats.params_mtp)} ({cfg.num_nextn_predict_layers} depth)"),
-        (
-            f"KV cache / token ({args.kv_bytes} B/elem)",
-            f"MLA {_human(stats.kv_bytes_per_token, 'B')} vs MHA {_human(stats.kv_bytes_per_token_mha, 'B')} "
-            f"({ratio:.1f}x smaller)",
-        ),
-    ]
+        (f"KV cache / token ({args.kv_bytes} B/elem)",
+         f"MLA {_human(stats.kv_bytes_per_token, 'B')} vs MHA {_human(stats.kv_bytes_per_token_mha, 'B')} "
+         f"({ratio:.1f}x smaller)"),
+    ]  # fmt: skip
+    if a2a is not None:
+        rows.append(
+            (f"all-to-all / token (EP={args.ep})", f"{_human(a2a, 'B')} forward (bf16), as much again backward")
+        )
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="a built-in config (default tiny)")
     source.add_argument("--model", metavar="DIR", help="a folder with a DeepSeek-V3 config.json")
     info.add_argument("--kv-bytes", type=int, default=2, metavar="N", help="bytes per cached element (bf16: 2)")
+    info.add_argument("--ep", type=int, default=1, metavar="E", help="also the all-to-all bytes per token at EP=E")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
 

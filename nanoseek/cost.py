@@ -62,6 +62,25 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2, attention: str = 
     return per_layer * cfg.num_hidden_layers * dtype_bytes
 
 
+def moe_layer_count(cfg: ModelConfig) -> int:
+    return sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+
+
+def all_to_all_bytes_per_token(cfg: ModelConfig, ep: int, dispatch_bytes: float = 2, combine_bytes: float = 2) -> float:
+    """Bytes one token sends to other ranks in a forward pass of the main model under expert parallelism.
+
+    Each MoE layer sends the token's hidden state once per routed expert (K copies), and with uniform
+    routing a fraction (ep - 1) / ep of the experts live elsewhere; the outputs come back the same way
+    (combine). The backward pass moves the same bytes again. DeepSeek-V3 dispatches in FP8 (1 byte plus a
+    4-byte scale per 128 channels) and combines in BF16: dispatch_bytes=1 + 4/128, combine_bytes=2.
+    """
+    if ep < 1 or (cfg.n_routed_experts and cfg.n_routed_experts % ep):
+        raise ValueError(f"ep={ep} must be >= 1 and divide n_routed_experts={cfg.n_routed_experts}")
+    remote = (ep - 1) / ep
+    per_layer = cfg.num_experts_per_tok * cfg.hidden_size * remote * (dispatch_bytes + combine_bytes)
+    return moe_layer_count(cfg) * per_layer
+
+
 def model_stats(cfg: ModelConfig, dtype_bytes: int = 2) -> ModelStats:
     h, v = cfg.hidden_size, cfg.vocab_size
     outer = v * h * (1 if cfg.tie_word_embeddings else 2) + h  # embedding, head, final norm

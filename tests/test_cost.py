@@ -42,3 +42,15 @@ def test_active_parameters_count_only_chosen_experts():
 def test_unknown_attention_kind_is_refused():
     with pytest.raises(ValueError, match="'mla' or 'mha'"):
         kv_bytes_per_token(get_preset("tiny"), attention="gqa")
+
+
+def test_all_to_all_bytes_follow_the_config():
+    from nanoseek.cost import all_to_all_bytes_per_token
+
+    tiny = get_preset("tiny")  # 3 MoE layers, top-2, hidden 128
+    assert all_to_all_bytes_per_token(tiny, ep=2) == 3 * 2 * 128 * (1 / 2) * (2 + 2)
+    assert all_to_all_bytes_per_token(tiny, ep=1) == 0
+    v3 = all_to_all_bytes_per_token(get_preset("v3-671b"), ep=64, dispatch_bytes=1 + 4 / 128, combine_bytes=2)
+    assert v3 == pytest.approx(58 * 8 * 7168 * 63 / 64 * (1 + 4 / 128 + 2))
+    with pytest.raises(ValueError, match="divide"):
+        all_to_all_bytes_per_token(tiny, ep=3)
