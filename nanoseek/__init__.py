@@ -4,6 +4,7 @@ from nanoseek.checkpoint import CheckpointError, from_pretrained, save_pretraine
 from nanoseek.config import PRESETS, ModelConfig, YarnScaling, get_preset
 from nanoseek.cost import ModelStats, model_stats
 from nanoseek.model import Transformer
+from nanoseek.serve import Engine, RequestOutput, SamplingParams
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
@@ -11,8 +12,11 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "CheckpointError",
+    "Engine",
     "ModelConfig",
     "ModelStats",
+    "RequestOutput",
+    "SamplingParams",
     "Tokenizer",
     "Transformer",
     "YarnScaling",

@@ -14,6 +14,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
 from nanoseek.model.layers import RMSNorm
+from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import Gate, MoE, RoutedExperts
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.rope import RotaryEmbedding
@@ -76,6 +77,18 @@ class Transformer(nn.Module):
             h = module(embeds[:, k:], h[:, :-1], cos[: t - k], sin[: t - k])
             mtp_logits.append(self.lm_head(h))
         return logits, mtp_logits
+
+    def forward_cached(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache, last: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inference engine's pass: new tokens [B, t] at absolute positions [B, t], attending through
+        `cache` (absorbed MLA). Returns (logits [B, vocab], final hidden [B, hidden]) at index `last` [B]."""
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, h.dtype)  # [B, t, 1, rope/2]
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache)
+        h = self.norm(h[torch.arange(h.shape[0], device=h.device), last])
+        return self.lm_head(h), h
 
     def save_pretrained(self, out_dir: str, max_shard_bytes: int | None = None, fp8: bool = False) -> None:
         """Write a Hugging Face DeepSeek-V3 folder (config.json + safetensors) that transformers loads;

@@ -1,0 +1,144 @@
+"""The paged latent KV cache: a pool of fixed-size blocks, block tables per sequence, prefix sharing.
+
+MLA caches, per token and layer, only the kv_lora_rank latent and the qk_rope_head_dim RoPE key:
+(kv_lora_rank + qk_rope_head_dim) x layers x element bytes per token, shared by all heads. The pool
+holds num_blocks blocks of block_size token slots, sized from a memory budget. Full blocks are hashed
+by (parent block's hash, their token ids), reference counted, and reused by any request with the same
+prefix (as vLLM's prefix caching); blocks nobody references stay cached until they are needed, the
+least recently used first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.config import ModelConfig
+
+
+def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
+    h = hashlib.blake2b(parent or b"", digest_size=16)
+    h.update(torch.tensor(tokens, dtype=torch.int64).numpy().tobytes())
+    return h.digest()
+
+
+class BlockManager:
+    """Which blocks are free, cached or in use; the cache of full blocks by prefix hash."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.ref = [0] * num_blocks
+        self.hash_of: dict[int, bytes] = {}  # block -> hash, for full blocks
+        self.block_of: dict[bytes, int] = {}  # hash -> block
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU order: oldest first
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self) -> int:
+        if not self.free:
+            raise MemoryError("no free KV-cache block")
+        block, _ = self.free.popitem(last=False)  # evict the least recently freed
+        if block in self.hash_of:
+            del self.block_of[self.hash_of.pop(block)]
+        self.ref[block] = 1
+        return block
+
+    def match_prefix(self, tokens: list[int]) -> tuple[list[int], bytes | None]:
+        """Take references on the cached full blocks that start `tokens`; returns (blocks, last hash)."""
+        blocks, parent = [], None
+        for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
+            digest = block_hash(parent, tokens[start : start + self.block_size])
+            block = self.block_of.get(digest)
+            if block is None:
+                break
+            if self.ref[block] == 0:
+                del self.free[block]
+            self.ref[block] += 1
+            blocks.append(block)
+            parent = digest
+        return blocks, parent
+
+    def register_full(self, block: int, parent: bytes | None, tokens: list[int]) -> bytes:
+        """A block just filled: make it findable by its prefix hash."""
+        digest = block_hash(parent, tokens)
+        if digest not in self.block_of:
+            self.block_of[digest] = block
+            self.hash_of[block] = digest
+        return digest
+
+    def release(self, blocks: list[int]) -> None:
+        for block in reversed(blocks):  # the prefix's head is evicted last
+            self.ref[block] -= 1
+            if self.ref[block] == 0:
+                self.free[block] = None
+
+
+@dataclass(slots=True)
+class CacheSpec:
+    layers: int
+    latent: int  # kv_lora_rank
+    rope: int  # qk_rope_head_dim
+    dtype: torch.dtype
+    fp8: bool = False
+
+    @property
+    def bytes_per_token(self) -> int:
+        if self.fp8:  # E4M3 latent with one fp32 scale per token, RoPE key in the compute dtype
+            return self.layers * (self.latent + 4 + self.rope * torch.finfo(self.dtype).bits // 8)
+        return self.layers * (self.latent + self.rope) * torch.finfo(self.dtype).bits // 8
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, dtype: torch.dtype, fp8: bool = False) -> CacheSpec:
+        return cls(cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, fp8)
+
+
+class LatentPool:
+    """The tensors: per layer, slots x (latent + rope), or an E4M3 latent with per-token scales."""
+
+    def __init__(self, spec: CacheSpec, num_slots: int, device: torch.device):
+        self.spec = spec
+        shape = (spec.layers, num_slots)
+        if spec.fp8:
+            self.latent = torch.zeros(*shape, spec.latent, dtype=torch.float8_e4m3fn, device=device)
+            self.scale = torch.ones(*shape, dtype=torch.float32, device=device)
+            self.rope = torch.zeros(*shape, spec.rope, dtype=spec.dtype, device=device)
+        else:
+            self.kv = torch.zeros(*shape, spec.latent + spec.rope, dtype=spec.dtype, device=device)
+
+    def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor) -> None:
+        """slots [M]; latent [M, r], rope [M, d]."""
+        if self.spec.fp8:
+            scale = latent.float().abs().amax(-1).clamp(min=1e-12) / 448.0
+            self.latent[layer, slots] = (latent.float() / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+            self.scale[layer, slots] = scale
+            self.rope[layer, slots] = rope.to(self.spec.dtype)
+        else:
+            self.kv[layer, slots] = torch.cat((latent, rope), -1).to(self.spec.dtype)
+
+    def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """slots [B, L] -> [B, L, r + d] in the compute dtype."""
+        if self.spec.fp8:
+            latent = self.latent[layer, slots].float() * self.scale[layer, slots].unsqueeze(-1)
+            return torch.cat((latent.to(self.spec.dtype), self.rope[layer, slots]), -1)
+        return self.kv[layer, slots]
+
+
+class StepCache:
+    """The LatentCache one batched forward pass sees: where each new token goes, what each row reads."""
+
+    def __init__(self, pool: LatentPool, write_slots: torch.Tensor, valid: torch.Tensor, read_slots: torch.Tensor,
+                 mask: torch.Tensor):  # fmt: skip
+        self.pool, self.write_slots, self.valid = pool, write_slots, valid  # [B, t] slots, [B, t] real tokens
+        self.read_slots, self.mask = read_slots, mask  # [B, L], [B, 1, t, L]
+
+    def store(self, layer: int, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
+        self.pool.write(layer, self.write_slots[self.valid], latent[self.valid], k_rope[self.valid])
+
+    def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pool.read(layer, self.read_slots), self.mask

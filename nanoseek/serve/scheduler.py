@@ -1,0 +1,144 @@
+"""Continuous batching: requests join and leave the running batch at every step.
+
+Each step takes every running sequence's next tokens (one when decoding, a chunk when prefilling) and
+then admits waiting requests while the token budget lasts, so long prompts are prefilled in chunks
+interleaved with other requests' decoding. A new request first reuses the cached blocks of its longest
+matching prefix. When the cache runs out, the most recently admitted sequence is preempted: its blocks
+are freed and it goes back to the front of the queue, to be recomputed later (never a crash).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from nanoseek.serve.kv_cache import BlockManager
+from nanoseek.serve.sampling import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    output: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, dict[int, float] | None]] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose latents are in the cache
+    num_hashed: int = 0  # full blocks registered for prefix sharing
+    last_hash: bytes | None = None
+    cached_prompt_tokens: int = 0  # prefix-cache hits, for usage and billing
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    text: str = ""
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_batched_tokens: int = 512, max_seqs: int = 64):
+        self.blocks = blocks
+        self.max_batched_tokens, self.max_seqs = max_batched_tokens, max_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, number of new tokens to compute) for this step."""
+        budget, batch = self.max_batched_tokens, []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING or budget <= 0:
+                continue
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            while not self._reserve(seq, seq.num_computed + n):
+                # The latest admitted goes; it is never one already batched (running is in admission order).
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                batch.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+            seq = self.waiting[0]
+            if not seq.blocks:
+                self._match_prefix(seq)
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            if not self._reserve(seq, seq.num_computed + n):
+                if not self.running:  # nothing to wait for: this request can never fit
+                    raise MemoryError(f"request {seq.id} needs more KV cache than the engine has")
+                self.blocks.release(seq.blocks)
+                seq.blocks, seq.num_computed, seq.num_hashed, seq.last_hash = [], 0, 0, None
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        blocks, last = self.blocks.match_prefix(seq.tokens)
+        seq.blocks, seq.last_hash, seq.num_hashed = blocks, last, len(blocks)
+        # Recompute at least the last token: its logits start the generation.
+        seq.num_computed = min(len(blocks) * self.blocks.block_size, len(seq.tokens) - 1)
+        if not seq.output:
+            seq.cached_prompt_tokens = seq.num_computed
+
+    def _reserve(self, seq: Sequence, upto: int) -> bool:
+        needed = -(-upto // self.blocks.block_size) - len(seq.blocks)
+        if needed > self.blocks.num_free:
+            return False
+        seq.blocks += [self.blocks.allocate() for _ in range(max(0, needed))]
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it will be recomputed from its tokens so far."""
+        self.blocks.release(seq.blocks)
+        seq.blocks, seq.num_computed, seq.num_hashed, seq.last_hash = [], 0, 0, None
+        seq.status = Status.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Make the sequence's newly completed blocks shareable by later requests."""
+        size = self.blocks.block_size
+        while (seq.num_hashed + 1) * size <= seq.num_computed:
+            i = seq.num_hashed
+            seq.last_hash = self.blocks.register_full(
+                seq.blocks[i], seq.last_hash, seq.tokens[i * size : (i + 1) * size]
+            )
+            seq.num_hashed += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is Status.FINISHED:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq.blocks)
+        seq.blocks = []
+        seq.status, seq.finish_reason = Status.FINISHED, reason
