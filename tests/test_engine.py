@@ -1,0 +1,160 @@
+"""The inference engine against a plain full-forward loop and against transformers' generate."""
+
+import pytest
+import torch
+from hf_reference import make_hf_model, perturb_
+
+import nanoseek
+from nanoseek import Engine, SamplingParams, Transformer, get_preset
+from nanoseek.serve.kv_cache import CacheSpec, LatentPool
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return perturb_(Transformer(get_preset("tiny").replace(vocab_size=300, num_hidden_layers=3)), seed=2).eval()
+
+
+def full_forward_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def engine(model, **kwargs) -> Engine:
+    options = dict(device="cpu", dtype=torch.float32, block_size=4, cache_bytes=1 << 20, max_batched_tokens=16)
+    return Engine(model, **(options | kwargs))
+
+
+PROMPTS = [list(range(1, 20)), list(range(5, 50, 3)), [7] * 40, [3]]
+
+
+def test_greedy_equals_a_full_forward_loop_with_chunked_prefill(model):
+    outs = engine(model).generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert out.token_ids == full_forward_greedy(model, prompt, 10)
+        assert out.finish_reason == "length" and out.completion_tokens == 10
+
+
+def test_a_batch_gives_the_same_results_as_one_request_at_a_time(model):
+    together = engine(model).generate(PROMPTS, GREEDY)
+    alone = [engine(model).generate([p], GREEDY)[0] for p in PROMPTS]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+
+
+def test_greedy_equals_transformers_generate_on_the_same_checkpoint(tmp_path):
+    reference = make_hf_model(tmp_path, seed=4)
+    reference.generation_config.eos_token_id = None
+    ours = Engine(tmp_path, device="cpu", dtype=torch.float32, block_size=8)
+    prompt = torch.randint(0, 211, (1, 23), generator=torch.Generator().manual_seed(0))
+    expected = reference.generate(prompt, max_new_tokens=12, do_sample=False)[0, 23:].tolist()
+    [out] = ours.generate([prompt[0].tolist()], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert out.token_ids == expected
+
+
+def test_a_full_cache_preempts_and_recomputes_instead_of_failing(model):
+    small = engine(model, cache_bytes=24 * CacheSpec.for_model(model.cfg, torch.float32).bytes_per_token * 4)
+    assert small.block_manager.num_blocks == 24  # 96 token slots for 4 requests needing ~120
+    outs = small.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    assert small.metrics.preemptions > 0
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert out.token_ids == full_forward_greedy(model, prompt, 16)
+    assert small.block_manager.num_free == 24  # every block back
+
+
+def test_cancelling_frees_the_blocks_at_once(model):
+    eng = engine(model)
+    keep = eng.add_request(PROMPTS[0], GREEDY)
+    drop = eng.add_request(PROMPTS[2], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    for _ in range(4):
+        eng.step()
+    held = len(eng.sequences[drop].blocks)
+    free_before = eng.block_manager.num_free
+    eng.cancel(drop)
+    assert held > 0 and eng.block_manager.num_free >= free_before + 1
+    assert eng.output(drop).finish_reason == "cancelled"
+    while eng.scheduler.has_work():
+        eng.step()
+    assert eng.output(keep).token_ids == full_forward_greedy(model, PROMPTS[0], 10)
+
+
+def test_a_shared_prefix_is_served_from_cache(model):
+    eng = engine(model)
+    prefix = list(range(10, 42))  # 32 tokens = 8 full blocks
+    [first] = eng.generate([[*prefix, 1, 2]], GREEDY)
+    [second] = eng.generate([[*prefix, 3]], GREEDY)
+    assert first.cached_tokens == 0 and second.cached_tokens == 32
+    assert second.token_ids == full_forward_greedy(model, [*prefix, 3], 10)
+    assert eng.metrics.prefix_hit_tokens == 32
+
+
+def test_cache_bytes_are_the_mla_latent_and_rope_key_only(model):
+    cfg = model.cfg
+    bf16 = CacheSpec.for_model(cfg, torch.bfloat16)
+    assert bf16.bytes_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 2
+    pool = LatentPool(bf16, 64, torch.device("cpu"))
+    assert pool.kv.numel() * pool.kv.element_size() == 64 * bf16.bytes_per_token
+    fp8 = CacheSpec.for_model(cfg, torch.bfloat16, fp8=True)
+    v3 = get_preset("v3-671b")
+    v3_ratio = (
+        CacheSpec.for_model(v3, torch.bfloat16, fp8=True).bytes_per_token
+        / CacheSpec.for_model(v3, torch.bfloat16).bytes_per_token
+    )
+    assert fp8.bytes_per_token < bf16.bytes_per_token and v3_ratio < 0.6
+
+
+def test_fp8_latent_cache_stays_within_the_e4m3_bound(model):
+    spec = CacheSpec.for_model(model.cfg, torch.float32, fp8=True)
+    pool = LatentPool(spec, 32, torch.device("cpu"))
+    latent, rope = torch.randn(32, spec.latent) * 3, torch.randn(32, spec.rope)
+    pool.write(0, torch.arange(32), latent, rope)
+    back = pool.read(0, torch.arange(32)[None])[0]
+    amax = latent.abs().amax(-1, keepdim=True)
+    bound = 2**-4 * latent.abs() + 2**-10 * amax / 448  # E4M3 rounding, per-token scale amax / 448
+    assert ((back[:, : spec.latent] - latent).abs() <= bound * (1 + 1e-6)).all()
+    assert torch.equal(back[:, spec.latent :], rope)
+    outs = engine(model, fp8_cache=True).generate(PROMPTS[:2], GREEDY)
+    assert all(o.completion_tokens == 10 for o in outs)
+
+
+def test_sampling_is_seeded_and_filters_apply(model):
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    a = engine(model).generate([PROMPTS[0]], params)[0]
+    b = engine(model).generate([PROMPTS[0], PROMPTS[1]], [params, params])[0]  # other requests in the batch
+    assert a.token_ids == b.token_ids
+    top1 = engine(model).generate([PROMPTS[1]], SamplingParams(max_tokens=8, top_k=1, seed=1, ignore_eos=True))[0]
+    assert top1.token_ids == full_forward_greedy(model, PROMPTS[1], 8)
+
+
+def test_stop_tokens_and_logprobs(model):
+    expected = full_forward_greedy(model, PROMPTS[0], 10)
+    params = SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[expected[3]], logprobs=3, ignore_eos=True)
+    [out] = engine(model).generate([PROMPTS[0]], params)
+    stop_at = expected.index(expected[3]) + 1
+    assert out.token_ids == expected[:stop_at] and out.finish_reason == "stop"
+    logprob, top = out.logprobs[0]
+    assert len(top) == 3 and max(top.values()) == pytest.approx(logprob) and logprob <= 0
+
+
+def test_prompts_that_cannot_fit_are_refused(model):
+    with pytest.raises(ValueError, match="exceeds"):
+        engine(model).add_request([1] * 1020, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="empty"):
+        engine(model).add_request([], GREEDY)
+
+
+def test_engine_loads_a_model_folder_with_its_tokenizer(tmp_path, tokenizer):
+    model = Transformer(get_preset("tiny").replace(vocab_size=tokenizer.vocab_size))
+    model.save_pretrained(str(tmp_path))
+    tokenizer.save(tmp_path)
+    eng = Engine(tmp_path, device="cpu", dtype=torch.float32)
+    [out] = eng.generate(["def add(a, b):"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    assert "".join(eng.stream("x = ", SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))) == (
+        eng.generate(["x = "], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0].text
+    )
+    assert isinstance(nanoseek.Engine, type)
