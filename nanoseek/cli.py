@@ -6,6 +6,8 @@ nanoseek data prepare --input DIR --tokenizer tok/ --out data/
 nanoseek train --preset tiny --steps 300 --out runs/tiny    # default data: Python's stdlib source
 nanoseek plot runs/tiny                         # loss and expert-load PNGs
 nanoseek convert --model runs/tiny/model --to fp8 --out tiny-fp8/   # DeepSeek-V3's FP8 format
+nanoseek generate --model runs/tiny/model --prompt "def fib(n):" --max-tokens 64
+nanoseek chat --model runs/sft/model            # an interactive chat in the terminal
 """
 
 from __future__ import annotations
@@ -121,6 +123,72 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_params(args: argparse.Namespace):
+    from nanoseek.serve import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop or [],
+    )  # fmt: skip
+
+
+def _engine(args: argparse.Namespace):
+    from nanoseek.serve import Engine
+
+    return Engine(args.model, fp8_cache=args.fp8_cache)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    params = _sampling_params(args)
+    if args.no_stream:
+        print(engine.generate([prompt], params)[0].text)
+        return 0
+    for piece in engine.stream(prompt, params):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("nanoseek chat: type a message; an empty line or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        prompt = engine.tokenizer.apply_chat_template(messages)
+        reply = ""
+        print("assistant> ", end="", flush=True)
+        for piece in engine.stream(prompt, _sampling_params(args)):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="a model folder with its tokenizer")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", nargs="*", metavar="TEXT", help="stop strings")
+    parser.add_argument("--fp8-cache", action="store_true", help="keep the latent KV cache in FP8")
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from nanoseek.report import plot_run
 
@@ -196,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=["fp8", "bf16"])
     convert.add_argument("--out", required=True, metavar="DIR")
     convert.set_defaults(func=cmd_convert)
+
+    gen = commands.add_parser("generate", help="complete a prompt", description="Generate text from a prompt.")
+    add_sampling_flags(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--no-stream", action="store_true", help="print the result once it is complete")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = commands.add_parser("chat", help="an interactive chat in the terminal",
+                               description="Chat with a model, with streaming and the chat template.")  # fmt: skip
+    add_sampling_flags(chat)
+    chat.add_argument("--system", default="", help="a system prompt")
+    chat.set_defaults(func=cmd_chat)
 
     plot = commands.add_parser("plot", help="PNG plots of a run folder")
     plot.add_argument("run", metavar="DIR", help="a run folder with metrics.jsonl")

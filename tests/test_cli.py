@@ -57,3 +57,17 @@ def test_convert_to_fp8_and_back(tmp_path):
     config = json.loads((tmp_path / "fp8" / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [128, 128]
     assert "quantization_config" not in json.loads((tmp_path / "back" / "config.json").read_text())
+
+
+def test_generate_and_chat_run_on_a_model_folder(tmp_path, tokenizer):
+    Transformer(get_preset("tiny").replace(vocab_size=tokenizer.vocab_size)).save_pretrained(str(tmp_path))
+    tokenizer.save(tmp_path)
+    args = ["--model", str(tmp_path), "--max-tokens", "6", "--temperature", "0"]
+    result = run("generate", *args, "--prompt", "def add(a, b):", "--no-stream")
+    assert result.returncode == 0, result.stderr
+    streamed = run("generate", *args, "--prompt", "def add(a, b):")
+    assert streamed.stdout == result.stdout
+    chat = subprocess.run([NANOSEEK, "chat", *args], input="hello\nhow are you?\n\n", capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.count("assistant> ") == 2
