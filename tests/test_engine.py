@@ -158,3 +158,49 @@ def test_engine_loads_a_model_folder_with_its_tokenizer(tmp_path, tokenizer):
         eng.generate(["x = "], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0].text
     )
     assert isinstance(nanoseek.Engine, type)
+
+
+def mtp_model(vocab: int = 300, seed: int = 2) -> Transformer:
+    torch.manual_seed(0)
+    cfg = get_preset("tiny").replace(vocab_size=vocab, num_hidden_layers=2, num_nextn_predict_layers=1)
+    return perturb_(Transformer(cfg), seed=seed).eval()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_greedy_is_identical_to_plain_greedy(k):
+    model = mtp_model()
+    params = SamplingParams(max_tokens=15, temperature=0, ignore_eos=True)
+    plain = engine(model).generate(PROMPTS, params)
+    spec = engine(model, speculative_tokens=k)
+    fast = spec.generate(PROMPTS, params)
+    assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
+    assert spec.metrics.drafted_tokens > 0
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """Chi-square of the first two sampled tokens (where the second goes through draft-and-verify)
+    against the exact joint distribution from full forward passes."""
+    vocab, n = 8, 4000
+    model = mtp_model(vocab=vocab, seed=5)
+    prompt = [1, 2, 3, 4, 5]
+    with torch.no_grad():
+        p1 = model(torch.tensor([prompt]))[0, -1].softmax(-1)
+        p2 = torch.stack([model(torch.tensor([[*prompt, a]]))[0, -1].softmax(-1) for a in range(vocab)])
+    expected = (p1[:, None] * p2).flatten() * n  # [vocab * vocab]
+    spec = engine(model, speculative_tokens=1, max_seqs=n, max_batched_tokens=8 * n, cache_bytes=64 << 20)
+    params = [SamplingParams(max_tokens=2, temperature=1.0, seed=s, ignore_eos=True) for s in range(n)]
+    outs = spec.generate([prompt] * n, params)
+    assert spec.metrics.drafted_tokens > 0 and 0 < spec.metrics.accepted_tokens < spec.metrics.drafted_tokens
+    observed = torch.bincount(torch.tensor([o.token_ids[0] * vocab + o.token_ids[1] for o in outs]), minlength=64)
+    big = expected >= 5  # pool the rare cells, as the chi-square approximation needs
+    obs = torch.cat([observed[big].float(), observed[~big].sum().float()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    chi2 = ((obs - exp) ** 2 / exp).sum().item()
+    dof = len(obs) - 1
+    critical = dof * (1 - 2 / (9 * dof) + 3.09 * (2 / (9 * dof)) ** 0.5) ** 3  # Wilson-Hilferty, p = 0.001
+    assert chi2 < critical, f"chi2 {chi2:.1f} >= {critical:.1f} with {dof} degrees of freedom"
+
+
+def test_speculative_decoding_needs_an_mtp_module(model):
+    with pytest.raises(ValueError, match="MTP"):
+        engine(model.__class__(model.cfg.replace(num_nextn_predict_layers=0)), speculative_tokens=2)

@@ -16,6 +16,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
 from nanoseek.model.layers import RMSNorm
+from nanoseek.model.mla import LatentCache
 
 
 class SharedHead(nn.Module):
@@ -35,7 +36,8 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_idx)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None) -> torch.Tensor:  # fmt: skip
         """embeds, hidden [B, T', hidden] -> this depth's normed hidden state [B, T', hidden]."""
         x = self.eh_proj(torch.cat((self.enorm(embeds), self.hnorm(hidden)), dim=-1))
-        return self.shared_head.norm(self.block(x, cos, sin))
+        return self.shared_head.norm(self.block(x, cos, sin, cache))

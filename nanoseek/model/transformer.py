@@ -78,17 +78,24 @@ class Transformer(nn.Module):
             mtp_logits.append(self.lm_head(h))
         return logits, mtp_logits
 
-    def forward_cached(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache, last: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache) -> torch.Tensor:
         """The inference engine's pass: new tokens [B, t] at absolute positions [B, t], attending through
-        `cache` (absorbed MLA). Returns (logits [B, vocab], final hidden [B, hidden]) at index `last` [B]."""
+        `cache` (absorbed MLA). Returns the final normed hidden states [B, t, hidden]; `lm_head` of the
+        rows the caller needs gives their logits."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, h.dtype)  # [B, t, 1, rope/2]
         for layer in self.layers:
             h = layer(h, cos, sin, cache)
-        h = self.norm(h[torch.arange(h.shape[0], device=h.device), last])
-        return self.lm_head(h), h
+        return self.norm(h)
+
+    def mtp_forward_cached(
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: LatentCache
+    ) -> torch.Tensor:
+        """MTP module 1 for speculative drafting: position i combines token i+1 [B, t] with the hidden
+        state of position i [B, t, hidden]; returns its normed hidden states [B, t, hidden]."""
+        embeds = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, embeds.dtype)
+        return self.mtp[0](embeds, hidden, cos, sin, cache)
 
     def save_pretrained(self, out_dir: str, max_shard_bytes: int | None = None, fp8: bool = False) -> None:
         """Write a Hugging Face DeepSeek-V3 folder (config.json + safetensors) that transformers loads;

@@ -25,6 +25,7 @@ from nanoseek.model import Transformer
 from nanoseek.serve.kv_cache import BlockManager, CacheSpec, LatentPool, StepCache
 from nanoseek.serve.sampling import SamplingParams, sample_token
 from nanoseek.serve.scheduler import Scheduler, Sequence, Status
+from nanoseek.serve.speculative import distribution, draft_token, verify
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -54,8 +55,14 @@ class EngineMetrics:
     generated_tokens: int = 0
     prefix_hit_tokens: int = 0
     preemptions: int = 0
+    drafted_tokens: int = 0  # speculative decoding: MTP drafts checked ...
+    accepted_tokens: int = 0  # ... and kept
     ttft: list[float] = field(default_factory=list)  # seconds from arrival to first token
     itl: list[float] = field(default_factory=list)  # seconds between a request's tokens
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
 
 class Engine:
@@ -71,6 +78,7 @@ class Engine:
         max_batched_tokens: int = 512,
         max_seqs: int = 64,
         fp8_cache: bool = False,
+        speculative_tokens: int = 0,
     ):
         self.device = torch.device(device) if device else default_device()
         dtype = dtype or default_dtype(self.device)
@@ -88,7 +96,12 @@ class Engine:
             tokenizer = model_dir
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         cfg = self.model.cfg
+        if speculative_tokens and not self.model.mtp:
+            raise ValueError("speculative decoding drafts with the MTP module, and this model has none")
+        self.speculative_tokens = speculative_tokens
         self.spec = CacheSpec.for_model(cfg, dtype, fp8=fp8_cache)
+        if speculative_tokens:  # the MTP block's attention keeps its own latents, as one more layer
+            self.spec.layers += 1
         num_blocks = max(2, cache_bytes // (self.spec.bytes_per_token * block_size))
         self.block_manager = BlockManager(num_blocks, block_size)
         self.pool = LatentPool(self.spec, num_blocks * block_size, self.device)
@@ -137,63 +150,128 @@ class Engine:
     # --- one engine step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[str]:
-        """Run one batch; returns the ids of the requests that got a new token (or finished)."""
+        """Run one batch; returns the ids of the requests that got new tokens (or finished)."""
         batch = self.scheduler.schedule()
         self.metrics.preemptions = self.scheduler.preemptions
         if not batch:
             return []
-        logits = self._forward(batch)
+        rows = []
+        for seq, n in batch:
+            feed = seq.tokens[seq.num_computed : seq.num_computed + n]
+            drafts = seq.drafts if n == 1 and seq.num_computed + 1 == len(seq.tokens) else []
+            rows.append((seq, seq.num_computed, feed + drafts))
+        hidden = self.model.forward_cached(*self._step_inputs(rows))  # [B, t, hidden]
         now, touched = time.perf_counter(), []
-        for row, (seq, n) in enumerate(batch):
-            seq.num_computed += n
-            self.scheduler.register_computed(seq)
-            if seq.num_computed < len(seq.tokens):  # still prefilling
+        for row, ((seq, n), (_, start, feed)) in enumerate(zip(batch, rows, strict=True)):
+            drafts = feed[n:]
+            if start + n < len(seq.tokens):  # a prefill chunk: nothing to sample yet
+                seq.num_computed += n
+                self._keep_hidden(seq, hidden[row, :n])
+                self.scheduler.register_computed(seq)
                 continue
-            sampled = sample_token(logits[row], seq.params, seq.generator, seq.prompt, seq.output)
-            if seq.token_times:
-                self.metrics.itl.append(now - seq.token_times[-1])
+            logits = self.model.lm_head(hidden[row, n - 1 : n + len(drafts)]).float()  # [1 + drafts, V]
+            if drafts:
+                emitted = verify(logits, drafts, seq.draft_probs, seq.params, seq.generator)
+                self.metrics.drafted_tokens += len(drafts)
+                self.metrics.accepted_tokens += len(emitted) - 1
             else:
-                self.metrics.ttft.append(now - seq.arrival)
-                self.metrics.prefix_hit_tokens += seq.cached_prompt_tokens
-            seq.token_times.append(now)
-            seq.output.append(sampled.token)
-            seq.logprobs.append((sampled.logprob, sampled.top_logprobs))
-            self.metrics.generated_tokens += 1
-            self._check_finished(seq)
+                sampled = sample_token(logits[0], seq.params, seq.generator, seq.prompt, seq.output)
+                emitted = [sampled.token]
+                seq.logprobs.append((sampled.logprob, sampled.top_logprobs))
+            seq.num_computed = start + n + len(emitted) - 1  # the fed token and the accepted drafts
+            self._keep_hidden(seq, hidden[row, : n + len(emitted) - 1])
+            seq.drafts = []
+            self.scheduler.register_computed(seq)
+            for token in emitted:
+                self._emit(seq, token, now)
+                if seq.status is Status.FINISHED:
+                    break
             touched.append(seq.id)
+        if self.speculative_tokens:
+            self._draft([seq for seq, _ in batch if seq.status is Status.RUNNING])
         self.metrics.steps += 1
         return touched
 
-    def _forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
-        bs, device = self.block_manager.block_size, self.device
-        t = max(n for _, n in batch)
-        lengths = [seq.num_computed + n for seq, n in batch]
-        width = max(lengths)
-        ids = torch.zeros(len(batch), t, dtype=torch.long)
-        positions = torch.zeros(len(batch), t, dtype=torch.long)
-        valid = torch.zeros(len(batch), t, dtype=torch.bool)
-        slots_of = []
-        for row, (seq, n) in enumerate(batch):
-            table = torch.tensor(seq.blocks, dtype=torch.long)
-            pos = torch.arange(lengths[row])
-            slots_of.append(table[pos // bs] * bs + pos % bs)
-            ids[row, :n] = torch.tensor(seq.tokens[seq.num_computed : seq.num_computed + n])
-            positions[row, :n] = torch.arange(seq.num_computed, seq.num_computed + n)
-            valid[row, :n] = True
-        read = torch.zeros(len(batch), width, dtype=torch.long)
-        write = torch.zeros(len(batch), t, dtype=torch.long)
-        for row, ((seq, n), slots) in enumerate(zip(batch, slots_of, strict=True)):
-            read[row, : len(slots)] = slots
-            write[row, :n] = slots[seq.num_computed :]
+    def _emit(self, seq: Sequence, token: int, now: float) -> None:
+        if seq.token_times:
+            self.metrics.itl.append(now - seq.token_times[-1])
+        else:
+            self.metrics.ttft.append(now - seq.arrival)
+            self.metrics.prefix_hit_tokens += seq.cached_prompt_tokens
+        seq.token_times.append(now)
+        seq.output.append(token)
+        self.metrics.generated_tokens += 1
+        self._check_finished(seq)
+
+    def _keep_hidden(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """Main-model hidden states the MTP module still has to see (speculative decoding only)."""
+        if self.speculative_tokens:
+            seq.pending_hidden = hidden if seq.pending_hidden is None else torch.cat((seq.pending_hidden, hidden))
+
+    def _draft(self, seqs: list[Sequence]) -> None:
+        """Catch the MTP module up on the tokens the main model accepted, then draft k tokens per sequence."""
+        k = self.speculative_tokens
+        ready = []
+        for seq in seqs:
+            plain = seq.params.repetition_penalty != 1 or seq.params.presence_penalty or seq.params.frequency_penalty
+            if plain or seq.params.logprobs or seq.num_computed + 1 != len(seq.tokens) or seq.pending_hidden is None:
+                continue
+            if self.scheduler.reserve(seq, len(seq.tokens) + k):
+                ready.append(seq)
+        if not ready:
+            return
+        # MTP at position i reads token i+1 and the main model's hidden state at i.
+        rows = [(seq, seq.mtp_computed, seq.tokens[seq.mtp_computed + 1 :]) for seq in ready]
+        hiddens = [seq.pending_hidden for seq in ready]
+        for seq in ready:
+            seq.mtp_computed, seq.pending_hidden = len(seq.tokens) - 1, None
+        drafts: list[list[int]] = [[] for _ in ready]
+        probs: list[list[torch.Tensor]] = [[] for _ in ready]
+        for _ in range(k):  # later drafts chain the module on its own output (as vLLM does with one module)
+            ids, positions, cache = self._step_inputs(rows)
+            width = ids.shape[1]
+            h_in = torch.zeros(len(rows), width, self.model.cfg.hidden_size, dtype=hiddens[0].dtype, device=self.device)
+            for i, h in enumerate(hiddens):
+                h_in[i, : h.shape[0]] = h
+            out = self.model.mtp_forward_cached(ids, h_in, positions, cache)
+            next_rows, next_hidden = [], []
+            for i, (seq, start, feed) in enumerate(rows):
+                last = out[i, len(feed) - 1]
+                q = distribution(self.model.lm_head(last).float(), seq.params)
+                token = draft_token(q, seq.params, seq.generator)
+                drafts[i].append(token)
+                probs[i].append(q)
+                next_rows.append((seq, start + len(feed), [token]))
+                next_hidden.append(last[None])
+            rows, hiddens = next_rows, next_hidden
+        for seq, d, q in zip(ready, drafts, probs, strict=True):
+            seq.drafts, seq.draft_probs = d, torch.stack(q)
+
+    def _step_inputs(self, rows: list[tuple[Sequence, int, list[int]]]):
+        """Token ids, positions [B, t] and the StepCache for rows of (sequence, first position, tokens)."""
+        bs = self.block_manager.block_size
+        t = max(len(feed) for _, _, feed in rows)
+        ends = [start + len(feed) for _, start, feed in rows]
+        width = max(ends)
+        ids = torch.zeros(len(rows), t, dtype=torch.long)
+        positions = torch.zeros(len(rows), t, dtype=torch.long)
+        valid = torch.zeros(len(rows), t, dtype=torch.bool)
+        read = torch.zeros(len(rows), width, dtype=torch.long)
+        write = torch.zeros(len(rows), t, dtype=torch.long)
+        for row, ((seq, start, feed), end) in enumerate(zip(rows, ends, strict=True)):
+            pos = torch.arange(end)
+            slots = torch.tensor(seq.blocks, dtype=torch.long)[pos // bs] * bs + pos % bs
+            ids[row, : len(feed)] = torch.tensor(feed)
+            positions[row, : len(feed)] = torch.arange(start, end)
+            valid[row, : len(feed)] = True
+            read[row, :end] = slots
+            write[row, : len(feed)] = slots[start:]
         keys = torch.arange(width)
-        mask = (keys[None, None, :] <= positions[:, :, None]) & (
-            keys[None, None, :] < torch.tensor(lengths)[:, None, None]
-        )
+        mask = (keys <= positions[:, :, None]) & (keys < torch.tensor(ends)[:, None, None])
         mask[~valid] = keys == 0  # padding queries look at one key: no all-masked rows, no NaN
+        device = self.device
         cache = StepCache(self.pool, write.to(device), valid.to(device), read.to(device), mask[:, None].to(device))
-        last = torch.tensor([n - 1 for _, n in batch], device=device)
-        logits, _ = self.model.forward_cached(ids.to(device), positions.to(device), cache, last)
-        return logits.float()
+        return ids.to(device), positions.to(device), cache
 
     def _check_finished(self, seq: Sequence) -> None:
         params, token = seq.params, seq.output[-1]

@@ -41,6 +41,10 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     text: str = ""
+    drafts: list[int] = field(default_factory=list)  # speculative decoding: MTP drafts to verify next
+    draft_probs: torch.Tensor | None = None
+    pending_hidden: torch.Tensor | None = None  # main-model hidden states the MTP module has not seen
+    mtp_computed: int = 0
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.perf_counter)
     token_times: list[float] = field(default_factory=list)
@@ -71,7 +75,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING or budget <= 0:
                 continue
             n = min(len(seq.tokens) - seq.num_computed, budget)
-            while not self._reserve(seq, seq.num_computed + n):
+            while not self.reserve(seq, seq.num_computed + n):
                 # The latest admitted goes; it is never one already batched (running is in admission order).
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -85,7 +89,7 @@ class Scheduler:
             if not seq.blocks:
                 self._match_prefix(seq)
             n = min(len(seq.tokens) - seq.num_computed, budget)
-            if not self._reserve(seq, seq.num_computed + n):
+            if not self.reserve(seq, seq.num_computed + n):
                 if not self.running:  # nothing to wait for: this request can never fit
                     raise MemoryError(f"request {seq.id} needs more KV cache than the engine has")
                 self.blocks.release(seq.blocks)
@@ -103,10 +107,11 @@ class Scheduler:
         seq.blocks, seq.last_hash, seq.num_hashed = blocks, last, len(blocks)
         # Recompute at least the last token: its logits start the generation.
         seq.num_computed = min(len(blocks) * self.blocks.block_size, len(seq.tokens) - 1)
+        seq.mtp_computed = seq.num_computed  # the MTP module's latents of a shared prefix are shared too
         if not seq.output:
             seq.cached_prompt_tokens = seq.num_computed
 
-    def _reserve(self, seq: Sequence, upto: int) -> bool:
+    def reserve(self, seq: Sequence, upto: int) -> bool:
         needed = -(-upto // self.blocks.block_size) - len(seq.blocks)
         if needed > self.blocks.num_free:
             return False
@@ -117,6 +122,7 @@ class Scheduler:
         """Free a running sequence's blocks; it will be recomputed from its tokens so far."""
         self.blocks.release(seq.blocks)
         seq.blocks, seq.num_computed, seq.num_hashed, seq.last_hash = [], 0, 0, None
+        seq.drafts, seq.pending_hidden, seq.mtp_computed = [], None, 0
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)

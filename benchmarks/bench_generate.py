@@ -1,0 +1,94 @@
+"""Decode throughput and KV-cache bytes: nanoseek's engine against transformers' `generate`, same model.
+
+    python benchmarks/bench_generate.py [--preset tiny] [--new-tokens 128] [--long-prompt 2048]
+
+Both run greedy decoding with the same weights in one process. Cases: batch 1 and 16 with a short prompt
+and 128 new tokens, and batch 1 after a 2048-token prompt (decode tokens/s there excludes the prefill,
+timed separately with one new token). Also prints the KV-cache bytes per token of each against the MLA
+floor, (kv_lora_rank + qk_rope_head_dim) x layers x element bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from nanoseek import Engine, SamplingParams, get_preset
+from nanoseek.device import default_dtype
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--long-prompt", type=int, default=2048)
+    args = parser.parse_args()
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    dtype = default_dtype("cpu")
+    cfg = get_preset(args.preset).replace(num_nextn_predict_layers=0, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    reference = DeepseekV3ForCausalLM._from_config(DeepseekV3Config(**cfg.to_hf_dict()), attn_implementation="sdpa")
+    reference = reference.to(dtype).eval()
+    reference.generation_config.eos_token_id = None
+    reference.generation_config.pad_token_id = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        reference.save_pretrained(tmp)
+        engine = Engine(tmp, device="cpu", dtype=dtype, cache_bytes=512 * 2**20, max_batched_tokens=4096)
+    n = args.new_tokens
+    greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    print(f"preset {args.preset}, {dtype}, {torch.get_num_threads()} threads, greedy, {n} new tokens")
+
+    def ours(prompts, max_tokens=n):
+        engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+
+    def theirs(prompts, max_tokens=n):
+        with torch.no_grad():
+            reference.generate(
+                torch.tensor(prompts), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False
+            )
+
+    gen = torch.Generator().manual_seed(0)
+    for batch in (1, 16):
+        prompts = torch.randint(0, cfg.vocab_size, (batch, 16), generator=gen).tolist()
+        ours(prompts, 4), theirs(prompts, 4)  # warm up
+        same = engine.generate(prompts[:1], greedy)[0].token_ids
+        with torch.no_grad():
+            ref = reference.generate(torch.tensor(prompts[:1]), max_new_tokens=n, do_sample=False)[0, 16:].tolist()
+        t_ours, t_ref = timed(lambda p=prompts: ours(p)), timed(lambda p=prompts: theirs(p))
+        ours_tps, ref_tps = batch * n / t_ours, batch * n / t_ref
+        print(f"batch {batch:2d}, 16-token prompt: nanoseek {ours_tps:7.0f} tok/s | transformers {ref_tps:7.0f} "
+              f"tok/s | {t_ref / t_ours:.2f}x  (same greedy tokens: {same == ref})")  # fmt: skip
+
+    long = torch.randint(0, cfg.vocab_size, (1, args.long_prompt), generator=gen).tolist()
+    prefill_ours, prefill_ref = timed(lambda: ours(long, 1)), timed(lambda: theirs(long, 1))
+    t_ours, t_ref = timed(lambda: ours(long)), timed(lambda: theirs(long))
+    decode_ours, decode_ref = (n - 1) / (t_ours - prefill_ours), (n - 1) / (t_ref - prefill_ref)
+    print(f"batch  1, {args.long_prompt}-token prompt, decode only: nanoseek {decode_ours:7.0f} tok/s | "
+          f"transformers {decode_ref:7.0f} tok/s | {decode_ours / decode_ref:.2f}x  "
+          f"(prefill {prefill_ours:.2f}s vs {prefill_ref:.2f}s)")  # fmt: skip
+
+    with torch.no_grad():
+        out = reference.generate(torch.tensor(long[:1])[:, :256], max_new_tokens=1, do_sample=False,
+                                 return_dict_in_generate=True)  # fmt: skip
+    cache = out.past_key_values
+    seen = cache.get_seq_length()
+    hf_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    elem = torch.finfo(dtype).bits // 8
+    floor = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * elem
+    mha = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers * elem
+    print(f"KV cache bytes per token ({dtype}): nanoseek {engine.kv_cache_bytes_per_token()} | transformers "
+          f"{hf_bytes / seen:.0f} | MLA floor {floor} | expanded MHA would be {mha}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
