@@ -204,3 +204,17 @@ def test_speculative_sampling_keeps_the_target_distribution():
 def test_speculative_decoding_needs_an_mtp_module(model):
     with pytest.raises(ValueError, match="MTP"):
         engine(model.__class__(model.cfg.replace(num_nextn_predict_layers=0)), speculative_tokens=2)
+
+
+def test_stats_report_load_cache_and_latency(model):
+    eng = engine(model)
+    eng.add_request(PROMPTS[0], GREEDY)
+    eng.add_request(PROMPTS[2], GREEDY)
+    eng.step()
+    during = eng.stats()
+    assert during["running"] + during["waiting"] == 2 and during["cache_use"] > 0
+    while eng.scheduler.has_work():
+        eng.step()
+    after = eng.stats()
+    assert after["running"] == after["waiting"] == 0 and after["cache_use"] == 0
+    assert after["generated_tokens"] == 20 and after["mean_ttft_s"] > 0 and after["mean_itl_s"] > 0

@@ -55,6 +55,7 @@ class EngineMetrics:
     generated_tokens: int = 0
     prefix_hit_tokens: int = 0
     preemptions: int = 0
+    decode_rows: int = 0  # (sequence, step) pairs that produced tokens
     drafted_tokens: int = 0  # speculative decoding: MTP drafts checked ...
     accepted_tokens: int = 0  # ... and kept
     ttft: list[float] = field(default_factory=list)  # seconds from arrival to first token
@@ -178,6 +179,7 @@ class Engine:
                 sampled = sample_token(logits[0], seq.params, seq.generator, seq.prompt, seq.output)
                 emitted = [sampled.token]
                 seq.logprobs.append((sampled.logprob, sampled.top_logprobs))
+            self.metrics.decode_rows += 1
             seq.num_computed = start + n + len(emitted) - 1  # the fed token and the accepted drafts
             self._keep_hidden(seq, hidden[row, : n + len(emitted) - 1])
             seq.drafts = []
@@ -316,3 +318,25 @@ class Engine:
 
     def kv_cache_bytes_per_token(self) -> int:
         return self.spec.bytes_per_token
+
+    def stats(self) -> dict[str, float]:
+        """A snapshot for dashboards and /metrics: load, cache use, latency, speculation."""
+        m, blocks = self.metrics, self.block_manager
+
+        def mean(xs: list[float]) -> float:
+            return sum(xs) / len(xs) if xs else 0.0
+
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "cache_use": 1 - blocks.num_free / blocks.num_blocks,
+            "cache_bytes_per_token": self.spec.bytes_per_token,
+            "prompt_tokens": m.prompt_tokens,
+            "generated_tokens": m.generated_tokens,
+            "prefix_hit_tokens": m.prefix_hit_tokens,
+            "preemptions": m.preemptions,
+            "mean_ttft_s": mean(m.ttft),
+            "mean_itl_s": mean(m.itl),
+            "tokens_per_step": m.generated_tokens / m.decode_rows if m.decode_rows else 0.0,  # per sequence
+            "spec_acceptance": m.acceptance_rate,
+        }
