@@ -162,6 +162,16 @@ class Engine:
             drafts = seq.drafts if n == 1 and seq.num_computed + 1 == len(seq.tokens) else []
             rows.append((seq, seq.num_computed, feed + drafts))
         hidden = self.model.forward_cached(*self._step_inputs(rows))  # [B, t, hidden]
+        # One output-head matmul for every position whose logits are needed: a sequence's last fed
+        # token and each draft, for sequences whose prompt is done.
+        wanted = [(row, n - 1, len(feed) - n + 1) for row, ((seq, n), (_, start, feed)) in enumerate(zip(batch, rows, strict=False))
+                  if start + n >= len(seq.tokens)]  # fmt: skip
+        picks = [(row, n0 + j) for row, n0, count in wanted for j in range(count)]
+        all_logits = self.model.lm_head(hidden[[r for r, _ in picks], [c for _, c in picks]]).float() if picks else None
+        greedy = self._greedy_tokens(batch, wanted, all_logits)
+        first = dict(
+            zip((row for row, _, _ in wanted), itertools.accumulate([0] + [c for *_, c in wanted]), strict=False)
+        )
         now, touched = time.perf_counter(), []
         for row, ((seq, n), (_, start, feed)) in enumerate(zip(batch, rows, strict=True)):
             drafts = feed[n:]
@@ -170,8 +180,10 @@ class Engine:
                 self._keep_hidden(seq, hidden[row, :n])
                 self.scheduler.register_computed(seq)
                 continue
-            logits = self.model.lm_head(hidden[row, n - 1 : n + len(drafts)]).float()  # [1 + drafts, V]
-            if drafts:
+            logits = all_logits[first[row] : first[row] + 1 + len(drafts)]  # [1 + drafts, V]
+            if row in greedy:
+                emitted = [greedy[row]]
+            elif drafts:
                 emitted = verify(logits, drafts, seq.draft_probs, seq.params, seq.generator)
                 self.metrics.drafted_tokens += len(drafts)
                 self.metrics.accepted_tokens += len(emitted) - 1
@@ -193,6 +205,21 @@ class Engine:
             self._draft([seq for seq, _ in batch if seq.status is Status.RUNNING])
         self.metrics.steps += 1
         return touched
+
+    def _greedy_tokens(self, batch, wanted, all_logits) -> dict[int, int]:
+        """Rows that need nothing but an argmax (greedy, no penalties, no logprobs, no drafts): one batched
+        argmax instead of the per-request sampler."""
+        rows, starts, offset = [], [], 0
+        for row, _, count in wanted:
+            p = batch[row][0].params
+            plain = p.repetition_penalty == 1 and not (p.presence_penalty or p.frequency_penalty or p.logprobs)
+            if count == 1 and p.greedy and plain:
+                rows.append(row)
+                starts.append(offset)
+            offset += count
+        if not rows:
+            return {}
+        return dict(zip(rows, all_logits[starts].argmax(-1).tolist(), strict=True))
 
     def _emit(self, seq: Sequence, token: int, now: float) -> None:
         if seq.token_times:
