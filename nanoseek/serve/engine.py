@@ -164,8 +164,11 @@ class Engine:
         hidden = self.model.forward_cached(*self._step_inputs(rows))  # [B, t, hidden]
         # One output-head matmul for every position whose logits are needed: a sequence's last fed
         # token and each draft, for sequences whose prompt is done.
-        wanted = [(row, n - 1, len(feed) - n + 1) for row, ((seq, n), (_, start, feed)) in enumerate(zip(batch, rows, strict=False))
-                  if start + n >= len(seq.tokens)]  # fmt: skip
+        wanted = [  # (row, first position, how many)
+            (row, n - 1, len(feed) - n + 1)
+            for row, ((seq, n), (_, start, feed)) in enumerate(zip(batch, rows, strict=True))
+            if start + n >= len(seq.tokens)
+        ]
         picks = [(row, n0 + j) for row, n0, count in wanted for j in range(count)]
         all_logits = self.model.lm_head(hidden[[r for r, _ in picks], [c for _, c in picks]]).float() if picks else None
         greedy = self._greedy_tokens(batch, wanted, all_logits)
