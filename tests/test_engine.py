@@ -218,3 +218,46 @@ def test_stats_report_load_cache_and_latency(model):
     after = eng.stats()
     assert after["running"] == after["waiting"] == 0 and after["cache_use"] == 0
     assert after["generated_tokens"] == 20 and after["mean_ttft_s"] > 0 and after["mean_itl_s"] > 0
+
+
+def test_accepted_drafts_advance_the_cache_correctly(monkeypatch):
+    """Oracle drafts (the true greedy continuation, or a wrong token) exercise acceptance bookkeeping."""
+    model = mtp_model()
+    params = SamplingParams(max_tokens=15, temperature=0, ignore_eos=True)
+    truth = {tuple(p): full_forward_greedy(model, p, 20) for p in PROMPTS}
+    spec = engine(model, speculative_tokens=3)
+
+    def oracle_draft(seqs):
+        for i, seq in enumerate(seqs):
+            if seq.num_computed + 1 != len(seq.tokens):
+                continue
+            future = truth[tuple(seq.prompt)][len(seq.output) : len(seq.output) + 3]
+            if i % 2:  # every other sequence gets its last draft wrong
+                future[-1] = (future[-1] + 1) % model.cfg.vocab_size
+            assert spec.scheduler.reserve(seq, len(seq.tokens) + 3)
+            seq.drafts = future
+            seq.draft_probs = torch.nn.functional.one_hot(torch.tensor(future), model.cfg.vocab_size).float()
+
+    monkeypatch.setattr(spec, "_draft", oracle_draft)
+    outs = spec.generate(PROMPTS, params)
+    assert [o.token_ids for o in outs] == [truth[tuple(p)][:15] for p in PROMPTS]
+    assert spec.metrics.accepted_tokens > spec.metrics.drafted_tokens // 2
+    assert spec.stats()["tokens_per_step"] > 2
+    assert spec.block_manager.num_free == spec.block_manager.num_blocks
+
+
+def test_filters_work_row_by_row():
+    from nanoseek.serve.sampling import filter_logits
+
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 30.0]])
+    out = filter_logits(logits, SamplingParams(top_k=2, top_p=0.99, min_p=0.01))
+    assert torch.isinf(out[0, 2:]).all() and torch.isfinite(out[0, :2]).all()
+    assert torch.isfinite(out[1, 3]) and torch.isinf(out[1, :3]).all()
+
+
+def test_requests_larger_than_the_cache_are_refused_up_front(model):
+    small = engine(model, cache_bytes=4 * CacheSpec.for_model(model.cfg, torch.float32).bytes_per_token * 4)
+    with pytest.raises(ValueError, match="more KV cache"):
+        small.add_request(list(range(1, 20)), GREEDY)
+    with pytest.raises(ValueError, match="token ids"):
+        small.add_request([1, 10_000], GREEDY)

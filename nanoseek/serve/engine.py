@@ -122,6 +122,12 @@ class Engine:
         if len(ids) + params.max_tokens > self.model.cfg.max_position_embeddings:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
                              f"{self.model.cfg.max_position_embeddings} positions")  # fmt: skip
+        if min(ids) < 0 or max(ids) >= self.model.cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.model.cfg.vocab_size})")
+        size = self.block_manager.block_size
+        if -(-(len(ids) + params.max_tokens + self.speculative_tokens) // size) > self.block_manager.num_blocks:
+            raise ValueError(f"prompt + max_tokens needs more KV cache than this engine holds "
+                             f"({self.block_manager.num_blocks * size} tokens): raise cache_bytes")  # fmt: skip
         request_id = request_id or f"req-{next(self._ids)}"
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         seq = Sequence(request_id, ids, params, generator=generator)
@@ -203,6 +209,8 @@ class Engine:
                 self._emit(seq, token, now)
                 if seq.status is Status.FINISHED:
                     break
+            if seq.status is Status.RUNNING:  # blocks completed by tokens that only now arrived
+                self.scheduler.register_computed(seq)
             touched.append(seq.id)
         if self.speculative_tokens:
             self._draft([seq for seq, _ in batch if seq.status is Status.RUNNING])
@@ -235,9 +243,13 @@ class Engine:
         self.metrics.generated_tokens += 1
         self._check_finished(seq)
 
+    def _draftable(self, seq: Sequence) -> bool:
+        p = seq.params  # penalties and logprobs need the full sampler on every token: no drafts
+        return not (p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or p.logprobs)
+
     def _keep_hidden(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """Main-model hidden states the MTP module still has to see (speculative decoding only)."""
-        if self.speculative_tokens:
+        if self.speculative_tokens and self._draftable(seq):
             seq.pending_hidden = hidden if seq.pending_hidden is None else torch.cat((seq.pending_hidden, hidden))
 
     def _draft(self, seqs: list[Sequence]) -> None:
@@ -245,8 +257,7 @@ class Engine:
         k = self.speculative_tokens
         ready = []
         for seq in seqs:
-            plain = seq.params.repetition_penalty != 1 or seq.params.presence_penalty or seq.params.frequency_penalty
-            if plain or seq.params.logprobs or seq.num_computed + 1 != len(seq.tokens) or seq.pending_hidden is None:
+            if not self._draftable(seq) or seq.num_computed + 1 != len(seq.tokens) or seq.pending_hidden is None:
                 continue
             if self.scheduler.reserve(seq, len(seq.tokens) + k):
                 ready.append(seq)
@@ -338,11 +349,13 @@ class Engine:
         """Yield the text as it grows (other requests keep being served in the same steps)."""
         request_id = self.add_request(prompt, params)
         seq, sent = self.sequences[request_id], 0
+        hold = max((len(s) for s in seq.params.stop), default=1) - 1  # a stop string may still be forming
         while seq.status is not Status.FINISHED:
             self.step()
-            if len(seq.text) > sent:
-                yield seq.text[sent:]
-                sent = len(seq.text)
+            ready = len(seq.text.rstrip("\ufffd")) - hold  # and a multi-byte character may be half decoded
+            if seq.status is not Status.FINISHED and ready > sent:
+                yield seq.text[sent:ready]
+                sent = ready
         if len(seq.text) > sent:
             yield seq.text[sent:]
 

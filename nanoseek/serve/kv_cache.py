@@ -50,9 +50,11 @@ class BlockManager:
         return block
 
     def match_prefix(self, tokens: list[int]) -> tuple[list[int], bytes | None]:
-        """Take references on the cached full blocks that start `tokens`; returns (blocks, last hash)."""
+        """Take references on the cached full blocks that start `tokens`, short of its last token (whose
+        logits start the generation, so it is computed again in a block of the request's own); returns
+        (blocks, last hash)."""
         blocks, parent = [], None
-        for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
+        for start in range(0, len(tokens) - self.block_size, self.block_size):
             digest = block_hash(parent, tokens[start : start + self.block_size])
             block = self.block_of.get(digest)
             if block is None:

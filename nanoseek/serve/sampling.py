@@ -38,6 +38,8 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be positive")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
 
     @property
     def greedy(self) -> bool:
@@ -57,19 +59,19 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[i
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p as -inf masks. logits [V] -> scaled, filtered [V]."""
+    """Temperature, then top-k, top-p and min-p as -inf masks, row by row. logits [..., V] -> same shape."""
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k).values[-1]
+        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     if params.min_p > 0.0:
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+        logits = logits.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
 
 

@@ -105,8 +105,7 @@ class Scheduler:
     def _match_prefix(self, seq: Sequence) -> None:
         blocks, last = self.blocks.match_prefix(seq.tokens)
         seq.blocks, seq.last_hash, seq.num_hashed = blocks, last, len(blocks)
-        # Recompute at least the last token: its logits start the generation.
-        seq.num_computed = min(len(blocks) * self.blocks.block_size, len(seq.tokens) - 1)
+        seq.num_computed = len(blocks) * self.blocks.block_size  # < len(tokens): shared blocks stay read-only
         seq.mtp_computed = seq.num_computed  # the MTP module's latents of a shared prefix are shared too
         if not seq.output:
             seq.cached_prompt_tokens = seq.num_computed
@@ -131,7 +130,7 @@ class Scheduler:
     def register_computed(self, seq: Sequence) -> None:
         """Make the sequence's newly completed blocks shareable by later requests."""
         size = self.blocks.block_size
-        while (seq.num_hashed + 1) * size <= seq.num_computed:
+        while (seq.num_hashed + 1) * size <= min(seq.num_computed, len(seq.tokens)):
             i = seq.num_hashed
             seq.last_hash = self.blocks.register_full(
                 seq.blocks[i], seq.last_hash, seq.tokens[i * size : (i + 1) * size]
@@ -146,5 +145,5 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq.blocks)
-        seq.blocks = []
+        seq.blocks, seq.drafts, seq.draft_probs, seq.pending_hidden = [], [], None, None
         seq.status, seq.finish_reason = Status.FINISHED, reason

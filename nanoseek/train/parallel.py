@@ -225,12 +225,13 @@ def load_full_state(
             raise CheckpointError(f"{name}: checkpoint shape {tuple(model_state[name].shape)} but the model "
                                   f"expects {tuple(_full_shape(p, name, par))}")  # fmt: skip
         _local(p).copy_(_local(_shard_like(model_state[name], p, is_expert(name), par)))
-        state = {}
-        for key in ("exp_avg", "exp_avg_sq"):
-            if f"{name}.{key}" in optim_state:
-                state[key] = _shard_like(optim_state[f"{name}.{key}"], p, is_expert(name), par)
+        state = {}  # every per-parameter optimizer tensor saved for it (exp_avg, exp_avg_sq, ...)
+        for key, value in optim_state.items():
+            owner, _, field = key.rpartition(".")
+            if owner != name:
+                continue
+            state[field] = value.clone().float() if field == "step" else _shard_like(value, p, is_expert(name), par)
         if state:
-            state["step"] = optim_state[f"{name}.step"].clone().float()
             optimizer.state[p] = state
     for name, b in buffers.items():
         b.copy_(model_state[name])
