@@ -18,6 +18,7 @@ from distributed_workers import ep_moe_worker, moe_inputs
 
 NANOSEEK = [sys.executable, "-m", "nanoseek"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "nanoseek"]
+TORCHRUN4 = [*TORCHRUN[:5], "4", *TORCHRUN[6:]]
 
 
 def free_port() -> int:
@@ -62,6 +63,15 @@ def test_dp_ep_training_matches_one_process_on_the_same_global_batch(tmp_path, d
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["max_over_mean_load"] == pytest.approx(a["max_over_mean_load"], rel=1e-6)  # global loads
+
+
+def test_experts_replicated_over_dp_match_one_process(tmp_path, data_dir):
+    """4 ranks as dp=2 x ep=2: expert gradients all-reduced over dp, clipping counts replicas once."""
+    one = _train([], tmp_path / "one", data_dir, NANOSEEK, steps=3)
+    four = _train(["--ep", "2"], tmp_path / "four", data_dir, TORCHRUN4, steps=3)
+    for a, b in zip(one, four, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
 def test_checkpoints_resume_across_world_sizes(tmp_path, data_dir):
