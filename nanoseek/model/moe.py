@@ -46,6 +46,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
+FEW_TOKENS_BYTES = 8 * 2**20
+
+
 def _use_grouped_mm(x: torch.Tensor) -> bool:
     # torch._grouped_mm's backward is CUDA-only (on CPU it fails for fp32 and for empty groups).
     return hasattr(torch, "_grouped_mm") and x.is_cuda and compute_dtype(x) == torch.bfloat16
@@ -186,6 +189,8 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, hidden], weights/indices [N, k] -> sum over the k chosen experts, [N, hidden]."""
         n, k = indices.shape
+        if self._few_tokens_pay(n * k) and self.ep is None and not self.fp8 and not torch.is_grad_enabled():
+            return self._few_tokens(x, weights, indices)
         flat = indices.flatten()  # [N * k]
         order = flat.argsort(stable=True)  # sort (token, slot) pairs by expert
         counts = torch.bincount(flat, minlength=self.n_experts)
@@ -200,6 +205,21 @@ class RoutedExperts(nn.Module):
             out = combine(out)
         out = out.index_select(0, order.argsort()).view(n, k, -1)  # back to (token, slot) order
         return torch.bmm(weights.unsqueeze(1).to(out.dtype), out).squeeze(1)  # weighted sum over the k
+
+    def _few_tokens_pay(self, pairs: int) -> bool:
+        """Copying one expert's weights per (token, expert) pair beats sorting only for fewer pairs than
+        experts and while the copies stay small (a few MiB); DeepSeek-V3's experts never qualify."""
+        per_pair = (self.gate_up_proj[0].numel() + self.down_proj[0].numel()) * self.gate_up_proj.element_size()
+        return pairs <= self.n_experts and pairs * per_pair <= FEW_TOKENS_BYTES
+
+    def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Decoding a handful of tokens: fetch each (token, expert) pair's weights and run them as one
+        batched matrix-vector product, without sorting tokens by expert (the same math, fewer kernels)."""
+        flat = indices.flatten()  # [N * k]
+        rows = x.repeat_interleave(indices.shape[1], dim=0).unsqueeze(1)  # [N * k, 1, hidden]
+        gate, up = torch.bmm(rows, self.gate_up_proj[flat].transpose(1, 2)).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, self.down_proj[flat].transpose(1, 2))  # [N * k, 1, hidden]
+        return torch.bmm(weights.unsqueeze(1).to(out.dtype), out.view(*indices.shape, -1)).squeeze(1)
 
 
 def sequence_balance_loss(logits: torch.Tensor, indices: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

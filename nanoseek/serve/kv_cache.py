@@ -137,10 +137,14 @@ class StepCache:
     def __init__(self, pool: LatentPool, write_slots: torch.Tensor, valid: torch.Tensor, read_slots: torch.Tensor,
                  mask: torch.Tensor):  # fmt: skip
         self.pool, self.write_slots, self.valid = pool, write_slots, valid  # [B, t] slots, [B, t] real tokens
+        self.all_valid = bool(valid.all())
         self.read_slots, self.mask = read_slots, mask  # [B, L], [B, 1, t, L]
 
     def store(self, layer: int, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
-        self.pool.write(layer, self.write_slots[self.valid], latent[self.valid], k_rope[self.valid])
+        if self.all_valid:  # decoding: every row feeds tokens, no padding to skip
+            self.pool.write(layer, self.write_slots.flatten(), latent.flatten(0, 1), k_rope.flatten(0, 1))
+        else:
+            self.pool.write(layer, self.write_slots[self.valid], latent[self.valid], k_rope[self.valid])
 
     def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pool.read(layer, self.read_slots), self.mask
