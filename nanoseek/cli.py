@@ -210,7 +210,12 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek-V3 system in one PyTorch codebase.")
+    parser = argparse.ArgumentParser(
+        prog="nanoseek",
+        description="The DeepSeek-V3 system in one PyTorch codebase.",
+        epilog="start here: nanoseek train --preset tiny --steps 300 --out runs/tiny, then "
+        "nanoseek generate --model runs/tiny/model --prompt 'def '; `nanoseek COMMAND --help` for each command",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = commands.add_parser(
