@@ -1,6 +1,7 @@
 """A few sampled continuations at evaluation steps, so the user sees the model learn.
 
-Deliberately small (no KV cache): the inference engine brings the real sampler.
+A plain full-forward loop (no KV cache: the model may be sharded or mid-step), drawing with the one
+sampler that the inference engine uses.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from nanoseek.model import Transformer
+from nanoseek.serve.sampling import SamplingParams, sample_token
 from nanoseek.tokenizer import Tokenizer
 
 
@@ -21,11 +23,11 @@ def sample_text(
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt)
     g = torch.Generator().manual_seed(seed)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature)
     new: list[int] = []
     for _ in range(max_new_tokens):
         context = torch.tensor([(ids + new)[-max_context:]], device=device)
-        probs = torch.softmax(model(context)[0, -1].float().cpu() / temperature, dim=-1)
-        token = int(torch.multinomial(probs, 1, generator=g))
+        token = sample_token(model(context)[0, -1], params, g, ids, new).token
         if token == tokenizer.eos_id:
             break
         new.append(token)
