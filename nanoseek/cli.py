@@ -189,6 +189,14 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp8-cache", action="store_true", help="keep the latent KV cache in FP8")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nanoseek.serve.api import ServeConfig, serve
+
+    fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    serve(ServeConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from nanoseek.report import plot_run
 
@@ -282,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(chat)
     chat.add_argument("--system", default="", help="a system prompt")
     chat.set_defaults(func=cmd_chat)
+
+    from nanoseek.serve.api import ServeConfig
+
+    server = commands.add_parser(
+        "serve",
+        help="an OpenAI/DeepSeek-compatible API server with context caching and billing",
+        description="Serve a model over HTTP: /v1/chat/completions, /v1/completions, /v1/models, /v1/billing, "
+        "/metrics, and a chat page at /. Prompt prefixes are cached in 64-token units in memory and, with "
+        "--cache-dir, on disk; usage is billed as cache-hit input, cache-miss input and output tokens.",
+        epilog="example: nanoseek serve --model runs/tiny/model --cache-dir ~/.cache/nanoseek/kv, then open "
+        "http://127.0.0.1:8000/ or point an OpenAI client at http://127.0.0.1:8000/v1",
+    )
+    add_dataclass_flags(server, ServeConfig)
+    server.set_defaults(func=cmd_serve)
 
     plot = commands.add_parser("plot", help="PNG plots of a run folder")
     plot.add_argument("run", metavar="DIR", help="a run folder with metrics.jsonl")

@@ -22,7 +22,8 @@ PAD = "<｜▁pad▁｜>"
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK, END_THINK = "<think>", "</think>"
-SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK]  # ids 0..6: bos 0, eos 1 as in V3
+FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"  # fill-in-the-middle, PSM order
+SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK, FIM_BEGIN, FIM_HOLE, FIM_END]  # bos 0, eos 1 as V3
 
 # The same format as a Jinja template, for transformers' AutoTokenizer.apply_chat_template.
 CHAT_TEMPLATE = (

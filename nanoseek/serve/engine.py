@@ -4,15 +4,20 @@
     [out] = engine.generate(["def fib(n):"], nanoseek.SamplingParams(max_tokens=64, temperature=0))
     for delta in engine.stream("import os\\n", nanoseek.SamplingParams(max_tokens=32)): print(delta, end="")
 
-One `step()` schedules a batch (decodes plus prefill chunks), runs one forward pass over it through the
+With `cache_dir`, full prefix blocks also go to disk (prefix_cache.DiskCache) and are found there by later
+requests and later processes with the same model; `add_request(..., cache_salt=key)` keeps each key's
+prefixes apart. One `step()` schedules a batch (decodes plus prefill chunks), runs one forward pass over it through the
 absorbed MLA (attention reads only cached latents), samples a token for every sequence whose prompt is
 done, and retires finished sequences, freeing their blocks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import time
+from collections import deque
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -23,10 +28,17 @@ import torch
 from nanoseek.device import default_device, default_dtype
 from nanoseek.model import Transformer
 from nanoseek.serve.kv_cache import BlockManager, CacheSpec, LatentPool, StepCache
+from nanoseek.serve.prefix_cache import DiskCache
 from nanoseek.serve.sampling import SamplingParams, sample_token
 from nanoseek.serve.scheduler import Scheduler, Sequence, Status
 from nanoseek.serve.speculative import distribution, draft_token, verify
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
+
+
+def releasable(text: str, hold: int) -> int:
+    """How much of a growing text can be streamed: the last `hold` characters wait, since a stop string
+    (of hold + 1 characters at most) may still be forming, and so does a half-decoded character."""
+    return len(text.rstrip("\ufffd")) - hold
 
 
 @dataclass(slots=True)
@@ -54,12 +66,14 @@ class EngineMetrics:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefix_hit_tokens: int = 0
+    disk_hit_tokens: int = 0
     preemptions: int = 0
     decode_rows: int = 0  # (sequence, step) pairs that produced tokens
     drafted_tokens: int = 0  # speculative decoding: MTP drafts checked ...
     accepted_tokens: int = 0  # ... and kept
-    ttft: list[float] = field(default_factory=list)  # seconds from arrival to first token
-    itl: list[float] = field(default_factory=list)  # seconds between a request's tokens
+    # The latest 10,000 of each: seconds from arrival to first token, and between a request's tokens.
+    ttft: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+    itl: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
 
     @property
     def acceptance_rate(self) -> float:
@@ -80,6 +94,8 @@ class Engine:
         max_seqs: int = 64,
         fp8_cache: bool = False,
         speculative_tokens: int = 0,
+        cache_dir: str | Path | None = None,
+        disk_cache_bytes: int = 8 * 2**30,
     ):
         self.device = torch.device(device) if device else default_device()
         dtype = dtype or default_dtype(self.device)
@@ -106,17 +122,54 @@ class Engine:
         num_blocks = max(2, cache_bytes // (self.spec.bytes_per_token * block_size))
         self.block_manager = BlockManager(num_blocks, block_size)
         self.pool = LatentPool(self.spec, num_blocks * block_size, self.device)
-        self.scheduler = Scheduler(self.block_manager, max_batched_tokens, max_seqs)
+        self.fingerprint = self._fingerprint()
+        self.disk_cache = DiskCache(cache_dir, disk_cache_bytes) if cache_dir is not None else None
+        if self.disk_cache is not None:
+            self.block_manager.on_register = self._persist_block
+        load = self._load_block if self.disk_cache is not None else None
+        self.scheduler = Scheduler(self.block_manager, max_batched_tokens, max_seqs, load_block=load)
         self.sequences: dict[str, Sequence] = {}
         self.metrics = EngineMetrics()
         self._ids = itertools.count()
         self.eos_id = self.tokenizer.eos_id if self.tokenizer else cfg.eos_token_id
 
+    # --- the prefix cache's tiers and namespaces ---------------------------------------------------
+    def _fingerprint(self) -> bytes:
+        """What a cached latent depends on: the config, the cache layout and the weights (a strided sample
+        of every tensor, so a retrained model in the same folder never reads the old model's cache)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps(self.model.cfg.to_hf_dict(), sort_keys=True, default=str).encode())
+        h.update(repr((self.spec, self.block_manager.block_size)).encode())
+        for name, t in sorted(self.model.state_dict().items()):
+            sample = t.detach().flatten()[:: max(1, t.numel() // 256)][:256].float().cpu()
+            h.update(name.encode() + repr(tuple(t.shape)).encode() + sample.numpy().tobytes())
+        return h.digest()
+
+    def cache_root(self, cache_salt: str | bytes | None = None) -> bytes:
+        """Where a namespace's prefix hash chains start; different salts never share a block."""
+        salt = cache_salt.encode() if isinstance(cache_salt, str) else cache_salt or b""
+        return hashlib.blake2b(self.fingerprint + b"\0" + salt, digest_size=16).digest()
+
+    def _block_slots(self, block: int) -> slice:
+        size = self.block_manager.block_size
+        return slice(block * size, (block + 1) * size)
+
+    def _persist_block(self, digest: bytes, block: int) -> None:
+        if digest not in self.disk_cache:
+            self.disk_cache.put(digest, self.pool.block_tensors(self._block_slots(block)))
+
+    def _load_block(self, digest: bytes, block: int) -> bool:
+        tensors = self.disk_cache.get(digest)
+        return tensors is not None and self.pool.load_block(self._block_slots(block), tensors)
+
+    def close(self) -> None:
+        """Finish writing the disk cache (call before the process ends to keep every block)."""
+        if self.disk_cache is not None:
+            self.disk_cache.close()
+
     # --- requests --------------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:  # fmt: skip
-        params = params or SamplingParams()
-        ids = self._encode(prompt)
+    def check_request(self, ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError, with the numbers, if a request can never run; reads only fixed state."""
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) + params.max_tokens > self.model.cfg.max_position_embeddings:
@@ -128,9 +181,15 @@ class Engine:
         if -(-(len(ids) + params.max_tokens + self.speculative_tokens) // size) > self.block_manager.num_blocks:
             raise ValueError(f"prompt + max_tokens needs more KV cache than this engine holds "
                              f"({self.block_manager.num_blocks * size} tokens): raise cache_bytes")  # fmt: skip
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, cache_salt: str | bytes | None = None) -> str:  # fmt: skip
+        params = params or SamplingParams()
+        ids = self._encode(prompt)
+        self.check_request(ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        seq = Sequence(request_id, ids, params, generator=generator)
+        seq = Sequence(request_id, ids, params, generator=generator, cache_root=self.cache_root(cache_salt))
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
         self.metrics.prompt_tokens += len(ids)
@@ -223,7 +282,8 @@ class Engine:
         rows, starts, offset = [], [], 0
         for row, _, count in wanted:
             p = batch[row][0].params
-            plain = p.repetition_penalty == 1 and not (p.presence_penalty or p.frequency_penalty or p.logprobs)
+            plain = p.repetition_penalty == 1 and not (p.presence_penalty or p.frequency_penalty)
+            plain = plain and p.logprobs is None
             if count == 1 and p.greedy and plain:
                 rows.append(row)
                 starts.append(offset)
@@ -238,6 +298,7 @@ class Engine:
         else:
             self.metrics.ttft.append(now - seq.arrival)
             self.metrics.prefix_hit_tokens += seq.cached_prompt_tokens
+            self.metrics.disk_hit_tokens += seq.disk_hit_tokens
         seq.token_times.append(now)
         seq.output.append(token)
         self.metrics.generated_tokens += 1
@@ -245,7 +306,8 @@ class Engine:
 
     def _draftable(self, seq: Sequence) -> bool:
         p = seq.params  # penalties and logprobs need the full sampler on every token: no drafts
-        return not (p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or p.logprobs)
+        plain = not (p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty)
+        return plain and p.logprobs is None
 
     def _keep_hidden(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """Main-model hidden states the MTP module still has to see (speculative decoding only)."""
@@ -349,10 +411,10 @@ class Engine:
         """Yield the text as it grows (other requests keep being served in the same steps)."""
         request_id = self.add_request(prompt, params)
         seq, sent = self.sequences[request_id], 0
-        hold = max((len(s) for s in seq.params.stop), default=1) - 1  # a stop string may still be forming
+        hold = max((len(s) for s in seq.params.stop), default=1) - 1
         while seq.status is not Status.FINISHED:
             self.step()
-            ready = len(seq.text.rstrip("\ufffd")) - hold  # and a multi-byte character may be half decoded
+            ready = releasable(seq.text, hold)
             if seq.status is not Status.FINISHED and ready > sent:
                 yield seq.text[sent:ready]
                 sent = ready
@@ -366,7 +428,7 @@ class Engine:
         """A snapshot for dashboards and /metrics: load, cache use, latency, speculation."""
         m, blocks = self.metrics, self.block_manager
 
-        def mean(xs: list[float]) -> float:
+        def mean(xs: deque[float]) -> float:
             return sum(xs) / len(xs) if xs else 0.0
 
         return {
@@ -377,6 +439,8 @@ class Engine:
             "prompt_tokens": m.prompt_tokens,
             "generated_tokens": m.generated_tokens,
             "prefix_hit_tokens": m.prefix_hit_tokens,
+            "disk_hit_tokens": m.disk_hit_tokens,
+            "disk_cache_bytes": self.disk_cache.bytes if self.disk_cache is not None else 0,
             "preemptions": m.preemptions,
             "mean_ttft_s": mean(m.ttft),
             "mean_itl_s": mean(m.itl),

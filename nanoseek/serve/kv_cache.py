@@ -5,13 +5,16 @@ MLA caches, per token and layer, only the kv_lora_rank latent and the qk_rope_he
 holds num_blocks blocks of block_size token slots, sized from a memory budget. Full blocks are hashed
 by (parent block's hash, their token ids), reference counted, and reused by any request with the same
 prefix (as vLLM's prefix caching); blocks nobody references stay cached until they are needed, the
-least recently used first.
+least recently used first. A hash chain starts at a root that names the model and the cache namespace
+(an API key), so two namespaces never share, or even find, each other's blocks. Behind the memory tier
+an optional disk tier (prefix_cache.DiskCache) is asked for the blocks memory lacks.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +33,7 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int):
         self.block_size = block_size
+        self.on_register: Callable[[bytes, int], None] | None = None  # a block became findable: persist it
         self.num_blocks = num_blocks
         self.ref = [0] * num_blocks
         self.hash_of: dict[int, bytes] = {}  # block -> hash, for full blocks
@@ -49,22 +53,33 @@ class BlockManager:
         self.ref[block] = 1
         return block
 
-    def match_prefix(self, tokens: list[int]) -> tuple[list[int], bytes | None]:
+    def match_prefix(
+        self, tokens: list[int], root: bytes | None = None, load: Callable[[bytes, int], bool] | None = None
+    ) -> tuple[list[int], bytes | None, int]:
         """Take references on the cached full blocks that start `tokens`, short of its last token (whose
-        logits start the generation, so it is computed again in a block of the request's own); returns
-        (blocks, last hash)."""
-        blocks, parent = [], None
+        logits start the generation, so it is computed again in a block of the request's own). Blocks
+        memory lacks are asked of `load(hash, block)`, which fills a fresh block from a lower tier.
+        Returns (blocks, last hash, how many of them were loaded)."""
+        blocks, parent, loaded = [], root, 0
         for start in range(0, len(tokens) - self.block_size, self.block_size):
             digest = block_hash(parent, tokens[start : start + self.block_size])
             block = self.block_of.get(digest)
-            if block is None:
+            if block is not None:
+                if self.ref[block] == 0:
+                    del self.free[block]
+                self.ref[block] += 1
+            elif load is not None and self.free:
+                block = self.allocate()
+                if not load(digest, block):
+                    self.release([block])
+                    break
+                self.block_of[digest], self.hash_of[block] = block, digest
+                loaded += 1
+            else:
                 break
-            if self.ref[block] == 0:
-                del self.free[block]
-            self.ref[block] += 1
             blocks.append(block)
             parent = digest
-        return blocks, parent
+        return blocks, parent, loaded
 
     def register_full(self, block: int, parent: bytes | None, tokens: list[int]) -> bytes:
         """A block just filled: make it findable by its prefix hash."""
@@ -72,6 +87,8 @@ class BlockManager:
         if digest not in self.block_of:
             self.block_of[digest] = block
             self.hash_of[block] = digest
+            if self.on_register is not None:
+                self.on_register(digest, block)
         return digest
 
     def release(self, blocks: list[int]) -> None:
@@ -122,6 +139,23 @@ class LatentPool:
             self.rope[layer, slots] = rope.to(self.spec.dtype)
         else:
             self.kv[layer, slots] = torch.cat((latent, rope), -1).to(self.spec.dtype)
+
+    def block_tensors(self, slots: slice) -> dict[str, torch.Tensor]:
+        """Every layer's entries for a range of slots, copied to the CPU (for the disk tier)."""
+        names = ("latent", "scale", "rope") if self.spec.fp8 else ("kv",)
+        return {name: getattr(self, name)[:, slots].cpu().clone() for name in names}
+
+    def load_block(self, slots: slice, tensors: dict[str, torch.Tensor]) -> bool:
+        """Fill slots from block_tensors' output; False (and nothing written) if it does not fit this pool."""
+        names = ("latent", "scale", "rope") if self.spec.fp8 else ("kv",)
+        targets = {name: getattr(self, name)[:, slots] for name in names}
+        if set(tensors) != set(names) or any(
+            tensors[n].shape != t.shape or tensors[n].dtype != t.dtype for n, t in targets.items()
+        ):
+            return False
+        for name, target in targets.items():
+            target.copy_(tensors[name])
+        return True
 
     def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """slots [B, L] -> [B, L, r + d] in the compute dtype."""

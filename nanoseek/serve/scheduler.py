@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -36,8 +37,10 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose latents are in the cache
     num_hashed: int = 0  # full blocks registered for prefix sharing
+    cache_root: bytes | None = None  # the prefix hash chain's start: model and namespace (API key)
     last_hash: bytes | None = None
-    cached_prompt_tokens: int = 0  # prefix-cache hits, for usage and billing
+    cached_prompt_tokens: int = 0  # prefix-cache hits (memory or disk), for usage and billing
+    disk_hit_tokens: int = 0  # the part of them loaded from disk
     status: Status = Status.WAITING
     finish_reason: str | None = None
     text: str = ""
@@ -55,8 +58,10 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batched_tokens: int = 512, max_seqs: int = 64):
+    def __init__(self, blocks: BlockManager, max_batched_tokens: int = 512, max_seqs: int = 64,
+                 load_block: Callable[[bytes, int], bool] | None = None):  # fmt: skip
         self.blocks = blocks
+        self.load_block = load_block  # the disk tier, asked for prefix blocks memory lacks
         self.max_batched_tokens, self.max_seqs = max_batched_tokens, max_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -92,8 +97,7 @@ class Scheduler:
             if not self.reserve(seq, seq.num_computed + n):
                 if not self.running:  # nothing to wait for: this request can never fit
                     raise MemoryError(f"request {seq.id} needs more KV cache than the engine has")
-                self.blocks.release(seq.blocks)
-                seq.blocks, seq.num_computed, seq.num_hashed, seq.last_hash = [], 0, 0, None
+                self._reset(seq)
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -103,12 +107,13 @@ class Scheduler:
         return batch
 
     def _match_prefix(self, seq: Sequence) -> None:
-        blocks, last = self.blocks.match_prefix(seq.tokens)
+        blocks, last, loaded = self.blocks.match_prefix(seq.tokens, seq.cache_root, self.load_block)
         seq.blocks, seq.last_hash, seq.num_hashed = blocks, last, len(blocks)
         seq.num_computed = len(blocks) * self.blocks.block_size  # < len(tokens): shared blocks stay read-only
         seq.mtp_computed = seq.num_computed  # the MTP module's latents of a shared prefix are shared too
         if not seq.output:
             seq.cached_prompt_tokens = seq.num_computed
+            seq.disk_hit_tokens = loaded * self.blocks.block_size
 
     def reserve(self, seq: Sequence, upto: int) -> bool:
         needed = -(-upto // self.blocks.block_size) - len(seq.blocks)
@@ -119,13 +124,16 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks; it will be recomputed from its tokens so far."""
-        self.blocks.release(seq.blocks)
-        seq.blocks, seq.num_computed, seq.num_hashed, seq.last_hash = [], 0, 0, None
+        self._reset(seq)
         seq.drafts, seq.pending_hidden, seq.mtp_computed = [], None, 0
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.preemptions += 1
+
+    def _reset(self, seq: Sequence) -> None:
+        self.blocks.release(seq.blocks)
+        seq.blocks, seq.num_computed, seq.num_hashed, seq.last_hash = [], 0, 0, seq.cache_root
 
     def register_computed(self, seq: Sequence) -> None:
         """Make the sequence's newly completed blocks shareable by later requests."""

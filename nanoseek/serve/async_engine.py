@@ -1,0 +1,118 @@
+"""The engine behind an asyncio server: one thread owns the Engine and steps it; requests talk to it
+through a command queue, and each step's outputs go back to the requests' asyncio queues.
+
+The Engine is not thread-safe and need not be: only the engine thread touches it (as vLLM's
+AsyncLLMEngine keeps one engine loop). A request that goes away (a client that disconnects) sends a
+cancel, and its sequence leaves the batch at the next step, freeing its cache blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+from nanoseek.serve.engine import Engine, RequestOutput
+from nanoseek.serve.sampling import SamplingParams
+
+log = logging.getLogger("nanoseek.serve")
+
+
+@dataclass(slots=True)
+class EngineError:
+    """Sent instead of an output when the engine refused or failed a request."""
+
+    request_id: str
+    message: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted and not yet finished (running, waiting or about to be added)."""
+        return len(self._streams)
+
+    def submit(self, ids: list[int], params: SamplingParams, cache_salt: str | None, out: asyncio.Queue) -> str:
+        """Start a request; its RequestOutput snapshots (or an EngineError) arrive on `out`."""
+        request_id = f"req-{next(self._ids)}"
+        self._streams[request_id] = (asyncio.get_running_loop(), out)
+        self._commands.put(("add", request_id, ids, params, cache_salt))
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        self._commands.put(("cancel", request_id))
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._commands.put(("stop",))
+        self._thread.join()
+        self.engine.close()
+
+    # --- the engine thread -----------------------------------------------------------------------
+    def _send(self, request_id: str, item: RequestOutput | EngineError, last: bool) -> None:
+        target = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+        if target is None:
+            return
+        loop, out = target
+        with contextlib.suppress(RuntimeError):  # the request's event loop is gone
+            loop.call_soon_threadsafe(out.put_nowait, item)
+
+    def _handle(self, command: tuple) -> None:
+        kind, *args = command
+        if kind == "add":
+            request_id, ids, params, salt = args
+            if request_id not in self._streams:  # cancelled before it was added
+                return
+            try:
+                self.engine.add_request(ids, params, request_id=request_id, cache_salt=salt)
+            except ValueError as e:
+                self._send(request_id, EngineError(request_id, str(e)), last=True)
+        elif kind == "cancel":
+            (request_id,) = args
+            self.engine.cancel(request_id)
+            self.engine.sequences.pop(request_id, None)
+            self._streams.pop(request_id, None)
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopped:
+            try:  # wait for work when idle, else only look at what has arrived
+                command = self._commands.get(block=not engine.scheduler.has_work())
+            except queue.Empty:
+                command = None
+            while command is not None:
+                self._handle(command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if self._stopped or not engine.scheduler.has_work():
+                continue
+            try:
+                touched = engine.step()
+            except Exception as e:  # a bug, not a request's fault: fail what is running, keep serving
+                log.exception("engine step failed")
+                for request_id in list(engine.sequences):
+                    engine.cancel(request_id)
+                    engine.sequences.pop(request_id)
+                    self._send(request_id, EngineError(request_id, f"internal engine error: {e}"), last=True)
+                continue
+            for request_id in touched:
+                output = engine.output(request_id)
+                finished = output.finish_reason is not None
+                if finished:
+                    engine.sequences.pop(request_id)
+                self._send(request_id, output, last=finished)

@@ -1,0 +1,124 @@
+"""The disk tier of the prefix cache: full KV blocks as checksummed files, bounded in size, LRU-evicted.
+
+DeepSeek's API keeps prompt prefixes on disk and bills a hit at a quarter of a miss. Here each full cache
+block (64 tokens in the server) is one file named by its prefix hash, which chains the model, the
+namespace (API key) and every token id before it, so a file can only ever be found by the same model
+and key with the same prefix. A file is `MAGIC + sha256(payload) + payload` (payload: the block's
+latents as safetensors); anything that fails the check (truncated, flipped bits, another layout) is a
+miss and is deleted, never a wrong answer. Writes happen on a background thread, atomically (write to a
+temporary name, then rename), so a crash never leaves a half file under a real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+MAGIC = b"NSKV0001"
+HEADER = len(MAGIC) + 32
+
+
+class DiskCache:
+    def __init__(self, directory: str | Path, max_bytes: int = 8 * 2**30):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._index: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
+        files = sorted(self.dir.glob("*/*.kv"), key=lambda f: f.stat().st_mtime)
+        for f in files:
+            self._index[f.stem] = f.stat().st_size
+        self.bytes = sum(self._index.values())
+        self.hits = self.misses = self.corrupt = 0
+        self._queue: queue.Queue[tuple[str, dict[str, torch.Tensor]] | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="nanoseek-disk-cache", daemon=True)
+        self._writer.start()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest.hex() in self._index
+
+    def _path(self, name: str) -> Path:
+        return self.dir / name[:2] / f"{name}.kv"
+
+    def get(self, digest: bytes) -> dict[str, torch.Tensor] | None:
+        name = digest.hex()
+        with self._lock:
+            if name not in self._index:
+                self.misses += 1
+                return None
+            self._index.move_to_end(name)
+        path = self._path(name)
+        try:
+            data = path.read_bytes()
+            payload = data[HEADER:]
+            if data[: len(MAGIC)] != MAGIC or hashlib.sha256(payload).digest() != data[len(MAGIC) : HEADER]:
+                raise ValueError("checksum mismatch")
+            tensors = load_safetensors(payload)
+            os.utime(path)  # the LRU order survives a restart
+        except Exception:  # unreadable, truncated or corrupt: a miss, and the file goes
+            self.corrupt += 1
+            self.misses += 1
+            self._forget(name)
+            return None
+        self.hits += 1
+        return tensors
+
+    def put(self, digest: bytes, tensors: dict[str, torch.Tensor]) -> None:
+        """Queue a block for writing (tensors must be private CPU copies)."""
+        if digest.hex() not in self._index:
+            self._queue.put((digest.hex(), tensors))
+
+    def flush(self) -> None:
+        """Wait until every queued block is on disk."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self.flush()
+        self._queue.put(None)
+        self._writer.join()
+
+    def _write_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                self._write(*item)
+            except OSError:  # a full or read-only disk costs cache hits, never a request
+                pass
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        if name in self._index:
+            return
+        payload = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
+        path = self._path(name)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(f".tmp{threading.get_ident()}")
+        tmp.write_bytes(MAGIC + hashlib.sha256(payload).digest() + payload)
+        tmp.replace(path)
+        with self._lock:
+            self._index[name] = path.stat().st_size
+            self.bytes += self._index[name]
+            evict = []
+            while self.bytes > self.max_bytes and len(self._index) > 1:
+                old, size = self._index.popitem(last=False)
+                self.bytes -= size
+                evict.append(old)
+        for old in evict:
+            self._path(old).unlink(missing_ok=True)
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self.bytes -= self._index.pop(name, 0)
+        self._path(name).unlink(missing_ok=True)

@@ -1,0 +1,138 @@
+"""The OpenAI / DeepSeek API's shapes: request models (validated, bounded, so that no field value can
+reach the engine unchecked) and the pieces of responses (usage, logprobs, reasoning split).
+
+Usage follows DeepSeek's: prompt_cache_hit_tokens + prompt_cache_miss_tokens = prompt_tokens, with
+OpenAI's prompt_tokens_details.cached_tokens and completion_tokens_details.reasoning_tokens beside.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from nanoseek.tokenizer import END_THINK, THINK, Tokenizer
+
+MAX_SEED = 2**63 - 1
+Stop = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, reasoning_content, ...: accepted and ignored
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object"] = "text"
+
+
+class SamplingRequest(BaseModel):
+    """The fields chat and completions share."""
+
+    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, metadata, ...) are ignored
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, ge=0, le=1)
+    stop: Stop | list[Stop] | None = Field(None, max_length=16)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(max_length=64)
+    suffix: str | None = None
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(16, ge=1)
+
+
+def usage(prompt: int, cached: int, completion: int, reasoning: int = 0) -> dict:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_cache_hit_tokens": cached,
+        "prompt_cache_miss_tokens": prompt - cached,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
+
+
+def split_reasoning(tokenizer: Tokenizer, prompt: list[int], output: list[int], text: str) -> tuple[str, str, int]:
+    """(reasoning_content, content, reasoning tokens) of a reply. A reply reasons when it opens with
+    <think> (or the prompt ended with it, as R1's template does) and stops reasoning at </think>."""
+    think, end = tokenizer.tok.token_to_id(THINK), tokenizer.tok.token_to_id(END_THINK)
+    if end is None or not ((output and output[0] == think) or (prompt and prompt[-1] == think)):
+        return "", text, 0
+    if end not in output:
+        return text.removeprefix(THINK), "", len(output)
+    cut = output.index(end)
+    # `text` is the whole reply decoded (and cut at a stop string): split it where the reasoning ends.
+    reasoning_text = tokenizer.decode(output[:cut], skip_special_tokens=True)
+    reasoning, content = text[: len(reasoning_text)], text[len(reasoning_text) :]
+    return reasoning.removeprefix(THINK), content.removeprefix(END_THINK), cut + 1
+
+
+def chat_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list, top: int) -> dict:
+    """OpenAI's chat logprobs: per token its text, bytes, log-probability and the top alternatives."""
+
+    def entry(token: int, logprob: float) -> dict:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = []
+    for token, (logprob, alternatives) in zip(token_ids, logprobs, strict=False):
+        item = entry(token, logprob)
+        item["top_logprobs"] = [entry(t, lp) for t, lp in list((alternatives or {}).items())[:top]]
+        content.append(item)
+    return {"content": content}
+
+
+def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list, offset: int = 0) -> dict:
+    """The legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens = [tokenizer.decode([t]) for t in token_ids[: len(logprobs)]]
+    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for lp, _ in logprobs],
+        "top_logprobs": [{tokenizer.decode([t]): v for t, v in (alt or {}).items()} for _, alt in logprobs],
+        "text_offset": offsets,
+    }

@@ -1,0 +1,75 @@
+"""Helpers for the server tests: a small model folder, and a real `nanoseek serve` process on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from nanoseek import Transformer, get_preset
+
+
+def make_model_dir(out: Path, tokenizer, layers: int = 2) -> Path:
+    """A random tiny model whose greedy decoding never picks EOS (its output row is zero while the best of
+    the others is positive), so a generation runs to max_tokens unless it is cancelled."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny").replace(vocab_size=tokenizer.vocab_size, num_hidden_layers=layers))
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_id] = 0
+    model.save_pretrained(out)
+    tokenizer.save(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m nanoseek serve ...` in a subprocess, stopped with SIGTERM (a graceful shutdown)."""
+
+    def __init__(self, model_dir: Path, *args: str, log: Path | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", str(model_dir), "--port", str(self.port), *args]
+        self.log = open(log or os.devnull, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}: {' '.join(cmd)}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise TimeoutError("the server did not come up in 120 s")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,226 @@
+"""The API server, run for real (`nanoseek serve` on a free loopback port) and called with the real
+`openai` client: chat and completions, streaming, context caching in memory and on disk, per-key
+isolation, billing, auth and the error envelope, cancellation on disconnect, metrics."""
+
+import json
+import time
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+from serving import Server, make_model_dir
+
+LONG = (
+    "Summarise this function for me, please: def fibonacci(n):\n    if n < 2:\n        return n\n"
+    "    return fibonacci(n - 1) + fibonacci(n - 2)\n# and explain why its running time grows exponentially "
+    "with n, and how memoisation with functools.lru_cache fixes that, in two sentences."
+)
+GREEDY = dict(max_tokens=8, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    return make_model_dir(tmp_path_factory.mktemp("served") / "model", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    (root / "keys.txt").write_text("key-a\nkey-b  # no balance: unlimited\nkey-poor 0.0000001\n")
+    args = ["--api-keys", str(root / "keys.txt"), "--cache-dir", str(root / "kv"), "--max-pending", "8"]
+    with Server(model_dir, *args, log=root / "server.log") as s:
+        yield s
+
+
+def client(server: Server, key: str = "key-a") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def chat(c: openai.OpenAI, content: str = LONG, **kwargs):
+    return c.chat.completions.create(model="nanoseek", messages=[{"role": "user", "content": content}],
+                                     **(GREEDY | kwargs))  # fmt: skip
+
+
+def test_chat_streamed_and_not_give_the_same_greedy_reply_and_usage(server):
+    c = client(server)
+    whole = chat(c, "Hello there")
+    chunks = list(chat(c, "Hello there", stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert whole.choices[0].message.content == streamed and streamed
+    assert whole.choices[0].finish_reason == "length" and chunks[-2].choices[0].finish_reason == "length"
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.completion_tokens == 8 == whole.usage.completion_tokens
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+    assert usage.prompt_cache_hit_tokens + usage.prompt_cache_miss_tokens == usage.prompt_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_cache_hit_tokens
+    assert usage.completion_tokens_details.reasoning_tokens == 0
+
+
+def test_completions_streamed_and_not_and_fill_in_the_middle(server):
+    c = client(server)
+    whole = c.completions.create(model="nanoseek", prompt="def add(a, b):", **GREEDY)
+    pieces = list(c.completions.create(model="nanoseek", prompt="def add(a, b):", stream=True, **GREEDY))
+    assert "".join(p.choices[0].text for p in pieces) == whole.choices[0].text
+    assert whole.usage.completion_tokens == 8 and whole.object == "text_completion"
+    echoed = c.completions.create(model="nanoseek", prompt="def add(a, b):", echo=True, **GREEDY)
+    assert echoed.choices[0].text == "def add(a, b):" + whole.choices[0].text
+    fim = c.completions.create(model="nanoseek", prompt="def add(a, b):\n", suffix="\n    return c\n", **GREEDY)
+    assert fim.usage.completion_tokens == 8
+    batch = c.completions.create(model="nanoseek", prompt=["x = 1", "y = 2"], n=2, **GREEDY)
+    assert [ch.index for ch in batch.choices] == [0, 1, 2, 3] and batch.usage.completion_tokens == 32
+
+
+def test_a_repeated_long_prompt_hits_the_cache_in_64_token_units_with_the_same_reply(server):
+    c = client(server, "key-a")
+    first, second = chat(c, LONG + " (repeat)"), chat(c, LONG + " (repeat)")
+    assert first.usage.prompt_tokens > 128
+    assert first.usage.prompt_cache_hit_tokens == 0
+    hit = second.usage.prompt_cache_hit_tokens
+    assert hit > 0 and hit % 64 == 0 and hit == 64 * ((second.usage.prompt_tokens - 1) // 64)
+    assert second.choices[0].message.content == first.choices[0].message.content
+
+
+def test_one_keys_prefix_never_hits_for_another_key(server):
+    text = LONG + " (isolation)"
+    chat(client(server, "key-a"), text)
+    assert chat(client(server, "key-a"), text).usage.prompt_cache_hit_tokens > 0
+    assert chat(client(server, "key-b"), text).usage.prompt_cache_hit_tokens == 0
+
+
+def test_n_choices_logprobs_and_seeds(server):
+    c = client(server)
+    out = chat(c, "Pick a number", n=2, temperature=1.0, seed=7, logprobs=True, top_logprobs=3, max_tokens=5)
+    assert [ch.index for ch in out.choices] == [0, 1] and out.usage.completion_tokens == 10
+    for choice in out.choices:
+        assert len(choice.logprobs.content) == 5
+        assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in choice.logprobs.content)
+    again = chat(c, "Pick a number", n=2, temperature=1.0, seed=7, logprobs=True, top_logprobs=3, max_tokens=5)
+    assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in out.choices]
+
+
+def test_billing_sums_the_requests_usage_at_the_price_table(server):
+    c = client(server, "key-b")
+    before = httpx.get(server.url + "/v1/billing", headers={"Authorization": "Bearer key-b"}).json()
+    usages = [chat(c, LONG + f" (bill {i})").usage for i in range(2)] + [chat(c, LONG + " (bill 0)").usage]
+    after = httpx.get(server.url + "/v1/billing", headers={"Authorization": "Bearer key-b"}).json()
+    delta = {k: after["usage"][k] - before["usage"][k] for k in after["usage"]}
+    assert delta == {
+        "requests": 3,
+        "prompt_cache_hit_tokens": sum(u.prompt_cache_hit_tokens for u in usages),
+        "prompt_cache_miss_tokens": sum(u.prompt_cache_miss_tokens for u in usages),
+        "completion_tokens": sum(u.completion_tokens for u in usages),
+    }
+    assert usages[2].prompt_cache_hit_tokens > 0  # the third request was billed at the cache-hit price
+    price = {"hit": Decimal("0.5"), "miss": Decimal("2"), "out": Decimal("8")}  # yuan per million tokens
+    expected = sum(
+        (u.prompt_cache_hit_tokens * price["hit"] + u.prompt_cache_miss_tokens * price["miss"]
+         + u.completion_tokens * price["out"]) / 1_000_000 for u in usages
+    )  # fmt: skip
+    assert after["cost"] - before["cost"] == pytest.approx(float(expected), rel=1e-9)
+    assert after["currency"] == "CNY" and after["balance"] is None
+
+
+def test_auth_errors_are_401_and_a_spent_balance_is_402(server):
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "key-a"}):
+        r = httpx.get(server.url + "/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        chat(client(server, "wrong"))
+    poor = client(server, "key-poor")
+    chat(poor, "hi", max_tokens=1)  # 0.0000001 yuan covers less than one output token: now overdrawn
+    with pytest.raises(openai.APIStatusError) as e:
+        chat(poor, "hi", max_tokens=1)
+    assert e.value.status_code == 402 and e.value.body["type"] == "insufficient_balance"
+    balance = httpx.get(server.url + "/user/balance", headers={"Authorization": "Bearer key-poor"}).json()
+    assert balance["is_available"] is False
+
+
+def test_bad_requests_are_400_in_the_openai_envelope_and_unknown_models_404(server):
+    c, headers = client(server), {"Authorization": "Bearer key-a", "Content-Type": "application/json"}
+    r = httpx.post(server.url + "/v1/chat/completions", headers=headers, content=b"{not json")
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(c, temperature=3.5)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(c, "word " * 1200)
+    assert e.value.body["code"] == "context_length_exceeded" and "1024" in e.value.message
+    with pytest.raises(openai.BadRequestError, match="json_object"):
+        chat(c, response_format={"type": "json_object"})
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["code"] == "model_not_found"
+    r = httpx.get(server.url + "/v1/nothing-here", headers=headers)
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server):
+    body = {"model": "nanoseek", "messages": [{"role": "user", "content": "count"}], "max_tokens": 900,
+            "temperature": 0, "stream": True}  # fmt: skip
+    headers = {"Authorization": "Bearer key-a"}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert server.health()["running"] == 1
+    deadline = time.monotonic() + 10
+    while server.health()["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.health() | {"status": "ok"} == {"status": "ok", "running": 0, "waiting": 0, "pending": 0}
+    metrics = httpx.get(server.url + "/metrics").text
+    generated = next(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("nanoseek_generation_tokens_total"))  # fmt: skip
+    assert generated < 900  # far fewer than the request asked for: it was stopped
+
+
+def test_a_full_server_answers_429_with_retry_after(model_dir, tmp_path):
+    body = {"model": "nanoseek", "messages": [{"role": "user", "content": "count"}], "max_tokens": 600,
+            "temperature": 0, "stream": True}  # fmt: skip
+    with Server(model_dir, "--max-pending", "1") as s:
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()  # kept: a dropped iterator closes the connection, which cancels the request
+            next(lines)
+            c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+            with pytest.raises(openai.RateLimitError) as e:
+                c.chat.completions.create(model="nanoseek", messages=[{"role": "user", "content": "hi"}])
+            assert e.value.response.headers["retry-after"] == "1"
+
+
+def test_the_disk_cache_survives_a_restart_and_a_corrupt_file_is_a_correct_miss(model_dir, tmp_path):
+    cache = tmp_path / "kv"
+    with Server(model_dir, "--cache-dir", str(cache)) as s:
+        first = chat(client(s), LONG)
+    files = sorted(cache.glob("*/*.kv"))
+    assert first.usage.prompt_cache_hit_tokens == 0 and len(files) == first.usage.prompt_tokens // 64
+    with Server(model_dir, "--cache-dir", str(cache)) as s:
+        restarted = chat(client(s), LONG)
+        metrics = httpx.get(s.url + "/metrics").text
+    assert restarted.usage.prompt_cache_hit_tokens == 64 * ((first.usage.prompt_tokens - 1) // 64)
+    assert restarted.choices[0].message.content == first.choices[0].message.content
+    assert (
+        'nanoseek_prefix_cache_hit_tokens_total{tier="disk"} ' + f"{restarted.usage.prompt_cache_hit_tokens}.0"
+        in metrics
+    )
+    for f in sorted(cache.glob("*/*.kv")):  # flip one byte in the middle of every file
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    with Server(model_dir, "--cache-dir", str(cache)) as s:
+        corrupt = chat(client(s), LONG)
+    assert corrupt.usage.prompt_cache_hit_tokens == 0
+    assert corrupt.choices[0].message.content == first.choices[0].message.content
+    ledger = json.loads((cache / "ledger.json").read_text())
+    assert ledger["accounts"]["anonymous"]["requests"] == 3  # the ledger also survived the restarts
+
+
+def test_metrics_expose_latencies_tokens_cache_hits_and_load(server):
+    chat(client(server), "metrics please")
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("nanoseek_time_to_first_token_seconds_bucket", "nanoseek_inter_token_latency_seconds_count",
+                 "nanoseek_e2e_request_latency_seconds_sum", "nanoseek_prompt_tokens_total",
+                 "nanoseek_generation_tokens_total", 'nanoseek_prefix_cache_hit_tokens_total{tier="memory"}',
+                 "nanoseek_requests_running", "nanoseek_requests_waiting",
+                 "nanoseek_spec_decode_acceptance_rate"):  # fmt: skip
+        assert name in text, name
