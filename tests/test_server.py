@@ -178,14 +178,16 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server):
 def test_a_full_server_answers_429_with_retry_after(model_dir, tmp_path):
     body = {"model": "nanoseek", "messages": [{"role": "user", "content": "count"}], "max_tokens": 600,
             "temperature": 0, "stream": True}  # fmt: skip
-    with Server(model_dir, "--max-pending", "1") as s:
-        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r:
-            lines = r.iter_lines()  # kept: a dropped iterator closes the connection, which cancels the request
-            next(lines)
-            c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
-            with pytest.raises(openai.RateLimitError) as e:
-                c.chat.completions.create(model="nanoseek", messages=[{"role": "user", "content": "hi"}])
-            assert e.value.response.headers["retry-after"] == "1"
+    with (
+        Server(model_dir, "--max-pending", "1") as s,
+        httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r,
+    ):
+        lines = r.iter_lines()  # kept: a dropped iterator closes the connection, which cancels the request
+        next(lines)
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as e:
+            c.chat.completions.create(model="nanoseek", messages=[{"role": "user", "content": "hi"}])
+        assert e.value.response.headers["retry-after"] == "1"
 
 
 def test_the_disk_cache_survives_a_restart_and_a_corrupt_file_is_a_correct_miss(model_dir, tmp_path):
