@@ -6,6 +6,7 @@ from hf_reference import make_hf_model, perturb_
 
 from nanoseek import Engine, SamplingParams, Transformer, get_preset
 from nanoseek.serve.kv_cache import CacheSpec, LatentPool
+from nanoseek.serve.sampling import sample_token
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
@@ -259,3 +260,9 @@ def test_requests_larger_than_the_cache_are_refused_up_front(model):
         small.add_request(list(range(1, 20)), GREEDY)
     with pytest.raises(ValueError, match="token ids"):
         small.add_request([1, 10_000], GREEDY)
+
+
+def test_a_vanishing_temperature_samples_the_argmax_instead_of_failing():
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=1e-300)
+    assert sample_token(logits, params, torch.Generator().manual_seed(0), [], []).token == int(logits.argmax())

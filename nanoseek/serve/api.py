@@ -12,8 +12,8 @@ Choices, documented for clients:
   429 with Retry-After when the server already holds --max-pending requests. No input yields a 500.
 - response_format {"type": "json_object"} is refused with a 400: nanoseek does not constrain decoding,
   and a reply that only claims to be JSON would be worse than a clear refusal.
-- Prompt prefixes are cached in 64-token units (DeepSeek's), per API key; the prompt's last token is
-  always computed, so a prompt of P tokens hits at most 64 * floor((P - 1) / 64) of them.
+- Prompt prefixes are cached in 64-token units (DeepSeek's), per API key: a prompt of P tokens hits at
+  most 64 * floor(P / 64) of them (its last token is computed again even then, for its logits).
 """
 
 from __future__ import annotations

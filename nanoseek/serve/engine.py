@@ -127,7 +127,8 @@ class Engine:
         if self.disk_cache is not None:
             self.block_manager.on_register = self._persist_block
         load = self._load_block if self.disk_cache is not None else None
-        self.scheduler = Scheduler(self.block_manager, max_batched_tokens, max_seqs, load_block=load)
+        copy = lambda src, dst: self.pool.copy_block(self._block_slots(src), self._block_slots(dst))  # noqa: E731
+        self.scheduler = Scheduler(self.block_manager, max_batched_tokens, max_seqs, load_block=load, copy_block=copy)
         self.sequences: dict[str, Sequence] = {}
         self.metrics = EngineMetrics()
         self._ids = itertools.count()
@@ -396,13 +397,13 @@ class Engine:
             self.scheduler.finish(seq, reason)
 
     # --- convenience -----------------------------------------------------------------------------
-    def generate(self, prompts: Seq[str | list[int]] | str,
-                 params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:  # fmt: skip
+    def generate(self, prompts: Seq[str | list[int]] | str, params: SamplingParams | Seq[SamplingParams] | None = None,
+                 cache_salt: str | bytes | None = None) -> list[RequestOutput]:  # fmt: skip
         """Run prompts to completion together (continuous batching); results in the prompts' order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        ids = [self.add_request(p, sp, cache_salt=cache_salt) for p, sp in zip(prompts, plist, strict=True)]
         while any(self.sequences[i].status is not Status.FINISHED for i in ids):
             self.step()
         return [self.output(i) for i in ids]

@@ -56,12 +56,11 @@ class BlockManager:
     def match_prefix(
         self, tokens: list[int], root: bytes | None = None, load: Callable[[bytes, int], bool] | None = None
     ) -> tuple[list[int], bytes | None, int]:
-        """Take references on the cached full blocks that start `tokens`, short of its last token (whose
-        logits start the generation, so it is computed again in a block of the request's own). Blocks
-        memory lacks are asked of `load(hash, block)`, which fills a fresh block from a lower tier.
-        Returns (blocks, last hash, how many of them were loaded)."""
+        """Take references on the cached full blocks that start `tokens`. Blocks memory lacks are asked of
+        `load(hash, block)`, which fills a fresh block from a lower tier. Returns (blocks, last hash, how
+        many of them were loaded)."""
         blocks, parent, loaded = [], root, 0
-        for start in range(0, len(tokens) - self.block_size, self.block_size):
+        for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
             digest = block_hash(parent, tokens[start : start + self.block_size])
             block = self.block_of.get(digest)
             if block is not None:
@@ -156,6 +155,11 @@ class LatentPool:
         for name, target in targets.items():
             target.copy_(tensors[name])
         return True
+
+    def copy_block(self, src: slice, dst: slice) -> None:
+        for name in ("latent", "scale", "rope") if self.spec.fp8 else ("kv",):
+            tensor = getattr(self, name)
+            tensor[:, dst] = tensor[:, src]
 
     def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """slots [B, L] -> [B, L, r + d] in the compute dtype."""

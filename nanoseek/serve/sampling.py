@@ -60,7 +60,7 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[i
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p as -inf masks, row by row. logits [..., V] -> same shape."""
-    logits = logits / params.temperature
+    logits = logits / max(params.temperature, 1e-4)  # a vanishing temperature must not overflow to inf - inf
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

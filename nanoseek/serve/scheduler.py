@@ -59,9 +59,11 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_batched_tokens: int = 512, max_seqs: int = 64,
-                 load_block: Callable[[bytes, int], bool] | None = None):  # fmt: skip
+                 load_block: Callable[[bytes, int], bool] | None = None,
+                 copy_block: Callable[[int, int], None] | None = None):  # fmt: skip
         self.blocks = blocks
         self.load_block = load_block  # the disk tier, asked for prefix blocks memory lacks
+        self.copy_block = copy_block  # copies a block's cache entries (copy-on-write of a shared block)
         self.max_batched_tokens, self.max_seqs = max_batched_tokens, max_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -108,12 +110,28 @@ class Scheduler:
 
     def _match_prefix(self, seq: Sequence) -> None:
         blocks, last, loaded = self.blocks.match_prefix(seq.tokens, seq.cache_root, self.load_block)
+        size, num_computed = self.blocks.block_size, len(blocks) * self.blocks.block_size
+        if blocks and num_computed == len(seq.tokens):
+            # Every token is cached, but the last one's logits start the generation: it is computed again,
+            # into a private copy of its block (shared blocks are never written).
+            if self.copy_block is not None and self.blocks.num_free:
+                private = self.blocks.allocate()
+                self.copy_block(blocks[-1], private)
+                self.blocks.release(blocks[-1:])
+                blocks[-1] = private
+                num_computed -= 1
+            else:  # no copy possible: recompute the whole last block
+                self.blocks.release(blocks[-1:])
+                blocks.pop()
+                last = self.blocks.hash_of[blocks[-1]] if blocks else seq.cache_root
+                loaded = min(loaded, len(blocks))
+                num_computed -= size
         seq.blocks, seq.last_hash, seq.num_hashed = blocks, last, len(blocks)
-        seq.num_computed = len(blocks) * self.blocks.block_size  # < len(tokens): shared blocks stay read-only
+        seq.num_computed = num_computed
         seq.mtp_computed = seq.num_computed  # the MTP module's latents of a shared prefix are shared too
-        if not seq.output:
-            seq.cached_prompt_tokens = seq.num_computed
-            seq.disk_hit_tokens = loaded * self.blocks.block_size
+        if not seq.output:  # prefix-cache hits are whole blocks, as billed
+            seq.cached_prompt_tokens = len(blocks) * size
+            seq.disk_hit_tokens = loaded * size
 
     def reserve(self, seq: Sequence, upto: int) -> bool:
         needed = -(-upto // self.blocks.block_size) - len(seq.blocks)

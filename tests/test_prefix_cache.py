@@ -1,0 +1,143 @@
+"""The disk tier of the prefix cache, the engine's cache namespaces, and the serving helpers (billing,
+reasoning split) that need no server."""
+
+from decimal import Decimal
+
+import pytest
+import torch
+from hf_reference import perturb_
+
+from nanoseek import Engine, SamplingParams, Transformer, get_preset
+from nanoseek.serve.billing import Ledger, PriceTable, read_api_keys
+from nanoseek.serve.prefix_cache import DiskCache
+from nanoseek.serve.protocol import split_reasoning
+from nanoseek.tokenizer import END_THINK, THINK
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+PROMPT = [(7 * i) % 290 + 3 for i in range(45)]  # 45 tokens: 5 full blocks of 8, the last token computed
+
+
+def block(value: float) -> dict[str, torch.Tensor]:
+    return {"kv": torch.full((2, 8, 5), value)}
+
+
+def test_disk_cache_round_trips_and_a_damaged_file_is_a_miss_that_is_removed(tmp_path):
+    cache = DiskCache(tmp_path)
+    for i in range(3):
+        cache.put(bytes([i]) * 16, block(i))
+    cache.flush()
+    assert torch.equal(cache.get(bytes([1]) * 16)["kv"], block(1)["kv"])
+    files = {f.stem: f for f in tmp_path.glob("*/*.kv")}
+    flipped, truncated = files[(bytes([0]) * 16).hex()], files[(bytes([2]) * 16).hex()]
+    data = bytearray(flipped.read_bytes())
+    data[-3] ^= 1
+    flipped.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    assert cache.get(bytes([0]) * 16) is None and cache.get(bytes([2]) * 16) is None
+    assert not flipped.exists() and not truncated.exists() and cache.corrupt == 2
+    assert cache.get(b"\x09" * 16) is None  # never written
+
+
+def test_disk_cache_stays_under_its_bound_evicting_the_least_recently_used(tmp_path):
+    probe = DiskCache(tmp_path / "probe")
+    probe.put(b"\0" * 16, block(0))
+    probe.flush()
+    size = probe.bytes
+    cache = DiskCache(tmp_path / "lru", max_bytes=3 * size)
+    for i in range(3):
+        cache.put(bytes([i]) * 16, block(i))
+    cache.flush()
+    assert cache.get(bytes([0]) * 16) is not None  # 0 is now the most recently used
+    for i in (3, 4):
+        cache.put(bytes([i]) * 16, block(i))
+    cache.flush()
+    assert len(list((tmp_path / "lru").glob("*/*.kv"))) == 3 and cache.bytes <= 3 * size
+    assert [bytes([i]) * 16 in cache for i in range(5)] == [True, False, False, True, True]
+    reopened = DiskCache(tmp_path / "lru", max_bytes=3 * size)  # the index is rebuilt from the files
+    assert len(reopened) == 3 and reopened.bytes == cache.bytes
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return perturb_(Transformer(get_preset("tiny").replace(vocab_size=300, num_hidden_layers=2)), seed=3).eval()
+
+
+def engine(model, tmp_path, **kwargs) -> Engine:
+    options = dict(device="cpu", dtype=torch.float32, block_size=8, cache_bytes=1 << 20, cache_dir=tmp_path / "kv")
+    return Engine(model, **(options | kwargs))
+
+
+def test_a_new_engine_loads_prefix_blocks_from_disk_with_the_same_output(model, tmp_path):
+    first = engine(model, tmp_path)
+    [cold] = first.generate([PROMPT], GREEDY)
+    first.close()
+    assert cold.cached_tokens == 0
+    second = engine(model, tmp_path)
+    [warm] = second.generate([PROMPT], GREEDY)
+    assert warm.cached_tokens == 40 and warm.token_ids == cold.token_ids
+    assert second.metrics.disk_hit_tokens == 40
+    [again] = second.generate([PROMPT], GREEDY)  # now from memory
+    assert again.cached_tokens == 40 and second.metrics.disk_hit_tokens == 40
+
+
+def test_cache_namespaces_and_models_never_share_blocks(model, tmp_path):
+    first = engine(model, tmp_path)
+    first.generate([PROMPT], GREEDY)
+    first.close()
+    other = engine(model, tmp_path)
+    [out] = other.generate([PROMPT], SamplingParams(max_tokens=6, temperature=0), cache_salt="key-b")
+    assert out.cached_tokens == 0
+    [out] = other.generate([PROMPT], GREEDY)  # the default namespace still hits
+    assert out.cached_tokens == 40
+    changed = perturb_(Transformer(model.cfg), seed=9).eval()  # same shapes, other weights
+    [out] = engine(changed, tmp_path).generate([PROMPT], GREEDY)
+    assert out.cached_tokens == 0
+
+
+def test_split_reasoning_parts_the_think_block_from_the_answer(tokenizer):
+    think, end = tokenizer.tok.token_to_id(THINK), tokenizer.tok.token_to_id(END_THINK)
+    reasoning, answer = tokenizer.encode("add 2 and 2"), tokenizer.encode("4")
+    output = [think, *reasoning, end, *answer]
+    text = tokenizer.decode(output, skip_special_tokens=True)
+    assert split_reasoning(tokenizer, [4], output, text) == ("add 2 and 2", "4", len(reasoning) + 2)
+    assert split_reasoning(tokenizer, [4, think], [*reasoning], "add 2 and 2") == ("add 2 and 2", "", len(reasoning))
+    assert split_reasoning(tokenizer, [4], answer, "4") == ("", "4", 0)
+
+
+def test_prices_keys_and_the_ledger(tmp_path):
+    prices = PriceTable.parse("0.5, 2, 8", "CNY")
+    assert prices.cost(1_000_000, 1_000_000, 1_000_000) == Decimal("10.5")
+    with pytest.raises(ValueError, match="three numbers"):
+        PriceTable.parse("1,2")
+    (tmp_path / "keys").write_text("# keys\nalpha 1.5\nbeta\n")
+    assert read_api_keys(tmp_path / "keys") == {"alpha": Decimal("1.5"), "beta": None}
+    (tmp_path / "bad").write_text("alpha lots\n")
+    with pytest.raises(ValueError, match="bad:1"):
+        read_api_keys(tmp_path / "bad")
+    ledger = Ledger(prices, tmp_path / "ledger.json")
+    ledger.grant("alpha", Decimal("1.5"))
+    assert ledger.charge("alpha", 100_000, 200_000, 100_000) == Decimal("1.25")
+    assert ledger.can_spend("alpha")
+    ledger.charge("alpha", 0, 0, 100_000)
+    reloaded = Ledger(prices, tmp_path / "ledger.json")
+    assert not reloaded.can_spend("alpha") and reloaded.summary("alpha")["balance"] == pytest.approx(-0.55)
+    assert reloaded.summary("alpha")["usage"]["requests"] == 2
+
+
+def test_a_prompt_of_whole_blocks_hits_them_all_and_recomputes_only_its_last_token(model, tmp_path):
+    exact = PROMPT[:40]  # 5 blocks of 8
+    eng = engine(model, tmp_path, cache_dir=None)
+    [cold] = eng.generate([exact], GREEDY)
+    before = eng.pool.kv.clone()
+    prefill_tokens = eng.metrics.prompt_tokens
+    [warm] = eng.generate([exact], GREEDY)
+    assert warm.cached_tokens == 40 and warm.token_ids == cold.token_ids
+    shared = list(eng.block_manager.block_of.values())
+    assert len(shared) == 5
+    for block in shared:  # the shared blocks were not written: the last token went to a private copy
+        slots = slice(block * 8, (block + 1) * 8)
+        assert torch.equal(eng.pool.kv[:, slots], before[:, slots])
+    assert eng.metrics.prompt_tokens == 2 * prefill_tokens
+    [fresh] = engine(model, tmp_path, cache_dir=None).generate([exact], GREEDY)
+    assert fresh.token_ids == cold.token_ids
