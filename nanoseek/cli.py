@@ -8,6 +8,12 @@ nanoseek plot runs/tiny                         # loss and expert-load PNGs
 nanoseek convert --model runs/tiny/model --to fp8 --out tiny-fp8/   # DeepSeek-V3's FP8 format
 nanoseek generate --model runs/tiny/model --prompt "def fib(n):" --max-tokens 64
 nanoseek chat --model runs/sft/model            # an interactive chat in the terminal
+nanoseek serve --model runs/tiny/model --cache-dir kv/    # OpenAI/DeepSeek-compatible API + chat page
+nanoseek task write --task arithmetic --n 2000 --solutions --out sft.jsonl
+nanoseek sft --model runs/tiny/model --data sft.jsonl --out runs/sft
+nanoseek grpo --model runs/sft/model --task arithmetic --out runs/grpo
+nanoseek eval --model runs/grpo/model --task arithmetic --n 200
+nanoseek distill --teacher DIR --student DIR --prompts prompts.jsonl --task arithmetic --out runs/distill
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import dataclasses
 import json
 import sys
 import typing
+from pathlib import Path
+from typing import Any
 
 from nanoseek.config import PRESETS, ModelConfig, get_preset
 from nanoseek.cost import all_to_all_bytes_per_token, model_stats
@@ -205,16 +213,106 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One kebab-case flag per config field, with its type, default and help."""
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                        defaults: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """One kebab-case flag per config field (but `skip`), with its type, default (or `defaults`) and help."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
         flag, kind, help_text = f"--{f.name.replace('_', '-')}", hints[f.name], f.metadata.get("help", "")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
-        parser.add_argument(flag, type=base, default=f.default, help=f"{help_text} (default: {f.default})")
+        parser.add_argument(flag, type=base, default=default, help=f"{help_text} (default: {default})")
+
+
+def _fields(cls: type, args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The parsed flags that are fields of cls, but those the caller sets itself."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(exclude)
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+SFT_SKIP = ("preset", "init", "objective", "data", "teacher", "kl_weight")
+SFT_DEFAULTS = {"steps": 200, "lr": 1e-3, "warmup_steps": 10, "out": "runs/sft", "eval_every": 50, "save_every": 50}
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from nanoseek.train.trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig(**_fields(TrainConfig, args, SFT_SKIP), init=args.model, data=args.data, objective="sft")
+    history = Trainer(cfg).fit()
+    print(f"fine-tuned {cfg.steps} steps: final loss {history[-1]['loss']:.4f} -> {cfg.out}/model")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from nanoseek.rl.distill import read_problems, write_traces
+    from nanoseek.rl.tasks import get_task
+    from nanoseek.serve import Engine
+    from nanoseek.train.trainer import TrainConfig, Trainer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    traces = out / "traces.jsonl"
+    task = get_task(args.task) if args.task else None
+    stats = write_traces(Engine(args.teacher), read_problems(args.prompts), task, traces, samples=args.samples,
+                         temperature=args.teacher_temperature, max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
+    (out / "traces.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"teacher: {stats['kept']} of {stats['prompts']} prompts kept (accuracy {stats['teacher_accuracy']:.3f})")
+    teacher = args.teacher if args.kl_weight > 0 else None
+    cfg = TrainConfig(**_fields(TrainConfig, args, SFT_SKIP), init=args.student, data=str(traces), objective="sft",
+                      teacher=teacher, kl_weight=args.kl_weight)  # fmt: skip
+    Trainer(cfg).fit()
+    print(f"student fine-tuned on the teacher's traces -> {cfg.out}/model")
+    return 0
+
+
+def cmd_grpo(args: argparse.Namespace) -> int:
+    from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
+
+    history = GRPOTrainer(GRPOConfig(**_fields(GRPOConfig, args))).fit()
+    evals = [m["eval/pass_at_1"] for m in history if "eval/pass_at_1" in m]
+    if len(evals) >= 2:
+        print(f"held-out pass@1: {evals[0]:.3f} before, {evals[-1]:.3f} after -> {args.out}/model")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from nanoseek.rl.evaluate import evaluate
+    from nanoseek.rl.tasks import get_task
+    from nanoseek.serve import Engine
+
+    ks = tuple(int(k) for k in args.k.split(","))
+    task = get_task(args.task)
+    problems = task.problems(args.split, args.n, args.seed)
+    result = evaluate(Engine(args.model), task, problems, samples=args.samples, ks=ks,
+                      temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
+    if args.json:
+        print(json.dumps({f"pass@{k}": v for k, v in result.pass_at.items()} | {"n": args.n, "task": args.task}))
+        return 0
+    for problem, reply, reward in result.samples[: args.show]:
+        print(f"{problem.question}\n  -> {reply!r} (reward {reward})")
+    print(", ".join(f"pass@{k} {v:.3f}" for k, v in result.pass_at.items()) + f" on {args.n} {args.split} problems")
+    return 0
+
+
+def cmd_task_write(args: argparse.Namespace) -> int:
+    from nanoseek.rl.tasks import get_task
+
+    task = get_task(args.task)
+    problems = task.problems(args.split, args.n, args.seed)
+    with open(args.out, "w") as f:
+        for p in problems:
+            if args.solutions:  # chat examples for nanoseek sft
+                row = {"messages": [*p.messages(), {"role": "assistant", "content": task.solution(p)}]}
+            else:  # prompts for nanoseek distill (with what the verifier needs)
+                row = {"prompt": p.question, "answer": p.answer, "meta": p.meta}
+            f.write(json.dumps(row) + "\n")
+    print(f"{len(problems)} {args.split} problems of {args.task} -> {args.out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,6 +402,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_flags(server, ServeConfig)
     server.set_defaults(func=cmd_serve)
+
+    sft = commands.add_parser("sft", help="supervised fine-tuning on chat JSONL (loss on assistant tokens)",
+                              description="Fine-tune a model folder on OpenAI-style chat examples with the "
+                              "pretraining trainer: DeepSeek-V3's chat template, loss on assistant tokens only, "
+                              "multi-turn, padded batches (examples never attend to each other).")  # fmt: skip
+    sft.add_argument("--model", required=True, metavar="DIR", help="the model folder to start from")
+    sft.add_argument("--data", required=True, metavar="FILE", help='JSONL, one {"messages": [...]} per line')
+    add_dataclass_flags(sft, TrainConfig, skip=SFT_SKIP, defaults=SFT_DEFAULTS)
+    sft.set_defaults(func=cmd_sft)
+
+    distill = commands.add_parser("distill", help="fine-tune a student on a teacher's verified chain-of-thought",
+                                  description="The teacher samples <think>...</think><answer>...</answer> replies "
+                                  "with the engine, the task's verifier keeps the right ones (rejection sampling), "
+                                  "and the student is fine-tuned on them (plus KL to the teacher's logits with "
+                                  "--kl-weight).")  # fmt: skip
+    distill.add_argument("--teacher", required=True, metavar="DIR")
+    distill.add_argument("--student", required=True, metavar="DIR")
+    distill.add_argument("--prompts", required=True, metavar="FILE", help="JSONL of prompt/answer/meta "
+                         "(nanoseek task write)")  # fmt: skip
+    distill.add_argument("--task", help="the verifier that filters the traces (arithmetic, countdown, FILE.jsonl)")
+    distill.add_argument("--samples", type=int, default=4, help="teacher replies per prompt (default: 4)")
+    distill.add_argument("--teacher-temperature", type=float, default=0.7)
+    distill.add_argument("--max-tokens", type=int, default=128, help="longest teacher reply")
+    distill.add_argument("--kl-weight", type=float, default=0.0, help="also match the teacher's logits")
+    add_dataclass_flags(distill, TrainConfig, skip=SFT_SKIP, defaults=SFT_DEFAULTS | {"out": "runs/distill"})
+    distill.set_defaults(func=cmd_distill)
+
+    from nanoseek.rl.grpo import GRPOConfig
+
+    grpo = commands.add_parser("grpo", help="GRPO with rule-based rewards on a verifiable task",
+                               description="Group Relative Policy Optimization (DeepSeekMath, R1): G sampled "
+                               "completions per prompt, rule rewards, group-relative advantages, clipped "
+                               "objective, optional k3 KL to a frozen reference.")  # fmt: skip
+    add_dataclass_flags(grpo, GRPOConfig)
+    grpo.set_defaults(func=cmd_grpo)
+
+    ev = commands.add_parser(
+        "eval",
+        help="pass@k on a task's held-out problems",
+        description="Sample replies to held-out problems and score them with the verifier.",
+    )
+    ev.add_argument("--model", required=True, metavar="DIR")
+    ev.add_argument("--task", required=True, help="arithmetic, countdown or FILE.jsonl")
+    ev.add_argument("--n", type=int, default=200, help="problems (default: 200)")
+    ev.add_argument("--split", default="test", choices=["test", "train"])
+    ev.add_argument("--samples", type=int, default=1, help="replies per problem (default: 1)")
+    ev.add_argument("--k", default="1", help="comma-separated k for pass@k (default: 1)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    ev.add_argument("--max-tokens", type=int, default=128)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--show", type=int, default=3, help="print this many replies")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    task = commands.add_parser("task", help="verifiable tasks").add_subparsers(dest="action", required=True,
+                                                                               metavar="ACTION")  # fmt: skip
+    about = "Write a task's problems as prompts (prompt/answer/meta, for distill) or as chat examples for sft."
+    write = task.add_parser("write", help="problems as JSONL", description=about)
+    write.add_argument("--task", required=True, help="arithmetic or countdown")
+    write.add_argument("--split", default="train", choices=["train", "test"])
+    write.add_argument("--n", type=int, required=True)
+    write.add_argument("--seed", type=int, default=0)
+    write.add_argument("--solutions", action="store_true", help="chat examples with worked solutions")
+    write.add_argument("--out", required=True, metavar="FILE")
+    write.set_defaults(func=cmd_task_write)
 
     plot = commands.add_parser("plot", help="PNG plots of a run folder")
     plot.add_argument("run", metavar="DIR", help="a run folder with metrics.jsonl")

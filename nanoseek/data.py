@@ -290,3 +290,104 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+# --- chat examples for supervised fine-tuning ------------------------------------------------------
+IGNORE = -100  # the label of a token that is not trained on
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+    """The chat template's token ids (the same as tokenizer.apply_chat_template without a generation
+    prompt) and which of them are trained on: each assistant reply and its end-of-sentence token."""
+    from nanoseek.tokenizer import ASSISTANT, USER
+
+    tokenizer.apply_chat_template(messages, add_generation_prompt=False)  # validates the messages
+    system = "".join(m["content"] for m in messages if m["role"] == "system")
+    ids = [tokenizer.bos_id, *tokenizer.encode(system)]
+    trained = [False] * len(ids)
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        marker = tokenizer.tok.token_to_id(USER if m["role"] == "user" else ASSISTANT)
+        body = tokenizer.encode(m["content"]) + ([tokenizer.eos_id] if m["role"] == "assistant" else [])
+        ids += [marker, *body]
+        trained += [False] + [m["role"] == "assistant"] * len(body)
+    return ids, trained
+
+
+def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
+    """OpenAI-style chat examples, one {"messages": [...]} per line."""
+    examples = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+            if not isinstance(messages, list) or not messages:
+                raise ValueError("messages must be a non-empty list")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f'{path}:{number}: expected {{"messages": [{{"role", "content"}}, ...]}} ({e})') from e
+        examples.append(messages)
+    if not examples:
+        raise ValueError(f"{path} holds no chat examples")
+    return examples
+
+
+class ChatLoader:
+    """Padded batches of chat examples with labels on assistant tokens only (IGNORE elsewhere), from a
+    seeded order per epoch; the same state and rank API as PackedLoader. Examples are cut to seq_len + 1
+    tokens; padding (rather than packing) keeps examples from attending to each other. A held-out split
+    ('val', val_permille of the examples by hash, at least one) measures the fine-tuned loss."""
+
+    def __init__(
+        self, path: str | Path, tokenizer: Tokenizer, split: str, batch_size: int, seq_len: int, seed: int = 0,
+        rank: int = 0, world_size: int = 1, shuffle: bool = True, val_permille: int = 50,
+    ):  # fmt: skip
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} must be divisible by the world size {world_size}")
+        examples = read_chat_jsonl(path)
+        keys = [int.from_bytes(hashlib.blake2b(json.dumps(m).encode(), digest_size=4).digest(), "big") % 1000
+                for m in examples]  # fmt: skip
+        val = {i for i, k in enumerate(keys) if k < val_permille} or {min(range(len(keys)), key=keys.__getitem__)}
+        if len(examples) == 1:
+            val = set()
+        chosen = [m for i, m in enumerate(examples) if (i in val) == (split == "val")]
+        self.items: list[tuple[list[int], list[int]]] = []
+        self.prompts: list[list[dict[str, str]]] = []  # each example up to its first reply, for samples
+        for messages in chosen:
+            ids, trained = encode_chat(tokenizer, messages)
+            ids, trained = ids[: seq_len + 1], trained[: seq_len + 1]
+            if any(trained[1:]):
+                self.items.append((ids, [t if keep else IGNORE for t, keep in zip(ids, trained, strict=True)]))
+                first_reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                self.prompts.append(messages[:first_reply])
+        self.n_windows = len(self.items)
+        if self.n_windows < batch_size:
+            raise ValueError(f"the {split} split of {path} holds {self.n_windows} usable chat examples, fewer than "
+                             f"one batch of {batch_size}: add examples or lower --batch-size")  # fmt: skip
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.rank, self.world_size, self.pad_id = rank, world_size, tokenizer.pad_id
+        self.epoch, self.cursor = 0, 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, labels), each [batch_size / world_size, longest + 1] int64."""
+        if self.cursor + self.batch_size > self.n_windows:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n_windows, generator=g) if self.shuffle else torch.arange(self.n_windows)
+        chosen = order[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        per_rank = self.batch_size // self.world_size
+        rows = [self.items[int(i)] for i in chosen[self.rank * per_rank : (self.rank + 1) * per_rank]]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        for row, (x, y) in enumerate(rows):
+            ids[row, : len(x)], labels[row, : len(y)] = torch.tensor(x), torch.tensor(y)
+        return ids, labels
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])

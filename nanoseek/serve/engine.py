@@ -163,6 +163,10 @@ class Engine:
         tensors = self.disk_cache.get(digest)
         return tensors is not None and self.pool.load_block(self._block_slots(block), tensors)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix in memory, e.g. after the model's weights were updated (RL)."""
+        self.block_manager.forget_prefixes()
+
     def close(self) -> None:
         """Finish writing the disk cache (call before the process ends to keep every block)."""
         if self.disk_cache is not None:

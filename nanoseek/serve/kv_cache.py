@@ -90,6 +90,11 @@ class BlockManager:
                 self.on_register(digest, block)
         return digest
 
+    def forget_prefixes(self) -> None:
+        """Make every cached block unfindable (after the weights change, their latents are stale)."""
+        self.block_of.clear()
+        self.hash_of.clear()
+
     def release(self, blocks: list[int]) -> None:
         for block in reversed(blocks):  # the prefix's head is evicted last
             self.ref[block] -= 1

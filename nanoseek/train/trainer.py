@@ -1,7 +1,9 @@
-"""The one training loop: pretraining now; supervised fine-tuning and distillation reuse it.
+"""The one training loop: pretraining, and supervised fine-tuning (and distillation, which is SFT on a
+teacher's traces) from a model folder.
 
     nanoseek train --preset tiny --steps 300 --out runs/tiny     # trains on Python's own stdlib source
     torchrun --nproc-per-node 2 -m nanoseek train --preset tiny --ep 2 --out runs/ep2   # FSDP2 + EP
+    nanoseek sft --model runs/tiny/model --data chat.jsonl --out runs/sft   # loss on assistant tokens only
 
 Loss = next-token cross-entropy + mtp_lambda * mean MTP cross-entropy (V3 Sec. 2.2.2, eq. 24-25)
 + balance_alpha * the sequence-wise balance loss (Sec. 2.1.2, eq. 17-20). After every optimizer step,
@@ -28,7 +30,7 @@ from tqdm import tqdm
 
 from nanoseek.checkpoint import CheckpointError
 from nanoseek.config import ModelConfig, get_preset
-from nanoseek.data import PackedLoader, ensure_default_data
+from nanoseek.data import IGNORE, ChatLoader, PackedLoader, ensure_default_data
 from nanoseek.device import default_device, default_dtype
 from nanoseek.fp8 import convert_to_fp8
 from nanoseek.model import Transformer
@@ -39,8 +41,7 @@ from nanoseek.train import parallel, state
 from nanoseek.train.optim import build_optimizer, lr_at
 from nanoseek.train.samples import sample_text
 
-IGNORE = -100
-RESUME_MUST_MATCH = ("preset", "data", "seed", "batch_size", "seq_len")  # what fixes the data stream
+RESUME_MUST_MATCH = ("preset", "data", "seed", "batch_size", "seq_len", "init", "objective")  # fix the data stream
 SAMPLE_PROMPTS = ("def ", "class ")
 
 
@@ -53,6 +54,10 @@ class TrainConfig:
     """Every field is a `nanoseek train` flag of the same name in kebab case."""
 
     preset: str = _help("model preset", default="tiny")
+    init: str | None = _help("start from this model folder's weights, config and tokenizer (fine-tuning)", default=None)
+    objective: str = _help("pretrain (token shards) or sft (chat JSONL, loss on assistant tokens)", default="pretrain")
+    teacher: str | None = _help("a teacher model folder for logit distillation (same vocabulary)", default=None)
+    kl_weight: float = _help("weight of KL(teacher || student) on the trained tokens; 0: off", default=0.0)
     out: str = _help("run folder: metrics, checkpoints, exported model", default="runs/tiny")
     data: str | None = _help("folder from `nanoseek data prepare` (default: Python's stdlib source)", default=None)
     steps: int = _help("optimizer steps in total", default=300)
@@ -97,10 +102,23 @@ class TrainConfig:
             raise ValueError("--dtype must be auto, float32 or bfloat16")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
             raise ValueError("--lr and --grad-clip must be positive and --warmup-steps >= 0")
+        if self.objective not in ("pretrain", "sft"):
+            raise ValueError("--objective must be pretrain or sft")
+        if self.kl_weight < 0 or (self.kl_weight > 0 and not self.teacher):
+            raise ValueError("--kl-weight must be >= 0, and > 0 needs --teacher DIR")
+        if self.objective == "sft" and not (self.init and self.data):
+            raise ValueError("supervised fine-tuning needs --model DIR (the model to start from) and --data chat.jsonl")
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+
+
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over trained positions (targets != IGNORE) of KL(teacher || student); logits [B, T, V]."""
+    keep = targets != IGNORE
+    s, t = student[keep].float().log_softmax(-1), teacher[keep].float().log_softmax(-1)
+    return (t.exp() * (t - s)).sum(-1).mean() if keep.any() else student.new_zeros(())
 
 
 def mtp_targets(targets: torch.Tensor, depth: int) -> torch.Tensor:
@@ -122,6 +140,12 @@ class Trainer:
                              f"and --micro-batch-size {cfg.micro_batch_size}")  # fmt: skip
         self.amp_dtype = default_dtype(self.device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         self.data_dir = Path(cfg.data) if cfg.data else None
+        initial = None
+        if cfg.init:  # fine-tuning: the model folder brings its config and tokenizer
+            from nanoseek.checkpoint import from_pretrained
+
+            initial = from_pretrained(cfg.init, dtype=torch.float32)
+            model_cfg, tokenizer = initial.cfg, tokenizer or load_tokenizer(cfg.init)
         if self.data_dir is None:  # built once, by the first process
             vocab = (model_cfg or get_preset(cfg.preset)).vocab_size
             if self.par.is_main:
@@ -130,32 +154,64 @@ class Trainer:
             self.data_dir = ensure_default_data(vocab, progress=False)
         self.tokenizer = tokenizer or load_tokenizer(self.data_dir / "tokenizer")
         model_cfg = model_cfg or get_preset(cfg.preset)
-        model_cfg = model_cfg.replace(
-            vocab_size=self.tokenizer.vocab_size, bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id
-        )
+        if initial is None:
+            model_cfg = model_cfg.replace(vocab_size=self.tokenizer.vocab_size, bos_token_id=self.tokenizer.bos_id,
+                                          eos_token_id=self.tokenizer.eos_id)  # fmt: skip
         if not model_cfg.num_nextn_predict_layers < cfg.seq_len <= model_cfg.max_position_embeddings:
             raise ValueError(f"--seq-len must lie in ({model_cfg.num_nextn_predict_layers}, "
                              f"{model_cfg.max_position_embeddings}] for this model")  # fmt: skip
         torch.manual_seed(cfg.seed)  # every rank builds the same initial model, then keeps its shards
-        self.model = Transformer(model_cfg).to(self.device)
+        self.model = (initial or Transformer(model_cfg)).to(self.device)
         if cfg.fp8:
             convert_to_fp8(self.model)
         gpu_bf16 = self.device.type == "cuda" and self.amp_dtype == torch.bfloat16
         parallel.apply(self.model, self.par, param_dtype=torch.bfloat16 if gpu_bf16 else None)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-        rank, world = self.par.rank, self.par.world
-        self.loader = PackedLoader(self.data_dir, "train", cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
-        val_windows = PackedLoader.count_windows(self.data_dir, "val", cfg.seq_len)
-        val_batch = min(cfg.batch_size, val_windows) // world * world
-        self.val_loader = (
-            PackedLoader(self.data_dir, "val", val_batch, cfg.seq_len, 0, rank, world, shuffle=False)
-            if val_batch > 0
-            else None
-        )
-        self.step = 0
+        self.loader, self.val_loader = self._loaders()
+        self.teacher = None
+        if cfg.kl_weight > 0:  # logit distillation: the teacher only scores, never trains
+            from nanoseek.checkpoint import from_pretrained
+
+            self.teacher = from_pretrained(cfg.teacher, dtype=torch.float32, device=self.device).eval()
+            self.teacher.requires_grad_(False)
+            if self.teacher.cfg.vocab_size != self.model.cfg.vocab_size:
+                sizes = f"the teacher has {self.teacher.cfg.vocab_size} tokens, the student {self.model.cfg.vocab_size}"
+                raise ValueError(f"logit distillation needs one vocabulary: {sizes}")
+        self.step, self.tokens = 0, 0
         self.moe = self.model.moe_layers()
         self.writer = None
+
+    def _loaders(self) -> tuple[PackedLoader | ChatLoader, PackedLoader | ChatLoader | None]:
+        cfg, rank, world = self.cfg, self.par.rank, self.par.world
+        if cfg.objective == "sft":
+            train = ChatLoader(
+                self.data_dir, self.tokenizer, "train", cfg.batch_size, cfg.seq_len, cfg.seed, rank, world
+            )
+            try:
+                val = ChatLoader(
+                    self.data_dir, self.tokenizer, "val", world, cfg.seq_len, 0, rank, world, shuffle=False
+                )
+            except ValueError:  # fewer held-out examples than processes: no validation loss
+                return train, None
+            val.batch_size = min(cfg.batch_size, val.n_windows) // world * world
+            return train, val
+        train = PackedLoader(self.data_dir, "train", cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
+        val_windows = PackedLoader.count_windows(self.data_dir, "val", cfg.seq_len)
+        val_batch = min(cfg.batch_size, val_windows) // world * world
+        if val_batch == 0:
+            return train, None
+        return train, PackedLoader(self.data_dir, "val", val_batch, cfg.seq_len, 0, rank, world, shuffle=False)
+
+    @staticmethod
+    def inputs_and_targets(
+        batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A packed window [B, T+1], or chat (ids, labels) [B, T+1] each -> inputs and next-token targets."""
+        if isinstance(batch, tuple):
+            ids, labels = batch
+            return ids[:, :-1], labels[:, 1:]
+        return batch[:, :-1], batch[:, 1:]
 
     # --- one optimizer step ------------------------------------------------------------------
     def autocast(self):
@@ -163,9 +219,8 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def compute_loss(self, window: torch.Tensor) -> dict[str, torch.Tensor]:
-        """window [B, T+1] token ids -> the loss and its parts (the parts detached)."""
-        inputs, targets = window[:, :-1], window[:, 1:]
+    def compute_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """inputs, targets [B, T] (targets IGNORE where nothing is learnt) -> the loss and its parts."""
         use_mtp = bool(self.model.mtp) and self.cfg.mtp_lambda > 0
         for _, moe in self.moe:
             moe.expert_load = moe.balance_loss = None
@@ -181,18 +236,28 @@ class Trainer:
         balance = [m.balance_loss for _, m in self.moe if m.balance_loss is not None]
         bal = torch.stack(balance).sum() if balance else zero  # alpha applies per MoE layer (V3 eq. 17)
         loss = lm + self.cfg.mtp_lambda * mtp + self.cfg.balance_alpha * bal
-        return {"loss": loss, "lm_loss": lm.detach(), "mtp_loss": mtp.detach(), "balance_loss": bal.detach()}
+        parts = {"lm_loss": lm.detach(), "mtp_loss": mtp.detach(), "balance_loss": bal.detach()}
+        if self.teacher is not None:
+            kl = distillation_kl(logits, self.teacher_logits(inputs), targets)
+            loss = loss + self.cfg.kl_weight * kl
+            parts["kl_loss"] = kl.detach()
+        return {"loss": loss, **parts}
+
+    @torch.no_grad()
+    def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.teacher(inputs)  # in eval mode: no routing statistics, no gradients
 
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
         start = time.perf_counter()
         self.model.train()
-        window = self.loader.next_batch()
-        chunks = window.split(cfg.micro_batch_size or len(window))
+        inputs, targets = self.inputs_and_targets(self.loader.next_batch())
+        size = cfg.micro_batch_size or len(inputs)
+        chunks = list(zip(inputs.split(size), targets.split(size), strict=True))
         loads = [torch.zeros(m.cfg.n_routed_experts, device=self.device) for _, m in self.moe]
         totals: dict[str, float] = {}
-        for chunk in chunks:
-            parts = self.compute_loss(chunk.to(self.device, non_blocking=True))
+        for x, y in chunks:
+            parts = self.compute_loss(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
             (parts["loss"] / len(chunks)).backward()
             for load, (_, moe) in zip(loads, self.moe, strict=True):
                 if moe.expert_load is not None:
@@ -219,8 +284,9 @@ class Trainer:
         self.step += 1
         seconds = time.perf_counter() - start
         metrics: dict[str, Any] = {"step": self.step, **totals, "grad_norm": grad_norm, "lr": lr}
-        metrics["tokens_per_s"] = cfg.batch_size * cfg.seq_len / seconds  # all ranks together
-        metrics["tokens"] = self.step * cfg.batch_size * cfg.seq_len
+        self.tokens += inputs.numel() * self.par.world  # all ranks together (padding included in SFT)
+        metrics["tokens_per_s"] = inputs.numel() * self.par.world / seconds
+        metrics["tokens"] = self.tokens
         used = [(name, load) for (name, _), load in zip(self.moe, loads, strict=True) if load.sum() > 0]
         metrics["max_over_mean_load"] = {n: round((ld.max() / ld.mean()).item(), 4) for n, ld in used}
         metrics["expert_load"] = {n: (ld / ld.sum()).tolist() for n, ld in used}
@@ -236,19 +302,23 @@ class Trainer:
         n = min(self.cfg.eval_batches, self.val_loader.n_windows // self.val_loader.batch_size)
         total = torch.zeros((), device=self.device)
         for _ in range(n):
-            window = self.val_loader.next_batch().to(self.device)
+            inputs, targets = self.inputs_and_targets(self.val_loader.next_batch())
             with self.autocast():
-                logits = self.forward(window[:, :-1])
-            total += lm_loss(logits, window[:, 1:]).float()
+                logits = self.forward(inputs.to(self.device))
+            total += lm_loss(logits, targets.to(self.device)).float()
         return (parallel.all_reduce_sum(total, self.par) / (n * self.par.world)).item()
 
     def samples(self) -> dict[str, str]:
         n, context = self.cfg.sample_tokens, self.cfg.seq_len
         if n <= 0:
             return {}
+        prompts = list(SAMPLE_PROMPTS)
+        if isinstance(self.loader, ChatLoader):  # fine-tuning: the first held-out (or training) conversations
+            chats = (self.val_loader or self.loader).prompts[:2]
+            prompts = [self.tokenizer.apply_chat_template(m) for m in chats]
         return {
             p: sample_text(self.model, self.tokenizer, p, n, seed=1000 * self.step + i, max_context=context)
-            for i, p in enumerate(SAMPLE_PROMPTS)
+            for i, p in enumerate(prompts)
         }
 
     # --- run folder -------------------------------------------------------------------------
@@ -260,7 +330,8 @@ class Trainer:
         """Gather the full state on every rank (collective); the first process writes it."""
         model_state, optim_state = parallel.full_state(self.model, self.optimizer, self.par)
         if self.par.is_main:
-            extra = {"loader": self.loader.state_dict(), "train_config": dataclasses.asdict(self.cfg)}
+            extra = {"loader": self.loader.state_dict(), "train_config": dataclasses.asdict(self.cfg),
+                     "tokens": self.tokens}  # fmt: skip
             state.save_checkpoint(self.checkpoint_root, self.step, model_state, optim_state, extra, self.cfg.keep)
             self.export_model(self.out / "model", model_state)
         parallel.barrier(self.par)
@@ -296,7 +367,7 @@ class Trainer:
             diffs = ", ".join(f"--{k.replace('_', '-')} {before[k]} (now {now[k]})" for k in changed)
             raise CheckpointError(f"{checkpoints[-1]} was trained with {diffs}: resume with the same settings")
         self.loader.load_state_dict(saved["loader"])
-        self.step = int(saved["step"])
+        self.step, self.tokens = int(saved["step"]), int(saved.get("tokens", 0))
 
     def _open_metrics(self) -> Any:
         path = self.out / "metrics.jsonl"

@@ -1,0 +1,281 @@
+"""GRPO with rule-based rewards (DeepSeekMath Sec. 4, DeepSeek-R1 Sec. 2.2), on a CPU.
+
+    nanoseek grpo --model runs/sft/model --task arithmetic --out runs/grpo
+
+Each step: P training problems, G completions each sampled by the engine (which shares the policy's
+weights, so rollouts always come from the current policy), rewards from the reward functions (by
+default the task's verifier plus R1's format reward, optionally with DAPO's overlong penalty),
+group-relative advantages, then mu optimizer steps on the clipped objective with a k3 KL to a frozen
+reference (not built at all when beta is 0). With dynamic sampling, groups whose rewards are all equal
+(no signal) are dropped, as DAPO does. Held-out pass@1 is measured before training, every eval_every
+steps and at the end; metrics use TRL's names.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from nanoseek.checkpoint import CheckpointError, from_pretrained
+from nanoseek.device import default_device
+from nanoseek.report import read_metrics
+from nanoseek.rl.evaluate import completion_text, evaluate
+from nanoseek.rl.grpo_loss import LOSS_TYPES, group_advantages, grpo_loss
+from nanoseek.rl.rewards import load_reward, overlong_penalty, reward_name
+from nanoseek.rl.tasks import get_task
+from nanoseek.serve.engine import Engine
+from nanoseek.serve.sampling import SamplingParams
+from nanoseek.tokenizer import load_tokenizer
+from nanoseek.train import parallel, state
+from nanoseek.train.optim import build_optimizer, lr_at
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(slots=True)
+class GRPOConfig:
+    """Every field is a `nanoseek grpo` flag of the same name in kebab case."""
+
+    model: str = _help("the policy's starting point: a model folder with its tokenizer (required)", default="")
+    task: str = _help("arithmetic, countdown, or a JSONL file of prompt/answer", default="arithmetic")
+    out: str = _help("run folder: metrics, checkpoints, the trained model", default="runs/grpo")
+    steps: int = _help("optimizer rounds (each samples a fresh batch)", default=100)
+    prompts_per_step: int = _help("problems per step (P)", default=16)
+    group_size: int = _help("completions per problem (G)", default=8)
+    max_tokens: int = _help("longest completion", default=64)
+    temperature: float = _help("sampling temperature of the rollouts", default=1.0)
+    lr: float = _help("learning rate (constant after warmup)", default=1e-4)
+    warmup_steps: int = _help("linear warmup steps", default=5)
+    beta: float = _help("weight of the k3 KL to the reference model; 0: no reference model", default=0.0)
+    epsilon: float = _help("clip range below (and above, unless --epsilon-high)", default=0.2)
+    epsilon_high: float | None = _help("clip range above (DAPO's clip-higher, e.g. 0.28)", default=None)
+    loss_type: str = _help("grpo (per-sequence mean), dapo (token-level) or dr_grpo (constant)", default="grpo")
+    scale_rewards: str = _help("group (divide by the group's std) or none (Dr. GRPO)", default="group")
+    mu: int = _help("optimizer steps per batch of rollouts (old log-probs kept for the ratio)", default=1)
+    dynamic_sampling: bool = _help("drop groups whose rewards are all equal (DAPO)", default=False)
+    overlong_buffer: int = _help("DAPO's soft overlong penalty over the last N tokens; 0: off", default=0)
+    rewards: str = _help("reward functions by dotted path, comma-separated",
+                         default="nanoseek.rl.rewards.accuracy_reward,nanoseek.rl.rewards.format_reward")  # fmt: skip
+    reward_weights: str | None = _help(
+        "weights of the reward functions, comma-separated (default: all 1)", default=None
+    )
+    grad_clip: float = _help("clip the gradient norm to this", default=1.0)
+    eval_every: int = _help("measure held-out pass@1 every N steps", default=25)
+    eval_n: int = _help("held-out problems per evaluation", default=200)
+    save_every: int = _help("checkpoint every N steps (and at the end)", default=25)
+    seed: int = _help("seed of problems and sampling", default=0)
+    resume: bool = _help("continue from the last checkpoint in --out", default=False)
+    progress: bool = _help("show a progress bar", default=True)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("nanoseek grpo needs --model DIR (best a supervised warm start, e.g. nanoseek sft)")
+        for name in ("steps", "prompts_per_step", "group_size", "max_tokens", "mu", "eval_every", "save_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.group_size < 2:
+            raise ValueError("--group-size must be at least 2: advantages compare completions of one prompt")
+        if self.loss_type not in LOSS_TYPES or self.scale_rewards not in ("group", "none"):
+            raise ValueError(f"--loss-type must be one of {LOSS_TYPES} and --scale-rewards group or none")
+        if self.beta < 0 or self.epsilon <= 0 or self.temperature <= 0:
+            raise ValueError("--beta must be >= 0, --epsilon and --temperature positive")
+
+
+def token_logprobs(
+    model, ids: torch.Tensor, start: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [N, L] (prompt then completion, right-padded); start [N] where each completion begins.
+    Returns per-position log-probabilities of the next token and the entropy, both [N, L - 1]: position
+    t scores token t + 1, so the completion's tokens sit at t >= start - 1."""
+    logits = model(ids[:, :-1]).float() / temperature
+    logprobs = logits.log_softmax(-1)
+    chosen = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return chosen, entropy
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: GRPOConfig):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.device = default_device()
+        self.task = get_task(cfg.task)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.policy = from_pretrained(cfg.model, dtype=torch.float32, device=self.device)
+        # The reference is a frozen copy of the starting policy, and only exists when the KL term does.
+        self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False) if cfg.beta > 0 else None
+        rows = cfg.prompts_per_step * cfg.group_size
+        self.engine = Engine(self.policy, self.tokenizer, device=self.device, dtype=torch.float32,
+                             max_seqs=rows, max_batched_tokens=max(512, rows * 8), cache_bytes=128 * 2**20)  # fmt: skip
+        self.optimizer = build_optimizer(self.policy, cfg.lr, 0.0, (0.9, 0.99))
+        self.par = parallel.Parallel()  # one process; checkpoints in the trainer's format
+        self.reward_paths = [p.strip() for p in cfg.rewards.split(",") if p.strip()]
+        self.reward_fns = [load_reward(p) for p in self.reward_paths]
+        weights = cfg.reward_weights.split(",") if cfg.reward_weights else ["1"] * len(self.reward_fns)
+        if len(weights) != len(self.reward_fns):
+            raise ValueError(f"--reward-weights has {len(weights)} values for {len(self.reward_fns)} reward functions")
+        self.reward_weights = [float(w) for w in weights]
+        self.train_problems = self.task.problems("train", min(cfg.steps * cfg.prompts_per_step, 20_000), cfg.seed)
+        self.test_problems = self.task.problems("test", cfg.eval_n, cfg.seed) if cfg.eval_n else []
+        self.step = 0
+
+    # --- rollouts and rewards --------------------------------------------------------------------
+    def rollouts(self, problems) -> tuple[list[list[int]], list[list[int]], list[str]]:
+        cfg = self.cfg
+        prompts = [self.tokenizer.apply_chat_template(p.messages(), tokenize=True) for p in problems]
+        requests = [ids for ids in prompts for _ in range(cfg.group_size)]
+        seeds = [cfg.seed * 1_000_003 + self.step * 10_000 + i for i in range(len(requests))]
+        params = [SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=s) for s in seeds]
+        self.policy.eval()
+        self.engine.reset_prefix_cache()  # cached latents came from the weights before the last update
+        outputs = self.engine.generate(requests, params)
+        completions = [o.token_ids for o in outputs]
+        return requests, completions, [completion_text(self.engine, c) for c in completions]
+
+    def score(self, problems, completions: list[list[int]], texts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Rewards [P, G] and each function's mean."""
+        cfg, g = self.cfg, self.cfg.group_size
+        parts = torch.tensor(
+            [[fn(text, problems[i // g], self.task) for fn in self.reward_fns] for i, text in enumerate(texts)]
+        )  # fmt: skip  [P*G, F]
+        total = parts @ torch.tensor(self.reward_weights)
+        if cfg.overlong_buffer:
+            total += torch.tensor([overlong_penalty(len(c), cfg.max_tokens, cfg.overlong_buffer) for c in completions])
+        means = {f"rewards/{reward_name(p)}/mean": parts[:, i].mean().item() for i, p in enumerate(self.reward_paths)}
+        return total.view(-1, g), means
+
+    # --- one step --------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        cfg, start = self.cfg, time.perf_counter()
+        first = (self.step * cfg.prompts_per_step) % len(self.train_problems)
+        problems = (self.train_problems * 2)[first : first + cfg.prompts_per_step]
+        prompts, completions, texts = self.rollouts(problems)
+        rewards, reward_means = self.score(problems, completions, texts)
+        advantages = group_advantages(rewards, cfg.scale_rewards)  # [P, G]
+        zero_std = rewards.std(dim=1) == 0
+        keep = (
+            (~zero_std).repeat_interleave(cfg.group_size)
+            if cfg.dynamic_sampling
+            else torch.ones(len(texts), dtype=torch.bool)
+        )
+        metrics: dict[str, Any] = {
+            "step": self.step + 1,
+            "reward": rewards.mean().item(),
+            "reward_std": rewards.std(dim=1).mean().item(),
+            **reward_means,
+            "frac_reward_zero_std": zero_std.float().mean().item(),
+            "completions/mean_length": sum(map(len, completions)) / len(completions),
+            "completions/clipped_ratio": sum(len(c) >= cfg.max_tokens for c in completions) / len(completions),
+        }
+        rows = keep.nonzero().flatten().tolist()
+        lr = lr_at(self.step, cfg.steps, cfg.lr, cfg.warmup_steps, "wsd", 1.0)
+        if rows:
+            metrics |= self.update([prompts[i] for i in rows], [completions[i] for i in rows],
+                                   advantages.flatten()[rows], lr)  # fmt: skip
+        self.step += 1
+        metrics |= {"lr": lr, "seconds": time.perf_counter() - start, "samples": {"completion": texts[0][:200]}}
+        return metrics
+
+    def update(self, prompts: list[list[int]], completions: list[list[int]], advantages: torch.Tensor,
+               lr: float) -> dict[str, float]:  # fmt: skip
+        cfg = self.cfg
+        width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+        ids = torch.full((len(prompts), width), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width - 1)  # over next-token positions
+        for row, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            ids[row, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[row, len(p) - 1 : len(p) + len(c) - 1] = 1
+        ids, mask, advantages = ids.to(self.device), mask.to(self.device), advantages.to(self.device)
+        start = torch.tensor([len(p) for p in prompts])
+        self.policy.train()
+        with torch.no_grad():
+            old = token_logprobs(self.policy, ids, start, cfg.temperature)[0] if cfg.mu > 1 else None
+            ref = token_logprobs(self.reference, ids, start, cfg.temperature)[0] if self.reference else None
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        stats: dict[str, float] = {}
+        for _ in range(cfg.mu):
+            logp, entropy = token_logprobs(self.policy, ids, start, cfg.temperature)
+            loss, stats = grpo_loss(
+                logp, logp.detach() if old is None else old, advantages, mask, ref_logp=ref, beta=cfg.beta,
+                epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type, max_tokens=cfg.max_tokens,
+            )  # fmt: skip
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip).item()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        entropy = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
+        return {"loss": loss.item(), **stats, "entropy": entropy, "grad_norm": grad_norm}
+
+    def evaluate(self) -> float:
+        self.policy.eval()
+        self.engine.reset_prefix_cache()
+        return evaluate(self.engine, self.task, self.test_problems, max_tokens=self.cfg.max_tokens).pass_at_1
+
+    # --- run folder ------------------------------------------------------------------------------
+    def save(self) -> None:
+        """A resumable checkpoint, and the policy as a model folder (swapped in whole)."""
+        extra = {"grpo_config": dataclasses.asdict(self.cfg)}
+        model_state, optim_state = parallel.full_state(self.policy, self.optimizer, self.par)
+        state.save_checkpoint(self.out / "checkpoints", self.step, model_state, optim_state, extra, keep=2)
+        target, tmp, old = self.out / "model", self.out / "model.tmp", self.out / "model.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.policy.save_pretrained(str(tmp))
+        self.tokenizer.save(tmp)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self) -> None:
+        checkpoints = state.list_checkpoints(self.out / "checkpoints")
+        if not checkpoints:
+            raise CheckpointError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+        model_state, optim_state, saved = state.load_checkpoint(checkpoints[-1])
+        parallel.load_full_state(self.policy, self.optimizer, model_state, optim_state, self.par)
+        self.step = int(saved["step"])
+
+    def fit(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            self.restore()
+        elif state.list_checkpoints(self.out / "checkpoints"):
+            raise CheckpointError(f"{self.out} already holds checkpoints: pass --resume, or pick a new --out")
+        (self.out / "grpo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        path = self.out / "metrics.jsonl"
+        kept = [m for m in read_metrics(self.out) if m["step"] <= self.step] if cfg.resume and path.exists() else []
+        path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        history = []
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="grpo", unit="step", disable=not cfg.progress)
+        with open(path, "a") as log:
+            if self.step == 0 and self.test_problems:
+                before = {"step": 0, "eval/pass_at_1": self.evaluate()}
+                bar.write(f"step 0 | held-out pass@1 {before['eval/pass_at_1']:.3f}")
+                log.write(json.dumps(before) + "\n")
+                history.append(before)
+            while self.step < cfg.steps:
+                metrics = self.train_step()
+                if self.test_problems and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    metrics["eval/pass_at_1"] = self.evaluate()
+                    bar.write(f"step {self.step} | held-out pass@1 {metrics['eval/pass_at_1']:.3f}")
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                history.append(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", len=f"{metrics['completions/mean_length']:.0f}")
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save()
+        bar.close()
+        return history

@@ -1,0 +1,224 @@
+"""Verifiable tasks: problems generated from a seed, with disjoint train and test splits, and a verifier.
+
+    nanoseek task write --task arithmetic --split train --n 2000 --solutions --out arith.jsonl
+
+Built in: `arithmetic` (multi-digit addition and subtraction, with a digit-by-digit worked solution for
+supervised warm starts) and `countdown` (TinyZero's: reach a target from 3-4 numbers, each used once,
+with + - * /; reward 1 if right, 0.1 if well formed but wrong, 0 otherwise). Any JSONL file with
+"prompt" and "answer" per line is a task too (exact, or numeric, match). Replies follow R1's format,
+`<think>reasoning</think><answer>answer</answer>`; a problem lands in the test split by a hash of its
+content, so no seed can leak a test problem into training.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import operator
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+INSTRUCTION = "Think step by step inside <think></think>, then give the result inside <answer></answer>."
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def extract_answer(completion: str) -> str | None:
+    """The content of the last <answer>...</answer>, stripped; None if there is none."""
+    found = ANSWER.findall(completion)
+    return found[-1].strip() if found else None
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    question: str  # what the user asks
+    answer: str  # the reference answer
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": f"{self.question} {INSTRUCTION}"}]
+
+
+def in_test_split(key: str, permille: int = 100) -> bool:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "big") % 1000 < permille
+
+
+class Task:
+    name = "task"
+
+    def problems(self, split: str, n: int, seed: int = 0) -> list[Problem]:
+        """n distinct problems of a split ('train' or 'test'), the same for the same seed."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be train or test, got {split!r}")
+        rng, seen, out = random.Random(f"{self.name}/{split}/{seed}"), set(), []
+        for _ in range(200 * n + 1000):
+            problem = self.generate(rng)
+            if problem.question in seen or in_test_split(problem.question) != (split == "test"):
+                continue
+            seen.add(problem.question)
+            out.append(problem)
+            if len(out) == n:
+                return out
+        raise ValueError(f"{self.name}: only {len(out)} distinct {split} problems exist, asked for {n}")
+
+    def generate(self, rng: random.Random) -> Problem:
+        raise NotImplementedError
+
+    def verify(self, problem: Problem, completion: str) -> float:
+        """The accuracy reward of a completion, in [0, 1]."""
+        answer = extract_answer(completion)
+        return float(answer is not None and same_value(answer, problem.answer))
+
+    def solution(self, problem: Problem) -> str:
+        """A correct reply in the R1 format (for supervised warm starts)."""
+        return f"<think>The answer is {problem.answer}.</think><answer>{problem.answer}</answer>"
+
+
+def same_value(given: str, expected: str) -> bool:
+    if given == expected:
+        return True
+    try:
+        return abs(float(given.replace(",", "")) - float(expected)) < 1e-6
+    except ValueError:
+        return False
+
+
+@dataclass
+class Arithmetic(Task):
+    """a + b or a - b with `digits`-digit operands."""
+
+    digits: int = 2
+    name = "arithmetic"
+
+    def generate(self, rng: random.Random) -> Problem:
+        low, high = 10 ** (self.digits - 1), 10**self.digits - 1
+        a, b, op = rng.randint(low, high), rng.randint(low, high), rng.choice("+-")
+        if op == "-" and b > a:
+            a, b = b, a
+        value = a + b if op == "+" else a - b
+        return Problem(f"What is {a} {op} {b}?", str(value), {"a": a, "b": b, "op": op})
+
+    def solution(self, problem: Problem) -> str:
+        """Column arithmetic, one digit at a time from the right, with carries or borrows."""
+        a, b, op = problem.meta["a"], problem.meta["b"], problem.meta["op"]
+        xs, ys = str(a)[::-1], str(b)[::-1].ljust(len(str(a)), "0")
+        steps, carry, digits = [], 0, []
+        for x, y in zip(xs, ys, strict=False):
+            x, y = int(x), int(y)
+            if op == "+":
+                total = x + y + carry
+                steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}")
+                digits.append(total % 10)
+                carry = total // 10
+            else:
+                total = x - y - carry
+                borrow = total < 0
+                steps.append(f"{x}-{y}" + (f"-{carry}" if carry else "") + f"={total}" + (" borrow" if borrow else ""))
+                digits.append(total + 10 if borrow else total)
+                carry = int(borrow)
+        if op == "+" and carry:
+            digits.append(carry)
+        result = int("".join(map(str, reversed(digits))))
+        return f"<think>{', '.join(steps)}, so {a} {op} {b} = {result}.</think><answer>{result}</answer>"
+
+
+OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def evaluate_expression(text: str) -> tuple[float, list[int]] | None:
+    """Safely evaluate + - * / and parentheses over integers; (value, the integers used) or None."""
+    try:
+        tree = ast.parse(text.replace("×", "*").replace("÷", "/"), mode="eval").body
+    except SyntaxError:
+        return None
+    used: list[int] = []
+
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+            used.append(node.value)
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in OPS:
+            return OPS[type(node.op)](value(node.left), value(node.right))
+        raise ValueError("only integers, + - * / and parentheses")
+
+    try:
+        return value(tree), used
+    except (ValueError, ZeroDivisionError, RecursionError):
+        return None
+
+
+@dataclass
+class Countdown(Task):
+    """Reach the target with every number used exactly once (TinyZero's task and reward)."""
+
+    min_numbers: int = 3
+    max_numbers: int = 4
+    name = "countdown"
+
+    def generate(self, rng: random.Random) -> Problem:
+        while True:
+            numbers = [rng.randint(1, 99) for _ in range(rng.randint(self.min_numbers, self.max_numbers))]
+            expr, value = str(numbers[0]), numbers[0]
+            for x in numbers[1:]:  # a random left-to-right expression gives a reachable target
+                op = rng.choice("+-*/" if x and value % x == 0 else "+-*")
+                expr, value = f"({expr} {op} {x})", {"+": value + x, "-": value - x, "*": value * x,
+                                                     "/": value // x if x else value}[op]  # fmt: skip
+            if 1 <= value <= 100:
+                question = f"Using the numbers {numbers}, create an equation that equals {value}. " \
+                           "Use + - * / and each number exactly once."  # fmt: skip
+                return Problem(question, expr, {"numbers": numbers, "target": value})
+
+    def verify(self, problem: Problem, completion: str) -> float:
+        answer = extract_answer(completion)
+        if answer is None:
+            return 0.0
+        result = evaluate_expression(answer.split("=")[0])
+        if result is None:
+            return 0.1
+        value, used = result
+        right = sorted(used) == sorted(problem.meta["numbers"]) and abs(value - problem.meta["target"]) < 1e-5
+        return 1.0 if right else 0.1
+
+    def solution(self, problem: Problem) -> str:
+        return f"<think>Combine the numbers step by step.</think><answer>{problem.answer}</answer>"
+
+
+@dataclass
+class FileTask(Task):
+    """Problems from a JSONL file with "prompt" and "answer"; the test split is chosen by hash."""
+
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = Path(self.path).stem
+        self.items = []
+        for number, line in enumerate(Path(self.path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                self.items.append(Problem(str(row["prompt"]), str(row["answer"])))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{self.path}:{number}: expected a JSON object with prompt and answer ({e})") from e
+        if not self.items:
+            raise ValueError(f"{self.path} holds no problems")
+
+    def problems(self, split: str, n: int, seed: int = 0) -> list[Problem]:
+        pool = [p for p in self.items if in_test_split(p.question) == (split == "test")]
+        if len(pool) < n:
+            raise ValueError(f"{self.path}: {len(pool)} {split} problems, asked for {n}")
+        return random.Random(seed).sample(pool, n)
+
+
+TASKS = {"arithmetic": Arithmetic, "countdown": Countdown}
+
+
+def get_task(name: str) -> Task:
+    """A built-in task by name, or a JSONL file of problems."""
+    if name in TASKS:
+        return TASKS[name]()
+    if name.endswith(".jsonl") and Path(name).is_file():
+        return FileTask(path=name)
+    raise ValueError(f"unknown task {name!r}: use one of {sorted(TASKS)} or a .jsonl file with prompt and answer")
