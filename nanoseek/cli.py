@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config import PRESETS, ModelConfig, get_preset
-from nanoseek.cost import all_to_all_bytes_per_token, model_stats
+from nanoseek.cost import GPUS, all_to_all_bytes_per_token, model_stats
 
 
 def _human(n: float, unit: str = "") -> str:
     for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
+    return f"{n:.3g}{unit}"
 
 
 def _config_from_args(args: argparse.Namespace) -> ModelConfig:
@@ -69,6 +69,83 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from nanoseek.cost import (
+        V3_PHASES,
+        V3_REPORTED_HOURS,
+        flops_per_token,
+        gpu_hours,
+        parse_count,
+        serving_footprint,  # fmt: skip
+        v3_implied_mfu,
+    )
+    from nanoseek.serve.billing import PriceTable
+
+    cfg = _config_from_args(args)
+    gpu, stats = GPUS[args.gpu], model_stats(cfg)
+    mfu = args.mfu if args.mfu is not None else v3_implied_mfu(get_preset("v3-671b"))
+    if not 0 < mfu <= 1:
+        raise ValueError("--mfu must lie in (0, 1]")
+    phases = list(V3_PHASES) if args.v3_report else [("training", parse_count(args.tokens), args.seq_len)]
+    rows = []
+    for name, tokens, seq in phases:
+        per_token = flops_per_token(cfg, seq)
+        hours = gpu_hours(per_token.total * tokens, gpu, mfu)
+        rows.append({"phase": name, "tokens": tokens, "seq_len": seq, "flops_per_token": per_token.total,
+                     "gpu_hours": hours, "dollars": hours * args.price_per_gpu_hour})  # fmt: skip
+    post = V3_REPORTED_HOURS["post-training"] if args.v3_report else 0.0
+    total_hours = sum(r["gpu_hours"] for r in rows) + post
+    serving = serving_footprint(cfg, gpu, args.context_len, args.gpus_per_node)
+    prices = PriceTable.parse(args.prices, args.currency)
+    inputs, outputs = parse_count(args.input_tokens), parse_count(args.output_tokens)
+    hit = round(inputs * args.hit_rate)
+    api = prices.cost(hit, round(inputs) - hit, round(outputs))
+    result = {
+        "params_total": stats.params_total, "params_active": stats.params_active, "params_mtp": stats.params_mtp,
+        "gpu": gpu.name, "mfu": mfu, "price_per_gpu_hour": args.price_per_gpu_hour, "phases": rows,
+        "post_training_gpu_hours": post, "total_gpu_hours": total_hours,
+        "total_dollars": total_hours * args.price_per_gpu_hour,
+        "inference": {"flops_per_token": flops_per_token(cfg, args.context_len, training=False, mtp=False).total,
+                      "weight_bytes": serving.weight_bytes, "kv_bytes_per_token": serving.kv_bytes_per_token,
+                      "context_len": serving.context_len, "gpus_per_node": serving.gpus_per_node,
+                      "contexts_per_node": serving.contexts_per_node},
+        "api": {"input_tokens": inputs, "output_tokens": outputs, "hit_rate": args.hit_rate,
+                "price": float(api), "currency": prices.currency},
+    }  # fmt: skip
+    if args.v3_report:
+        result["reported_gpu_hours"] = V3_REPORTED_HOURS["total"]
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.preset or args.model}: {_human(stats.params_total)} parameters, {_human(stats.params_active)} "
+          f"active per token, MTP {_human(stats.params_mtp)}")  # fmt: skip
+    implied = " (DeepSeek-V3's own, implied by its report)" if args.mfu is None else ""
+    print(f"training on {gpu.name} at {mfu:.1%} MFU of its {gpu.bf16_flops / 1e12:.0f} TFLOP/s BF16 peak{implied}:")
+    for r in rows:
+        print(f"  {r['phase']:<23} {_human(r['tokens']):>7} tokens @ {r['seq_len']:>6}: {r['flops_per_token']:9.3g} "
+              f"FLOP/token  {_human(r['gpu_hours']):>8} GPU-h  ${_human(r['dollars'])}")  # fmt: skip
+    if post:
+        print(f"  {'post-training':<23} as reported: {_human(post)} GPU-h")
+    dollars = total_hours * args.price_per_gpu_hour
+    print(f"  total {_human(total_hours)} GPU-hours, ${_human(dollars)} at ${args.price_per_gpu_hour}/GPU-hour")
+    if args.v3_report:
+        reported = V3_REPORTED_HOURS["total"]
+        print(f"  DeepSeek-V3 reports {_human(reported)} GPU-hours (${_human(reported * 2)} at $2): "
+              f"{total_hours / reported - 1:+.1%}")  # fmt: skip
+    kv = serving.kv_bytes_per_token
+    print(f"serving: weights {serving.weight_bytes / 1e9:.3g} GB (FP8 + block scales); KV bytes/token MLA "
+          f"{kv['mla']:,} | GQA-8 {kv['gqa']:,} | MHA {kv['mha']:,}")  # fmt: skip
+    node = f"{serving.gpus_per_node} x {gpu.name}"
+    if serving.weight_bytes > serving.gpus_per_node * gpu.memory_bytes:
+        print(f"  the weights alone exceed {node}: serve across more GPUs (--gpus-per-node)")
+    else:
+        fits = ", ".join(f"{k.upper()} {v:,}" for k, v in serving.contexts_per_node.items())
+        print(f"  {serving.context_len}-token contexts that fit {node} beside the weights: {fits}")
+    print(f"API: {_human(inputs)} input tokens at {args.hit_rate:.0%} cache hits + {_human(outputs)} output "
+          f"tokens = {api:.4f} {prices.currency}")  # fmt: skip
     return 0
 
 
@@ -336,6 +413,34 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--ep", type=int, default=1, metavar="E", help="also the all-to-all bytes per token at EP=E")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
+
+    cost = commands.add_parser(
+        "cost",
+        help="FLOPs, GPU-hours and dollars to train a config; serving memory; API prices",
+        description="Training cost from a config: FLOPs per token (MLA attention, activated MoE weights, MTP), "
+        "GPU-hours and money at an MFU; serving: weight bytes, latent KV bytes per token, contexts per node; "
+        "and the API price of a workload at a cache-hit rate.",
+        epilog="DeepSeek-V3's budget: nanoseek cost --preset v3-671b --v3-report",
+    )
+    source = cost.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=sorted(PRESETS), default="v3-671b", help="a built-in config")
+    source.add_argument("--model", metavar="DIR", help="a folder with a DeepSeek-V3 config.json")
+    cost.add_argument("--tokens", default="14.8T", help="training tokens (default: 14.8T)")
+    cost.add_argument("--seq-len", type=int, default=4096, help="training sequence length (default: 4096)")
+    cost.add_argument("--gpu", choices=sorted(GPUS), default="h800")
+    cost.add_argument("--mfu", type=float, help="model FLOPs utilisation of BF16 peak (default: V3's implied)")
+    cost.add_argument("--price-per-gpu-hour", type=float, default=2.0, help="rental, dollars (default: 2, V3's)")
+    cost.add_argument("--v3-report", action="store_true", help="DeepSeek-V3's phases (pre-training, 32K and 128K "
+                      "context extension) against its reported 2,788K GPU-hours")  # fmt: skip
+    cost.add_argument("--context-len", type=int, default=32768, help="serving context length (default: 32768)")
+    cost.add_argument("--gpus-per-node", type=int, default=8)
+    cost.add_argument("--input-tokens", default="1M", help="API workload input tokens (default: 1M)")
+    cost.add_argument("--output-tokens", default="1M", help="API workload output tokens (default: 1M)")
+    cost.add_argument("--hit-rate", type=float, default=0.5, help="share of input tokens that hit the cache")
+    cost.add_argument("--prices", default="0.5,2,8", help="per million tokens: cache hit, miss, output")
+    cost.add_argument("--currency", default="CNY")
+    cost.add_argument("--json", action="store_true")
+    cost.set_defaults(func=cmd_cost)
 
     tok = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer").add_subparsers(
         dest="action", required=True, metavar="ACTION"

@@ -1,7 +1,15 @@
-"""Model arithmetic from a config alone (no weights): parameter counts and KV-cache bytes per token.
+"""Model arithmetic from a config alone (no weights): parameters, KV-cache bytes, FLOPs per token, and
+what training and serving cost on rented GPUs.
+
+    nanoseek cost --preset v3-671b --tokens 14.8T --gpu h800      # GPU-hours and dollars at an MFU
+    nanoseek cost --preset v3-671b --v3-report                    # DeepSeek-V3's published budget, rebuilt
 
 Counts follow the V3 paper's convention: the main model without the MTP modules (671B total, 37B
-activated per token for DeepSeek-V3). The balancing bias is a buffer, not a parameter.
+activated per token for DeepSeek-V3). The balancing bias is a buffer, not a parameter. Training FLOPs
+per token are 3x the forward pass (forward + backward): 2 x every activated weight used in a matmul
+(the embedding lookup is not one; the output head is), plus causal attention, H x (d_qk + d_v) x seq
+per layer and token, plus the MTP modules. MFU is measured against the GPU's dense BF16 peak, the
+usual convention, whatever precision the GEMMs run in.
 """
 
 from __future__ import annotations
@@ -50,15 +58,17 @@ class ModelStats:
         return asdict(self)
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2, attention: str = "mla") -> int:
-    """Bytes cached per token over all layers: MLA keeps the latent plus the shared RoPE key;
-    MHA keeps full keys (nope + rope) and values for every head."""
+def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2, attention: str = "mla", kv_heads: int = 8) -> int:
+    """Bytes cached per token over all layers: MLA keeps the latent plus the shared RoPE key; MHA keeps
+    full keys (nope + rope) and values for every head; GQA the same for kv_heads shared heads."""
     if attention == "mla":
         per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     elif attention == "mha":
         per_layer = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    elif attention == "gqa":
+        per_layer = min(kv_heads, cfg.num_attention_heads) * (cfg.qk_head_dim + cfg.v_head_dim)
     else:
-        raise ValueError(f"attention must be 'mla' or 'mha', got {attention!r}")
+        raise ValueError(f"attention must be 'mla', 'mha' or 'gqa', got {attention!r}")
     return per_layer * cfg.num_hidden_layers * dtype_bytes
 
 
@@ -97,3 +107,104 @@ def model_stats(cfg: ModelConfig, dtype_bytes: int = 2) -> ModelStats:
         kv_bytes_per_token_mha=kv_bytes_per_token(cfg, dtype_bytes, "mha"),
         kv_dtype_bytes=dtype_bytes,
     )
+
+
+# --- FLOPs, GPU-hours and money ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class GPU:
+    name: str
+    bf16_flops: float  # dense peak, no sparsity
+    fp8_flops: float | None
+    memory_bytes: float
+
+
+GPUS = {  # NVIDIA's datasheet peaks (SXM parts)
+    "h800": GPU("H800 SXM", 989.4e12, 1978.9e12, 80e9),
+    "h100": GPU("H100 SXM", 989.4e12, 1978.9e12, 80e9),
+    "h200": GPU("H200 SXM", 989.4e12, 1978.9e12, 141e9),
+    "a100": GPU("A100 SXM 80GB", 312e12, None, 80e9),
+}
+
+
+@dataclass(slots=True)
+class Flops:
+    """FLOPs per token, split by where they go."""
+
+    matmul: float
+    attention: float
+    mtp: float
+    training: bool
+
+    @property
+    def total(self) -> float:
+        return self.matmul + self.attention + self.mtp
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True, mtp: bool = True) -> Flops:
+    """FLOPs for one token of a sequence of seq_len (causal attention sees seq_len / 2 keys on average)."""
+    h, v = cfg.hidden_size, cfg.vocab_size
+    stats = model_stats(cfg)
+    matmul_params = stats.params_active - (0 if cfg.tie_word_embeddings else v * h)  # the lookup is no matmul
+    attention = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len  # 2 x H x d x seq / 2
+    depth = cfg.num_nextn_predict_layers if mtp else 0
+    mtp_block = layer_params(cfg, cfg.num_hidden_layers)[1] + 2 * h * h + v * h  # block, eh_proj, shared head
+    scale = 3 if training else 1
+    return Flops(scale * 2 * matmul_params, scale * cfg.num_hidden_layers * attention,
+                 scale * depth * (2 * mtp_block + attention), training)  # fmt: skip
+
+
+def parse_count(text: str | float) -> float:
+    """'14.8T', '61.4B', '500M', '2k' or a plain number."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    units = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+    text = text.strip().lower()
+    try:
+        return float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise ValueError(f"not a count: {text!r} (use e.g. 14.8T, 61.4B, 500M)") from None
+
+
+def gpu_hours(total_flops: float, gpu: GPU, mfu: float) -> float:
+    return total_flops / (gpu.bf16_flops * mfu) / 3600
+
+
+# DeepSeek-V3 technical report, Table 1 and Sec. 4: pretraining on 14.8T tokens at 4K, then two
+# context-extension phases of 1000 steps each (32K x 1920 sequences, 128K x 480 sequences).
+V3_PHASES = (("pre-training", 14.8e12, 4096), ("context extension 32K", 1000 * 1920 * 32768, 32768),
+             ("context extension 128K", 1000 * 480 * 131072, 131072))  # fmt: skip
+V3_REPORTED_HOURS = {"pre-training": 2664e3, "context extension": 119e3, "post-training": 5e3, "total": 2788e3}
+
+
+def v3_implied_mfu(cfg: ModelConfig) -> float:
+    """The MFU (of H800 BF16 peak) at which our FLOPs reproduce V3's 2,664K pre-training GPU-hours."""
+    _, tokens, seq = V3_PHASES[0]
+    return (
+        flops_per_token(cfg, seq).total * tokens / (V3_REPORTED_HOURS["pre-training"] * 3600 * GPUS["h800"].bf16_flops)
+    )
+
+
+@dataclass(slots=True)
+class Serving:
+    weight_bytes: float
+    kv_bytes_per_token: dict[str, int]  # mla, mha, gqa
+    contexts_per_node: dict[str, int]  # at context_len, on gpus_per_node GPUs, after the weights
+    context_len: int
+    gpus_per_node: int
+
+
+FP8_BYTES_PER_PARAM = 1 + 4 / (128 * 128)  # E4M3 weights with one fp32 scale per 128x128 block
+
+
+def serving_footprint(
+    cfg: ModelConfig, gpu: GPU, context_len: int = 32768, gpus_per_node: int = 8,
+    weight_bytes_per_param: float = FP8_BYTES_PER_PARAM, kv_dtype_bytes: int = 2,
+) -> Serving:  # fmt: skip
+    """Weights (default FP8 with one fp32 scale per 128x128 block, as DeepSeek ships V3) and how many
+    contexts of context_len fit in the rest of a node's memory, per attention kind."""
+    stats = model_stats(cfg)
+    weights = (stats.params_total + stats.params_mtp) * weight_bytes_per_param
+    kv = {kind: kv_bytes_per_token(cfg, kv_dtype_bytes, kind) for kind in ("mla", "gqa", "mha")}
+    free = gpus_per_node * gpu.memory_bytes - weights
+    contexts = {kind: max(0, int(free // (b * context_len))) for kind, b in kv.items()}
+    return Serving(weights, kv, contexts, context_len, gpus_per_node)

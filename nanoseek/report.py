@@ -1,4 +1,5 @@
-"""Plots of a run folder: `nanoseek plot DIR` writes loss.png and expert_load.png from metrics.jsonl."""
+"""Plots of a run folder: `nanoseek plot DIR` writes loss.png and expert_load.png (training runs) or
+reward.png (GRPO runs) from metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     metrics = read_metrics(run)
     if not metrics:
         raise ValueError(f"{run}/metrics.jsonl is empty: train for at least one step")
+    if any("reward" in m for m in metrics):
+        return [plot_rewards(run, metrics)]
     steps = [m["step"] for m in metrics]
     written = []
 
@@ -75,3 +78,27 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
+
+
+def plot_rewards(run: Path, metrics: list[dict[str, Any]]) -> Path:
+    """GRPO: the mean reward and each reward function's mean per step, and held-out pass@1."""
+    import matplotlib.pyplot as plt
+
+    rows = [m for m in metrics if "reward" in m]
+    steps = [m["step"] for m in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [m["reward"] for m in rows], alpha=0.3, color="C0")
+    ax.plot(steps, _smooth([m["reward"] for m in rows], 0.8), color="C0", label="reward (sum)")
+    names = [k for k in rows[-1] if k.startswith("rewards/") and k.endswith("/mean")]
+    for i, name in enumerate(names, 1):
+        ax.plot(steps, _smooth([m[name] for m in rows], 0.8), color=f"C{i}", label=name.split("/")[1])
+    evals = [(m["step"], m["eval/pass_at_1"]) for m in metrics if "eval/pass_at_1" in m]
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "s--", color="k", label="held-out pass@1 (greedy)")
+    ax.set(xlabel="step", ylabel="reward / accuracy", title=f"GRPO: {run.name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run / "reward.png", dpi=120)
+    plt.close(fig)
+    return run / "reward.png"

@@ -40,8 +40,8 @@ def test_active_parameters_count_only_chosen_experts():
 
 
 def test_unknown_attention_kind_is_refused():
-    with pytest.raises(ValueError, match="'mla' or 'mha'"):
-        kv_bytes_per_token(get_preset("tiny"), attention="gqa")
+    with pytest.raises(ValueError, match="'mla', 'mha' or 'gqa'"):
+        kv_bytes_per_token(get_preset("tiny"), attention="mqa")
 
 
 def test_all_to_all_bytes_follow_the_config():
@@ -54,3 +54,50 @@ def test_all_to_all_bytes_follow_the_config():
     assert v3 == pytest.approx(58 * 8 * 7168 * 63 / 64 * (1 + 4 / 128 + 2))
     with pytest.raises(ValueError, match="divide"):
         all_to_all_bytes_per_token(tiny, ep=3)
+
+
+def test_flops_per_token_by_hand():
+    from nanoseek.cost import flops_per_token
+
+    cfg = get_preset("v3-671b")
+    f = flops_per_token(cfg, 4096)
+    embedding = 129_280 * 7168  # the lookup is not a matmul; the (untied) head is
+    assert f.matmul == 3 * 2 * (model_stats(cfg).params_active - embedding)
+    assert f.attention == 3 * 61 * 128 * (192 + 128) * 4096 == 30_702_305_280  # QK and AV over 2048 keys on average
+    assert f.total / 1e9 == pytest.approx(260.6, abs=0.1)
+    forward = flops_per_token(cfg, 4096, training=False, mtp=False)
+    assert forward.total * 3 == f.matmul + f.attention and forward.mtp == 0
+
+
+def test_gpu_hours_tokens_and_api_price_by_hand():
+    from decimal import Decimal
+
+    from nanoseek.cost import GPUS, gpu_hours, parse_count, serving_footprint
+    from nanoseek.serve.billing import PriceTable
+
+    assert parse_count("14.8T") == 14.8e12 and parse_count("61.4B") == 61.4e9 and parse_count("2k") == 2000
+    with pytest.raises(ValueError, match="not a count"):
+        parse_count("lots")
+    h100 = GPUS["h100"]
+    assert gpu_hours(h100.bf16_flops * 3600 * 0.5, h100, 0.5) == pytest.approx(1.0)  # one hour at 50% MFU
+    tiny = get_preset("tiny")
+    s = serving_footprint(tiny, h100, context_len=1000, gpus_per_node=1, weight_bytes_per_param=2)
+    stats = model_stats(tiny)
+    assert s.weight_bytes == 2 * (stats.params_total + stats.params_mtp)
+    assert s.contexts_per_node["mla"] == int((80e9 - s.weight_bytes) // (384 * 1000))
+    assert PriceTable().cost(500_000, 500_000, 1_000_000) == Decimal("9.25")  # 0.25 + 1 + 8 yuan
+
+
+def test_the_v3_report_is_reproduced_within_five_percent(capsys):
+    import json
+
+    from nanoseek.cli import main
+
+    assert main(["cost", "--preset", "v3-671b", "--v3-report", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total_gpu_hours"] == pytest.approx(2_788e3, rel=0.05)  # 2,788K H800 GPU-hours
+    assert out["total_dollars"] == pytest.approx(5.576e6, rel=0.05)  # $5.576M at $2 per GPU-hour
+    assert out["phases"][0]["gpu_hours"] == pytest.approx(2_664e3, rel=1e-6)  # the calibration phase itself
+    assert 0.3 < out["mfu"] < 0.5
+    ext = sum(p["gpu_hours"] for p in out["phases"][1:])
+    assert 0.5 * 119e3 < ext < 119e3  # long-context attention at the same MFU: cheaper than reported

@@ -1,6 +1,7 @@
 """GRPO's objective against hand-computed numbers, the reward functions and tasks, and a short GRPO run
 that raises the reward."""
 
+import json
 import math
 
 import pytest
@@ -117,6 +118,29 @@ def test_beta_zero_builds_no_reference_and_a_short_run_raises_the_reward(tmp_pat
                  "completions/mean_length", "entropy"):  # fmt: skip
         assert name in history[-1]
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+    from nanoseek.report import plot_run
+
+    assert [p.name for p in plot_run(tmp_path / "run")] == ["reward.png"]
     with_kl = GRPOTrainer(GRPOConfig(model=str(model), out=str(tmp_path / "kl"), beta=0.04, steps=1, eval_n=0,
                                      progress=False))  # fmt: skip
     assert with_kl.reference is not None and not any(p.requires_grad for p in with_kl.reference.parameters())
+
+
+def test_a_grpo_run_resumes_from_its_last_checkpoint(tmp_path, tokenizer):
+    from nanoseek.checkpoint import CheckpointError
+    from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
+
+    model = make_model_dir(tmp_path / "model", tokenizer)
+    options = dict(model=str(model), out=str(tmp_path / "run"), prompts_per_step=2, group_size=2, max_tokens=4,
+                   eval_n=0, save_every=1, progress=False, rewards="test_grpo.digit_reward")  # fmt: skip
+    GRPOTrainer(GRPOConfig(steps=2, **options)).fit()
+    with pytest.raises(CheckpointError, match="--resume"):
+        GRPOTrainer(GRPOConfig(steps=3, **options)).fit()
+    resumed = GRPOTrainer(GRPOConfig(steps=3, resume=True, **options))
+    history = resumed.fit()
+    assert [m["step"] for m in history] == [3]
+    assert [m["step"] for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())] == [
+        1,
+        2,
+        3,
+    ]

@@ -56,7 +56,7 @@ class GRPOConfig:
     group_size: int = _help("completions per problem (G)", default=8)
     max_tokens: int = _help("longest completion", default=64)
     temperature: float = _help("sampling temperature of the rollouts", default=1.0)
-    lr: float = _help("learning rate (constant after warmup)", default=1e-4)
+    lr: float = _help("learning rate (constant after warmup); Adam moves every weight by about this", default=2e-5)
     warmup_steps: int = _help("linear warmup steps", default=5)
     beta: float = _help("weight of the k3 KL to the reference model; 0: no reference model", default=0.0)
     epsilon: float = _help("clip range below (and above, unless --epsilon-high)", default=0.2)
