@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 from nanoseek.rl.distill import write_traces
-from nanoseek.rl.evaluate import evaluate
+from nanoseek.rl.evaluate import batch_engine, evaluate
 from nanoseek.rl.tasks import get_task
-from nanoseek.serve import Engine
 from nanoseek.train.trainer import TrainConfig, Trainer
 
 
@@ -36,24 +35,27 @@ def main() -> None:
     args = parser.parse_args()
     task = get_task(args.task)
     train, test = task.problems("train", args.n_train, seed=1), task.problems("test", args.n_test)
-    results = {"teacher": evaluate(Engine(args.teacher), task, test, max_tokens=96).pass_at_1}
+    results = {"teacher": evaluate(batch_engine(args.teacher), task, test, max_tokens=96).pass_at_1}
     with tempfile.TemporaryDirectory() as tmp:
         traces, answers = Path(tmp) / "traces.jsonl", Path(tmp) / "answers.jsonl"
         start = time.perf_counter()
-        stats = write_traces(Engine(args.teacher), train, task, traces, samples=args.samples, max_tokens=96)
+        stats = write_traces(batch_engine(args.teacher), train, task, traces, samples=args.samples, max_tokens=96)
         print(f"teacher: kept {stats['kept']} of {stats['prompts']} prompts in {time.perf_counter() - start:.0f} s")
         with open(answers, "w") as f:  # the same prompts the traces kept, answered without reasoning
             for line in traces.read_text().splitlines():
                 messages = json.loads(line)["messages"]
                 answer = messages[-1]["content"].rpartition("<answer>")[2]
-                f.write(json.dumps({"messages": [*messages[:-1], {"role": "assistant", "content": f"<answer>{answer}"}]}) + "\n")
+                f.write(
+                    json.dumps({"messages": [*messages[:-1], {"role": "assistant", "content": f"<answer>{answer}"}]})
+                    + "\n"
+                )
         for name, data in (("student on traces", traces), ("student on answers", answers)):
             cfg = TrainConfig(init=str(args.student), data=str(data), objective="sft", out=str(Path(tmp) / name),
                               steps=args.steps, lr=args.lr, batch_size=32, seq_len=128, mtp_lambda=0,
                               warmup_steps=10, eval_every=args.steps, save_every=args.steps, sample_tokens=0,
                               progress=False)  # fmt: skip
             Trainer(cfg).fit()
-            results[name] = evaluate(Engine(Path(tmp) / name / "model"), task, test, max_tokens=96).pass_at_1
+            results[name] = evaluate(batch_engine(Path(tmp) / name / "model"), task, test, max_tokens=96).pass_at_1
     print(f"held-out greedy pass@1 on {args.n_test} {args.task} problems ({args.steps} fine-tuning steps each):")
     for name, score in results.items():
         print(f"  {name:<20} {score:.3f}")

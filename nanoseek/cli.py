@@ -282,6 +282,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_speedrun(args: argparse.Namespace) -> int:
+    from nanoseek.speedrun import Speedrun
+
+    report = Speedrun(args.preset, args.out, plan=args.plan).run()
+    grpo = report["stages"]["grpo"]
+    print(f"speedrun done in {report['total_seconds'] / 60:.1f} min: held-out pass@1 {grpo['pass_at_1_before']:.3f} -> "
+          f"{grpo['pass_at_1_after']:.3f}; report card: {args.out}/report.md, {args.out}/report.html")  # fmt: skip
+    if args.serve:
+        from nanoseek.serve.api import ServeConfig, serve
+
+        serve(ServeConfig(model=str(Path(args.out) / "grpo" / "model"), port=args.port,
+                          cache_dir=str(Path(args.out) / "kv-cache")))  # fmt: skip
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from nanoseek.report import plot_run
 
@@ -327,15 +342,15 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from nanoseek.rl.distill import read_problems, write_traces
+    from nanoseek.rl.evaluate import batch_engine
     from nanoseek.rl.tasks import get_task
-    from nanoseek.serve import Engine
     from nanoseek.train.trainer import TrainConfig, Trainer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     traces = out / "traces.jsonl"
     task = get_task(args.task) if args.task else None
-    stats = write_traces(Engine(args.teacher), read_problems(args.prompts), task, traces, samples=args.samples,
+    stats = write_traces(batch_engine(args.teacher), read_problems(args.prompts), task, traces, samples=args.samples,
                          temperature=args.teacher_temperature, max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
     (out / "traces.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(f"teacher: {stats['kept']} of {stats['prompts']} prompts kept (accuracy {stats['teacher_accuracy']:.3f})")
@@ -358,14 +373,13 @@ def cmd_grpo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from nanoseek.rl.evaluate import evaluate
+    from nanoseek.rl.evaluate import batch_engine, evaluate
     from nanoseek.rl.tasks import get_task
-    from nanoseek.serve import Engine
 
     ks = tuple(int(k) for k in args.k.split(","))
     task = get_task(args.task)
     problems = task.problems(args.split, args.n, args.seed)
-    result = evaluate(Engine(args.model), task, problems, samples=args.samples, ks=ks,
+    result = evaluate(batch_engine(args.model), task, problems, samples=args.samples, ks=ks,
                       temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
     if args.json:
         print(json.dumps({f"pass@{k}": v for k, v in result.pass_at.items()} | {"n": args.n, "task": args.task}))
@@ -396,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanoseek",
         description="The DeepSeek-V3 system in one PyTorch codebase.",
-        epilog="start here: nanoseek train --preset tiny --steps 300 --out runs/tiny, then "
-        "nanoseek generate --model runs/tiny/model --prompt 'def '; `nanoseek COMMAND --help` for each command",
+        epilog="start here: nanoseek speedrun (the whole system in 15 minutes on a CPU, with a report card); "
+        "`nanoseek COMMAND --help` for each command",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -413,6 +427,22 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--ep", type=int, default=1, metavar="E", help="also the all-to-all bytes per token at EP=E")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
+
+    speedrun = commands.add_parser(
+        "speedrun",
+        help="the whole system end to end, with a report card (tiny: 15 minutes on a 2-core CPU)",
+        description="Tokenizer and data -> pretraining (FP8 where the hardware has it; a short FP8 vs BF16 "
+        "comparison) -> SFT -> distillation -> GRPO -> evaluation -> decode benchmark -> report.md, "
+        "report.html, report.json; optionally the API server. A rerun skips finished stages and resumes a "
+        "killed one.",
+    )
+    speedrun.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    speedrun.add_argument("--out", default="runs/speedrun", metavar="DIR")
+    speedrun.add_argument("--plan", choices=["tiny", "small", "quick"], help="stage sizes (default: the preset's; "
+                          "quick: a smoke test of a minute or two)")  # fmt: skip
+    speedrun.add_argument("--serve", action="store_true", help="then serve the final model (chat page at /)")
+    speedrun.add_argument("--port", type=int, default=8000)
+    speedrun.set_defaults(func=cmd_speedrun)
 
     cost = commands.add_parser(
         "cost",

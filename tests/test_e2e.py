@@ -25,3 +25,30 @@ def test_train_on_the_stdlib_then_generate(tmp_path):
            "--max-tokens", "16", "--seed", "0"]  # fmt: skip
     result = subprocess.run(gen, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip(), result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_shortened_speedrun_writes_the_report_card_and_a_rerun_resumes(tmp_path):
+    out = tmp_path / "speedrun"
+    cmd = [NANOSEEK, "speedrun", "--plan", "quick", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    stages = ("data", "pretrain", "fp8", "sft", "distill", "grpo", "inference", "report")
+    assert all(report["stages"][s]["seconds"] >= 0 for s in stages)
+    grpo = report["stages"]["grpo"]
+    assert 0 <= grpo["pass_at_1_before"] <= 1 and 0 <= grpo["pass_at_1_after"] <= 1
+    assert report["model_card"]["params_active"] < report["model_card"]["params_total"]
+    assert report["cost"]["gpu_hours"] > 0 and len(report["plots"]) == 6
+    assert all((out / p).is_file() for p in report["plots"])
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 6 and "<table>" in html  # self-contained
+    assert "held-out pass@1" in (out / "report.md").read_text()
+    # A killed GRPO stage: its result goes, its checkpoints stay; a rerun redoes only that stage, resuming.
+    finished = {s: (out / s / "result.json").stat().st_mtime for s in stages[:-1]}
+    (out / "grpo" / "result.json").unlink()
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = {s: (out / s / "result.json").stat().st_mtime for s in stages[:-1]}
+    assert [s for s in stages[:-1] if again[s] != finished.get(s)] == ["grpo"]
+    assert json.loads((out / "report.json").read_text())["stages"]["grpo"]["pass_at_1_after"] == grpo["pass_at_1_after"]

@@ -18,6 +18,11 @@ from nanoseek.serve.engine import Engine
 from nanoseek.serve.sampling import SamplingParams
 
 
+def batch_engine(model_dir) -> Engine:
+    """An engine sized for offline batches (evaluation, teacher traces): many sequences per step."""
+    return Engine(model_dir, max_seqs=256, max_batched_tokens=4096)
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0

@@ -1,0 +1,229 @@
+"""`nanoseek speedrun`: the whole system on a fresh machine, nothing to download, with a report card.
+
+    nanoseek speedrun --preset tiny --out runs/speedrun [--serve]
+
+Stages: data (a BPE and token shards of Python's own stdlib) -> pretrain (MLA + MoE + MTP, FP8 GEMMs
+where the hardware has them) -> fp8 (a short FP8 run against BF16 from the same start) -> sft (worked
+arithmetic solutions) -> distill (the SFT model's verified traces, rejection-sampled, taught to the
+pretrained model) -> grpo (held-out pass@1 before and after) -> inference (decode throughput, samples)
+-> the report card (report.md, a self-contained report.html, report.json) -> optionally the API server.
+Each stage leaves DIR/<stage>/result.json when done: a rerun skips finished stages, and a killed stage
+resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from nanoseek.config import get_preset
+from nanoseek.data import ensure_default_data
+from nanoseek.device import default_device
+from nanoseek.rl.distill import write_traces
+from nanoseek.rl.evaluate import batch_engine, evaluate
+from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
+from nanoseek.rl.tasks import get_task
+from nanoseek.train.trainer import TrainConfig, Trainer
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How much of each stage a preset gets (the tiny plan fits 15 minutes on a 2-core CPU)."""
+
+    pretrain_steps: int
+    fp8_steps: int
+    sft_steps: int
+    sft_examples: int
+    distill_prompts: int
+    distill_steps: int
+    grpo_steps: int
+    eval_n: int
+    batch_size: int = 16
+    seq_len: int = 256
+
+
+PLANS = {
+    "tiny": Plan(pretrain_steps=250, fp8_steps=12, sft_steps=350, sft_examples=4000, distill_prompts=600,
+                 distill_steps=150, grpo_steps=30, eval_n=200),
+    "small": Plan(pretrain_steps=2000, fp8_steps=50, sft_steps=600, sft_examples=8000, distill_prompts=2000,
+                  distill_steps=400, grpo_steps=100, eval_n=500),
+    "quick": Plan(pretrain_steps=12, fp8_steps=3, sft_steps=6, sft_examples=64, distill_prompts=16,
+                  distill_steps=3, grpo_steps=2, eval_n=16, batch_size=8, seq_len=128),
+}  # fmt: skip
+STAGES = ("data", "pretrain", "fp8", "sft", "distill", "grpo", "inference")
+TASK = "arithmetic"
+
+
+class Speedrun:
+    def __init__(self, preset: str = "tiny", out: str | Path = "runs/speedrun", plan: str | None = None,
+                 progress: bool = True):  # fmt: skip
+        if preset not in ("tiny", "small"):
+            raise ValueError("speedrun presets: tiny (15 minutes on a 2-core CPU) or small (a GPU)")
+        self.preset, self.out, self.progress = preset, Path(out), progress
+        self.plan = PLANS[plan or preset]
+        self.cfg = get_preset(preset)
+        self.task = get_task(TASK)
+        self.fp8 = default_device().type == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+
+    def dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def result(self, stage: str) -> dict[str, Any] | None:
+        path = self.dir(stage) / "result.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        steps: dict[str, Callable[[], dict[str, Any]]] = {s: getattr(self, f"stage_{s}") for s in STAGES}
+        bar = tqdm(STAGES, desc="speedrun", unit="stage", disable=not self.progress, position=0)
+        for stage in bar:
+            bar.set_description(f"speedrun: {stage}")
+            if self.result(stage) is not None:  # done in an earlier run
+                continue
+            self.dir(stage).mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            result = steps[stage]()
+            result["seconds"] = round(time.perf_counter() - start, 1)
+            tmp = self.dir(stage) / "result.json.tmp"
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(tmp, self.dir(stage) / "result.json")
+            bar.write(f"{stage}: done in {result['seconds']:.0f} s")
+        bar.close()
+        from nanoseek.report import write_report
+
+        stages = {s: self.result(s) for s in STAGES}
+        write_report(self.out, self.preset, self.cfg, asdict(self.plan), stages)  # adds stages.report
+        return json.loads((self.out / "report.json").read_text())
+
+    # --- the stages ------------------------------------------------------------------------------
+    def _train_config(self, **kwargs) -> TrainConfig:
+        plan = self.plan
+        options = dict(preset=self.preset, batch_size=plan.batch_size, seq_len=plan.seq_len, progress=self.progress,
+                       eval_every=max(1, kwargs.get("steps", plan.pretrain_steps) // 5), save_every=50)  # fmt: skip
+        out = Path(kwargs["out"])
+        options["resume"] = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*"))
+        return TrainConfig(**(options | kwargs))
+
+    def stage_data(self) -> dict[str, Any]:
+        data = ensure_default_data(self.cfg.vocab_size, progress=self.progress)
+        meta = json.loads((data / "meta.json").read_text())
+        return {"data": str(data), "documents": sum(meta["documents"].values()), "vocab_size": meta["vocab_size"]}
+
+    def stage_pretrain(self) -> dict[str, Any]:
+        out = self.dir("pretrain")
+        cfg = self._train_config(out=str(out), steps=self.plan.pretrain_steps, fp8=self.fp8)
+        history = Trainer(cfg).fit()
+        from nanoseek.report import plot_run, read_metrics
+
+        plot_run(out)
+        metrics = read_metrics(out)
+        vals = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
+        last = metrics[-1]
+        return {"steps": cfg.steps, "tokens": last["tokens"], "fp8": self.fp8, "train_loss": last["lm_loss"],
+                "val_loss": vals[-1] if vals else None, "tokens_per_s": _mean(m["tokens_per_s"] for m in metrics[1:]),
+                "max_over_mean_load": last.get("max_over_mean_load", {}),
+                "samples": history[-1].get("samples", {})}  # fmt: skip
+
+    def stage_fp8(self) -> dict[str, Any]:
+        """The same start, data and steps with BF16 autocast, and with FP8 GEMMs on top."""
+        runs = {}
+        for name, fp8 in (("bf16", False), ("fp8", True)):
+            out = self.dir("fp8") / name
+            steps = self.plan.fp8_steps
+            cfg = self._train_config(out=str(out), steps=steps, fp8=fp8, dtype="bfloat16", sample_tokens=0,
+                                     save_every=steps, eval_every=steps)  # fmt: skip
+            history = Trainer(cfg).fit()
+            runs[name] = {"loss": [m["lm_loss"] for m in history],
+                          "tokens_per_s": _mean(m["tokens_per_s"] for m in history[1:] or history)}  # fmt: skip
+        return {"steps": self.plan.fp8_steps, **runs,
+                "final_loss_ratio": runs["fp8"]["loss"][-1] / runs["bf16"]["loss"][-1],
+                "speed_ratio": runs["fp8"]["tokens_per_s"] / runs["bf16"]["tokens_per_s"]}  # fmt: skip
+
+    def _sft(self, out: Path, init: Path, data: Path, steps: int) -> dict[str, Any]:
+        cfg = self._train_config(out=str(out), init=str(init), data=str(data), objective="sft", steps=steps,
+                                 lr=3e-3, mtp_lambda=0.0, batch_size=32 if self.plan.batch_size >= 16 else 8,
+                                 seq_len=128, warmup_steps=min(10, steps), sample_tokens=0)  # fmt: skip
+        history = Trainer(cfg).fit()
+        score = evaluate(batch_engine(out / "model"), self.task, self.test_problems(), max_tokens=64)
+        return {"steps": steps, "tokens": history[-1]["tokens"], "loss": history[-1]["lm_loss"],
+                "pass_at_1": score.pass_at_1}  # fmt: skip
+
+    def test_problems(self):
+        return self.task.problems("test", self.plan.eval_n)
+
+    def stage_sft(self) -> dict[str, Any]:
+        data = self.dir("sft") / "arith_sft.jsonl"
+        with open(data, "w") as f:
+            for p in self.task.problems("train", self.plan.sft_examples):
+                f.write(
+                    json.dumps({"messages": [*p.messages(), {"role": "assistant", "content": self.task.solution(p)}]})
+                    + "\n"
+                )
+        result = self._sft(self.dir("sft"), self.dir("pretrain") / "model", data, self.plan.sft_steps)
+        return {"examples": self.plan.sft_examples, **result}
+
+    def stage_distill(self) -> dict[str, Any]:
+        """The SFT model as teacher: verified traces on fresh prompts (R1's rejection sampling), taught to the
+        pretrained model; against it, the same student fine-tuned on the worked solutions of the sft stage."""
+        traces = self.dir("distill") / "traces.jsonl"
+        prompts = self.task.problems("train", self.plan.distill_prompts, seed=1)
+        stats = write_traces(batch_engine(self.dir("sft") / "model"), prompts, self.task, traces, samples=2,
+                             max_tokens=64, progress=self.progress)  # fmt: skip
+        if stats["kept"] < 8:
+            return {**stats, "student_pass_at_1": None, "note": "too few verified traces to fine-tune on"}
+        student = self._sft(self.dir("distill") / "student", self.dir("pretrain") / "model", traces,
+                            self.plan.distill_steps)  # fmt: skip
+        return {**stats, "student_steps": student["steps"], "student_pass_at_1": student["pass_at_1"]}
+
+    def stage_grpo(self) -> dict[str, Any]:
+        out = self.dir("grpo")
+        steps = self.plan.grpo_steps
+        resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*"))
+        cfg = GRPOConfig(model=str(self.dir("sft") / "model"), task=TASK, out=str(out), steps=steps,
+                         eval_every=max(1, steps // 3), eval_n=self.plan.eval_n, save_every=max(1, steps // 3),
+                         resume=resume, progress=self.progress,
+                         prompts_per_step=16 if self.plan.eval_n >= 100 else 4)  # fmt: skip
+        GRPOTrainer(cfg).fit()
+        from nanoseek.report import plot_run, read_metrics
+
+        plot_run(out)
+        metrics = read_metrics(out)
+        evals = [m["eval/pass_at_1"] for m in metrics if "eval/pass_at_1" in m]
+        rewards = [m["reward"] for m in metrics if "reward" in m]
+        return {"steps": steps, "pass_at_1_before": evals[0], "pass_at_1_after": evals[-1], "pass_at_1_curve": evals,
+                "reward_first": rewards[0], "reward_last": rewards[-1], "eval_n": self.plan.eval_n}  # fmt: skip
+
+    def stage_inference(self) -> dict[str, Any]:
+        """Decode throughput of the final model at a few batch sizes, and sample generations."""
+        from nanoseek.serve import Engine, SamplingParams
+
+        engine = Engine(self.dir("grpo") / "model", max_seqs=64, max_batched_tokens=2048)
+        throughput = {}
+        for batch in (1, 8, 32):
+            prompts = [[engine.tokenizer.bos_id, 100 + i] for i in range(batch)]
+            params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+            engine.generate(prompts[:1], params)  # warm-up
+            start = time.perf_counter()
+            engine.generate(prompts, params)
+            throughput[str(batch)] = round(batch * 32 / (time.perf_counter() - start), 1)
+        code = Engine(self.dir("pretrain") / "model")
+        samples = {p: code.generate([p], SamplingParams(max_tokens=48, temperature=0.7, seed=0))[0].text
+                   for p in ("def ", "class ")}  # fmt: skip
+        problems = self.test_problems()[:3]
+        scored = evaluate(engine, self.task, problems, max_tokens=64).samples
+        samples |= {p.question: reply for p, reply, _ in scored}
+        return {"decode_tokens_per_s": throughput, "samples": samples,
+                "kv_bytes_per_token": engine.kv_cache_bytes_per_token()}  # fmt: skip
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
