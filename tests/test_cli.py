@@ -71,3 +71,16 @@ def test_generate_and_chat_run_on_a_model_folder(tmp_path, tokenizer):
                           timeout=120)  # fmt: skip
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count("assistant> ") == 2
+
+
+@pytest.mark.parametrize(
+    ("command", "mentions"),
+    [(["serve"], "--cache-dir"), (["sft"], "--data"), (["distill"], "--teacher"), (["grpo"], "--epsilon-high"),
+     (["eval"], "pass@k"), (["cost"], "--v3-report"), (["speedrun"], "--serve"), (["task", "write"], "--solutions")],
+)  # fmt: skip
+def test_every_command_has_help(command, mentions, capsys):
+    from nanoseek.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0 and mentions in capsys.readouterr().out
