@@ -32,7 +32,7 @@ def saved_activation_bytes(trainer: Trainer, dtype: torch.dtype) -> int:
     trainer.amp_dtype = dtype
     window = trainer.loader.next_batch()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        trainer.compute_loss(window)["loss"].backward()
+        trainer.compute_loss(*trainer.inputs_and_targets(window))["loss"].backward()
     trainer.model.zero_grad(set_to_none=True)
     return total
 

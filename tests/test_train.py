@@ -32,7 +32,7 @@ def test_a_few_steps_fit_a_fixed_batch(data_dir, tmp_path):
     window = trainer.loader.next_batch()
     losses = []
     for _ in range(25):
-        parts = trainer.compute_loss(window)
+        parts = trainer.compute_loss(*trainer.inputs_and_targets(window))
         parts["loss"].backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
