@@ -211,7 +211,9 @@ def test_the_disk_cache_survives_a_restart_and_a_corrupt_file_is_a_correct_miss(
         f.write_bytes(bytes(data))
     with Server(model_dir, "--cache-dir", str(cache)) as s:
         corrupt = chat(client(s), LONG)
+        metrics = httpx.get(s.url + "/metrics").text
     assert corrupt.usage.prompt_cache_hit_tokens == 0
+    assert "nanoseek_disk_cache_corrupt_files_total 1.0" in metrics  # the chain stops at the first bad block
     assert corrupt.choices[0].message.content == first.choices[0].message.content
     ledger = json.loads((cache / "ledger.json").read_text())
     assert ledger["accounts"]["anonymous"]["requests"] == 3  # the ledger also survived the restarts

@@ -26,6 +26,9 @@ class EngineCollector:
             "spec_decode_draft_tokens": ("MTP draft tokens verified", m.drafted_tokens),
             "spec_decode_accepted_tokens": ("MTP draft tokens accepted", m.accepted_tokens),
         }
+        if e.disk_cache is not None:
+            counters["disk_cache_corrupt_files"] = ("disk-cache files that failed their checksum (served as misses)",
+                                                    e.disk_cache.corrupt)  # fmt: skip
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"nanoseek_{name}", doc, value=value)
         hits = CounterMetricFamily("nanoseek_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache",
