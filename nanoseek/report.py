@@ -248,13 +248,21 @@ def write_report(out: Path, preset: str, cfg, plan: dict[str, Any], stages: dict
         "",
         "## Samples",
         "",
-        *[f"- `{prompt.strip()}` -> `{text.strip()[:160]}`" for prompt, text in s["inference"]["samples"].items()],
+        *[
+            f"- `{_one_line(prompt)}` -> `{_one_line(text)[:160]}`"
+            for prompt, text in s["inference"]["samples"].items()
+        ],
         "",
     ]
     (out / "report.md").write_text("\n".join(lines))
     html = _markdown_to_html("\n".join(lines), {p.name: base64.b64encode(p.read_bytes()).decode() for p in plots})
     (out / "report.html").write_text(html)
     return [out / "report.json", out / "report.md", out / "report.html", *plots]
+
+
+def _one_line(text: str) -> str:
+    """A sample inside one code span: newlines shown as ⏎, backticks as quotes."""
+    return text.strip().replace("\n", " ⏎ ").replace("`", "'")
 
 
 def _markdown_to_html(markdown: str, images: dict[str, str]) -> str:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from nanoseek.config import get_preset
 from nanoseek.data import ensure_default_data
 from nanoseek.device import default_device
+from nanoseek.report import plot_run, read_metrics, write_report
 from nanoseek.rl.distill import write_traces
 from nanoseek.rl.evaluate import batch_engine, evaluate
 from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
@@ -97,8 +98,6 @@ class Speedrun:
             os.replace(tmp, self.dir(stage) / "result.json")
             bar.write(f"{stage}: done in {result['seconds']:.0f} s")
         bar.close()
-        from nanoseek.report import write_report
-
         stages = {s: self.result(s) for s in STAGES}
         write_report(self.out, self.preset, self.cfg, asdict(self.plan), stages)  # adds stages.report
         return json.loads((self.out / "report.json").read_text())
@@ -120,9 +119,7 @@ class Speedrun:
     def stage_pretrain(self) -> dict[str, Any]:
         out = self.dir("pretrain")
         cfg = self._train_config(out=str(out), steps=self.plan.pretrain_steps, fp8=self.fp8)
-        history = Trainer(cfg).fit()
-        from nanoseek.report import plot_run, read_metrics
-
+        Trainer(cfg).fit()  # results come from the run folder: a resumed run returns only its new steps
         plot_run(out)
         metrics = read_metrics(out)
         vals = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
@@ -130,7 +127,7 @@ class Speedrun:
         return {"steps": cfg.steps, "tokens": last["tokens"], "fp8": self.fp8, "train_loss": last["lm_loss"],
                 "val_loss": vals[-1] if vals else None, "tokens_per_s": _mean(m["tokens_per_s"] for m in metrics[1:]),
                 "max_over_mean_load": last.get("max_over_mean_load", {}),
-                "samples": history[-1].get("samples", {})}  # fmt: skip
+                "samples": next((m["samples"] for m in reversed(metrics) if m.get("samples")), {})}  # fmt: skip
 
     def stage_fp8(self) -> dict[str, Any]:
         """The same start, data and steps with BF16 autocast, and with FP8 GEMMs on top."""
@@ -140,9 +137,10 @@ class Speedrun:
             steps = self.plan.fp8_steps
             cfg = self._train_config(out=str(out), steps=steps, fp8=fp8, dtype="bfloat16", sample_tokens=0,
                                      save_every=steps, eval_every=steps)  # fmt: skip
-            history = Trainer(cfg).fit()
-            runs[name] = {"loss": [m["lm_loss"] for m in history],
-                          "tokens_per_s": _mean(m["tokens_per_s"] for m in history[1:] or history)}  # fmt: skip
+            Trainer(cfg).fit()
+            metrics = read_metrics(out)
+            runs[name] = {"loss": [m["lm_loss"] for m in metrics],
+                          "tokens_per_s": _mean(m["tokens_per_s"] for m in metrics[1:] or metrics)}  # fmt: skip
         return {"steps": self.plan.fp8_steps, **runs,
                 "final_loss_ratio": runs["fp8"]["loss"][-1] / runs["bf16"]["loss"][-1],
                 "speed_ratio": runs["fp8"]["tokens_per_s"] / runs["bf16"]["tokens_per_s"]}  # fmt: skip
@@ -151,9 +149,10 @@ class Speedrun:
         cfg = self._train_config(out=str(out), init=str(init), data=str(data), objective="sft", steps=steps,
                                  lr=3e-3, mtp_lambda=0.0, batch_size=32 if self.plan.batch_size >= 16 else 8,
                                  seq_len=128, warmup_steps=min(10, steps), sample_tokens=0)  # fmt: skip
-        history = Trainer(cfg).fit()
+        Trainer(cfg).fit()
+        last = read_metrics(out)[-1]
         score = evaluate(batch_engine(out / "model"), self.task, self.test_problems(), max_tokens=64)
-        return {"steps": steps, "tokens": history[-1]["tokens"], "loss": history[-1]["lm_loss"],
+        return {"steps": steps, "tokens": last["tokens"], "loss": last["lm_loss"],
                 "pass_at_1": score.pass_at_1}  # fmt: skip
 
     def test_problems(self):
@@ -192,8 +191,6 @@ class Speedrun:
                          resume=resume, progress=self.progress,
                          prompts_per_step=16 if self.plan.eval_n >= 100 else 4)  # fmt: skip
         GRPOTrainer(cfg).fit()
-        from nanoseek.report import plot_run, read_metrics
-
         plot_run(out)
         metrics = read_metrics(out)
         evals = [m["eval/pass_at_1"] for m in metrics if "eval/pass_at_1" in m]

@@ -100,6 +100,12 @@ def test_n_choices_logprobs_and_seeds(server):
     assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in out.choices]
 
 
+def test_streamed_logprobs_cover_every_token_even_when_text_is_held_back(server):
+    chunks = list(chat(client(server), "Hello", stream=True, logprobs=True, top_logprobs=2, stop=["\n\n"]))
+    entries = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert len(entries) == 8 and all(len(e.top_logprobs) == 2 for e in entries)
+
+
 def test_billing_sums_the_requests_usage_at_the_price_table(server):
     c = client(server, "key-b")
     before = httpx.get(server.url + "/v1/billing", headers={"Authorization": "Bearer key-b"}).json()

@@ -233,6 +233,7 @@ class GRPOTrainer:
         shutil.rmtree(tmp, ignore_errors=True)
         self.policy.save_pretrained(str(tmp))
         self.tokenizer.save(tmp)
+        shutil.rmtree(old, ignore_errors=True)  # left over if a run died mid-swap
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)

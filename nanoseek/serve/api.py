@@ -394,11 +394,11 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
                     yield chunk(i, {"role": "assistant", "content": ""})
                 async for i, out in generation:
                     finished = out.finish_reason is not None
+                    # Log-probs ride on the next chunk that goes out; held-back text keeps them waiting.
                     logprobs = logprobs_of(out, slice(sent_logprobs[i], None))
-                    sent_logprobs[i] = len(out.logprobs)
                     for name, piece in deltas[i].advance(parts(out)[0], finished).items():
                         yield chunk(i, {name: piece}, logprobs)
-                        logprobs = None
+                        logprobs, sent_logprobs[i] = None, len(out.logprobs)
                     if finished:
                         yield chunk(i, {}, logprobs, out.finish_reason)
                 reasoning = sum(parts(out)[1] for out in generation.latest)
@@ -472,10 +472,9 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
                 async for j, out in generation:
                     finished = out.finish_reason is not None
                     piece = deltas[j].advance({"reasoning_content": "", "content": out.text}, finished).get("content")
-                    logprobs = logprobs_of(out, slice(sent_logprobs[j], None))
-                    sent_logprobs[j] = len(out.logprobs)
-                    if piece or finished:
-                        yield chunk(j, piece or "", logprobs, out.finish_reason)
+                    if piece or finished:  # log-probs of held-back tokens go with the next chunk
+                        yield chunk(j, piece or "", logprobs_of(out, slice(sent_logprobs[j], None)), out.finish_reason)
+                        sent_logprobs[j] = len(out.logprobs)
                 if body.include_usage:
                     yield sse(
                         base | {"choices": [], "usage": usage(len(ids), generation.cached, generation.completion)}

@@ -11,6 +11,7 @@ temporary name, then rename), so a crash never leaves a half file under a real n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
@@ -33,6 +34,8 @@ class DiskCache:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
+        for half in self.dir.glob("*/*.tmp*"):  # left by a process that died mid-write
+            half.unlink(missing_ok=True)
         files = sorted(self.dir.glob("*/*.kv"), key=lambda f: f.stat().st_mtime)
         for f in files:
             self._index[f.stem] = f.stat().st_size
@@ -61,16 +64,22 @@ class DiskCache:
         path = self._path(name)
         try:
             data = path.read_bytes()
+        except OSError:  # evicted meanwhile, or unreadable: a plain miss
+            self.misses += 1
+            self._forget(name)
+            return None
+        try:
             payload = data[HEADER:]
             if data[: len(MAGIC)] != MAGIC or hashlib.sha256(payload).digest() != data[len(MAGIC) : HEADER]:
                 raise ValueError("checksum mismatch")
             tensors = load_safetensors(payload)
-            os.utime(path)  # the LRU order survives a restart
-        except Exception:  # unreadable, truncated or corrupt: a miss, and the file goes
+        except Exception:  # truncated or corrupt: a miss, and the file goes
             self.corrupt += 1
             self.misses += 1
             self._forget(name)
             return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # the LRU order survives a restart
         self.hits += 1
         return tensors
 
@@ -105,8 +114,12 @@ class DiskCache:
         path = self._path(name)
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_suffix(f".tmp{threading.get_ident()}")
-        tmp.write_bytes(MAGIC + hashlib.sha256(payload).digest() + payload)
-        tmp.replace(path)
+        try:
+            tmp.write_bytes(MAGIC + hashlib.sha256(payload).digest() + payload)
+            tmp.replace(path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk must not fill up further with half files
+            raise
         with self._lock:
             self._index[name] = path.stat().st_size
             self.bytes += self._index[name]
