@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+def flag(help_text: str, **kwargs: Any) -> Any:
+    """A config field that is also a command-line flag: `add_dataclass_flags` shows help_text."""
+    return field(metadata={"help": help_text}, **kwargs)
 
 
 @dataclass(slots=True)

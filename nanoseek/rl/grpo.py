@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.checkpoint import CheckpointError, from_pretrained
+from nanoseek.config import flag
 from nanoseek.device import default_device
 from nanoseek.report import read_metrics
 from nanoseek.rl.evaluate import completion_text, evaluate
@@ -40,44 +41,38 @@ from nanoseek.train import parallel, state
 from nanoseek.train.optim import build_optimizer, lr_at
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
-
-
 @dataclass(slots=True)
 class GRPOConfig:
     """Every field is a `nanoseek grpo` flag of the same name in kebab case."""
 
-    model: str = _help("the policy's starting point: a model folder with its tokenizer (required)", default="")
-    task: str = _help("arithmetic, countdown, or a JSONL file of prompt/answer", default="arithmetic")
-    out: str = _help("run folder: metrics, checkpoints, the trained model", default="runs/grpo")
-    steps: int = _help("optimizer rounds (each samples a fresh batch)", default=60)
-    prompts_per_step: int = _help("problems per step (P)", default=16)
-    group_size: int = _help("completions per problem (G)", default=8)
-    max_tokens: int = _help("longest completion", default=64)
-    temperature: float = _help("sampling temperature of the rollouts", default=1.0)
-    lr: float = _help("learning rate (constant after warmup); Adam moves every weight by about this", default=2e-5)
-    warmup_steps: int = _help("linear warmup steps", default=5)
-    beta: float = _help("weight of the k3 KL to the reference model; 0: no reference model", default=0.0)
-    epsilon: float = _help("clip range below (and above, unless --epsilon-high)", default=0.2)
-    epsilon_high: float | None = _help("clip range above (DAPO's clip-higher, e.g. 0.28)", default=None)
-    loss_type: str = _help("grpo (per-sequence mean), dapo (token-level) or dr_grpo (constant)", default="grpo")
-    scale_rewards: str = _help("group (divide by the group's std) or none (Dr. GRPO)", default="group")
-    mu: int = _help("optimizer steps per batch of rollouts (old log-probs kept for the ratio)", default=1)
-    dynamic_sampling: bool = _help("drop groups whose rewards are all equal (DAPO)", default=False)
-    overlong_buffer: int = _help("DAPO's soft overlong penalty over the last N tokens; 0: off", default=0)
-    rewards: str = _help("reward functions by dotted path, comma-separated",
+    model: str = flag("the policy's starting point: a model folder with its tokenizer (required)", default="")
+    task: str = flag("arithmetic, countdown, or a JSONL file of prompt/answer", default="arithmetic")
+    out: str = flag("run folder: metrics, checkpoints, the trained model", default="runs/grpo")
+    steps: int = flag("optimizer rounds (each samples a fresh batch)", default=60)
+    prompts_per_step: int = flag("problems per step (P)", default=16)
+    group_size: int = flag("completions per problem (G)", default=8)
+    max_tokens: int = flag("longest completion", default=64)
+    temperature: float = flag("sampling temperature of the rollouts", default=1.0)
+    lr: float = flag("learning rate (constant after warmup); Adam moves every weight by about this", default=2e-5)
+    warmup_steps: int = flag("linear warmup steps", default=5)
+    beta: float = flag("weight of the k3 KL to the reference model; 0: no reference model", default=0.0)
+    epsilon: float = flag("clip range below (and above, unless --epsilon-high)", default=0.2)
+    epsilon_high: float | None = flag("clip range above (DAPO's clip-higher, e.g. 0.28)", default=None)
+    loss_type: str = flag("grpo (per-sequence mean), dapo (token-level) or dr_grpo (constant)", default="grpo")
+    scale_rewards: str = flag("group (divide by the group's std) or none (Dr. GRPO)", default="group")
+    mu: int = flag("optimizer steps per batch of rollouts (old log-probs kept for the ratio)", default=1)
+    dynamic_sampling: bool = flag("drop groups whose rewards are all equal (DAPO)", default=False)
+    overlong_buffer: int = flag("DAPO's soft overlong penalty over the last N tokens; 0: off", default=0)
+    rewards: str = flag("reward functions by dotted path, comma-separated",
                          default="nanoseek.rl.rewards.accuracy_reward,nanoseek.rl.rewards.format_reward")  # fmt: skip
-    reward_weights: str | None = _help(
-        "weights of the reward functions, comma-separated (default: all 1)", default=None
-    )
-    grad_clip: float = _help("clip the gradient norm to this", default=1.0)
-    eval_every: int = _help("measure held-out pass@1 every N steps", default=20)
-    eval_n: int = _help("held-out problems per evaluation", default=200)
-    save_every: int = _help("checkpoint every N steps (and at the end)", default=20)
-    seed: int = _help("seed of problems and sampling", default=0)
-    resume: bool = _help("continue from the last checkpoint in --out", default=False)
-    progress: bool = _help("show a progress bar", default=True)
+    reward_weights: str | None = flag("weights of the reward functions, comma-separated (default: all 1)", default=None)
+    grad_clip: float = flag("clip the gradient norm to this", default=1.0)
+    eval_every: int = flag("measure held-out pass@1 every N steps", default=20)
+    eval_n: int = flag("held-out problems per evaluation", default=200)
+    save_every: int = flag("checkpoint every N steps (and at the end)", default=20)
+    seed: int = flag("seed of problems and sampling", default=0)
+    resume: bool = flag("continue from the last checkpoint in --out", default=False)
+    progress: bool = flag("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
         if not self.model:

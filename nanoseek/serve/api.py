@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanoseek.config import flag
 from nanoseek.serve.async_engine import AsyncEngine, EngineError
 from nanoseek.serve.billing import Ledger, PriceTable, read_api_keys
 from nanoseek.serve.engine import Engine, RequestOutput, releasable
@@ -58,22 +59,22 @@ ANONYMOUS = "anonymous"
 
 @dataclass(slots=True)
 class ServeConfig:
-    model: str | None = field(default=None, metadata={"help": "a model folder with its tokenizer (required)"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
-    port: int = field(default=8000, metadata={"help": "port to listen on"})
-    served_model_name: str = field(default="nanoseek", metadata={"help": "model names clients send, comma-separated"})
-    api_keys: str | None = field(default=None, metadata={"help": "file of 'KEY [BALANCE]' lines; none: no auth"})
-    cache_dir: str | None = field(default=None, metadata={"help": "folder for the on-disk context cache"})
-    disk_cache_gb: float = field(default=8.0, metadata={"help": "bound on the disk cache, LRU-evicted"})
-    cache_memory_mb: int = field(default=256, metadata={"help": "memory for the latent KV cache"})
-    prices: str = field(default="0.5,2,8", metadata={"help": "per million tokens: cache-hit,cache-miss,output"})
-    currency: str = field(default="CNY", metadata={"help": "currency of the prices"})
-    ledger: str | None = field(default=None, metadata={"help": "billing ledger file (default: CACHE_DIR/ledger.json)"})
-    max_pending: int = field(default=256, metadata={"help": "requests in flight before 429"})
-    max_batched_tokens: int = field(default=512, metadata={"help": "tokens per engine step"})
-    max_seqs: int = field(default=64, metadata={"help": "sequences per engine step"})
-    speculative_tokens: int = field(default=0, metadata={"help": "MTP draft tokens per step (0: off)"})
-    fp8_cache: bool = field(default=False, metadata={"help": "keep the latent KV cache in FP8"})
+    model: str | None = flag("a model folder with its tokenizer (required)", default=None)
+    host: str = flag("address to listen on", default="127.0.0.1")
+    port: int = flag("port to listen on", default=8000)
+    served_model_name: str = flag("model names clients send, comma-separated", default="nanoseek")
+    api_keys: str | None = flag("file of 'KEY [BALANCE]' lines; none: no auth", default=None)
+    cache_dir: str | None = flag("folder for the on-disk context cache", default=None)
+    disk_cache_gb: float = flag("bound on the disk cache, LRU-evicted", default=8.0)
+    cache_memory_mb: int = flag("memory for the latent KV cache", default=256)
+    prices: str = flag("per million tokens: cache-hit,cache-miss,output", default="0.5,2,8")
+    currency: str = flag("currency of the prices", default="CNY")
+    ledger: str | None = flag("billing ledger file (default: CACHE_DIR/ledger.json)", default=None)
+    max_pending: int = flag("requests in flight before 429", default=256)
+    max_batched_tokens: int = flag("tokens per engine step", default=512)
+    max_seqs: int = flag("sequences per engine step", default=64)
+    speculative_tokens: int = flag("MTP draft tokens per step (0: off)", default=0)
+    fp8_cache: bool = flag("keep the latent KV cache in FP8", default=False)
 
     def __post_init__(self) -> None:
         if not self.model:

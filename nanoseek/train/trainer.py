@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanoseek.checkpoint import CheckpointError
-from nanoseek.config import ModelConfig, get_preset
+from nanoseek.config import ModelConfig, flag, get_preset
 from nanoseek.data import IGNORE, ChatLoader, PackedLoader, ensure_default_data
 from nanoseek.device import default_device, default_dtype
 from nanoseek.fp8 import convert_to_fp8
@@ -45,50 +45,46 @@ RESUME_MUST_MATCH = ("preset", "data", "seed", "batch_size", "seq_len", "init", 
 SAMPLE_PROMPTS = ("def ", "class ")
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
-
-
 @dataclass(slots=True)
 class TrainConfig:
     """Every field is a `nanoseek train` flag of the same name in kebab case."""
 
-    preset: str = _help("model preset", default="tiny")
-    init: str | None = _help("start from this model folder's weights, config and tokenizer (fine-tuning)", default=None)
-    objective: str = _help("pretrain (token shards) or sft (chat JSONL, loss on assistant tokens)", default="pretrain")
-    teacher: str | None = _help("a teacher model folder for logit distillation (same vocabulary)", default=None)
-    kl_weight: float = _help("weight of KL(teacher || student) on the trained tokens; 0: off", default=0.0)
-    out: str = _help("run folder: metrics, checkpoints, exported model", default="runs/tiny")
-    data: str | None = _help("folder from `nanoseek data prepare` (default: Python's stdlib source)", default=None)
-    steps: int = _help("optimizer steps in total", default=300)
-    seed: int = _help("seed for initialisation and data order", default=0)
-    batch_size: int = _help("global batch, in sequences", default=16)
-    micro_batch_size: int = _help("sequences per forward pass (accumulate up to --batch-size); 0: all", default=0)
-    seq_len: int = _help("tokens per sequence", default=256)
-    lr: float = _help("peak learning rate", default=3e-3)
-    min_lr_ratio: float = _help("final learning rate as a fraction of --lr", default=0.1)
-    warmup_steps: int = _help("linear warmup steps", default=30)
-    schedule: str = _help("cosine or wsd (warmup-stable-decay)", default="cosine")
-    weight_decay: float = _help("AdamW weight decay on matrices", default=0.1)
-    beta1: float = _help("AdamW beta1", default=0.9)
-    beta2: float = _help("AdamW beta2", default=0.95)
-    grad_clip: float = _help("clip the global gradient norm to this", default=1.0)
-    mtp_lambda: float = _help("weight of the MTP loss (V3: 0.3, then 0.1)", default=0.3)
-    balance_alpha: float = _help("weight of the sequence-wise balance loss, per MoE layer", default=1e-4)
-    bias_gamma: float = _help("aux-loss-free bias update speed; 0 turns it off", default=1e-3)
-    eval_every: int = _help("validate and print samples every N steps", default=50)
-    eval_batches: int = _help("validation batches per evaluation", default=4)
-    sample_tokens: int = _help("tokens sampled per prompt at evaluation steps; 0: none", default=48)
-    save_every: int = _help("checkpoint every N steps (and at the end)", default=100)
-    keep: int = _help("checkpoints to keep", default=3)
-    resume: bool = _help("continue from the last checkpoint in --out", default=False)
-    fp8: bool = _help("FP8 GEMMs with DeepSeek-V3's 1x128 / 128x128 scaling", default=False)
-    ep: int = _help("expert-parallel group size (under torchrun); must divide the process count", default=1)
-    compile: bool = _help("torch.compile the model", default=False)
-    tensorboard: bool = _help("also log to --out/tensorboard", default=False)
-    device: str = _help("auto, cpu or cuda", default="auto")
-    dtype: str = _help("auto, float32 or bfloat16 (autocast)", default="auto")
-    progress: bool = _help("show a progress bar", default=True)
+    preset: str = flag("model preset", default="tiny")
+    init: str | None = flag("start from this model folder's weights, config and tokenizer (fine-tuning)", default=None)
+    objective: str = flag("pretrain (token shards) or sft (chat JSONL, loss on assistant tokens)", default="pretrain")
+    teacher: str | None = flag("a teacher model folder for logit distillation (same vocabulary)", default=None)
+    kl_weight: float = flag("weight of KL(teacher || student) on the trained tokens; 0: off", default=0.0)
+    out: str = flag("run folder: metrics, checkpoints, exported model", default="runs/tiny")
+    data: str | None = flag("folder from `nanoseek data prepare` (default: Python's stdlib source)", default=None)
+    steps: int = flag("optimizer steps in total", default=300)
+    seed: int = flag("seed for initialisation and data order", default=0)
+    batch_size: int = flag("global batch, in sequences", default=16)
+    micro_batch_size: int = flag("sequences per forward pass (accumulate up to --batch-size); 0: all", default=0)
+    seq_len: int = flag("tokens per sequence", default=256)
+    lr: float = flag("peak learning rate", default=3e-3)
+    min_lr_ratio: float = flag("final learning rate as a fraction of --lr", default=0.1)
+    warmup_steps: int = flag("linear warmup steps", default=30)
+    schedule: str = flag("cosine or wsd (warmup-stable-decay)", default="cosine")
+    weight_decay: float = flag("AdamW weight decay on matrices", default=0.1)
+    beta1: float = flag("AdamW beta1", default=0.9)
+    beta2: float = flag("AdamW beta2", default=0.95)
+    grad_clip: float = flag("clip the global gradient norm to this", default=1.0)
+    mtp_lambda: float = flag("weight of the MTP loss (V3: 0.3, then 0.1)", default=0.3)
+    balance_alpha: float = flag("weight of the sequence-wise balance loss, per MoE layer", default=1e-4)
+    bias_gamma: float = flag("aux-loss-free bias update speed; 0 turns it off", default=1e-3)
+    eval_every: int = flag("validate and print samples every N steps", default=50)
+    eval_batches: int = flag("validation batches per evaluation", default=4)
+    sample_tokens: int = flag("tokens sampled per prompt at evaluation steps; 0: none", default=48)
+    save_every: int = flag("checkpoint every N steps (and at the end)", default=100)
+    keep: int = flag("checkpoints to keep", default=3)
+    resume: bool = flag("continue from the last checkpoint in --out", default=False)
+    fp8: bool = flag("FP8 GEMMs with DeepSeek-V3's 1x128 / 128x128 scaling", default=False)
+    ep: int = flag("expert-parallel group size (under torchrun); must divide the process count", default=1)
+    compile: bool = flag("torch.compile the model", default=False)
+    tensorboard: bool = flag("also log to --out/tensorboard", default=False)
+    device: str = flag("auto, cpu or cuda", default="auto")
+    dtype: str = flag("auto, float32 or bfloat16 (autocast)", default="auto")
+    progress: bool = flag("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "keep", "eval_batches"):  # > 0
