@@ -18,7 +18,7 @@ import time
 import torch
 
 from nanoseek import Engine, SamplingParams, get_preset
-from nanoseek.device import default_dtype
+from nanoseek.device import cpu_features, default_dtype
 
 
 def timed(fn) -> float:
@@ -47,6 +47,7 @@ def main() -> None:
         engine = Engine(tmp, device="cpu", dtype=dtype, cache_bytes=512 * 2**20, max_batched_tokens=4096)
     n = args.new_tokens
     greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    print(cpu_features())
     print(f"preset {args.preset}, {dtype}, {torch.get_num_threads()} threads, greedy, {n} new tokens")
 
     def ours(prompts, max_tokens=n):

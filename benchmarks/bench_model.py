@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import nanoseek
 from nanoseek import get_preset
-from nanoseek.device import default_dtype
+from nanoseek.device import cpu_features, default_dtype
 
 
 def reference_model(cfg: nanoseek.ModelConfig, dtype: torch.dtype):
@@ -73,6 +73,7 @@ def main() -> None:
         ours = nanoseek.from_pretrained(tmp, dtype=dtype)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
     tokens = args.batch * args.seq
+    print(cpu_features())
     print(f"preset {args.preset}, batch {args.batch} x {args.seq} tokens, {dtype}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
 

@@ -17,6 +17,7 @@ import torch
 from bench_model import race
 
 from nanoseek import get_preset
+from nanoseek.device import cpu_features
 from nanoseek.train.trainer import TrainConfig, Trainer
 
 
@@ -48,6 +49,7 @@ def main() -> None:
         hf_opt = torch.optim.AdamW(reference.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
         window = ours.loader.next_batch()
         tokens = args.batch_size * args.seq_len
+        print(cpu_features())
         print(f"preset {args.preset}, batch {args.batch_size} x {args.seq_len}, {ours.amp_dtype}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
         times = race(

@@ -20,7 +20,7 @@ import time
 import torch
 
 from nanoseek import Engine, SamplingParams, Transformer, get_preset
-from nanoseek.device import default_dtype
+from nanoseek.device import cpu_features, default_dtype
 
 
 def ttft(engine: Engine, prompt: list[int]) -> tuple[float, int]:
@@ -55,6 +55,7 @@ def main() -> None:
             seconds, disk_cached = ttft(Engine(model, cache_dir=cache_dir, **options), prompt)
             times["disk hit"].append(seconds)
             assert cached == disk_cached == 64 * (args.prompt_tokens // 64), (cached, disk_cached)
+    print(cpu_features())
     print(f"time to first token, {args.prompt_tokens}-token prompt, preset {args.preset}, "
           f"{cached} tokens cached on a hit, medians of {args.rounds}:")  # fmt: skip
     miss = statistics.median(times["miss"])

@@ -66,6 +66,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         rows.append(
             (f"all-to-all / token (EP={args.ep})", f"{_human(a2a, 'B')} forward (bf16), as much again backward")
         )
+    from nanoseek.device import cpu_features
+
+    rows.append(("this CPU", cpu_features()))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -227,7 +230,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = _engine(args)
     prompt = args.prompt
     if args.chat:
-        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
     params = _sampling_params(args)
     if args.no_stream:
         print(engine.generate([prompt], params)[0].text)
@@ -250,7 +253,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not user.strip():
             break
         messages.append({"role": "user", "content": user})
-        prompt = engine.tokenizer.apply_chat_template(messages)
+        prompt = engine.tokenizer.apply_chat_template(messages, tokenize=True)  # typed specials stay text
         reply = ""
         print("assistant> ", end="", flush=True)
         for piece in engine.stream(prompt, _sampling_params(args)):

@@ -1,8 +1,19 @@
-"""Pick the device and compute dtype by what the hardware does well, never by assumption."""
+"""Pick the device and compute dtype by what the hardware does well, never by assumption.
+
+`NANOSEEK_AUTO_DTYPE=float32|bfloat16` overrides the `auto` choice, so that a machine without AMX can
+run the suite (and anything else) as a machine with AMX would, and the other way round.
+"""
 
 from __future__ import annotations
 
+import os
+import platform
+from pathlib import Path
+
 import torch
+
+AUTO_DTYPE_ENV = "NANOSEEK_AUTO_DTYPE"
+AUTO_DTYPE_CHOICES = ("float32", "bfloat16")
 
 
 def default_device() -> torch.device:
@@ -15,9 +26,45 @@ def cpu_has_fast_bf16() -> bool:
     return bool(probe and probe())
 
 
+def forced_auto_dtype() -> torch.dtype | None:
+    """The dtype `NANOSEEK_AUTO_DTYPE` forces on every `auto` choice, or None where it is unset."""
+    name = os.environ.get(AUTO_DTYPE_ENV, "").strip()
+    if not name:
+        return None
+    if name not in AUTO_DTYPE_CHOICES:
+        raise ValueError(f"{AUTO_DTYPE_ENV}={name!r}: use one of {', '.join(AUTO_DTYPE_CHOICES)} or leave it unset")
+    return getattr(torch, name)
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
+    forced = forced_auto_dtype()
+    if forced is not None:
+        return forced
     device = torch.device(device)
     if device.type == "cuda":
         # fp16 would need loss scaling; without bf16, stay in fp32.
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
+
+
+def other_cpu_dtype() -> str:
+    """The `auto` dtype of the other kind of CPU (bfloat16 where this one has no AMX): CI runs the
+    dtype-sensitive tests again with it forced, so one machine covers both kinds."""
+    return "float32" if cpu_has_fast_bf16() else "bfloat16"
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.machine()
+
+
+def cpu_features() -> str:
+    """One line for logs, benchmarks and CI: the CPU, whether it has AMX, and the `auto` dtype it gets."""
+    forced = os.environ.get(AUTO_DTYPE_ENV) or "unset"
+    chosen = str(default_dtype("cpu")).removeprefix("torch.")
+    amx = "yes" if cpu_has_fast_bf16() else "no"
+    return f"{cpu_name()}, {os.cpu_count()} cores, AMX {amx}, {AUTO_DTYPE_ENV} {forced}: auto dtype on CPU is {chosen}"

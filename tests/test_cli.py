@@ -9,6 +9,8 @@ import pytest
 
 from nanoseek import Transformer, get_preset, model_stats
 
+pytestmark = pytest.mark.auto_dtype  # CI runs this module again with the other CPU kind's auto dtype
+
 NANOSEEK = str(Path(sys.executable).parent / "nanoseek")  # the console script installed beside this Python
 
 

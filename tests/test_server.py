@@ -11,6 +11,8 @@ import openai
 import pytest
 from serving import Server, make_model_dir
 
+pytestmark = pytest.mark.auto_dtype  # CI runs this module again with the other CPU kind's auto dtype
+
 LONG = (
     "Summarise this function for me, please: def fibonacci(n):\n    if n < 2:\n        return n\n"
     "    return fibonacci(n - 1) + fibonacci(n - 2)\n# and explain why its running time grows exponentially "

@@ -11,6 +11,8 @@ from nanoseek.cli import main
 from nanoseek.data import IGNORE, ChatLoader, encode_chat
 from nanoseek.train.trainer import TrainConfig, Trainer, distillation_kl
 
+pytestmark = pytest.mark.auto_dtype  # CI runs this module again with the other CPU kind's auto dtype
+
 CHAT = [
     {"role": "system", "content": "You add."},
     {"role": "user", "content": "1+1?"},

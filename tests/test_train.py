@@ -1,4 +1,8 @@
-"""The trainer: it learns, balances experts, shifts MTP targets right, and resumes exactly."""
+"""The trainer: it learns, balances experts, shifts MTP targets right, and resumes exactly.
+
+Tests that check an equivalence (resume vs straight, accumulation vs full batch) state float32; the others
+take the hardware's `auto` dtype (bf16 autocast on CPUs with AMX), and bf16 is tested on purpose below.
+"""
 
 import json
 import os
@@ -15,6 +19,8 @@ import nanoseek
 from nanoseek import CheckpointError, Transformer, get_preset
 from nanoseek.model.moe import Gate, sequence_balance_loss, update_balancing_bias
 from nanoseek.train.trainer import TrainConfig, Trainer, mtp_targets
+
+pytestmark = pytest.mark.auto_dtype  # CI runs this module again with the other CPU kind's auto dtype
 
 SMALL = get_preset("tiny").replace(num_hidden_layers=2, num_nextn_predict_layers=1)
 
@@ -120,9 +126,10 @@ def test_training_run_writes_metrics_model_and_plots(data_dir, tmp_path):
 
 
 def test_resume_gives_the_same_losses_as_a_straight_run(data_dir, tmp_path):
-    straight = make_trainer(data_dir, tmp_path / "a", steps=6, schedule="wsd").fit()
-    make_trainer(data_dir, tmp_path / "b", steps=2, schedule="wsd").fit()  # stop after 2 steps
-    resumed = make_trainer(data_dir, tmp_path / "b", steps=6, schedule="wsd", resume=True).fit()
+    fp32 = dict(schedule="wsd", dtype="float32")
+    straight = make_trainer(data_dir, tmp_path / "a", steps=6, **fp32).fit()
+    make_trainer(data_dir, tmp_path / "b", steps=2, **fp32).fit()  # stop after 2 steps
+    resumed = make_trainer(data_dir, tmp_path / "b", steps=6, resume=True, **fp32).fit()
     assert [m["step"] for m in resumed] == [3, 4, 5, 6]
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight[2:]]
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
@@ -177,16 +184,43 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(data_dir, tm
     assert (tmp_path / "model" / "model.safetensors").is_file()
 
 
+BF16_EPS = 2**-8  # bf16 keeps 8 significant bits: one rounding moves a value by at most 2^-8 of it
+
+
+def one_step(data_dir, out, **changes) -> tuple[float, torch.Tensor]:
+    """The loss and the flattened gradients of the first training step, the optimizer left untouched."""
+    torch.manual_seed(0)
+    trainer = make_trainer(data_dir, out, balance_alpha=0.0, **changes)
+    grads = []
+    trainer.optimizer.step = lambda: grads.extend(p.grad.flatten().clone() for p in trainer.model.parameters())
+    return trainer.train_step()["loss"], torch.cat(grads)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
 def test_gradient_accumulation_matches_the_full_batch(data_dir, tmp_path):
-    grads = {}
-    results = {}
-    for name, micro in (("full", 0), ("accumulated", 1)):
-        trainer = make_trainer(data_dir, tmp_path / name, balance_alpha=0.0, micro_batch_size=micro)
-        params = list(trainer.model.parameters())
-        trainer.optimizer.step = lambda params=params, name=name: grads.setdefault(
-            name, [p.grad.clone() for p in params]
-        )
-        results[name] = trainer.train_step()
-    assert results["full"]["loss"] == pytest.approx(results["accumulated"]["loss"], rel=1e-5)
-    for g_full, g_acc in zip(grads["full"], grads["accumulated"], strict=True):
-        torch.testing.assert_close(g_full, g_acc, rtol=1e-4, atol=1e-7)
+    loss, grads = one_step(data_dir, tmp_path / "full", dtype="float32")
+    loss_acc, grads_acc = one_step(data_dir, tmp_path / "acc", dtype="float32", micro_batch_size=1)
+    assert loss_acc == pytest.approx(loss, rel=1e-5)
+    torch.testing.assert_close(grads_acc, grads, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_autocast_stays_within_bf16_rounding_of_fp32(data_dir, tmp_path):
+    """Every matmul rounds both operands to bf16 (at most BF16_EPS each). The loss is a mean over tokens,
+    whose rounding errors average out: within one BF16_EPS. A gradient multiplies a forward and a
+    backward operand, each rounded once per layer it crosses (2 here): within 4 BF16_EPS in norm."""
+    loss32, grads32 = one_step(data_dir, tmp_path / "fp32", dtype="float32")
+    loss16, grads16 = one_step(data_dir, tmp_path / "bf16", dtype="bfloat16")
+    assert loss16 == pytest.approx(loss32, rel=BF16_EPS)
+    assert relative(grads16, grads32) < 4 * BF16_EPS
+
+
+def test_bf16_gradient_accumulation_matches_the_full_batch_to_bf16_rounding(data_dir, tmp_path):
+    """The same bf16 roundings per row either way; only matmul reduction orders and the fp32 sums of the
+    micro-batch gradients differ: the loss within one BF16_EPS, gradients within 2 in norm."""
+    loss, grads = one_step(data_dir, tmp_path / "full", dtype="bfloat16")
+    loss_acc, grads_acc = one_step(data_dir, tmp_path / "acc", dtype="bfloat16", micro_batch_size=1)
+    assert loss_acc == pytest.approx(loss, rel=BF16_EPS)
+    assert relative(grads_acc, grads) < 2 * BF16_EPS
