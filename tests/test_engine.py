@@ -1,5 +1,7 @@
 """The inference engine against a plain full-forward loop and against transformers' generate."""
 
+import copy
+
 import pytest
 import torch
 from hf_reference import make_hf_model, perturb_
@@ -38,6 +40,20 @@ def test_greedy_equals_a_full_forward_loop_with_chunked_prefill(model):
     for prompt, out in zip(PROMPTS, outs, strict=True):
         assert out.token_ids == full_forward_greedy(model, prompt, 10)
         assert out.finish_reason == "length" and out.completion_tokens == 10
+
+
+def test_a_bf16_engine_scores_its_tokens_within_bf16_rounding_of_the_fp32_model(model):
+    """The bf16 engine (the `auto` choice on CPUs with AMX) rounds the residual stream and each weight to
+    8 significant bits: each of the 2L+1 matmul stages (attention and MLP per layer, then the head) moves a
+    logit by at most 2^-8 of the largest logit, and a log-probability moves by at most twice that."""
+    bf16 = engine(copy.deepcopy(model).to(torch.bfloat16), dtype=torch.bfloat16)
+    outs = bf16.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1))
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + out.token_ids]))[0, len(prompt) - 1 : -1]
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        bound = 2 * (2 * model.cfg.num_hidden_layers + 1) * 2**-8 * logits.abs().max().item()
+        torch.testing.assert_close(torch.tensor([lp for lp, _ in out.logprobs]), expected, rtol=0, atol=bound)
 
 
 def test_a_batch_gives_the_same_results_as_one_request_at_a_time(model):
@@ -266,3 +282,27 @@ def test_a_vanishing_temperature_samples_the_argmax_instead_of_failing():
     logits = torch.randn(300, generator=torch.Generator().manual_seed(1))
     params = SamplingParams(temperature=1e-300)
     assert sample_token(logits, params, torch.Generator().manual_seed(0), [], []).token == int(logits.argmax())
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token():
+    """top_p=1e-300 is 0 in float32: it used to mask every token and crash torch.multinomial."""
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=1.0, top_p=1e-300)
+    for seed in range(5):
+        picked = sample_token(logits, params, torch.Generator().manual_seed(seed), [], [])
+        assert picked.token == int(logits.argmax())
+
+
+def test_a_request_that_fails_fails_alone_and_the_others_keep_their_tokens(model):
+    clean = engine(model).generate(PROMPTS, GREEDY)
+    eng = engine(model)
+    ids = [eng.add_request(p, GREEDY) for p in PROMPTS]
+    poisoned = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, stop=["never"])
+    poisoned.stop.append(7)  # a stop that slipped past validation: this row's stop check raises TypeError
+    bad = eng.add_request(PROMPTS[1], poisoned)
+    while eng.scheduler.has_work():
+        eng.step()
+    assert [eng.output(i).token_ids for i in ids] == [o.token_ids for o in clean]
+    failed = eng.output(bad)
+    assert failed.finish_reason == "error" and "TypeError" in failed.error
+    assert eng.block_manager.num_free == eng.block_manager.num_blocks

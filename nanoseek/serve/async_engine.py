@@ -115,4 +115,7 @@ class AsyncEngine:
                 finished = output.finish_reason is not None
                 if finished:
                     engine.sequences.pop(request_id)
-                self._send(request_id, output, last=finished)
+                if output.finish_reason == "error":
+                    self._send(request_id, EngineError(request_id, f"internal engine error: {output.error}"), last=True)
+                else:
+                    self._send(request_id, output, last=finished)

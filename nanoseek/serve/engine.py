@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -34,6 +35,8 @@ from nanoseek.serve.scheduler import Scheduler, Sequence, Status
 from nanoseek.serve.speculative import distribution, draft_token, verify
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
 
+log = logging.getLogger("nanoseek.serve")
+
 
 def releasable(text: str, hold: int) -> int:
     """How much of a growing text can be streamed: the last `hold` characters wait, since a stop string
@@ -50,6 +53,7 @@ class RequestOutput:
     finish_reason: str | None
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list[tuple[float, dict[int, float] | None]] = field(default_factory=list)
+    error: str | None = None  # set when finish_reason is "error": this request alone failed
 
     @property
     def prompt_tokens(self) -> int:
@@ -216,7 +220,7 @@ class Engine:
     def output(self, request_id: str) -> RequestOutput:
         seq = self.sequences[request_id]
         return RequestOutput(seq.id, seq.prompt, list(seq.output), seq.text, seq.finish_reason,
-                             seq.cached_prompt_tokens, list(seq.logprobs))  # fmt: skip
+                             seq.cached_prompt_tokens, list(seq.logprobs), seq.error)  # fmt: skip
 
     # --- one engine step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -247,39 +251,55 @@ class Engine:
         )
         now, touched = time.perf_counter(), []
         for row, ((seq, n), (_, start, feed)) in enumerate(zip(batch, rows, strict=True)):
-            drafts = feed[n:]
-            if start + n < len(seq.tokens):  # a prefill chunk: nothing to sample yet
-                seq.num_computed += n
-                self._keep_hidden(seq, hidden[row, :n])
-                self.scheduler.register_computed(seq)
-                continue
-            logits = all_logits[first[row] : first[row] + 1 + len(drafts)]  # [1 + drafts, V]
-            if row in greedy:
-                emitted = [greedy[row]]
-            elif drafts:
-                emitted = verify(logits, drafts, seq.draft_probs, seq.params, seq.generator)
-                self.metrics.drafted_tokens += len(drafts)
-                self.metrics.accepted_tokens += len(emitted) - 1
-            else:
-                sampled = sample_token(logits[0], seq.params, seq.generator, seq.prompt, seq.output)
-                emitted = [sampled.token]
-                seq.logprobs.append((sampled.logprob, sampled.top_logprobs))
-            self.metrics.decode_rows += 1
-            seq.num_computed = start + n + len(emitted) - 1  # the fed token and the accepted drafts
-            self._keep_hidden(seq, hidden[row, : n + len(emitted) - 1])
-            seq.drafts = []
-            self.scheduler.register_computed(seq)
-            for token in emitted:
-                self._emit(seq, token, now)
-                if seq.status is Status.FINISHED:
-                    break
-            if seq.status is Status.RUNNING:  # blocks completed by tokens that only now arrived
-                self.scheduler.register_computed(seq)
-            touched.append(seq.id)
+            try:
+                if self._advance(seq, n, start, feed[n:], hidden[row], all_logits, first.get(row), greedy.get(row),
+                                 now):  # fmt: skip
+                    touched.append(seq.id)
+            except Exception as e:  # one request's parameters or state: it fails alone, the batch goes on
+                log.exception("request %s failed", seq.id)
+                seq.error = f"{type(e).__name__}: {e}"
+                self.scheduler.finish(seq, "error")
+                touched.append(seq.id)
         if self.speculative_tokens:
-            self._draft([seq for seq, _ in batch if seq.status is Status.RUNNING])
+            try:
+                self._draft([seq for seq, _ in batch if seq.status is Status.RUNNING])
+            except Exception:  # drafts only save time: without them every sequence still decodes correctly
+                log.exception("MTP drafting failed; this step goes on without drafts")
         self.metrics.steps += 1
         return touched
+
+    def _advance(self, seq: Sequence, n: int, start: int, drafts: list[int], hidden: torch.Tensor,
+                 all_logits: torch.Tensor | None, first: int | None, greedy: int | None,
+                 now: float) -> bool:  # fmt: skip
+        """Take one row's forward-pass results into its sequence; True when it emitted tokens."""
+        if start + n < len(seq.tokens):  # a prefill chunk: nothing to sample yet
+            seq.num_computed += n
+            self._keep_hidden(seq, hidden[:n])
+            self.scheduler.register_computed(seq)
+            return False
+        logits = all_logits[first : first + 1 + len(drafts)]  # [1 + drafts, V]
+        if greedy is not None:
+            emitted = [greedy]
+        elif drafts:
+            emitted = verify(logits, drafts, seq.draft_probs, seq.params, seq.generator)
+            self.metrics.drafted_tokens += len(drafts)
+            self.metrics.accepted_tokens += len(emitted) - 1
+        else:
+            sampled = sample_token(logits[0], seq.params, seq.generator, seq.prompt, seq.output)
+            emitted = [sampled.token]
+            seq.logprobs.append((sampled.logprob, sampled.top_logprobs))
+        self.metrics.decode_rows += 1
+        seq.num_computed = start + n + len(emitted) - 1  # the fed token and the accepted drafts
+        self._keep_hidden(seq, hidden[: n + len(emitted) - 1])
+        seq.drafts = []
+        self.scheduler.register_computed(seq)
+        for token in emitted:
+            self._emit(seq, token, now)
+            if seq.status is Status.FINISHED:
+                break
+        if seq.status is Status.RUNNING:  # blocks completed by tokens that only now arrived
+            self.scheduler.register_computed(seq)
+        return True
 
     def _greedy_tokens(self, batch, wanted, all_logits) -> dict[int, int]:
         """Rows that need nothing but an argmax (greedy, no penalties, no logprobs, no drafts): one batched

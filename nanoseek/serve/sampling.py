@@ -68,6 +68,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest set reaching top_p
+        drop[..., 0] = False  # the most likely token always stays: a top_p that rounds to 0 keeps it (as vLLM)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     if params.min_p > 0.0:
         probs = logits.softmax(-1)

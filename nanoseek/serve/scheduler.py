@@ -43,6 +43,7 @@ class Sequence:
     disk_hit_tokens: int = 0  # the part of them loaded from disk
     status: Status = Status.WAITING
     finish_reason: str | None = None
+    error: str | None = None  # why the engine failed this request alone (finish_reason "error")
     text: str = ""
     drafts: list[int] = field(default_factory=list)  # speculative decoding: MTP drafts to verify next
     draft_probs: torch.Tensor | None = None
