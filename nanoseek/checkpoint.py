@@ -9,6 +9,8 @@ safetensors only: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import warnings
@@ -16,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
@@ -160,22 +162,88 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise FileNotFoundError(f"no {SAFE_SINGLE} or {SAFE_INDEX} in {model_dir}{hint}")
 
 
+def _safetensors_error(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt; "
+                           "copy or convert it again")  # fmt: skip
+
+
 def read_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) from every safetensors file, one tensor in memory at a time."""
     for path in weight_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield key, f.get_tensor(key)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield key, f.get_tensor(key)
+        except SafetensorError as e:
+            raise _safetensors_error(path, e) from None
 
 
 def checkpoint_keys(model_dir: Path) -> dict[str, torch.dtype]:
     """Every tensor name and dtype, read from the headers only."""
     keys = {}
     for path in weight_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                keys[key] = f.get_slice(key).get_dtype()
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    keys[key] = f.get_slice(key).get_dtype()
+        except SafetensorError as e:
+            raise _safetensors_error(path, e) from None
     return keys
+
+
+FINGERPRINT_FILE = ".nanoseek-fingerprint.json"
+
+
+def weights_fingerprint(model_dir: str | Path) -> bytes:
+    """A 16-byte hash of config.json and every byte of the weight files: corrupt or retrained weights never
+    share a prefix cache with the healthy model. Hashed once, then remembered beside the files by their
+    sizes and modification times (a read-only folder is hashed again at each load)."""
+    path = Path(model_dir)
+    files = [path / "config.json", *weight_files(path)]
+    stamp = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    remembered = path / FINGERPRINT_FILE
+    try:
+        saved = json.loads(remembered.read_text())
+        if saved["files"] == stamp:
+            return bytes.fromhex(saved["blake2b"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    h = hashlib.blake2b(digest_size=16)
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as stream:
+            while chunk := stream.read(2**23):
+                h.update(chunk)
+    with contextlib.suppress(OSError):  # a read-only folder: hashed again next time
+        remembered.write_text(json.dumps({"files": stamp, "blake2b": h.hexdigest()}) + "\n")
+    return h.digest()
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free on the device (CUDA), or the memory the OS can give (CPU); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits_in_memory(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before allocating, a config whose weights cannot fit (a typo'd hidden_size of 1e9 asks 16 TB)."""
+    from nanoseek.cost import model_stats
+
+    need = model_stats(cfg, dtype_bytes=torch.finfo(dtype).bits // 8).params_total * (torch.finfo(dtype).bits // 8)
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise CheckpointError(
+            f"this config's weights need about {need / 2**30:,.1f} GiB in {dtype} and {device} has "
+            f"{have / 2**30:,.1f} GiB available: check config.json (hidden_size {cfg.hidden_size}, "
+            f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts)"
+        )
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -250,6 +318,7 @@ def from_pretrained(
     if dtype is None:  # the checkpoint's own (bf16 for DeepSeek's FP8 checkpoints, dequantized)
         stored = [_SAFETENSORS_DTYPES[d] for d in keys.values() if d in _SAFETENSORS_DTYPES]
         dtype = max(set(stored), key=stored.count) if stored else torch.float32
+    check_fits_in_memory(cfg, dtype, torch.device(device or "cpu"))
     with torch.device("meta"):  # no memory and no random init for weights that are overwritten anyway
         model = Transformer(cfg)
     model.to_empty(device=device or "cpu").to(dtype)

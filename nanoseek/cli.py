@@ -285,6 +285,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger(args: argparse.Namespace) -> int:
+    from nanoseek.serve.billing import Ledger, PriceTable, usage_report
+
+    if not Path(args.ledger).is_file():
+        raise SystemExit(f"no ledger at {args.ledger}: pass the --ledger file `nanoseek serve` writes")
+    ledger = Ledger(args.ledger, PriceTable.parse(args.prices, args.currency))
+    print(usage_report(ledger, as_csv=args.csv), end="")
+    ledger.close()
+    return 0
+
+
 def cmd_speedrun(args: argparse.Namespace) -> int:
     from nanoseek.speedrun import Speedrun
 
@@ -540,6 +551,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_flags(server, ServeConfig)
     server.set_defaults(func=cmd_serve)
+
+    ledger = commands.add_parser("ledger", help="per-key usage, cost and balance from a serving ledger",
+                                 description="Print (or export as CSV) every API key's usage, cost, balance and "
+                                 "open reservations, from the SQLite ledger that `nanoseek serve` writes.")  # fmt: skip
+    ledger.add_argument("--ledger", required=True, help="the ledger file (serve's --ledger)")
+    ledger.add_argument("--prices", default="0.5,2,8", help="per million tokens: cache-hit,cache-miss,output")
+    ledger.add_argument("--currency", default="CNY")
+    ledger.add_argument("--csv", action="store_true", help="CSV on stdout instead of a table")
+    ledger.set_defaults(func=cmd_ledger)
 
     sft = commands.add_parser("sft", help="supervised fine-tuning on chat JSONL (loss on assistant tokens)",
                               description="Fine-tune a model folder on OpenAI-style chat examples with the "

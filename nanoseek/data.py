@@ -303,13 +303,16 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> tuple[l
 
     tokenizer.apply_chat_template(messages, add_generation_prompt=False)  # validates the messages
     system = "".join(m["content"] for m in messages if m["role"] == "system")
-    ids = [tokenizer.bos_id, *tokenizer.encode(system)]
+    ids = [tokenizer.bos_id, *tokenizer.encode_text(system)]  # plain text, as the chat template encodes it
     trained = [False] * len(ids)
     for m in messages:
         if m["role"] == "system":
             continue
         marker = tokenizer.tok.token_to_id(USER if m["role"] == "user" else ASSISTANT)
-        body = tokenizer.encode(m["content"]) + ([tokenizer.eos_id] if m["role"] == "assistant" else [])
+        if m["role"] == "assistant":  # the model's own markup (<think>) stays special
+            body = [*tokenizer.encode(m["content"]), tokenizer.eos_id]
+        else:
+            body = tokenizer.encode_text(m["content"])
         ids += [marker, *body]
         trained += [False] + [m["role"] == "assistant"] * len(body)
     return ids, trained

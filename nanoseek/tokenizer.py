@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ class Tokenizer:
 
     def __init__(self, tok: HFTokenizer, bos_token: str = BOS, eos_token: str = EOS, pad_token: str | None = PAD):
         self.tok = tok
+        self._plain: HFTokenizer | None = None
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token = pad_token if pad_token is not None and tok.token_to_id(pad_token) is not None else None
         for name, token in (("bos", bos_token), ("eos", eos_token)):
@@ -65,7 +67,23 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        """Text to ids, special-token strings included as the special tokens (for text we wrote)."""
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Text to ids as plain text: a special-token string typed by a user becomes ordinary tokens, so
+        that only the chat template can open a turn (no prompt injection past the system prompt)."""
+        if self._plain is None:  # a second tokenizer object: the flag is not safe to flip under threads
+            plain = HFTokenizer.from_str(self.tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        # encode_batch lets go of the GIL while it works (encode does not): a server's loop keeps answering.
+        return self._plain.encode_batch([text], add_special_tokens=False)[0].ids
+
+    @functools.cached_property
+    def longest_token_bytes(self) -> int:
+        """No token spans more bytes than this: a text of more than n times as many bytes has more than n tokens."""
+        return max(len(token.encode()) for token in self.tok.get_vocab(with_added_tokens=True))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encodes on all cores (the Rust library parallelises batches)."""
@@ -77,20 +95,30 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True, tokenize: bool = False
     ) -> str | list[int]:
-        """DeepSeek-V3's chat format: system prompts first, then the turns in order."""
+        """DeepSeek-V3's chat format: system prompts first, then the turns in order. With tokenize=True,
+        system and user contents are plain text (a special-token string typed there cannot open a turn);
+        assistant contents keep the model's own markup (<think>...</think> of a reasoning reply)."""
         for m in messages:
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise ValueError(f"each message needs a role system/user/assistant and a string content, got {m!r}")
-        parts = [self.bos_token, *(m["content"] for m in messages if m["role"] == "system")]
+        parts = [(self.bos_token, True), ("".join(m["content"] for m in messages if m["role"] == "system"), False)]
         for m in messages:
             if m["role"] == "user":
-                parts += [USER, m["content"]]
+                parts += [(USER, True), (m["content"], False)]
             elif m["role"] == "assistant":
-                parts += [ASSISTANT, m["content"], self.eos_token]
+                parts += [(ASSISTANT, True), (m["content"], None), (self.eos_token, True)]
         if add_generation_prompt:
-            parts.append(ASSISTANT)
-        text = "".join(parts)
-        return self.encode(text) if tokenize else text
+            parts.append((ASSISTANT, True))
+        if not tokenize:
+            return "".join(text for text, _ in parts)
+        encode = {True: lambda t: [self.special_id(t)], False: self.encode_text, None: self.encode}
+        return [i for text, special in parts for i in encode[special](text)]
+
+    def special_id(self, token: str) -> int:
+        token_id = self.tok.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"this tokenizer has no {token!r} token")
+        return token_id
 
     def save(self, out_dir: str | Path) -> None:
         """tokenizer.json plus a tokenizer_config.json that transformers' AutoTokenizer reads."""

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,12 +38,15 @@ def free_port() -> int:
 class Server:
     """`python -m nanoseek serve ...` in a subprocess, stopped with SIGTERM (a graceful shutdown)."""
 
-    def __init__(self, model_dir: Path, *args: str, log: Path | None = None):
-        self.port = free_port()
+    def __init__(self, model_dir: Path, *args: str, log: Path | None = None, port: int | None = None,
+                 env: dict[str, str] | None = None):  # fmt: skip
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", str(model_dir), "--port", str(self.port), *args]
         self.log = open(log or os.devnull, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        # A ledger left to its default lands under XDG_DATA_HOME: a fresh folder, not the tester's home.
+        env = {**os.environ, "XDG_DATA_HOME": tempfile.mkdtemp(prefix="nanoseek-data-"), **(env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -57,6 +61,12 @@ class Server:
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=5).json()
+
+    def kill(self) -> None:
+        """kill -9: no shutdown, no flush."""
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

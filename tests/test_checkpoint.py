@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import nanoseek
 from nanoseek import CheckpointError, Transformer, get_preset
+from nanoseek.checkpoint import FINGERPRINT_FILE, weights_fingerprint
 
 
 def _tiny_model(**changes) -> Transformer:
@@ -105,3 +106,30 @@ def test_transformers_checkpoint_without_mtp_weights_loads_without_mtp(tmp_path)
 def test_not_a_folder_says_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match="Hugging Face model folder"):
         nanoseek.from_pretrained(tmp_path / "nope")
+
+
+def test_a_truncated_weight_file_names_the_file_and_what_is_wrong(tmp_path):
+    _tiny_model().save_pretrained(str(tmp_path))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable safetensors file"):
+        nanoseek.from_pretrained(tmp_path)
+
+
+def test_the_fingerprint_covers_every_weight_byte_and_is_remembered(tmp_path):
+    _tiny_model().save_pretrained(str(tmp_path))
+    healthy = weights_fingerprint(tmp_path)
+    assert (tmp_path / FINGERPRINT_FILE).is_file() and weights_fingerprint(tmp_path) == healthy
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # one weight byte, far past any strided sample
+    weights.write_bytes(bytes(data))
+    assert weights_fingerprint(tmp_path) != healthy
+
+
+def test_a_config_too_big_for_the_machine_is_refused_before_allocating(tmp_path):
+    _tiny_model().save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"hidden_size": 10**9}))
+    with pytest.raises(CheckpointError, match=r"need about [\d,.]+ GiB .* GiB available: check config\.json"):
+        nanoseek.from_pretrained(tmp_path)

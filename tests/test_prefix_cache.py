@@ -1,14 +1,13 @@
 """The disk tier of the prefix cache, the engine's cache namespaces, and the serving helpers (billing,
 reasoning split) that need no server."""
 
-from decimal import Decimal
+import os
 
 import pytest
 import torch
 from hf_reference import perturb_
 
 from nanoseek import Engine, SamplingParams, Transformer, get_preset
-from nanoseek.serve.billing import Ledger, PriceTable, read_api_keys
 from nanoseek.serve.prefix_cache import DiskCache
 from nanoseek.serve.protocol import split_reasoning
 from nanoseek.tokenizer import END_THINK, THINK
@@ -36,6 +35,30 @@ def test_disk_cache_round_trips_and_a_damaged_file_is_a_miss_that_is_removed(tmp
     assert cache.get(bytes([0]) * 16) is None and cache.get(bytes([2]) * 16) is None
     assert not flipped.exists() and not truncated.exists() and cache.corrupt == 2
     assert cache.get(b"\x09" * 16) is None  # never written
+
+
+def test_a_block_file_copied_over_another_blocks_name_or_from_another_model_is_a_miss(tmp_path):
+    one, two = b"\x01" * 16, b"\x02" * 16
+    cache = DiskCache(tmp_path, fingerprint=b"m" * 16)
+    cache.put(one, block(1.0))
+    cache.put(two, block(2.0))
+    cache.flush()
+    path = {f.stem: f for f in tmp_path.glob("*/*.kv")}
+    path[two.hex()].write_bytes(path[one.hex()].read_bytes())  # a valid file under the wrong name
+    assert cache.get(two) is None and cache.corrupt == 1
+    other_model = DiskCache(tmp_path, fingerprint=b"x" * 16)  # same folder, another model's weights
+    assert other_model.get(one) is None and other_model.corrupt == 1
+
+
+def test_a_fifo_in_the_cache_folder_is_never_opened(tmp_path):
+    digest = b"\x05" * 16
+    (tmp_path / digest.hex()[:2]).mkdir()
+    os.mkfifo(tmp_path / digest.hex()[:2] / f"{digest.hex()}.kv")  # opening it for reading would block
+    cache = DiskCache(tmp_path)
+    assert digest not in cache and cache.get(digest) is None
+    cache.put(digest, block(5.0))  # a real block replaces it
+    cache.flush()
+    assert torch.equal(cache.get(digest)["kv"], block(5.0)["kv"])
 
 
 def test_disk_cache_stays_under_its_bound_evicting_the_least_recently_used(tmp_path):
@@ -103,26 +126,6 @@ def test_split_reasoning_parts_the_think_block_from_the_answer(tokenizer):
     assert split_reasoning(tokenizer, [4], output, text) == ("add 2 and 2", "4", len(reasoning) + 2)
     assert split_reasoning(tokenizer, [4, think], [*reasoning], "add 2 and 2") == ("add 2 and 2", "", len(reasoning))
     assert split_reasoning(tokenizer, [4], answer, "4") == ("", "4", 0)
-
-
-def test_prices_keys_and_the_ledger(tmp_path):
-    prices = PriceTable.parse("0.5, 2, 8", "CNY")
-    assert prices.cost(1_000_000, 1_000_000, 1_000_000) == Decimal("10.5")
-    with pytest.raises(ValueError, match="three numbers"):
-        PriceTable.parse("1,2")
-    (tmp_path / "keys").write_text("# keys\nalpha 1.5\nbeta\n")
-    assert read_api_keys(tmp_path / "keys") == {"alpha": Decimal("1.5"), "beta": None}
-    (tmp_path / "bad").write_text("alpha lots\n")
-    with pytest.raises(ValueError, match="bad:1"):
-        read_api_keys(tmp_path / "bad")
-    ledger = Ledger(prices, tmp_path / "ledger.json")
-    ledger.grant("alpha", Decimal("1.5"))
-    assert ledger.charge("alpha", 100_000, 200_000, 100_000) == Decimal("1.25")
-    assert ledger.can_spend("alpha")
-    ledger.charge("alpha", 0, 0, 100_000)
-    reloaded = Ledger(prices, tmp_path / "ledger.json")
-    assert not reloaded.can_spend("alpha") and reloaded.summary("alpha")["balance"] == pytest.approx(-0.55)
-    assert reloaded.summary("alpha")["usage"]["requests"] == 2
 
 
 def test_a_prompt_of_whole_blocks_hits_them_all_and_recomputes_only_its_last_token(model, tmp_path):

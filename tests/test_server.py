@@ -2,7 +2,6 @@
 `openai` client: chat and completions, streaming, context caching in memory and on disk, per-key
 isolation, billing, auth and the error envelope, cancellation on disconnect, metrics."""
 
-import json
 import time
 from decimal import Decimal
 
@@ -10,6 +9,8 @@ import httpx
 import openai
 import pytest
 from serving import Server, make_model_dir
+
+from nanoseek.serve.billing import Ledger
 
 pytestmark = pytest.mark.auto_dtype  # CI runs this module again with the other CPU kind's auto dtype
 
@@ -19,6 +20,8 @@ LONG = (
     "with n, and how memoisation with functools.lru_cache fixes that, in two sentences."
 )
 GREEDY = dict(max_tokens=8, temperature=0)
+ADMIN_KEY = "admin-secret"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,8 @@ def model_dir(tmp_path_factory, tokenizer):
 def server(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     (root / "keys.txt").write_text("key-a\nkey-b  # no balance: unlimited\nkey-poor 0.0000001\n")
-    args = ["--api-keys", str(root / "keys.txt"), "--cache-dir", str(root / "kv"), "--max-pending", "8"]
+    args = ["--api-keys", str(root / "keys.txt"), "--cache-dir", str(root / "kv"), "--max-pending", "8",
+            "--admin-key", ADMIN_KEY]  # fmt: skip
     with Server(model_dir, *args, log=root / "server.log") as s:
         yield s
 
@@ -136,10 +140,8 @@ def test_auth_errors_are_401_and_a_spent_balance_is_402(server):
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     with pytest.raises(openai.AuthenticationError):
         chat(client(server, "wrong"))
-    poor = client(server, "key-poor")
-    chat(poor, "hi", max_tokens=1)  # 0.0000001 yuan covers less than one output token: now overdrawn
-    with pytest.raises(openai.APIStatusError) as e:
-        chat(poor, "hi", max_tokens=1)
+    with pytest.raises(openai.APIStatusError) as e:  # 0.0000001 yuan cannot cover one token's reservation
+        chat(client(server, "key-poor"), "hi", max_tokens=1)
     assert e.value.status_code == 402 and e.value.body["type"] == "insufficient_balance"
     balance = httpx.get(server.url + "/user/balance", headers={"Authorization": "Bearer key-poor"}).json()
     assert balance["is_available"] is False
@@ -177,7 +179,7 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server):
     while server.health()["running"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.health() | {"status": "ok"} == {"status": "ok", "running": 0, "waiting": 0, "pending": 0}
-    metrics = httpx.get(server.url + "/metrics").text
+    metrics = httpx.get(server.url + "/metrics", headers=ADMIN).text
     generated = next(float(line.split()[-1]) for line in metrics.splitlines()
                      if line.startswith("nanoseek_generation_tokens_total"))  # fmt: skip
     assert generated < 900  # far fewer than the request asked for: it was stopped
@@ -199,12 +201,12 @@ def test_a_full_server_answers_429_with_retry_after(model_dir, tmp_path):
 
 
 def test_the_disk_cache_survives_a_restart_and_a_corrupt_file_is_a_correct_miss(model_dir, tmp_path):
-    cache = tmp_path / "kv"
-    with Server(model_dir, "--cache-dir", str(cache)) as s:
+    cache, ledger = tmp_path / "kv", ["--ledger", str(tmp_path / "ledger.db")]
+    with Server(model_dir, "--cache-dir", str(cache), *ledger) as s:
         first = chat(client(s), LONG)
     files = sorted(cache.glob("*/*.kv"))
     assert first.usage.prompt_cache_hit_tokens == 0 and len(files) == first.usage.prompt_tokens // 64
-    with Server(model_dir, "--cache-dir", str(cache)) as s:
+    with Server(model_dir, "--cache-dir", str(cache), *ledger) as s:
         restarted = chat(client(s), LONG)
         metrics = httpx.get(s.url + "/metrics").text
     assert restarted.usage.prompt_cache_hit_tokens == 64 * (first.usage.prompt_tokens // 64)
@@ -217,19 +219,20 @@ def test_the_disk_cache_survives_a_restart_and_a_corrupt_file_is_a_correct_miss(
         data = bytearray(f.read_bytes())
         data[len(data) // 2] ^= 0xFF
         f.write_bytes(bytes(data))
-    with Server(model_dir, "--cache-dir", str(cache)) as s:
+    with Server(model_dir, "--cache-dir", str(cache), *ledger) as s:
         corrupt = chat(client(s), LONG)
         metrics = httpx.get(s.url + "/metrics").text
     assert corrupt.usage.prompt_cache_hit_tokens == 0
     assert "nanoseek_disk_cache_corrupt_files_total 1.0" in metrics  # the chain stops at the first bad block
     assert corrupt.choices[0].message.content == first.choices[0].message.content
-    ledger = json.loads((cache / "ledger.json").read_text())
-    assert ledger["accounts"]["anonymous"]["requests"] == 3  # the ledger also survived the restarts
+    assert Ledger(tmp_path / "ledger.db").account("anonymous").requests == 3  # the ledger survived the restarts
 
 
 def test_metrics_expose_latencies_tokens_cache_hits_and_load(server):
     chat(client(server), "metrics please")
-    text = httpx.get(server.url + "/metrics").text
+    for headers in ({}, {"Authorization": "Bearer key-a"}):  # every tenant's traffic: the admin's alone
+        assert httpx.get(server.url + "/metrics", headers=headers).status_code == 401
+    text = httpx.get(server.url + "/metrics", headers=ADMIN).text
     for name in ("nanoseek_time_to_first_token_seconds_bucket", "nanoseek_inter_token_latency_seconds_count",
                  "nanoseek_e2e_request_latency_seconds_sum", "nanoseek_prompt_tokens_total",
                  "nanoseek_generation_tokens_total", 'nanoseek_prefix_cache_hit_tokens_total{tier="memory"}',

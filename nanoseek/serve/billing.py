@@ -1,23 +1,55 @@
 """Cache-aware billing: DeepSeek's price table (cache-hit input, cache-miss input, output per million
-tokens), per-key accounts, optional balances, a ledger on disk.
+tokens), per-key accounts with optional balances, and a ledger in SQLite that server processes share.
 
-    nanoseek serve --model DIR --api-keys keys.txt --prices 0.5,2,8 --currency CNY --ledger ledger.json
+    nanoseek serve --model DIR --api-keys keys.txt --prices 0.5,2,8 --currency CNY [--ledger ledger.db]
+    nanoseek ledger --ledger keys.ledger.db [--csv]
+
+Money is never spent twice and never left unrecorded:
+- Admission reserves a request's worst case (prompt at the cache-miss price + n x max_tokens at the output
+  price) in the same transaction that checks the balance less every open reservation, so a burst of
+  concurrent requests can never spend more than the balance. The real cost settles the reservation.
+- Usage is recorded as it is delivered: each request is a `Meter` whose totals the writer thread writes
+  as one usage row per change (all meters that changed in one transaction), so a killed server loses
+  only what it delivered in the last moments. When the database cannot be written (a full or read-only
+  disk), the server refuses new billed requests with a 503 (`Ledger.unavailable` says why), keeps the
+  unwritten usage in memory and writes it when the database takes writes again.
+- SQLite in WAL mode with a busy timeout: several processes can serve from one ledger. A reservation
+  left by a process that died (kill -9) is dropped once that process is gone.
 
 Costs are exact decimals computed from token totals, so the sum of the per-request costs is the cost of
-the sums. A key's balance is what it was granted (the number after it in the keys file) less what it
-has spent; the ledger is rewritten atomically after every request, so a restart loses nothing.
+the sums.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import sqlite3
 import threading
-from dataclasses import asdict, dataclass, field
-from decimal import Decimal
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 MILLION = Decimal(1_000_000)
+WRITE_EVERY = 0.05  # seconds between the writer's transactions: a killed server loses at most this much usage
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    key TEXT PRIMARY KEY, granted TEXT, requests INTEGER NOT NULL DEFAULT 0,
+    hit INTEGER NOT NULL DEFAULT 0, miss INTEGER NOT NULL DEFAULT 0, output INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY, key TEXT NOT NULL, request TEXT NOT NULL, time REAL NOT NULL,
+    hit INTEGER NOT NULL, miss INTEGER NOT NULL, output INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS reservations (
+    id TEXT PRIMARY KEY, key TEXT NOT NULL, amount TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
+    time REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS reservations_by_key ON reservations (key);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +69,8 @@ class PriceTable:
             hit, miss, out = (Decimal(p.strip()) for p in parts)
         except Exception as e:
             raise ValueError(f"--prices takes three numbers HIT,MISS,OUTPUT per million tokens, got {prices!r}") from e
-        if min(hit, miss, out) < 0:
-            raise ValueError("prices cannot be negative")
+        if not all(p.is_finite() and p >= 0 for p in (hit, miss, out)):
+            raise ValueError("prices must be finite and not negative")
         return cls(hit, miss, out, currency)
 
     def cost(self, hit_tokens: int, miss_tokens: int, output_tokens: int) -> Decimal:
@@ -51,89 +83,351 @@ class PriceTable:
 
 @dataclass(slots=True)
 class Account:
+    key: str
+    granted: Decimal | None = None  # None: unlimited
     requests: int = 0
-    prompt_cache_hit_tokens: int = 0
-    prompt_cache_miss_tokens: int = 0
-    completion_tokens: int = 0
-    granted: str | None = None  # a balance, as a decimal string; None: unlimited
+    hit: int = 0
+    miss: int = 0
+    output: int = 0
+    reserved: Decimal = Decimal(0)  # open reservations
 
     def cost(self, prices: PriceTable) -> Decimal:
-        return prices.cost(self.prompt_cache_hit_tokens, self.prompt_cache_miss_tokens, self.completion_tokens)
+        return prices.cost(self.hit, self.miss, self.output)
 
     def balance(self, prices: PriceTable) -> Decimal | None:
-        return None if self.granted is None else Decimal(self.granted) - self.cost(prices)
+        return None if self.granted is None else self.granted - self.cost(prices)
+
+    def can_afford(self, prices: PriceTable, amount: Decimal) -> bool:
+        balance = self.balance(prices)
+        return balance is None or balance - self.reserved >= amount
 
 
-@dataclass
+class InsufficientBalance(Exception):
+    pass
+
+
+class LedgerUnavailable(Exception):
+    """The ledger cannot be written now; billed requests must wait."""
+
+
+class Meter:
+    """One request's usage as delivered so far; `Ledger` writes what changed."""
+
+    def __init__(self, ledger: Ledger, key: str, reservation: str | None):
+        self.ledger, self.key, self.reservation = ledger, key, reservation
+        self.request = uuid.uuid4().hex
+        self.delivered = self.recorded = (0, 0, 0)  # (cache-hit, cache-miss, output) tokens
+        self.closed = self.settled = False
+
+    def deliver(self, hit: int, miss: int, output: int) -> None:
+        """The totals delivered to the client so far (they only grow)."""
+        self.delivered = tuple(max(a, b) for a, b in zip(self.delivered, (hit, miss, output), strict=True))
+        self.ledger.mark(self)
+
+    def close(self) -> None:
+        """The request is over: record the rest and release its reservation."""
+        self.closed = True
+        self.ledger.mark(self)
+
+
 class Ledger:
-    prices: PriceTable = field(default_factory=PriceTable)
-    path: Path | None = None
-    accounts: dict[str, Account] = field(default_factory=dict)
+    def __init__(self, path: str | Path | None = None, prices: PriceTable | None = None):
+        self.prices = prices or PriceTable()
+        self.path = Path(path) if path is not None else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self._db = sqlite3.connect(":memory:" if self.path is None else self.path, isolation_level=None,
+                                   check_same_thread=False, timeout=30)  # fmt: skip
+        self._lock = threading.RLock()
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # committed rows survive a killed process
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{self.path} is not a nanoseek ledger (SQLite said: {e}); move it aside") from e
+        self.unavailable: str | None = None  # why the ledger cannot be written now
+        self._dirty: dict[int, Meter] = {}
+        self._drop_dead_reservations()
+        self._wake = threading.Condition()
+        self._stopped = False
+        self._writer = threading.Thread(target=self._write_loop, name="nanoseek-ledger", daemon=True)
+        self._writer.start()
 
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-        if self.path is not None and Path(self.path).is_file():
-            try:
-                saved = json.loads(Path(self.path).read_text())
-                self.accounts = {key: Account(**value) for key, value in saved["accounts"].items()}
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"the ledger {self.path} is not a nanoseek ledger ({e}); move it aside") from e
-
-    def grant(self, key: str, balance: Decimal | None) -> None:
-        """Set a key's balance (from the keys file); accounts keep their spending."""
-        account = self.accounts.setdefault(key, Account())
-        account.granted = None if balance is None else str(balance)
-
-    def charge(self, key: str, hit: int, miss: int, output: int) -> Decimal:
-        """Record one request's tokens; returns its cost."""
+    # --- transactions ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            account = self.accounts.setdefault(key, Account())
-            account.requests += 1
-            account.prompt_cache_hit_tokens += hit
-            account.prompt_cache_miss_tokens += miss
-            account.completion_tokens += output
-            self._save()
-        return self.prices.cost(hit, miss, output)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
-    def can_spend(self, key: str) -> bool:
-        account = self.accounts.get(key)
-        balance = account.balance(self.prices) if account else None
-        return balance is None or balance > 0
+    def _write(self, fn, *args):
+        """Run a write transaction; a database that refuses writes makes the ledger unavailable."""
+        try:
+            with self._transaction() as db:
+                result = fn(db, *args)
+        except sqlite3.OperationalError as e:
+            self.unavailable = f"the billing ledger cannot be written ({e})"
+            raise LedgerUnavailable(self.unavailable) from e
+        if not self._dirty_unwritten():
+            self.unavailable = None
+        return result
+
+    def _dirty_unwritten(self) -> bool:
+        return any(m.recorded != m.delivered for m in list(self._dirty.values()))
+
+    def _account(self, db: sqlite3.Connection, key: str) -> Account:
+        row = db.execute("SELECT granted, requests, hit, miss, output FROM accounts WHERE key = ?", (key,)).fetchone()
+        account = Account(key) if row is None else Account(key, None if row[0] is None else Decimal(row[0]), *row[1:])
+        amounts = db.execute("SELECT amount FROM reservations WHERE key = ?", (key,)).fetchall()
+        account.reserved = sum((Decimal(a) for (a,) in amounts), Decimal(0))
+        return account
+
+    def _drop_dead_reservations(self) -> None:
+        """Reservations of this host's processes that no longer run (a server killed mid-request)."""
+        with self._lock:
+            pids = [p for (p,) in self._db.execute("SELECT DISTINCT pid FROM reservations WHERE host = ?",
+                                                   (self.host,))]  # fmt: skip
+        dead = [p for p in pids if p != self.pid and not _alive(p)]
+        if dead:
+            with self._transaction() as db:
+                db.executemany("DELETE FROM reservations WHERE host = ? AND pid = ?", [(self.host, p) for p in dead])
+
+    # --- accounts ----------------------------------------------------------------------------------
+    def grant(self, balances: dict[str, Decimal | None]) -> None:
+        """Set keys' balances (from the keys file); accounts keep their spending."""
+
+        def upsert(db):
+            db.executemany("INSERT INTO accounts (key, granted) VALUES (?, ?) "
+                           "ON CONFLICT (key) DO UPDATE SET granted = excluded.granted",
+                           [(k, None if b is None else str(b)) for k, b in balances.items()])  # fmt: skip
+
+        self._write(upsert)
+
+    def account(self, key: str, settled: bool = False) -> Account:
+        """A key's account; settled=True first waits (up to a second) for the usage still being written."""
+        if settled:
+            self.flush(timeout=1.0)
+        with self._lock:
+            return self._account(self._db, key)
+
+    def accounts(self) -> list[Account]:
+        with self._lock:
+            keys = [k for (k,) in self._db.execute("SELECT key FROM accounts ORDER BY key")]
+            return [self._account(self._db, k) for k in keys]
+
+    def minimal_cost(self) -> Decimal:
+        """The cost of the smallest request: one prompt token, one output token."""
+        return self.prices.cost(0, 1, 1)
 
     def summary(self, key: str) -> dict:
-        account = self.accounts.get(key, Account())
+        account = self.account(key, settled=True)
         balance = account.balance(self.prices)
-        usage = {k: v for k, v in asdict(account).items() if k != "granted"}
+        usage = {"requests": account.requests, "prompt_cache_hit_tokens": account.hit,
+                 "prompt_cache_miss_tokens": account.miss, "completion_tokens": account.output}  # fmt: skip
         return {
             "object": "billing.summary",
             **self.prices.as_dict(),
             "usage": usage,
             "cost": float(account.cost(self.prices)),
             "balance": None if balance is None else float(balance),
+            "reserved": float(account.reserved),
         }
 
-    def _save(self) -> None:
-        if self.path is None:
-            return
-        path = Path(self.path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"accounts": {k: asdict(a) for k, a in self.accounts.items()}}, indent=1))
-        os.replace(tmp, path)
+    # --- requests ----------------------------------------------------------------------------------
+    def open(self, key: str, prompt_tokens: int, max_output_tokens: int) -> Meter:
+        """Admit a request: reserve its worst case against the key's balance, or raise InsufficientBalance
+        (or LedgerUnavailable). Blocking: call it off the event loop."""
+        self._retry_unwritten()
+        worst = self.prices.cost(0, prompt_tokens, max_output_tokens)
+
+        def reserve(db):
+            account = self._account(db, key)
+            if account.granted is None:
+                return None
+            if not account.can_afford(self.prices, worst):
+                left = account.balance(self.prices) - account.reserved
+                raise InsufficientBalance(
+                    f"this key's balance ({max(left, Decimal(0)):.6f} {self.prices.currency} after open requests) "
+                    f"cannot cover this request's worst case ({worst:.6f}: {prompt_tokens} prompt tokens and "
+                    f"{max_output_tokens} output tokens): top it up, or lower max_tokens"
+                )
+            reservation = uuid.uuid4().hex
+            db.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?)",
+                       (reservation, key, str(worst), self.host, self.pid, time.time()))  # fmt: skip
+            return reservation
+
+        return Meter(self, key, self._write(reserve))
+
+    def mark(self, meter: Meter) -> None:
+        with self._wake:
+            self._dirty[id(meter)] = meter
+            self._wake.notify()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every delivered token is written (False if the ledger cannot be written)."""
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            while self._dirty and time.monotonic() < deadline:
+                self._wake.wait(0.05)
+            return not self._dirty
+
+    def close(self) -> None:
+        self.flush()
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._writer.join()
+
+    def _retry_unwritten(self) -> None:
+        if self.unavailable is not None:
+            with self._wake:
+                self._wake.notify()
+            if not self.flush(timeout=1.0):
+                raise LedgerUnavailable(self.unavailable)
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._dirty and not self._stopped:
+                    self._wake.wait()
+                if not self._dirty:
+                    return
+                meters = list(self._dirty.values())
+            try:
+                self._write(self._record, meters)
+            except LedgerUnavailable:
+                time.sleep(0.5)  # the disk is full or read-only: keep the usage, retry
+                continue
+            with self._wake:
+                for m in meters:
+                    if m.recorded == m.delivered and (m.settled or not m.closed):
+                        self._dirty.pop(id(m), None)
+                self._wake.notify_all()
+            time.sleep(WRITE_EVERY)  # changes that arrive meanwhile share the next transaction
+
+    def _record(self, db: sqlite3.Connection, meters: list[Meter]) -> None:
+        """One usage row per meter that delivered more, the account totals, settled reservations."""
+        now = time.time()
+        for m in meters:
+            delivered, closed = m.delivered, m.closed  # read once: the event loop keeps moving them
+            hit, miss, out = (a - b for a, b in zip(delivered, m.recorded, strict=True))
+            if hit or miss or out:
+                first = m.recorded == (0, 0, 0)
+                db.execute("INSERT INTO usage (key, request, time, hit, miss, output) VALUES (?, ?, ?, ?, ?, ?)",
+                           (m.key, m.request, now, hit, miss, out))  # fmt: skip
+                db.execute("INSERT INTO accounts (key) VALUES (?) ON CONFLICT (key) DO NOTHING", (m.key,))
+                db.execute("UPDATE accounts SET requests = requests + ?, hit = hit + ?, miss = miss + ?, "
+                           "output = output + ? WHERE key = ?", (int(first), hit, miss, out, m.key))  # fmt: skip
+            if closed and m.reservation is not None:
+                db.execute("DELETE FROM reservations WHERE id = ?", (m.reservation,))
+            m.recorded, m.settled = delivered, closed
+
+    # --- the old JSON ledger -----------------------------------------------------------------------
+    def import_json(self, path: str | Path) -> bool:
+        """Take over the accounts of a JSON ledger (nanoseek before SQLite) once; the file is renamed."""
+        path = Path(path)
+        if not path.is_file():
+            return False
+        try:
+            accounts = json.loads(path.read_text())["accounts"]
+            rows = [(k, a.get("granted"), int(a["requests"]), int(a["prompt_cache_hit_tokens"]),
+                     int(a["prompt_cache_miss_tokens"]), int(a["completion_tokens"]))
+                    for k, a in accounts.items()]  # fmt: skip
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path} is not a nanoseek JSON ledger ({e}); move it aside") from e
+
+        def take(db):
+            if db.execute("SELECT 1 FROM meta WHERE name = ?", (f"imported:{path.resolve()}",)).fetchone():
+                return
+            for key, granted, requests, hit, miss, out in rows:
+                db.execute("INSERT INTO accounts (key, granted) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                           (key, granted))  # fmt: skip
+                db.execute("UPDATE accounts SET requests = requests + ?, hit = hit + ?, miss = miss + ?, "
+                           "output = output + ? WHERE key = ?", (requests, hit, miss, out, key))  # fmt: skip
+                db.execute("INSERT INTO usage (key, request, time, hit, miss, output) VALUES (?, ?, ?, ?, ?, ?)",
+                           (key, f"imported:{path.name}", time.time(), hit, miss, out))  # fmt: skip
+            db.execute("INSERT INTO meta VALUES (?, ?)", (f"imported:{path.resolve()}", str(time.time())))
+
+        self._write(take)
+        path.rename(path.with_name(path.name + ".imported"))
+        return True
+
+
+def usage_report(ledger: Ledger, as_csv: bool = False) -> str:
+    """Every account's usage, cost, balance and open reservations: a table, or CSV for a spreadsheet."""
+    import csv
+    import io
+
+    head = ["key", "requests", "cache_hit_tokens", "cache_miss_tokens", "output_tokens",
+            f"cost_{ledger.prices.currency}", "balance", "reserved"]  # fmt: skip
+    rows = []
+    for a in ledger.accounts():
+        balance = a.balance(ledger.prices)
+        rows.append([a.key, a.requests, a.hit, a.miss, a.output, f"{a.cost(ledger.prices):.6f}",
+                     "unlimited" if balance is None else f"{balance:.6f}", f"{a.reserved:.6f}"])  # fmt: skip
+    if as_csv:
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows([head, *rows])
+        return out.getvalue()
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [head, *rows]) + "\n"  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def default_ledger_path(api_keys: str | None) -> Path:
+    """Beside the keys file (billing belongs with the keys, never in a disposable cache), else under the
+    user's data directory."""
+    if api_keys:
+        keys = Path(api_keys)
+        return keys.with_name(keys.stem + ".ledger.db")
+    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data) / "nanoseek" / "ledger.db"
 
 
 def read_api_keys(path: str | Path) -> dict[str, Decimal | None]:
-    """One key per line, optionally followed by its balance; '#' starts a comment."""
+    """One key per line, optionally followed by its balance; blank lines and '#' comments are skipped.
+    Refused, naming the line: a balance that is not a finite number >= 0, a duplicate key, a key that
+    an HTTP header cannot carry. A UTF-8 byte-order mark is read as such."""
     keys: dict[str, Decimal | None] = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    seen: dict[str, int] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
         fields = line.split("#", 1)[0].split()
         if not fields:
             continue
+        where = f"{path}:{number}"
         if len(fields) > 2:
-            raise ValueError(f"{path}:{number}: expected 'KEY [BALANCE]', got {line!r}")
-        try:
-            keys[fields[0]] = Decimal(fields[1]) if len(fields) == 2 else None
-        except Exception as e:
-            raise ValueError(f"{path}:{number}: the balance {fields[1]!r} is not a number") from e
+            raise ValueError(f"{where}: expected 'KEY [BALANCE]', got {line!r}")
+        key = fields[0]
+        if not (key.isascii() and key.isprintable()):
+            raise ValueError(f"{where}: a key must be printable ASCII (it travels in an HTTP header)")
+        if key in seen:
+            raise ValueError(f"{where}: the key on line {seen[key]} appears again")
+        seen[key] = number
+        balance = None
+        if len(fields) == 2:
+            try:
+                balance = Decimal(fields[1])
+            except InvalidOperation:
+                raise ValueError(f"{where}: the balance {fields[1]!r} is not a number") from None
+            if not balance.is_finite() or balance < 0:
+                raise ValueError(f"{where}: the balance {fields[1]!r} must be a finite number >= 0")
+        keys[key] = balance
     if not keys:
         raise ValueError(f"{path} lists no API keys")
     return keys

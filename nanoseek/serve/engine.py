@@ -126,8 +126,8 @@ class Engine:
         num_blocks = max(2, cache_bytes // (self.spec.bytes_per_token * block_size))
         self.block_manager = BlockManager(num_blocks, block_size)
         self.pool = LatentPool(self.spec, num_blocks * block_size, self.device)
-        self.fingerprint = self._fingerprint()
-        self.disk_cache = DiskCache(cache_dir, disk_cache_bytes) if cache_dir is not None else None
+        self.fingerprint = self._fingerprint(model_dir, every_byte=cache_dir is not None)
+        self.disk_cache = DiskCache(cache_dir, disk_cache_bytes, self.fingerprint) if cache_dir is not None else None
         if self.disk_cache is not None:
             self.block_manager.on_register = self._persist_block
         load = self._load_block if self.disk_cache is not None else None
@@ -139,15 +139,25 @@ class Engine:
         self.eos_id = self.tokenizer.eos_id if self.tokenizer else cfg.eos_token_id
 
     # --- the prefix cache's tiers and namespaces ---------------------------------------------------
-    def _fingerprint(self) -> bytes:
-        """What a cached latent depends on: the config, the cache layout and the weights (a strided sample
-        of every tensor, so a retrained model in the same folder never reads the old model's cache)."""
+    def _fingerprint(self, model_dir: Path | None, every_byte: bool) -> bytes:
+        """What a cached latent depends on: the config, the cache layout and the weights. For the disk tier
+        (`every_byte`), every weight byte: of the files, hashed once and remembered beside them, or of the
+        tensors of a model passed in memory; corrupt or retrained weights in the same folder never read
+        the healthy model's files. In memory alone a strided sample of each tensor tells models apart."""
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps(self.model.cfg.to_hf_dict(), sort_keys=True, default=str).encode())
         h.update(repr((self.spec, self.block_manager.block_size)).encode())
+        if every_byte and model_dir is not None:
+            from nanoseek.checkpoint import weights_fingerprint
+
+            h.update(weights_fingerprint(model_dir))
+            return h.digest()
         for name, t in sorted(self.model.state_dict().items()):
-            sample = t.detach().flatten()[:: max(1, t.numel() // 256)][:256].float().cpu()
-            h.update(name.encode() + repr(tuple(t.shape)).encode() + sample.numpy().tobytes())
+            flat = t.detach().flatten()
+            if not every_byte:
+                flat = flat[:: max(1, t.numel() // 256)][:256]
+            h.update(name.encode() + repr(tuple(t.shape)).encode())
+            h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
         return h.digest()
 
     def cache_root(self, cache_salt: str | bytes | None = None) -> bytes:

@@ -3,10 +3,12 @@
 DeepSeek's API keeps prompt prefixes on disk and bills a hit at a quarter of a miss. Here each full cache
 block (64 tokens in the server) is one file named by its prefix hash, which chains the model, the
 namespace (API key) and every token id before it, so a file can only ever be found by the same model
-and key with the same prefix. A file is `MAGIC + sha256(payload) + payload` (payload: the block's
-latents as safetensors); anything that fails the check (truncated, flipped bits, another layout) is a
-miss and is deleted, never a wrong answer. Writes happen on a background thread, atomically (write to a
-temporary name, then rename), so a crash never leaves a half file under a real name.
+and key with the same prefix. A file is `MAGIC + prefix hash + model fingerprint + sha256(payload) +
+payload` (payload: the block's latents as safetensors): it proves what it holds, so a file copied or
+renamed over another block's name, one of another model, or one that fails its checksum (truncated,
+flipped bits) is a miss and is deleted, never a wrong answer. Only regular files are ever opened (a FIFO
+or a device dropped into the folder could block the engine). Writes happen on a background thread,
+atomically (write to a temporary name, then rename), so a crash never leaves a half file under a real name.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import hashlib
 import os
 import queue
+import stat
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -23,12 +26,25 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-MAGIC = b"NSKV0001"
-HEADER = len(MAGIC) + 32
+MAGIC = b"NSKV0002"
+DIGEST, FINGERPRINT, CHECKSUM = 16, 16, 32
+HEADER = len(MAGIC) + DIGEST + FINGERPRINT + CHECKSUM
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of a regular file; OSError for anything else (never blocks on a FIFO, never follows links)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return f.read()
 
 
 class DiskCache:
-    def __init__(self, directory: str | Path, max_bytes: int = 8 * 2**30):
+    def __init__(self, directory: str | Path, max_bytes: int = 8 * 2**30, fingerprint: bytes = bytes(FINGERPRINT)):
+        if len(fingerprint) != FINGERPRINT:
+            raise ValueError(f"the model fingerprint must be {FINGERPRINT} bytes")
+        self.fingerprint = fingerprint
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
@@ -36,9 +52,10 @@ class DiskCache:
         self._index: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
         for half in self.dir.glob("*/*.tmp*"):  # left by a process that died mid-write
             half.unlink(missing_ok=True)
-        files = sorted(self.dir.glob("*/*.kv"), key=lambda f: f.stat().st_mtime)
-        for f in files:
-            self._index[f.stem] = f.stat().st_size
+        files = [(f, f.lstat()) for f in self.dir.glob("*/*.kv")]
+        for f, st in sorted(files, key=lambda item: item[1].st_mtime):
+            if stat.S_ISREG(st.st_mode):  # a FIFO, device or link under a block's name is never opened
+                self._index[f.stem] = st.st_size
         self.bytes = sum(self._index.values())
         self.hits = self.misses = self.corrupt = 0
         self._queue: queue.Queue[tuple[str, dict[str, torch.Tensor]] | None] = queue.Queue()
@@ -63,17 +80,21 @@ class DiskCache:
             self._index.move_to_end(name)
         path = self._path(name)
         try:
-            data = path.read_bytes()
-        except OSError:  # evicted meanwhile, or unreadable: a plain miss
+            data = _read_regular(path)
+        except OSError:  # evicted meanwhile, unreadable, or not a regular file: a plain miss
             self.misses += 1
             self._forget(name)
             return None
         try:
-            payload = data[HEADER:]
-            if data[: len(MAGIC)] != MAGIC or hashlib.sha256(payload).digest() != data[len(MAGIC) : HEADER]:
+            holds = data[len(MAGIC) : len(MAGIC) + DIGEST]
+            model = data[len(MAGIC) + DIGEST : len(MAGIC) + DIGEST + FINGERPRINT]
+            checksum, payload = data[HEADER - CHECKSUM : HEADER], data[HEADER:]
+            if data[: len(MAGIC)] != MAGIC or holds != digest or model != self.fingerprint:
+                raise ValueError("another prefix's or another model's block, or another format")
+            if hashlib.sha256(payload).digest() != checksum:
                 raise ValueError("checksum mismatch")
             tensors = load_safetensors(payload)
-        except Exception:  # truncated or corrupt: a miss, and the file goes
+        except Exception:  # misplaced, truncated or corrupt: a miss, and the file goes
             self.corrupt += 1
             self.misses += 1
             self._forget(name)
@@ -115,7 +136,8 @@ class DiskCache:
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_suffix(f".tmp{threading.get_ident()}")
         try:
-            tmp.write_bytes(MAGIC + hashlib.sha256(payload).digest() + payload)
+            header = MAGIC + bytes.fromhex(name) + self.fingerprint + hashlib.sha256(payload).digest()
+            tmp.write_bytes(header + payload)
             tmp.replace(path)
         except OSError:
             tmp.unlink(missing_ok=True)  # a full disk must not fill up further with half files

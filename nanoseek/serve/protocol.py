@@ -9,24 +9,40 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from nanoseek.tokenizer import END_THINK, THINK, Tokenizer
 
 MAX_SEED = 2**63 - 1
-Stop = Annotated[str, Field(min_length=1, max_length=256)]
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+
+
+def _utf8(text: str) -> str:
+    """JSON can carry a lone surrogate (\ud800) that no UTF-8 text holds: refuse it here, not in the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone UTF-16 surrogate, which is not a character") from None
+    return text
+
+
+# Strict types, as OpenAI's API: "5", true and "yes" are not numbers or booleans.
+Text = Annotated[str, AfterValidator(_utf8)]
+Stop = Annotated[Text, Field(min_length=1, max_length=256)]
+Number = Annotated[float, Field(strict=True)]  # an int is a number too; a string or a bool is not
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 
 
 class TextPart(BaseModel):
     type: Literal["text"] = "text"
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, reasoning_content, ...: accepted and ignored
 
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -35,7 +51,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ResponseFormat(BaseModel):
@@ -47,16 +63,16 @@ class SamplingRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, metadata, ...) are ignored
 
-    model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, ge=0, le=1)
+    model: Text = Field(min_length=1, max_length=256)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number = Field(1.0, ge=0, le=2)
+    top_p: Number = Field(1.0, ge=0, le=1)
     stop: Stop | list[Stop] | None = Field(None, max_length=16)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
+    presence_penalty: Number = Field(0.0, ge=-2, le=2)
+    frequency_penalty: Number = Field(0.0, ge=-2, le=2)
+    n: StrictInt = Field(1, ge=1, le=16)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
 
     @property
@@ -70,18 +86,25 @@ class SamplingRequest(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(max_length=64)
-    suffix: str | None = None
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
-    max_tokens: int | None = Field(16, ge=1)
+    # One text, up to MAX_PROMPTS texts, one list of token ids, or up to MAX_PROMPTS such lists (the bound
+    # is on the number of prompts; a prompt's length is bounded by the model's context).
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
+    suffix: Text | None = None
+    echo: StrictBool = False
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    max_tokens: StrictInt | None = Field(16, ge=1)
 
 
 def usage(prompt: int, cached: int, completion: int, reasoning: int = 0) -> dict:

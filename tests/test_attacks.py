@@ -1,0 +1,250 @@
+"""`nanoseek serve` attacked as a stranger and used as a careless client would: each test reproduces an
+attack that once worked (a poison parameter crashing everyone's requests, a burst overspending a balance,
+lost usage on kill -9, huge bodies blocking the loop, lax types) against a real server process.
+
+The servers run in float32 (NANOSEEK_AUTO_DTYPE): these tests compare greedy replies for equality."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+from serving import Server, make_model_dir
+
+from nanoseek.serve.billing import Ledger
+
+FP32 = {"NANOSEEK_AUTO_DTYPE": "float32"}
+ADMIN = "admin-secret"
+KEYS = "key-a\nkey-c\nburst 0.02\n"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    return make_model_dir(tmp_path_factory.mktemp("attacked") / "model", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("attacked-server")
+    (root / "keys.txt").write_text(KEYS)
+    args = ["--api-keys", str(root / "keys.txt"), "--admin-key", ADMIN, "--max-pending", "16"]
+    with Server(model_dir, *args, log=root / "server.log", env=FP32) as s:
+        yield s
+
+
+def client(server: Server, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def stream_text(server: Server, key: str, content: str, **options) -> str:
+    chunks = client(server, key).chat.completions.create(
+        model="nanoseek", messages=[{"role": "user", "content": content}], stream=True, **options
+    )
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def post(server: Server, route: str, body: dict | bytes, key: str = "key-a") -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.url + route, content=content, headers=headers, timeout=120)
+
+
+def test_poison_parameters_from_one_key_change_no_other_keys_tokens(server):
+    prompts = [f"stream {i}: tell me about the sea" for i in range(4)]
+    greedy = dict(max_tokens=24, temperature=0)
+    with ThreadPoolExecutor(8) as pool:
+        clean = list(pool.map(lambda p: stream_text(server, "key-a", p, **greedy), prompts))
+        poison = [dict(top_p=1e-300), dict(temperature=2, top_p=1e-300, max_tokens=2),
+                  dict(top_p=1e-45, logprobs=True, top_logprobs=20, frequency_penalty=2, presence_penalty=-2),
+                  dict(temperature=1e-300, n=3, seed=7)]  # fmt: skip
+        poisoned = [pool.submit(stream_text, server, "key-c", "poison", **({"max_tokens": 4} | p)) for p in poison]
+        again = list(pool.map(lambda p: stream_text(server, "key-a", p, **greedy), prompts))
+        assert all(isinstance(f.result(), str) for f in poisoned)  # each a 200, not an error
+    assert again == clean
+
+
+def test_a_concurrent_burst_never_spends_more_than_the_balance(server):
+    body = {"model": "nanoseek", "messages": [{"role": "user", "content": "spend"}], "max_tokens": 900,
+            "temperature": 0}  # fmt: skip
+    before = httpx.get(server.url + "/v1/billing", headers={"Authorization": "Bearer burst"}).json()
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda _: post(server, "/v1/chat/completions", body, "burst"), range(8)))
+    statuses = sorted(r.status_code for r in replies)
+    assert set(statuses) == {200, 402} and statuses.count(200) <= 2  # 0.02 holds two worst cases of 0.0072+
+    after = httpx.get(server.url + "/v1/billing", headers={"Authorization": "Bearer burst"}).json()
+    prices = {"prompt_cache_hit_tokens": Decimal("0.5"), "prompt_cache_miss_tokens": Decimal("2"),
+              "completion_tokens": Decimal("8")}  # fmt: skip
+    told = sum(sum(r.json()["usage"][k] * p for k, p in prices.items()) for r in replies if r.status_code == 200)
+    assert after["cost"] - before["cost"] == pytest.approx(float(told / 1_000_000), abs=1e-12)
+    assert after["cost"] <= 0.02 and after["balance"] >= 0 and after["reserved"] == 0
+    balance = httpx.get(server.url + "/user/balance", headers={"Authorization": "Bearer burst"}).json()
+    assert balance["is_available"] is True  # still covers a minimal request
+
+
+def test_lax_types_lone_surrogates_and_impossible_sizes_are_400s(server):
+    chat = {"model": "nanoseek", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for field, value in (("max_tokens", "5"), ("max_tokens", True), ("stream", "yes"), ("temperature", "0.5"),
+                         ("n", 1.5)):  # fmt: skip
+        r = post(server, "/v1/chat/completions", chat | {field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+    raw = b'{"model": "nanoseek", "messages": [{"role": "user", "content": "\\ud800"}]}'
+    r = post(server, "/v1/chat/completions", raw)
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+    r = post(server, "/v1/completions", {"model": "nanoseek", "prompt": ["a", "b"], "n": 9, "max_tokens": 1})
+    assert r.status_code == 400 and "--max-pending" in r.json()["error"]["message"]  # 18 > 16: never fits
+
+
+def test_completions_take_long_prompts_and_many_from_the_openai_client(server):
+    c = client(server, "key-a")
+    long = "def fibonacci(n):\n    # return the n-th Fibonacci number, iteratively, in O(n)\n    "
+    assert len(long) > 64
+    out = c.completions.create(model="nanoseek", prompt=long, max_tokens=3, temperature=0)
+    assert out.usage.completion_tokens == 3
+    many = c.completions.create(model="nanoseek", prompt=[f"x = {i}" for i in range(16)], max_tokens=1)
+    assert len(many.choices) == 16
+    with pytest.raises(openai.BadRequestError, match="at most 64"):
+        c.completions.create(model="nanoseek", prompt=[f"x = {i}" for i in range(65)], max_tokens=1)
+
+
+def test_a_huge_body_is_413_unread_and_health_stays_fast_while_big_ones_parse(server):
+    huge = b'{"model": "nanoseek", "prompt": "' + b"a" * (10 * 2**20) + b'"}'
+    started = time.monotonic()
+    r = post(server, "/v1/completions", huge)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert time.monotonic() - started < 5
+    big = json.dumps({"model": "nanoseek", "messages": [{"role": "user", "content": "word " * 700_000}]}).encode()
+    results, latencies = [], []
+    workers = [threading.Thread(target=lambda: results.append(post(server, "/v1/chat/completions", big)))
+               for _ in range(3)]  # fmt: skip
+    for w in workers:
+        w.start()
+    while any(w.is_alive() for w in workers):
+        t = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        latencies.append(time.monotonic() - t)
+    assert [r.status_code for r in results] == [400] * 3  # longer than the context
+    assert latencies and max(latencies) < 0.1, latencies
+
+
+def test_two_servers_on_one_ledger_record_every_request(model_dir, tmp_path):
+    ledger = ["--ledger", str(tmp_path / "ledger.db")]
+    with Server(model_dir, *ledger, env=FP32) as one, Server(model_dir, *ledger, env=FP32) as two:
+        body = {"model": "nanoseek", "prompt": "count", "max_tokens": 2}
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda s: post(s, "/v1/completions", body), [one, two] * 10))
+    assert all(r.status_code == 200 for r in replies)
+    account = Ledger(tmp_path / "ledger.db").account("anonymous")
+    assert account.requests == 20 and account.output == sum(r.json()["usage"]["completion_tokens"] for r in replies)
+
+
+def test_kill_9_mid_stream_loses_at_most_the_last_moments_of_usage(model_dir, tmp_path):
+    ledger = ["--ledger", str(tmp_path / "ledger.db")]
+    server = Server(model_dir, *ledger, env=FP32)
+    body = {"model": "nanoseek", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 800,
+            "temperature": 0, "stream": True, "logprobs": True}  # fmt: skip
+    delivered = 0
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                delivered += len((json.loads(line[6:])["choices"][0].get("logprobs") or {}).get("content") or [])
+            if delivered >= 300:
+                server.kill()
+                break
+    with Server(model_dir, *ledger, env=FP32) as restarted:
+        billed = httpx.get(restarted.url + "/v1/billing").json()["usage"]["completion_tokens"]
+    assert 0.95 * delivered <= billed <= 800, (delivered, billed)
+
+
+def test_a_port_in_use_is_a_clear_error_and_nothing_claims_to_serve(model_dir):
+    with Server(model_dir, env=FP32) as s:
+        cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", str(model_dir), "--port", str(s.port)]
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0 and "pick another --port" in second.stderr
+    assert "serving" not in second.stdout
+
+
+@pytest.mark.parametrize("rounds", [pytest.param(1, id="short"), pytest.param(4, id="long", marks=pytest.mark.slow)])
+def test_chaos_mixed_traffic_changes_no_answer_and_the_ledger_matches_the_clients(model_dir, tmp_path, rounds):
+    """Plain and streamed requests from several keys, cancelled streams, poison parameters, huge and
+    ill-typed bodies, then a kill -9 mid-stream and a restart on the same ledger."""
+    (tmp_path / "keys.txt").write_text("a\nb\nc\n")
+    args = ["--api-keys", str(tmp_path / "keys.txt"), "--ledger", str(tmp_path / "ledger.db"), "--max-pending", "32"]
+    prompts = [f"chaos {i}: the quick brown fox" for i in range(4)]
+    chat = {"model": "nanoseek", "max_tokens": 12, "temperature": 0}
+
+    def ask(s: Server, key: str, prompt: str, stream: bool) -> tuple[int, str, dict | None]:
+        body = chat | {"messages": [{"role": "user", "content": prompt}]}
+        if not stream:
+            r = post(s, "/v1/chat/completions", body, key)
+            ok = r.status_code == 200
+            return r.status_code, r.json()["choices"][0]["message"]["content"] if ok else "", r.json().get("usage")
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+        text, used = "", None
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    text += "".join(c["delta"].get("content") or "" for c in event["choices"])
+                    used = event.get("usage") or used
+        return r.status_code, text, used
+
+    def cancel(s: Server) -> int:
+        body = chat | {"messages": [{"role": "user", "content": "long"}], "max_tokens": 300, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer c"},
+                          timeout=120) as r:  # fmt: skip
+            for i, _ in enumerate(r.iter_lines()):
+                if i == 6:
+                    break
+        return r.status_code
+
+    with Server(model_dir, *args, env=FP32) as s:
+        clean = {p: ask(s, "c", p, False)[1] for p in prompts}
+    poison = chat | {"messages": [{"role": "user", "content": "p"}], "top_p": 1e-300, "temperature": 1.5}
+    mischief = [lambda s: post(s, "/v1/completions", b'{"prompt": "' + b"x" * (5 * 2**20) + b'"}', "c").status_code,
+                lambda s: post(s, "/v1/chat/completions", chat | {"messages": [], "n": "2"}, "c").status_code,
+                lambda s: post(s, "/v1/chat/completions", poison, "c").status_code,
+                cancel]  # fmt: skip
+    answers, statuses = [], []
+    with Server(model_dir, *args, env=FP32) as s, ThreadPoolExecutor(8) as pool:
+        for _ in range(rounds):
+            jobs = [pool.submit(ask, s, key, p, key == "b") for p in prompts for key in ("a", "b")]
+            jobs += [pool.submit(m, s) for m in mischief]
+            for job in jobs:
+                result = job.result()
+                (answers if isinstance(result, tuple) else statuses).append(result)
+    assert {status for status, _, _ in answers} == {200} and set(statuses) <= {200, 400, 413}
+    assert {400, 413} <= set(statuses)
+    for (_, text, _), (prompt, key) in zip(answers, [(p, k) for _ in range(rounds) for p in prompts
+                                                     for k in ("a", "b")], strict=True):  # fmt: skip
+        assert text == clean[prompt], (key, prompt)
+    # A kill -9 mid-stream, and a restart on the same ledger.
+    victim = Server(model_dir, *args, env=FP32)
+    body = chat | {"messages": [{"role": "user", "content": "go"}], "max_tokens": 600, "stream": True,
+                   "logprobs": True}  # fmt: skip
+    delivered = 0
+    with httpx.stream("POST", victim.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer b"},
+                      timeout=120) as r:  # fmt: skip
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                delivered += len((json.loads(line[6:])["choices"][0].get("logprobs") or {}).get("content") or [])
+            if delivered >= 200:
+                victim.kill()
+                break
+    with Server(model_dir, *args, env=FP32) as s:
+        billed = {key: httpx.get(s.url + "/v1/billing", headers={"Authorization": f"Bearer {key}"}).json()["usage"]
+                  for key in ("a", "b")}  # fmt: skip
+    told = {key: [u for (_, _, u), (_, k) in zip(answers, [(p, k) for _ in range(rounds) for p in prompts
+                                                          for k in ("a", "b")], strict=True) if k == key]
+            for key in ("a", "b")}  # fmt: skip
+    for name in ("prompt_cache_hit_tokens", "prompt_cache_miss_tokens"):
+        assert billed["a"][name] == sum(u[name] for u in told["a"])
+    assert billed["a"]["completion_tokens"] == sum(u["completion_tokens"] for u in told["a"])
+    streamed = sum(u["completion_tokens"] for u in told["b"])
+    assert streamed + 0.95 * delivered <= billed["b"]["completion_tokens"] <= streamed + 600
