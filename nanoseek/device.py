@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -45,6 +46,32 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
         # fp16 would need loss scaling; without bf16, stay in fp32.
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
+
+
+def inference_dtype(device: torch.device | str, hidden_size: int) -> torch.dtype:
+    """The `auto` dtype for decoding, which is matrix-vector work: bf16 on a GPU; on a CPU with AMX, bf16 only
+    where it measures faster than fp32 at this model's width (AMX pays off on big matrices; a tiny model
+    decodes slower in bf16), by a probe of a few milliseconds; fp32 on other CPUs."""
+    forced = forced_auto_dtype()
+    device = torch.device(device)
+    if forced is not None or device.type != "cpu" or not cpu_has_fast_bf16():
+        return forced or default_dtype(device)
+    return (
+        torch.bfloat16
+        if _probe_seconds(torch.bfloat16, hidden_size) < _probe_seconds(torch.float32, hidden_size)
+        else torch.float32
+    )
+
+
+def _probe_seconds(dtype: torch.dtype, hidden: int, rows: int = 4, repeats: int = 20) -> float:
+    """The best time of a decode-shaped matmul (a few rows through a [4 hidden, hidden] weight)."""
+    x, w = torch.randn(rows, hidden, dtype=dtype), torch.randn(4 * hidden, hidden, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def other_cpu_dtype() -> str:

@@ -1,5 +1,4 @@
-"""The disk tier of the prefix cache, the engine's cache namespaces, and the serving helpers (billing,
-reasoning split) that need no server."""
+"""The disk tier of the prefix cache and the engine's cache namespaces."""
 
 import os
 
@@ -9,8 +8,6 @@ from hf_reference import perturb_
 
 from nanoseek import Engine, SamplingParams, Transformer, get_preset
 from nanoseek.serve.prefix_cache import DiskCache
-from nanoseek.serve.protocol import split_reasoning
-from nanoseek.tokenizer import END_THINK, THINK
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 PROMPT = [(7 * i) % 290 + 3 for i in range(45)]  # 45 tokens: 5 full blocks of 8, the last token computed
@@ -116,16 +113,6 @@ def test_cache_namespaces_and_models_never_share_blocks(model, tmp_path):
     changed = perturb_(Transformer(model.cfg), seed=9).eval()  # same shapes, other weights
     [out] = engine(changed, tmp_path).generate([PROMPT], GREEDY)
     assert out.cached_tokens == 0
-
-
-def test_split_reasoning_parts_the_think_block_from_the_answer(tokenizer):
-    think, end = tokenizer.tok.token_to_id(THINK), tokenizer.tok.token_to_id(END_THINK)
-    reasoning, answer = tokenizer.encode("add 2 and 2"), tokenizer.encode("4")
-    output = [think, *reasoning, end, *answer]
-    text = tokenizer.decode(output, skip_special_tokens=True)
-    assert split_reasoning(tokenizer, [4], output, text) == ("add 2 and 2", "4", len(reasoning) + 2)
-    assert split_reasoning(tokenizer, [4, think], [*reasoning], "add 2 and 2") == ("add 2 and 2", "", len(reasoning))
-    assert split_reasoning(tokenizer, [4], answer, "4") == ("", "4", 0)
 
 
 def test_a_prompt_of_whole_blocks_hits_them_all_and_recomputes_only_its_last_token(model, tmp_path):

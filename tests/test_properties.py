@@ -98,3 +98,18 @@ def test_softmax_gate_weights_are_softmax_probabilities_of_the_chosen():
     weights, indices = route(logits, None, cfg)
     assert indices[0].tolist() == [6, 3]
     torch.testing.assert_close(weights, logits.softmax(-1)[:, [6, 3]])
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 4))
+def test_the_few_token_loop_over_experts_matches_the_sorted_path(seed, n):
+    experts = model().layers[CFG.first_k_dense_replace].mlp.experts
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, CFG.hidden_size, generator=g)
+    scores = torch.rand(n, experts.n_experts, generator=g)
+    weights, indices = scores.topk(CFG.num_experts_per_tok, dim=-1)  # distinct experts per token
+    with torch.no_grad():
+        looped = experts._few_tokens(x, weights, indices)
+    with torch.enable_grad():  # gradients on: the sorted grouped path
+        sorted_path = experts(x, weights, indices)
+    torch.testing.assert_close(looped, sorted_path.detach(), rtol=1e-5, atol=1e-6)

@@ -52,8 +52,9 @@ from nanoseek.serve.billing import (
     default_ledger_path,
     read_api_keys,
 )
-from nanoseek.serve.engine import Engine, RequestOutput, releasable
+from nanoseek.serve.engine import Engine, RequestOutput
 from nanoseek.serve.metrics import ServerMetrics
+from nanoseek.serve.output import releasable
 from nanoseek.serve.protocol import (
     MAX_SEED,
     ChatCompletionRequest,
@@ -61,7 +62,6 @@ from nanoseek.serve.protocol import (
     SamplingRequest,
     chat_logprobs,
     completion_logprobs,
-    split_reasoning,
     usage,
 )
 from nanoseek.serve.sampling import SamplingParams
@@ -488,8 +488,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
                 "system_fingerprint": engine.fingerprint.hex()[:16]}  # fmt: skip
 
         def parts(out: RequestOutput) -> tuple[dict[str, str], int]:
-            reasoning, content, reasoning_tokens = split_reasoning(tokenizer, prompt, out.token_ids, out.text)
-            return {"reasoning_content": reasoning, "content": content}, reasoning_tokens
+            return {"reasoning_content": out.reasoning_content, "content": out.content}, out.reasoning_tokens
 
         def logprobs_of(out: RequestOutput, new: slice = slice(None)) -> dict | None:
             return None if top is None else chat_logprobs(tokenizer, out.token_ids[new], out.logprobs[new], top)

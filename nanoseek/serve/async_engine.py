@@ -83,7 +83,6 @@ class AsyncEngine:
         elif kind == "cancel":
             (request_id,) = args
             self.engine.cancel(request_id)
-            self.engine.sequences.pop(request_id, None)
             self._streams.pop(request_id, None)
 
     def _run(self) -> None:
@@ -102,20 +101,16 @@ class AsyncEngine:
             if self._stopped or not engine.scheduler.has_work():
                 continue
             try:
-                touched = engine.step()
+                outputs = engine.step()
             except Exception as e:  # a bug, not a request's fault: fail what is running, keep serving
                 log.exception("engine step failed")
                 for request_id in list(engine.sequences):
                     engine.cancel(request_id)
-                    engine.sequences.pop(request_id)
                     self._send(request_id, EngineError(request_id, f"internal engine error: {e}"), last=True)
                 continue
-            for request_id in touched:
-                output = engine.output(request_id)
-                finished = output.finish_reason is not None
-                if finished:
-                    engine.sequences.pop(request_id)
+            for output in outputs:
                 if output.finish_reason == "error":
-                    self._send(request_id, EngineError(request_id, f"internal engine error: {output.error}"), last=True)
+                    error = EngineError(output.request_id, f"internal engine error: {output.error}")
+                    self._send(output.request_id, error, last=True)
                 else:
-                    self._send(request_id, output, last=finished)
+                    self._send(output.request_id, output, last=output.finish_reason is not None)

@@ -36,7 +36,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 MILLION = Decimal(1_000_000)
-WRITE_EVERY = 0.05  # seconds between the writer's transactions: a killed server loses at most this much usage
+WRITE_EVERY = 0.01  # seconds between the writer's transactions: a killed server loses at most this much usage
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
     key TEXT PRIMARY KEY, granted TEXT, requests INTEGER NOT NULL DEFAULT 0,

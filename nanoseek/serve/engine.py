@@ -1,4 +1,7 @@
-"""The inference engine: scheduler + paged latent cache + absorbed-MLA model runner + sampler.
+"""The inference engine: it adds, cancels, steps, generates and streams requests, and owns each one's
+lifetime (a finished request leaves the engine with its last output). The parts: the scheduler
+(continuous batching), the paged latent cache and its prefix tiers, the model runner (absorbed-MLA
+forward pass, batched sampler, MTP drafts) and each request's incremental text (output.py).
 
     engine = nanoseek.Engine("runs/tiny/model")
     [out] = engine.generate(["def fib(n):"], nanoseek.SamplingParams(max_tokens=64, temperature=0))
@@ -8,7 +11,7 @@ With `cache_dir`, full prefix blocks also go to disk (prefix_cache.DiskCache) an
 requests and later processes with the same model; `add_request(..., cache_salt=key)` keeps each key's
 prefixes apart. One `step()` schedules a batch (decodes plus prefill chunks), runs one forward pass over it through the
 absorbed MLA (attention reads only cached latents), samples a token for every sequence whose prompt is
-done, and retires finished sequences, freeing their blocks.
+done, and retires finished sequences, freeing their blocks and returning their last outputs.
 """
 
 from __future__ import annotations
@@ -26,22 +29,20 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.device import default_device, default_dtype
+from nanoseek.config import ModelConfig
+from nanoseek.device import default_device, inference_dtype
 from nanoseek.model import Transformer
-from nanoseek.serve.kv_cache import BlockManager, CacheSpec, LatentPool, StepCache
+from nanoseek.serve.kv_cache import BlockManager, CacheSpec, LatentPool
+from nanoseek.serve.output import TextOutput, releasable
 from nanoseek.serve.prefix_cache import DiskCache
-from nanoseek.serve.sampling import SamplingParams, sample_token
-from nanoseek.serve.scheduler import Scheduler, Sequence, Status
-from nanoseek.serve.speculative import distribution, draft_token, verify
-from nanoseek.tokenizer import Tokenizer, load_tokenizer
+from nanoseek.serve.runner import ModelRunner, Row
+from nanoseek.serve.sampling import History, SamplingParams, needs_history
+from nanoseek.serve.scheduler import Scheduler
+from nanoseek.serve.sequence import Sequence, Status
+from nanoseek.serve.speculative import verify
+from nanoseek.tokenizer import THINK, Tokenizer, load_tokenizer
 
 log = logging.getLogger("nanoseek.serve")
-
-
-def releasable(text: str, hold: int) -> int:
-    """How much of a growing text can be streamed: the last `hold` characters wait, since a stop string
-    (of hold + 1 characters at most) may still be forming, and so does a half-decoded character."""
-    return len(text.rstrip("\ufffd")) - hold
 
 
 @dataclass(slots=True)
@@ -54,6 +55,9 @@ class RequestOutput:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list[tuple[float, dict[int, float] | None]] = field(default_factory=list)
     error: str | None = None  # set when finish_reason is "error": this request alone failed
+    reasoning_content: str = ""  # the text before </think> of a reply that reasons (R1's format)
+    content: str = ""  # the text after it (all of `text` for a reply that does not reason)
+    reasoning_tokens: int = 0
 
     @property
     def prompt_tokens(self) -> int:
@@ -100,9 +104,9 @@ class Engine:
         speculative_tokens: int = 0,
         cache_dir: str | Path | None = None,
         disk_cache_bytes: int = 8 * 2**30,
+        enforce_eager: bool = True,
     ):
         self.device = torch.device(device) if device else default_device()
-        dtype = dtype or default_dtype(self.device)
         if isinstance(model, Transformer):
             self.model = model.to(self.device)
             model_dir = None
@@ -110,7 +114,9 @@ class Engine:
             from nanoseek.checkpoint import from_pretrained
 
             model_dir = Path(model)
-            self.model = from_pretrained(model_dir, dtype=dtype, device=self.device)
+            hidden = ModelConfig.from_json(model_dir).hidden_size
+            self.model = from_pretrained(model_dir, dtype=dtype or inference_dtype(self.device, hidden),
+                                         device=self.device)  # fmt: skip
         self.model.eval()
         dtype = self.model.embed_tokens.weight.dtype
         if tokenizer is None and model_dir is not None and (model_dir / "tokenizer.json").is_file():
@@ -125,7 +131,8 @@ class Engine:
             self.spec.layers += 1
         num_blocks = max(2, cache_bytes // (self.spec.bytes_per_token * block_size))
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.pool = LatentPool(self.spec, num_blocks * block_size, self.device)
+        self.pool = LatentPool(self.spec, num_blocks * block_size + 1, self.device)  # + the runner's scratch slot
+        self.runner = ModelRunner(self.model, self.pool, block_size, self.device, enforce_eager=enforce_eager)
         self.fingerprint = self._fingerprint(model_dir, every_byte=cache_dir is not None)
         self.disk_cache = DiskCache(cache_dir, disk_cache_bytes, self.fingerprint) if cache_dir is not None else None
         if self.disk_cache is not None:
@@ -133,7 +140,8 @@ class Engine:
         load = self._load_block if self.disk_cache is not None else None
         copy = lambda src, dst: self.pool.copy_block(self._block_slots(src), self._block_slots(dst))  # noqa: E731
         self.scheduler = Scheduler(self.block_manager, max_batched_tokens, max_seqs, load_block=load, copy_block=copy)
-        self.sequences: dict[str, Sequence] = {}
+        self.sequences: dict[str, Sequence] = {}  # the live requests; a finished one leaves with its output
+        self._histories: dict[str, History] = {}  # the penalised requests' token counts
         self.metrics = EngineMetrics()
         self._ids = itertools.count()
         self.eos_id = self.tokenizer.eos_id if self.tokenizer else cfg.eos_token_id
@@ -208,17 +216,26 @@ class Engine:
         self.check_request(ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        seq = Sequence(request_id, ids, params, generator=generator, cache_root=self.cache_root(cache_salt))
+        think = self.tokenizer.tok.token_to_id(THINK) if self.tokenizer else None
+        text = TextOutput(self.tokenizer, params.stop, reasoning=think is not None and ids[-1] == think)
+        seq = Sequence(request_id, list(ids), params, text, generator=generator, cache_root=self.cache_root(cache_salt))
+        if needs_history(params):
+            self._histories[request_id] = History(ids, self.model.cfg.vocab_size, self.device)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
         self.metrics.prompt_tokens += len(ids)
         return request_id
 
-    def cancel(self, request_id: str) -> None:
-        """Stop a request now; its cache blocks are freed at once."""
+    def cancel(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now: its cache blocks are freed at once; returns its last output."""
         seq = self.sequences.get(request_id)
-        if seq is not None:
-            self.scheduler.finish(seq, "cancelled")
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "cancelled")
+        return self._retire(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.sequences)
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -228,80 +245,102 @@ class Engine:
         return list(prompt)
 
     def output(self, request_id: str) -> RequestOutput:
-        seq = self.sequences[request_id]
-        return RequestOutput(seq.id, seq.prompt, list(seq.output), seq.text, seq.finish_reason,
-                             seq.cached_prompt_tokens, list(seq.logprobs), seq.error)  # fmt: skip
+        """A live request's output so far."""
+        return self._output(self.sequences[request_id])
+
+    @staticmethod
+    def _output(seq: Sequence) -> RequestOutput:
+        text = seq.text
+        return RequestOutput(seq.id, seq.prompt, seq.output, text.text, seq.finish_reason, seq.cached_prompt_tokens,
+                             list(seq.logprobs), seq.error, text.reasoning_text.removeprefix(THINK),
+                             text.content.removeprefix("</think>"), text.reasoning_tokens)  # fmt: skip
+
+    def _retire(self, seq: Sequence) -> RequestOutput:
+        self.sequences.pop(seq.id, None)
+        self._histories.pop(seq.id, None)
+        return self._output(seq)
 
     # --- one engine step -------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> list[str]:
-        """Run one batch; returns the ids of the requests that got new tokens (or finished)."""
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns the outputs of the requests that got new tokens or finished (these leave)."""
         batch = self.scheduler.schedule()
         self.metrics.preemptions = self.scheduler.preemptions
         if not batch:
             return []
-        rows = []
+        rows: list[Row] = []
         for seq, n in batch:
-            feed = seq.tokens[seq.num_computed : seq.num_computed + n]
-            drafts = seq.drafts if n == 1 and seq.num_computed + 1 == len(seq.tokens) else []
+            feed = seq.token_ids[seq.num_computed : seq.num_computed + n]
+            drafts = seq.spec.drafts if n == 1 and seq.num_computed + 1 == len(seq) else []
             rows.append((seq, seq.num_computed, feed + drafts))
-        hidden = self.model.forward_cached(*self._step_inputs(rows))  # [B, t, hidden]
-        # One output-head matmul for every position whose logits are needed: a sequence's last fed
-        # token and each draft, for sequences whose prompt is done.
-        wanted = [  # (row, first position, how many)
-            (row, n - 1, len(feed) - n + 1)
-            for row, ((seq, n), (_, start, feed)) in enumerate(zip(batch, rows, strict=True))
-            if start + n >= len(seq.tokens)
-        ]
-        picks = [(row, n0 + j) for row, n0, count in wanted for j in range(count)]
-        all_logits = self.model.lm_head(hidden[[r for r, _ in picks], [c for _, c in picks]]).float() if picks else None
-        greedy = self._greedy_tokens(batch, wanted, all_logits)
-        first = dict(
-            zip((row for row, _, _ in wanted), itertools.accumulate([0] + [c for *_, c in wanted]), strict=False)
-        )
+        hidden = self.runner.forward(rows)  # [B, t, hidden]
+        # The logits of a sequence's last fed token and each draft, for sequences whose prompt is done.
+        wanted = [(row, n - 1, len(feed) - n + 1)
+                  for row, ((seq, n), (_, start, feed)) in enumerate(zip(batch, rows, strict=True))
+                  if start + n >= len(seq)]  # fmt: skip
+        logits = self.runner.logits(hidden, [(row, n0 + j) for row, n0, count in wanted for j in range(count)])
+        offsets = itertools.accumulate([0] + [count for *_, count in wanted])  # each row's first logits row
+        first = dict(zip((row for row, _, _ in wanted), offsets, strict=False))
+        sampled = self._sample(batch, wanted, first, logits)
         now, touched = time.perf_counter(), []
         for row, ((seq, n), (_, start, feed)) in enumerate(zip(batch, rows, strict=True)):
             try:
-                if self._advance(seq, n, start, feed[n:], hidden[row], all_logits, first.get(row), greedy.get(row),
-                                 now):  # fmt: skip
-                    touched.append(seq.id)
+                if self._advance(seq, n, start, feed[n:], hidden[row], logits, first.get(row), sampled.get(row), now):
+                    touched.append(seq)
             except Exception as e:  # one request's parameters or state: it fails alone, the batch goes on
                 log.exception("request %s failed", seq.id)
                 seq.error = f"{type(e).__name__}: {e}"
                 self.scheduler.finish(seq, "error")
-                touched.append(seq.id)
+                touched.append(seq)
         if self.speculative_tokens:
             try:
                 self._draft([seq for seq, _ in batch if seq.status is Status.RUNNING])
             except Exception:  # drafts only save time: without them every sequence still decodes correctly
                 log.exception("MTP drafting failed; this step goes on without drafts")
         self.metrics.steps += 1
-        return touched
+        return [self._retire(seq) if seq.status is Status.FINISHED else self._output(seq) for seq in touched]
+
+    def _sample(self, batch, wanted, first, logits) -> dict[int, object]:
+        """The batch's next tokens in one pass, for rows without drafts (drafted rows are verified instead)."""
+        rows = [row for row, _, count in wanted if count == 1]
+        if not rows:
+            return {}
+        seqs = [batch[row][0] for row in rows]
+        histories = [self._histories.get(s.id) for s in seqs]
+        try:
+            picked = self.runner.sample(logits[[first[row] for row in rows]], seqs, histories)
+        except Exception:  # one row's parameters broke the batch: sample row by row, and fail only that row
+            picked = []
+            for row, seq, history in zip(rows, seqs, histories, strict=True):
+                try:
+                    picked += self.runner.sample(logits[[first[row]]], [seq], [history])
+                except Exception as e:
+                    picked.append(e)
+        return dict(zip(rows, picked, strict=True))
 
     def _advance(self, seq: Sequence, n: int, start: int, drafts: list[int], hidden: torch.Tensor,
-                 all_logits: torch.Tensor | None, first: int | None, greedy: int | None,
-                 now: float) -> bool:  # fmt: skip
+                 logits: torch.Tensor | None, first: int | None, sampled, now: float) -> bool:  # fmt: skip
         """Take one row's forward-pass results into its sequence; True when it emitted tokens."""
-        if start + n < len(seq.tokens):  # a prefill chunk: nothing to sample yet
+        if start + n < len(seq):  # a prefill chunk: nothing to sample yet
             seq.num_computed += n
             self._keep_hidden(seq, hidden[:n])
             self.scheduler.register_computed(seq)
             return False
-        logits = all_logits[first : first + 1 + len(drafts)]  # [1 + drafts, V]
-        if greedy is not None:
-            emitted = [greedy]
-        elif drafts:
-            emitted = verify(logits, drafts, seq.draft_probs, seq.params, seq.generator)
+        if drafts:
+            emitted = verify(logits[first : first + 1 + len(drafts)], drafts, seq.spec.draft_probs, seq.params,
+                             seq.generator)  # fmt: skip
             self.metrics.drafted_tokens += len(drafts)
             self.metrics.accepted_tokens += len(emitted) - 1
         else:
-            sampled = sample_token(logits[0], seq.params, seq.generator, seq.prompt, seq.output)
+            if isinstance(sampled, Exception):
+                raise sampled
             emitted = [sampled.token]
-            seq.logprobs.append((sampled.logprob, sampled.top_logprobs))
+            if seq.params.logprobs is not None:
+                seq.logprobs.append((sampled.logprob, sampled.top_logprobs))
         self.metrics.decode_rows += 1
         seq.num_computed = start + n + len(emitted) - 1  # the fed token and the accepted drafts
         self._keep_hidden(seq, hidden[: n + len(emitted) - 1])
-        seq.drafts = []
+        seq.spec.drafts = []
         self.scheduler.register_computed(seq)
         for token in emitted:
             self._emit(seq, token, now)
@@ -311,124 +350,54 @@ class Engine:
             self.scheduler.register_computed(seq)
         return True
 
-    def _greedy_tokens(self, batch, wanted, all_logits) -> dict[int, int]:
-        """Rows that need nothing but an argmax (greedy, no penalties, no logprobs, no drafts): one batched
-        argmax instead of the per-request sampler."""
-        rows, starts, offset = [], [], 0
-        for row, _, count in wanted:
-            p = batch[row][0].params
-            plain = p.repetition_penalty == 1 and not (p.presence_penalty or p.frequency_penalty)
-            plain = plain and p.logprobs is None
-            if count == 1 and p.greedy and plain:
-                rows.append(row)
-                starts.append(offset)
-            offset += count
-        if not rows:
-            return {}
-        return dict(zip(rows, all_logits[starts].argmax(-1).tolist(), strict=True))
-
     def _emit(self, seq: Sequence, token: int, now: float) -> None:
-        if seq.token_times:
-            self.metrics.itl.append(now - seq.token_times[-1])
+        if seq.last_token_time is not None:
+            self.metrics.itl.append(now - seq.last_token_time)
         else:
+            seq.first_token_time = now
             self.metrics.ttft.append(now - seq.arrival)
             self.metrics.prefix_hit_tokens += seq.cached_prompt_tokens
             self.metrics.disk_hit_tokens += seq.disk_hit_tokens
-        seq.token_times.append(now)
-        seq.output.append(token)
+        seq.last_token_time = now
+        seq.token_ids.append(token)
+        if seq.id in self._histories:
+            self._histories[seq.id].add(token)
         self.metrics.generated_tokens += 1
-        self._check_finished(seq)
+        params = seq.params
+        if (token == self.eos_id and not params.ignore_eos) or token in params.stop_token_ids:
+            seq.text.flush()  # the end token's text is not part of the reply
+            self.scheduler.finish(seq, "stop")
+            return
+        seq.text.add(token)
+        if seq.text.stopped:
+            self.scheduler.finish(seq, "stop")
+        elif seq.num_output >= params.max_tokens:
+            seq.text.flush()
+            if seq.text.stopped:  # the held-back text completed a stop string
+                self.scheduler.finish(seq, "stop")
+            else:
+                self.scheduler.finish(seq, "length")
 
     def _draftable(self, seq: Sequence) -> bool:
         p = seq.params  # penalties and logprobs need the full sampler on every token: no drafts
-        plain = not (p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty)
-        return plain and p.logprobs is None
+        return not needs_history(p) and p.logprobs is None
 
     def _keep_hidden(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """Main-model hidden states the MTP module still has to see (speculative decoding only)."""
         if self.speculative_tokens and self._draftable(seq):
-            seq.pending_hidden = hidden if seq.pending_hidden is None else torch.cat((seq.pending_hidden, hidden))
+            spec = seq.spec
+            spec.pending_hidden = hidden if spec.pending_hidden is None else torch.cat((spec.pending_hidden, hidden))
 
     def _draft(self, seqs: list[Sequence]) -> None:
-        """Catch the MTP module up on the tokens the main model accepted, then draft k tokens per sequence."""
-        k = self.speculative_tokens
-        ready = []
+        """Draft k tokens for every sequence that is decoding, has its cache room, and samples plainly."""
+        k, ready = self.speculative_tokens, []
         for seq in seqs:
-            if not self._draftable(seq) or seq.num_computed + 1 != len(seq.tokens) or seq.pending_hidden is None:
+            if not self._draftable(seq) or seq.num_computed + 1 != len(seq) or seq.spec.pending_hidden is None:
                 continue
-            if self.scheduler.reserve(seq, len(seq.tokens) + k):
+            if self.scheduler.reserve(seq, len(seq) + k):
                 ready.append(seq)
-        if not ready:
-            return
-        # MTP at position i reads token i+1 and the main model's hidden state at i.
-        rows = [(seq, seq.mtp_computed, seq.tokens[seq.mtp_computed + 1 :]) for seq in ready]
-        hiddens = [seq.pending_hidden for seq in ready]
-        for seq in ready:
-            seq.mtp_computed, seq.pending_hidden = len(seq.tokens) - 1, None
-        drafts: list[list[int]] = [[] for _ in ready]
-        probs: list[list[torch.Tensor]] = [[] for _ in ready]
-        for _ in range(k):  # later drafts chain the module on its own output (as vLLM does with one module)
-            ids, positions, cache = self._step_inputs(rows)
-            width = ids.shape[1]
-            h_in = torch.zeros(len(rows), width, self.model.cfg.hidden_size, dtype=hiddens[0].dtype, device=self.device)
-            for i, h in enumerate(hiddens):
-                h_in[i, : h.shape[0]] = h
-            out = self.model.mtp_forward_cached(ids, h_in, positions, cache)
-            next_rows, next_hidden = [], []
-            for i, (seq, start, feed) in enumerate(rows):
-                last = out[i, len(feed) - 1]
-                q = distribution(self.model.lm_head(last).float(), seq.params)
-                token = draft_token(q, seq.params, seq.generator)
-                drafts[i].append(token)
-                probs[i].append(q)
-                next_rows.append((seq, start + len(feed), [token]))
-                next_hidden.append(last[None])
-            rows, hiddens = next_rows, next_hidden
-        for seq, d, q in zip(ready, drafts, probs, strict=True):
-            seq.drafts, seq.draft_probs = d, torch.stack(q)
-
-    def _step_inputs(self, rows: list[tuple[Sequence, int, list[int]]]):
-        """Token ids, positions [B, t] and the StepCache for rows of (sequence, first position, tokens)."""
-        bs = self.block_manager.block_size
-        t = max(len(feed) for _, _, feed in rows)
-        ends = [start + len(feed) for _, start, feed in rows]
-        width = max(ends)
-        ids = torch.zeros(len(rows), t, dtype=torch.long)
-        positions = torch.zeros(len(rows), t, dtype=torch.long)
-        valid = torch.zeros(len(rows), t, dtype=torch.bool)
-        read = torch.zeros(len(rows), width, dtype=torch.long)
-        write = torch.zeros(len(rows), t, dtype=torch.long)
-        for row, ((seq, start, feed), end) in enumerate(zip(rows, ends, strict=True)):
-            pos = torch.arange(end)
-            slots = torch.tensor(seq.blocks, dtype=torch.long)[pos // bs] * bs + pos % bs
-            ids[row, : len(feed)] = torch.tensor(feed)
-            positions[row, : len(feed)] = torch.arange(start, end)
-            valid[row, : len(feed)] = True
-            read[row, :end] = slots
-            write[row, : len(feed)] = slots[start:]
-        keys = torch.arange(width)
-        mask = (keys <= positions[:, :, None]) & (keys < torch.tensor(ends)[:, None, None])
-        mask[~valid] = keys == 0  # padding queries look at one key: no all-masked rows, no NaN
-        device = self.device
-        cache = StepCache(self.pool, write.to(device), valid.to(device), read.to(device), mask[:, None].to(device))
-        return ids.to(device), positions.to(device), cache
-
-    def _check_finished(self, seq: Sequence) -> None:
-        params, token = seq.params, seq.output[-1]
-        if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
-        reason = None
-        if (token == self.eos_id and not params.ignore_eos) or token in params.stop_token_ids:
-            reason = "stop"
-            seq.text = self.tokenizer.decode(seq.output[:-1], skip_special_tokens=True) if self.tokenizer else ""
-        elif params.stop and any(s in seq.text for s in params.stop):
-            reason = "stop"
-            cut = min(seq.text.find(s) for s in params.stop if s in seq.text)
-            seq.text = seq.text[:cut]
-        elif len(seq.output) >= params.max_tokens:
-            reason = "length"
-        if reason:
-            self.scheduler.finish(seq, reason)
+        if ready:
+            self.runner.draft(ready, k)
 
     # --- convenience -----------------------------------------------------------------------------
     def generate(self, prompts: Seq[str | list[int]] | str, params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -438,23 +407,22 @@ class Engine:
             prompts = [prompts]  # type: ignore[list-item]
         plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
         ids = [self.add_request(p, sp, cache_salt=cache_salt) for p, sp in zip(prompts, plist, strict=True)]
-        while any(self.sequences[i].status is not Status.FINISHED for i in ids):
-            self.step()
-        return [self.output(i) for i in ids]
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            done |= {out.request_id: out for out in self.step() if out.finish_reason is not None}
+        return [done[i] for i in ids]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text as it grows (other requests keep being served in the same steps)."""
         request_id = self.add_request(prompt, params)
-        seq, sent = self.sequences[request_id], 0
-        hold = max((len(s) for s in seq.params.stop), default=1) - 1
-        while seq.status is not Status.FINISHED:
-            self.step()
-            ready = releasable(seq.text, hold)
-            if seq.status is not Status.FINISHED and ready > sent:
-                yield seq.text[sent:ready]
+        text, sent = self.sequences[request_id].text, 0
+        finished = False
+        while not finished:
+            finished = any(out.request_id == request_id and out.finish_reason for out in self.step())
+            ready = len(text.text) if finished else releasable(text.text, text.hold)
+            if ready > sent:
+                yield text.text[sent:ready]
                 sent = ready
-        if len(seq.text) > sent:
-            yield seq.text[sent:]
 
     def kv_cache_bytes_per_token(self) -> int:
         return self.spec.bytes_per_token

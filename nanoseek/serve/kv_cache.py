@@ -125,7 +125,7 @@ class LatentPool:
     """The tensors: per layer, slots x (latent + rope), or an E4M3 latent with per-token scales."""
 
     def __init__(self, spec: CacheSpec, num_slots: int, device: torch.device):
-        self.spec = spec
+        self.spec, self.num_slots = spec, num_slots
         shape = (spec.layers, num_slots)
         if spec.fp8:
             self.latent = torch.zeros(*shape, spec.latent, dtype=torch.float8_e4m3fn, device=device)
@@ -177,10 +177,12 @@ class LatentPool:
 class StepCache:
     """The LatentCache one batched forward pass sees: where each new token goes, what each row reads."""
 
-    def __init__(self, pool: LatentPool, write_slots: torch.Tensor, valid: torch.Tensor, read_slots: torch.Tensor,
-                 mask: torch.Tensor):  # fmt: skip
-        self.pool, self.write_slots, self.valid = pool, write_slots, valid  # [B, t] slots, [B, t] real tokens
-        self.all_valid = bool(valid.all())
+    def __init__(self, pool: LatentPool, write_slots: torch.Tensor, valid: torch.Tensor | None,
+                 read_slots: torch.Tensor, mask: torch.Tensor):  # fmt: skip
+        # [B, t] slots, [B, t] real tokens (None: all are, as in a decode step, where padding rows write
+        # to a scratch slot): checked here once, not per layer.
+        self.pool, self.write_slots, self.valid = pool, write_slots, valid
+        self.all_valid = valid is None or bool(valid.all())
         self.read_slots, self.mask = read_slots, mask  # [B, L], [B, 1, t, L]
 
     def store(self, layer: int, latent: torch.Tensor, k_rope: torch.Tensor) -> None:

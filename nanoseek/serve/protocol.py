@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from nanoseek.tokenizer import END_THINK, THINK, Tokenizer
+from nanoseek.tokenizer import Tokenizer
 
 MAX_SEED = 2**63 - 1
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -117,21 +117,6 @@ def usage(prompt: int, cached: int, completion: int, reasoning: int = 0) -> dict
         "prompt_tokens_details": {"cached_tokens": cached},
         "completion_tokens_details": {"reasoning_tokens": reasoning},
     }
-
-
-def split_reasoning(tokenizer: Tokenizer, prompt: list[int], output: list[int], text: str) -> tuple[str, str, int]:
-    """(reasoning_content, content, reasoning tokens) of a reply. A reply reasons when it opens with
-    <think> (or the prompt ended with it, as R1's template does) and stops reasoning at </think>."""
-    think, end = tokenizer.tok.token_to_id(THINK), tokenizer.tok.token_to_id(END_THINK)
-    if end is None or not ((output and output[0] == think) or (prompt and prompt[-1] == think)):
-        return "", text, 0
-    if end not in output:
-        return text.removeprefix(THINK), "", len(output)
-    cut = output.index(end)
-    # `text` is the whole reply decoded (and cut at a stop string): split it where the reasoning ends.
-    reasoning_text = tokenizer.decode(output[:cut], skip_special_tokens=True)
-    reasoning, content = text[: len(reasoning_text)], text[len(reasoning_text) :]
-    return reasoning.removeprefix(THINK), content.removeprefix(END_THINK), cut + 1
 
 
 def chat_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list, top: int) -> dict:

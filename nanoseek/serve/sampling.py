@@ -1,5 +1,5 @@
 """The one sampler, for the engine and for RL: greedy, temperature, top-k, top-p, min-p, repetition /
-presence / frequency penalties, per-request seeds, log-probabilities.
+presence / frequency penalties, per-request seeds, log-probabilities; a whole batch in one pass.
 
 Penalties follow the usual conventions: repetition (CTRL, Keskar et al. 2019) divides positive logits of
 seen tokens and multiplies negative ones; presence and frequency (OpenAI) subtract a constant per seen
@@ -46,18 +46,6 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
-    """logits [V] for one request, penalised by what it has seen."""
-    if params.repetition_penalty != 1.0 and (prompt or output):
-        seen = torch.tensor(sorted(set(prompt) | set(output)), device=logits.device)
-        chosen = logits[seen]
-        logits[seen] = torch.where(chosen > 0, chosen / params.repetition_penalty, chosen * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and output:
-        counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=logits.shape[-1]).float()
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
-    return logits
-
-
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p as -inf masks, row by row. logits [..., V] -> same shape."""
     logits = logits / max(params.temperature, 1e-4)  # a vanishing temperature must not overflow to inf - inf
@@ -83,20 +71,89 @@ class Sampled:
     top_logprobs: dict[int, float] | None = None
 
 
+class History:
+    """What penalties need of one request, kept up to date in O(1) per token: the prompt's tokens and a
+    count of each output token, as [V] tensors (only for requests with penalties)."""
+
+    def __init__(self, prompt: list[int], vocab: int, device: torch.device | str = "cpu"):
+        self.prompt_seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        self.prompt_seen[torch.tensor(prompt, dtype=torch.long, device=device)] = True
+        self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+
+    def add(self, token: int) -> None:
+        self.counts[token] += 1
+
+
+def needs_history(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+
+
+def sample_batch(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+    histories: list[History | None],
+) -> list[Sampled]:  # fmt: skip
+    """One token for every row of logits [B, V] (float32), in one pass over the batch: penalties, greedy,
+    temperature, top-k, top-p and min-p, then inverse-CDF sampling with one uniform number per row. A
+    seeded row draws its number from its own generator, so a seed gives the same tokens whatever else is
+    in the batch."""
+    logits = logits.float().clone()
+    rows = [i for i, h in enumerate(histories) if h is not None and needs_history(params[i])]
+    if rows:  # penalties, for the rows that have them, stacked
+        seen = torch.stack([histories[i].prompt_seen | (histories[i].counts > 0) for i in rows])
+        counts = torch.stack([histories[i].counts for i in rows])
+        sub = logits[rows]
+        rep = _column([params[i].repetition_penalty for i in rows], sub)
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        sub -= _column([params[i].frequency_penalty for i in rows], sub) * counts
+        sub -= _column([params[i].presence_penalty for i in rows], sub) * (counts > 0).to(sub.dtype)
+        logits[rows] = sub
+    logprobs = logits.log_softmax(-1)
+    tokens = logits.argmax(-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        sub = logits[sampled] / _column([max(params[i].temperature, 1e-4) for i in sampled], logits)
+        sorted_logits, order = sub.sort(dim=-1, descending=True)
+        rank = torch.arange(sub.shape[-1], device=sub.device)
+        top_k = _column([params[i].top_k or sub.shape[-1] for i in sampled], sub)
+        probs = sorted_logits.softmax(-1)
+        drop = rank >= top_k
+        drop |= probs.cumsum(-1) - probs >= _column([params[i].top_p for i in sampled], sub)  # top-p
+        drop |= probs < _column([params[i].min_p for i in sampled], sub) * probs[:, :1]  # min-p
+        drop[:, 0] = False  # the most likely token always stays (a top_p that rounds to 0 keeps it, as vLLM)
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+        uniform = torch.rand(len(sampled), device=sub.device)
+        for j, i in enumerate(sampled):  # seeded rows: each from its own generator
+            if generators[i] is not None:
+                uniform[j] = torch.rand(1, generator=generators[i]).item()
+        cdf = probs.cumsum(-1)
+        pick = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1)).clamp(max=sub.shape[-1] - 1)
+        tokens[sampled] = order.gather(-1, pick).squeeze(-1)
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    most = max((p.logprobs or 0 for p in params), default=0)
+    top = logprobs.topk(most, dim=-1) if most else None
+    tokens_list, chosen_list = tokens.tolist(), chosen.tolist()  # one copy to the host for the batch
+    top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else (None, None)
+    out = []
+    for i, p in enumerate(params):
+        alternatives = None
+        if p.logprobs:
+            alternatives = dict(zip(top_ids[i][: p.logprobs], top_values[i][: p.logprobs], strict=True))
+        out.append(Sampled(tokens_list[i], chosen_list[i], alternatives))
+    return out
+
+
 def sample_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, prompt: list[int],
     output: list[int],
 ) -> Sampled:  # fmt: skip
-    """Pick the next token for one request from its logits [V] (float32)."""
-    logits = apply_penalties(logits.float().clone(), params, prompt, output)
-    logprobs = logits.log_softmax(-1)
-    if params.greedy:
-        token = int(logits.argmax())
-    else:
-        probs = filter_logits(logits, params).softmax(-1)
-        token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-    top = None
-    if params.logprobs:
-        values, ids = logprobs.topk(params.logprobs)
-        top = dict(zip(ids.tolist(), values.tolist(), strict=True))
-    return Sampled(token, float(logprobs[token]), top)
+    """Pick the next token for one request from its logits [V] (float32): `sample_batch` on one row."""
+    history = None
+    if needs_history(params):
+        history = History(prompt, logits.shape[-1], logits.device)
+        for token in output:
+            history.add(token)
+    return sample_batch(logits[None], [params], [generator], [history])[0]

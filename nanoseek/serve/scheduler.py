@@ -9,53 +9,11 @@ are freed and it goes back to the front of the queue, to be recomputed later (ne
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import Enum
-
-import torch
 
 from nanoseek.serve.kv_cache import BlockManager
-from nanoseek.serve.sampling import SamplingParams
-
-
-class Status(Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass(eq=False)
-class Sequence:
-    id: str
-    prompt: list[int]
-    params: SamplingParams
-    output: list[int] = field(default_factory=list)
-    logprobs: list[tuple[float, dict[int, float] | None]] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose latents are in the cache
-    num_hashed: int = 0  # full blocks registered for prefix sharing
-    cache_root: bytes | None = None  # the prefix hash chain's start: model and namespace (API key)
-    last_hash: bytes | None = None
-    cached_prompt_tokens: int = 0  # prefix-cache hits (memory or disk), for usage and billing
-    disk_hit_tokens: int = 0  # the part of them loaded from disk
-    status: Status = Status.WAITING
-    finish_reason: str | None = None
-    error: str | None = None  # why the engine failed this request alone (finish_reason "error")
-    text: str = ""
-    drafts: list[int] = field(default_factory=list)  # speculative decoding: MTP drafts to verify next
-    draft_probs: torch.Tensor | None = None
-    pending_hidden: torch.Tensor | None = None  # main-model hidden states the MTP module has not seen
-    mtp_computed: int = 0
-    generator: torch.Generator | None = None
-    arrival: float = field(default_factory=time.perf_counter)
-    token_times: list[float] = field(default_factory=list)
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
+from nanoseek.serve.sequence import Sequence, Status
 
 
 class Scheduler:
@@ -82,7 +40,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget <= 0:
                 continue
-            n = min(len(seq.tokens) - seq.num_computed, budget)
+            n = min(len(seq) - seq.num_computed, budget)
             while not self.reserve(seq, seq.num_computed + n):
                 # The latest admitted goes; it is never one already batched (running is in admission order).
                 victim = self.running[-1]
@@ -96,7 +54,7 @@ class Scheduler:
             seq = self.waiting[0]
             if not seq.blocks:
                 self._match_prefix(seq)
-            n = min(len(seq.tokens) - seq.num_computed, budget)
+            n = min(len(seq) - seq.num_computed, budget)
             if not self.reserve(seq, seq.num_computed + n):
                 if not self.running:  # nothing to wait for: this request can never fit
                     raise MemoryError(f"request {seq.id} needs more KV cache than the engine has")
@@ -110,9 +68,9 @@ class Scheduler:
         return batch
 
     def _match_prefix(self, seq: Sequence) -> None:
-        blocks, last, loaded = self.blocks.match_prefix(seq.tokens, seq.cache_root, self.load_block)
+        blocks, last, loaded = self.blocks.match_prefix(seq.token_ids, seq.cache_root, self.load_block)
         size, num_computed = self.blocks.block_size, len(blocks) * self.blocks.block_size
-        if blocks and num_computed == len(seq.tokens):
+        if blocks and num_computed == len(seq):
             # Every token is cached, but the last one's logits start the generation: it is computed again,
             # into a private copy of its block (shared blocks are never written).
             if self.copy_block is not None and self.blocks.num_free:
@@ -129,8 +87,8 @@ class Scheduler:
                 num_computed -= size
         seq.blocks, seq.last_hash, seq.num_hashed = blocks, last, len(blocks)
         seq.num_computed = num_computed
-        seq.mtp_computed = seq.num_computed  # the MTP module's latents of a shared prefix are shared too
-        if not seq.output:  # prefix-cache hits are whole blocks, as billed
+        seq.spec.mtp_computed = seq.num_computed  # the MTP module's latents of a shared prefix are shared too
+        if not seq.num_output:  # prefix-cache hits are whole blocks, as billed
             seq.cached_prompt_tokens = len(blocks) * size
             seq.disk_hit_tokens = loaded * size
 
@@ -144,7 +102,8 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks; it will be recomputed from its tokens so far."""
         self._reset(seq)
-        seq.drafts, seq.pending_hidden, seq.mtp_computed = [], None, 0
+        seq.spec.clear()
+        seq.spec.mtp_computed = 0
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
@@ -157,10 +116,10 @@ class Scheduler:
     def register_computed(self, seq: Sequence) -> None:
         """Make the sequence's newly completed blocks shareable by later requests."""
         size = self.blocks.block_size
-        while (seq.num_hashed + 1) * size <= min(seq.num_computed, len(seq.tokens)):
+        while (seq.num_hashed + 1) * size <= min(seq.num_computed, len(seq)):
             i = seq.num_hashed
             seq.last_hash = self.blocks.register_full(
-                seq.blocks[i], seq.last_hash, seq.tokens[i * size : (i + 1) * size]
+                seq.blocks[i], seq.last_hash, seq.token_ids[i * size : (i + 1) * size]
             )
             seq.num_hashed += 1
 
@@ -172,5 +131,6 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq.blocks)
-        seq.blocks, seq.drafts, seq.draft_probs, seq.pending_hidden = [], [], None, None
+        seq.blocks = []
+        seq.spec.clear()
         seq.status, seq.finish_reason = Status.FINISHED, reason
