@@ -115,7 +115,7 @@ def test_beta_zero_builds_no_reference_and_a_short_run_raises_the_reward(tmp_pat
     first, last = (sum(m["reward"] for m in part) / len(part) for part in (history[:3], history[-3:]))
     assert last > 3 * first and last > first + 0.1, (first, last)
     for name in ("reward_std", "rewards/digit_reward/mean", "frac_reward_zero_std", "kl", "clip_ratio",
-                 "completions/mean_length", "entropy"):  # fmt: skip
+                 "completions/mean_length", "entropy", "rollout_tokens_per_s"):  # fmt: skip
         assert name in history[-1]
     assert (tmp_path / "run" / "model" / "config.json").is_file()
     from nanoseek.report import plot_run

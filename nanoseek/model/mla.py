@@ -96,15 +96,32 @@ class MLA(nn.Module):
         cache.store(self.layer_idx, self.kv_a_layernorm(latent), k_rope)
         context, mask = cache.gather(self.layer_idx)  # [B, L, r + rope], [B, 1, t, L]
 
-        w_kv = self.kv_b_proj.weight.view(n, nope + cfg.v_head_dim, r)
+        w_kv = self.kv_b_proj.weight.view(n, nope + cfg.v_head_dim, r).to(q_nope.dtype)
         w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]  # [H, nope, r], [H, v, r]
-        q_latent = torch.einsum("bthd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # W_UK folded into q
+        q_latent = torch.matmul(q_nope.transpose(1, 2), w_uk)  # W_UK folded into q: [B, H, t, r]
         q = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # [B, H, t, r + rope]
-        k = context.unsqueeze(1).expand(-1, n, -1, -1)  # one latent "head" shared by all heads (MQA)
-        v = context[..., :r].unsqueeze(1).expand(-1, n, -1, -1)
-        o = attention(q, k, v, self.softmax_scale, mask)  # [B, H, t, r]
-        out = torch.einsum("bhtr,hvr->bthv", o, w_uv.to(o.dtype))  # W_UV after attention
+        if t <= LATENT_DECODE_TOKENS:
+            o = latent_attention(q, context, r, self.softmax_scale, mask)  # [B, H, t, r]
+        else:
+            k = context.unsqueeze(1).expand(-1, n, -1, -1)  # one latent "head" shared by all heads (MQA)
+            v = context[..., :r].unsqueeze(1).expand(-1, n, -1, -1)
+            o = attention(q, k, v, self.softmax_scale, mask)  # [B, H, t, r]
+        out = torch.matmul(o, w_uv.transpose(1, 2)).transpose(1, 2)  # W_UV after attention: [B, t, H, v]
         return self.o_proj(out.reshape(b, t, n * cfg.v_head_dim))
+
+
+LATENT_DECODE_TOKENS = 4  # up to this many new tokens per sequence (decoding, MTP drafts): latent_attention
+
+
+def latent_attention(q: torch.Tensor, context: torch.Tensor, r: int, scale: float, mask: torch.Tensor) -> torch.Tensor:
+    """Decode-time MQA over the latents: every head's queries against the one shared latent "head" in two
+    batched matmuls, without expanding the context per head or padding it for SDPA (both copy the whole
+    context every layer and step). q [B, H, t, r + rope], context [B, L, r + rope], mask [B, 1, t, L]
+    -> [B, H, t, r]."""
+    b, h, t, _ = q.shape
+    scores = torch.matmul(q.reshape(b, h * t, -1), context.transpose(1, 2)).view(b, h, t, -1) * scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs.view(b, h * t, -1), context[..., :r]).view(b, h, t, r)
 
 
 def attention(

@@ -156,6 +156,7 @@ class GRPOTrainer:
         first = (self.step * cfg.prompts_per_step) % len(self.train_problems)
         problems = (self.train_problems * 2)[first : first + cfg.prompts_per_step]
         prompts, completions, texts = self.rollouts(problems)
+        rollout_seconds = time.perf_counter() - start
         rewards, reward_means = self.score(problems, completions, texts)
         advantages = group_advantages(rewards, cfg.scale_rewards)  # [P, G]
         zero_std = rewards.std(dim=1) == 0
@@ -171,6 +172,7 @@ class GRPOTrainer:
             **reward_means,
             "frac_reward_zero_std": zero_std.float().mean().item(),
             "completions/mean_length": sum(map(len, completions)) / len(completions),
+            "rollout_tokens_per_s": sum(map(len, completions)) / rollout_seconds,
             "completions/clipped_ratio": sum(len(c) >= cfg.max_tokens for c in completions) / len(completions),
         }
         rows = keep.nonzero().flatten().tolist()

@@ -179,8 +179,7 @@ class StepCache:
 
     def __init__(self, pool: LatentPool, write_slots: torch.Tensor, valid: torch.Tensor | None,
                  read_slots: torch.Tensor, mask: torch.Tensor):  # fmt: skip
-        # [B, t] slots, [B, t] real tokens (None: all are, as in a decode step, where padding rows write
-        # to a scratch slot): checked here once, not per layer.
+        # [B, t] slots, [B, t] real tokens (None: all are): checked here once, not per layer.
         self.pool, self.write_slots, self.valid = pool, write_slots, valid
         self.all_valid = valid is None or bool(valid.all())
         self.read_slots, self.mask = read_slots, mask  # [B, L], [B, 1, t, L]

@@ -1,17 +1,8 @@
 """The model runner (nano-vllm's ModelRunner): a step's inputs from its sequences, one forward pass, the
 logit rows the step needs, the whole batch sampled at once, and MTP drafts.
-
-A decode step (every row feeds one token) can run as a captured graph: `torch.compile` of the decode
-pass per batch-size bucket (1, 2, 4, 8, 16, 32, 64, ...), the batch padded up to its bucket with rows
-that write to a scratch slot and read only it, and the context length left dynamic, so one compilation
-serves a bucket for every length. Compilation is paid once per bucket, at the first step that needs it
-(a line on stderr says so); `enforce_eager=True` runs everything eagerly.
 """
 
 from __future__ import annotations
-
-import sys
-import time
 
 import torch
 
@@ -24,32 +15,22 @@ from nanoseek.serve.speculative import distribution, draft_token
 Row = tuple[Sequence, int, list[int]]  # a sequence, the position of its first fed token, the tokens fed
 
 
-def bucket(n: int) -> int:
-    """The batch size a decode step of n rows is padded to: the next power of two."""
-    return 1 << max(0, n - 1).bit_length()
-
-
 class ModelRunner:
-    def __init__(self, model: Transformer, pool: LatentPool, block_size: int, device: torch.device,
-                 enforce_eager: bool = True):  # fmt: skip
+    def __init__(self, model: Transformer, pool: LatentPool, block_size: int, device: torch.device):
         self.model, self.pool, self.block_size, self.device = model, pool, block_size, device
-        self.enforce_eager = enforce_eager
-        self._decode = None  # the compiled decode pass, made at the first captured step
-        self._buckets: set[int] = set()
-        self.scratch_slot = pool.num_slots - 1  # padding rows write here; the block manager never hands it out
 
     # --- inputs ------------------------------------------------------------------------------------
-    def prepare(self, rows: list[Row], pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor, StepCache]:
-        """Token ids and positions [B, t] and the StepCache for the rows (padded with idle rows to pad_to)."""
-        bs, n = self.block_size, pad_to or len(rows)
+    def prepare(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, StepCache]:
+        """Token ids and positions [B, t] and the StepCache for the rows."""
+        bs, n = self.block_size, len(rows)
         t = max(len(feed) for _, _, feed in rows)
         ends = [start + len(feed) for _, start, feed in rows]
         width = max(ends)
         ids = torch.zeros(n, t, dtype=torch.long)
         positions = torch.zeros(n, t, dtype=torch.long)
         valid = torch.zeros(n, t, dtype=torch.bool)
-        read = torch.full((n, width), self.scratch_slot, dtype=torch.long)
-        write = torch.full((n, t), self.scratch_slot, dtype=torch.long)
+        read = torch.zeros(n, width, dtype=torch.long)
+        write = torch.zeros(n, t, dtype=torch.long)
         lengths = torch.ones(n, dtype=torch.long)
         for row, ((seq, start, feed), end) in enumerate(zip(rows, ends, strict=True)):
             blocks = torch.tensor(seq.blocks[: -(-end // bs)], dtype=torch.long)
@@ -63,40 +44,14 @@ class ModelRunner:
         keys = torch.arange(width)
         mask = (keys <= positions[:, :, None]) & (keys < lengths[:, None, None])
         mask[~valid] = keys == 0  # padding queries look at one key: no all-masked rows, no NaN
-        valid[len(rows) :] = True  # idle rows write their garbage to the scratch slot, unmasked
         to = self.device
         cache = StepCache(self.pool, write.to(to), valid.to(to), read.to(to), mask[:, None].to(to))
         return ids.to(to), positions.to(to), cache
 
     # --- the forward pass ---------------------------------------------------------------------------
     def forward(self, rows: list[Row]) -> torch.Tensor:
-        """Hidden states [B, t, hidden] for the rows; a pure decode step runs captured unless eager."""
-        decode = all(len(feed) == 1 for _, _, feed in rows)
-        if self.enforce_eager or not decode:
-            return self.model.forward_cached(*self.prepare(rows))
-        size = bucket(len(rows))
-        ids, positions, cache = self.prepare(rows, pad_to=size)
-        if size not in self._buckets:
-            self._buckets.add(size)
-            start = time.perf_counter()
-            hidden = self._compiled()(ids, positions, cache.write_slots, cache.read_slots, cache.mask)
-            print(f"nanoseek: decode step for batch {size} captured in {time.perf_counter() - start:.1f} s",
-                  file=sys.stderr, flush=True)  # fmt: skip
-        else:
-            hidden = self._compiled()(ids, positions, cache.write_slots, cache.read_slots, cache.mask)
-        return hidden[: len(rows)]
-
-    def _compiled(self):
-        if self._decode is None:
-            model, pool = self.model, self.pool
-
-            def decode(ids, positions, write_slots, read_slots, mask):
-                cache = StepCache(pool, write_slots, None, read_slots, mask)
-                return model.forward_cached(ids, positions, cache)
-
-            # Static batch (one graph per bucket); the context length is dynamic (one graph for all lengths).
-            self._decode = torch.compile(decode, dynamic=None, fullgraph=False)
-        return self._decode
+        """Hidden states [B, t, hidden] for the rows."""
+        return self.model.forward_cached(*self.prepare(rows))
 
     def logits(self, hidden: torch.Tensor, picks: list[tuple[int, int]]) -> torch.Tensor | None:
         """One output-head matmul for the (row, position) pairs whose next token is wanted: [P, V] float32."""
