@@ -1,0 +1,255 @@
+"""What the API's routes stand on: the server's settings, and a small service object that authenticates,
+admits, reserves the bill, turns a request into token ids and sampling parameters, and starts and
+collects generations. The routes (api.py) only shape requests and responses."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request
+
+from nanoseek.config import flag
+from nanoseek.serve.async_engine import AsyncEngine
+from nanoseek.serve.billing import (
+    InsufficientBalance,
+    Ledger,
+    LedgerUnavailable,
+    Meter,
+    PriceTable,
+    default_ledger_path,
+    read_api_keys,
+)
+from nanoseek.serve.engine import Engine, RequestOutput
+from nanoseek.serve.errors import ApiError
+from nanoseek.serve.generation import Generation
+from nanoseek.serve.metrics import ServerMetrics
+from nanoseek.serve.protocol import MAX_SEED, SamplingRequest
+from nanoseek.serve.sampling import SamplingParams
+from nanoseek.tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE
+
+CACHE_UNIT = 64  # tokens per cached prefix block, as DeepSeek's context caching
+DEFAULT_MAX_TOKENS = 4096
+ANONYMOUS = "anonymous"
+
+
+@dataclass(slots=True)
+class ServeConfig:
+    model: str | None = flag("a model folder with its tokenizer (required)", default=None)
+    host: str = flag("address to listen on", default="127.0.0.1")
+    port: int = flag("port to listen on", default=8000)
+    served_model_name: str = flag("model names clients send, comma-separated", default="nanoseek")
+    api_keys: str | None = flag("file of 'KEY [BALANCE]' lines; none: no auth", default=None)
+    cache_dir: str | None = flag("folder for the on-disk context cache", default=None)
+    disk_cache_gb: float = flag("bound on the disk cache, LRU-evicted", default=8.0)
+    cache_memory_mb: int = flag("memory for the latent KV cache", default=256)
+    prices: str = flag("per million tokens: cache-hit,cache-miss,output", default="0.5,2,8")
+    currency: str = flag("currency of the prices", default="CNY")
+    ledger: str | None = flag("SQLite billing ledger, shareable by servers (default: KEYS.ledger.db beside "
+                              "--api-keys, else ~/.local/share/nanoseek/ledger.db)", default=None)  # fmt: skip
+    admin_key: str | None = flag("bearer key for /metrics (required for it when --api-keys is set)", default=None)
+    max_body_bytes: int = flag("larger request bodies get a 413 unread", default=4 * 2**20)
+    max_pending: int = flag("requests in flight before 429", default=256)
+    max_batched_tokens: int = flag("tokens per engine step", default=512)
+    max_seqs: int = flag("sequences per engine step", default=64)
+    speculative_tokens: int = flag("MTP draft tokens per step (0: off)", default=0)
+    fp8_cache: bool = flag("keep the latent KV cache in FP8", default=False)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("nanoseek serve needs --model DIR (a folder with config.json and tokenizer.json)")
+        if min(self.max_pending, self.max_body_bytes) < 1 or self.disk_cache_gb <= 0 or self.cache_memory_mb <= 0:
+            raise ValueError("--max-pending, --max-body-bytes, --disk-cache-gb and --cache-memory-mb must be positive")
+
+    @property
+    def names(self) -> list[str]:
+        return [n.strip() for n in self.served_model_name.split(",") if n.strip()]
+
+
+def open_ledger(cfg: ServeConfig) -> Ledger:
+    """The SQLite ledger at --ledger (or its default); a JSON ledger of older nanoseek is imported once."""
+    prices = PriceTable.parse(cfg.prices, cfg.currency)
+    path = Path(cfg.ledger) if cfg.ledger else default_ledger_path(cfg.api_keys)
+    legacy = [Path(cfg.cache_dir) / "ledger.json"] if cfg.cache_dir else []
+    if path.suffix == ".json":  # --ledger named an old JSON ledger: keep the database beside it
+        legacy.append(path)
+        path = path.with_suffix(".db")
+    ledger = Ledger(path, prices)
+    for old in legacy:
+        if ledger.import_json(old):
+            print(f"imported the JSON ledger {old} into {path} (renamed to {old.name}.imported)", flush=True)
+    return ledger
+
+
+def ledger_unavailable(reason: str) -> ApiError:
+    return ApiError(503, f"{reason}: no billed request is admitted until it can be; retry later",
+                    type="server_error", code="ledger_unavailable", headers={"Retry-After": "5"})  # fmt: skip
+
+
+class Service:
+    def __init__(self, cfg: ServeConfig, engine: Engine | None = None):
+        self.cfg = cfg
+        self.engine = engine or Engine(
+            cfg.model, block_size=CACHE_UNIT, cache_bytes=cfg.cache_memory_mb * 2**20,
+            max_batched_tokens=cfg.max_batched_tokens, max_seqs=cfg.max_seqs, fp8_cache=cfg.fp8_cache,
+            speculative_tokens=cfg.speculative_tokens, cache_dir=cfg.cache_dir,
+            disk_cache_bytes=int(cfg.disk_cache_gb * 2**30),
+        )  # fmt: skip
+        if self.engine.tokenizer is None:
+            raise ValueError(f"{cfg.model} has no tokenizer.json: the server needs the model's tokenizer")
+        self.tokenizer, self.context = self.engine.tokenizer, self.engine.model.cfg.max_position_embeddings
+        self.keys = read_api_keys(cfg.api_keys) if cfg.api_keys else None
+        self.ledger = open_ledger(cfg)
+        self.ledger.grant(self.keys or {ANONYMOUS: None})
+        self.runner = AsyncEngine(self.engine)
+        self.metrics = ServerMetrics(self.engine)
+        self.created = int(time.time())
+        self.fingerprint = self.engine.fingerprint.hex()[:16]
+
+    def close(self) -> None:
+        self.runner.shutdown()  # finishes the disk cache's writes
+        self.ledger.close()  # and the ledger's
+
+    # --- who asks, and may they ------------------------------------------------------------------
+    def authenticate(self, request: Request) -> str:
+        """The caller's API key (a FastAPI dependency); 401 without a valid one."""
+        if self.keys is None:
+            return ANONYMOUS
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or token.strip() not in self.keys:
+            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                           type="authentication_error", code="invalid_api_key")  # fmt: skip
+        return token.strip()
+
+    def authorize_admin(self, request: Request) -> None:
+        """Every tenant's traffic (/metrics): open without --api-keys, else for the --admin-key only."""
+        if self.keys is None:
+            return
+        if self.cfg.admin_key is None:
+            raise ApiError(403, "/metrics shows every key's traffic: start the server with --admin-key KEY "
+                           "and send it as a bearer token", type="permission_error", code="admin_only")  # fmt: skip
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.cfg.admin_key.encode()):
+            raise ApiError(401, "/metrics needs the admin key: send 'Authorization: Bearer ADMIN_KEY'",
+                           type="authentication_error", code="invalid_api_key")  # fmt: skip
+
+    def admit(self, body: SamplingRequest, requests: int) -> None:
+        """The checks that need no tokens and no database: model, size, the ledger's health, load."""
+        cfg = self.cfg
+        if body.model not in cfg.names:
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server has {cfg.names}",
+                           type="not_found_error", param="model", code="model_not_found")  # fmt: skip
+        if requests > cfg.max_pending:
+            raise ApiError(400, f"this request asks for {requests} generations (n x prompts); this server runs at "
+                           f"most {cfg.max_pending} at once (--max-pending): split it", param="n",
+                           code="too_many_generations")  # fmt: skip
+        if self.ledger.unavailable is not None:
+            raise ledger_unavailable(self.ledger.unavailable)
+        if self.runner.pending + requests > cfg.max_pending:
+            raise ApiError(429, f"the server is at its limit of {cfg.max_pending} requests in flight; retry shortly",
+                           type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})  # fmt: skip
+
+    async def reserve(self, key: str, jobs: list[tuple[list[int], list[SamplingParams]]]) -> list[Meter]:
+        """Reserve each prompt's worst case against the key's balance (in the ledger's transaction, off the
+        loop); all or none."""
+        meters: list[Meter] = []
+        try:
+            for ids, params in jobs:
+                worst = sum(p.max_tokens for p in params)
+                meters.append(await asyncio.to_thread(self.ledger.open, key, len(ids), worst))
+        except (InsufficientBalance, LedgerUnavailable) as e:
+            for meter in meters:  # release what the earlier prompts reserved
+                meter.close()
+            if isinstance(e, LedgerUnavailable):
+                raise ledger_unavailable(str(e)) from None
+            raise ApiError(402, str(e), type="insufficient_balance", code="insufficient_balance") from None
+        return meters
+
+    # --- from a request to token ids and sampling parameters -------------------------------------
+    def check_text_length(self, texts: list[str], param: str) -> None:
+        """Refuse, before tokenising, text that holds more tokens than the context for certain."""
+        longest = self.tokenizer.longest_token_bytes
+        size = sum(len(t.encode()) for t in texts)
+        if size > self.context * longest:
+            raise ApiError(400, f"This model's maximum context length is {self.context} tokens, and {size} bytes "
+                           f"of text hold more than that (a token spans at most {longest} bytes): shorten the "
+                           "prompt", param=param, code="context_length_exceeded")  # fmt: skip
+
+    async def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        self.check_text_length([m["content"] for m in messages], "messages")
+        return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, tokenize=True)
+
+    async def completion_prompts(self, prompts: list, suffix: str | None) -> list[list[int]]:
+        """Text prompts as plain text (typed special-token strings stay text); token ids as given."""
+        for p in prompts:
+            if isinstance(p, str):
+                self.check_text_length([p, suffix or ""], "prompt")
+        return await asyncio.to_thread(self._encode_prompts, prompts, suffix)
+
+    def _encode_prompts(self, prompts: list, suffix: str | None) -> list[list[int]]:
+        tok = self.tokenizer
+        if suffix is not None:  # fill-in-the-middle, PSM order, the FIM tokens from the template alone
+            return [[tok.special_id(FIM_BEGIN), *tok.encode_text(prompts[0]), tok.special_id(FIM_HOLE),
+                     *tok.encode_text(suffix), tok.special_id(FIM_END)]]  # fmt: skip
+        return [tok.encode_text(p) if isinstance(p, str) else list(p) for p in prompts]
+
+    def sampling_params(self, body: SamplingRequest, prompt: list[int], max_tokens: int | None,
+                        logprobs: int | None, param: str) -> list[SamplingParams]:  # fmt: skip
+        context = self.context
+        wanted = max_tokens if max_tokens is not None else max(1, min(DEFAULT_MAX_TOKENS, context - len(prompt)))
+        if len(prompt) + wanted > context:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens; the prompt has "
+                           f"{len(prompt)} tokens and max_tokens asks for {wanted} more ({len(prompt) + wanted} "
+                           "in all). Shorten the prompt or lower max_tokens.", param=param,
+                           code="context_length_exceeded")  # fmt: skip
+        greedy = body.temperature == 0 or body.top_p == 0
+        try:
+            params = [
+                SamplingParams(
+                    max_tokens=wanted,
+                    temperature=0.0 if greedy else body.temperature,
+                    top_p=1.0 if greedy else body.top_p,
+                    stop=body.stop_list,
+                    seed=None if body.seed is None else (body.seed + i) % MAX_SEED,
+                    presence_penalty=body.presence_penalty,
+                    frequency_penalty=body.frequency_penalty,
+                    logprobs=logprobs,
+                )
+                for i in range(body.n)
+            ]
+            self.engine.check_request(prompt, params[0])
+        except ValueError as e:
+            raise ApiError(400, str(e), param=param) from None
+        return params
+
+    # --- generations ---------------------------------------------------------------------------------
+    def start(self, prompt: list[int], params: list[SamplingParams], key: str, meter: Meter) -> Generation:
+        return Generation(self.runner, self.metrics, prompt, params, None if key == ANONYMOUS else key, meter)
+
+    async def collect(self, request: Request, generation: Generation) -> list[RequestOutput]:
+        """The final output of every choice, billed; a client that leaves cancels the generation."""
+
+        async def drain():
+            async for _ in generation:
+                pass
+
+        async def until_disconnected() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.2)
+
+        work, watch = asyncio.ensure_future(drain()), asyncio.ensure_future(until_disconnected())
+        try:
+            await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+            generation.close()
+        if not work.done() or work.cancelled():
+            raise ApiError(499, "the client closed the request", code="client_closed_request")
+        work.result()
+        return generation.latest
