@@ -4,8 +4,9 @@
 
 Both run greedy decoding with the same weights in one process. Cases: batch 1 and 16 with a short prompt
 and 128 new tokens, and batch 1 after a 2048-token prompt (decode tokens/s there excludes the prefill,
-timed separately with one new token). Also prints the KV-cache bytes per token of each against the MLA
-floor, (kv_lora_rank + qk_rope_head_dim) x layers x element bytes.
+timed separately with one new token). Also prints the engine's `auto` decode dtype against fp32 (never
+slower: bf16 only where a probe measured it faster), and the KV-cache bytes per token of each against the
+MLA floor, (kv_lora_rank + qk_rope_head_dim) x layers x element bytes.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_pretrained(tmp)
         engine = Engine(tmp, device="cpu", dtype=dtype, cache_bytes=512 * 2**20, max_batched_tokens=4096)
+        # The engine's own `auto` decode dtype (a probe where the CPU has AMX), against fp32.
+        auto = Engine(tmp, device="cpu", cache_bytes=512 * 2**20)
+        fp32 = Engine(tmp, device="cpu", dtype=torch.float32, cache_bytes=512 * 2**20)
     n = args.new_tokens
     greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     print(cpu_features())
@@ -90,6 +94,11 @@ def main() -> None:
     print(f"batch  1, {length}-token prompt, decode only: nanoseek {decode_ours:7.0f} tok/s | "
           f"transformers {decode_ref:7.0f} tok/s | {decode_ours / decode_ref:.2f}x  "
           f"(prefill {prefill_ours:.2f}s vs {prefill_ref:.2f}s)")  # fmt: skip
+
+    auto_dtype = auto.model.embed_tokens.weight.dtype
+    decode = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    t_auto, t_fp32 = race([lambda: auto.generate(fresh(1, 16), decode), lambda: fp32.generate(fresh(1, 16), decode)])
+    print(f"batch  1, the engine's auto dtype ({auto_dtype}) against fp32: {t_fp32 / t_auto:.2f}x the speed")
 
     long = fresh(1, 256)
     with torch.no_grad():
