@@ -78,7 +78,8 @@ def test_generate_and_chat_run_on_a_model_folder(tmp_path, tokenizer):
 @pytest.mark.parametrize(
     ("command", "mentions"),
     [(["serve"], "--cache-dir"), (["sft"], "--data"), (["distill"], "--teacher"), (["grpo"], "--epsilon-high"),
-     (["eval"], "pass@k"), (["cost"], "--v3-report"), (["speedrun"], "--serve"), (["task", "write"], "--solutions")],
+     (["eval"], "pass@k"), (["cost"], "--v3-report"), (["speedrun"], "--serve"), (["task", "write"], "--solutions"),
+     (["ledger"], "--csv")],
 )  # fmt: skip
 def test_every_command_has_help(command, mentions, capsys):
     from nanoseek.cli import main
