@@ -223,7 +223,7 @@ def _sampling_params(args: argparse.Namespace):
 def _engine(args: argparse.Namespace):
     from nanoseek.serve import Engine
 
-    return Engine(args.model, fp8_cache=args.fp8_cache)
+    return Engine(args.model, fp8_cache=args.fp8_cache, enforce_eager=not args.capture)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -275,6 +275,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", nargs="*", metavar="TEXT", help="stop strings")
     parser.add_argument("--fp8-cache", action="store_true", help="keep the latent KV cache in FP8")
+    parser.add_argument("--capture", action="store_true",
+                        help="capture decode steps with torch.compile, once per batch bucket (seconds to compile "
+                        "on a CPU, then fewer per-step overheads)")  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -307,3 +307,15 @@ def test_a_request_that_fails_fails_alone_and_the_others_keep_their_tokens(model
     failed = outputs[bad]
     assert failed.finish_reason == "error" and "RuntimeError" in failed.error
     assert eng.block_manager.num_free == eng.block_manager.num_blocks
+
+
+def test_a_captured_decode_step_gives_the_eager_tokens(model):
+    """torch.compile of the decode pass (bucket 4: three rows and one idle row on the scratch slot) against
+    the eager engine, greedy, with the context growing past the first compilation's length."""
+    prompts = [list(range(1, 10)), list(range(5, 32, 3)), [7] * 9]  # prefilled together, then decoded together
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    eager = engine(model).generate(prompts, params)
+    captured = engine(model, enforce_eager=False, max_batched_tokens=64)
+    assert [o.token_ids for o in captured.generate(prompts, params)] == [o.token_ids for o in eager]
+    assert captured.runner._buckets == {4}
+    assert captured.block_manager.num_free == captured.block_manager.num_blocks

@@ -210,7 +210,11 @@ class RoutedExperts(nn.Module):
 
     def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Decoding a handful of tokens: each chosen expert's weights are read where they lie (copying them out,
-        about 44 MB per token on the `small` preset, cost more than the matmuls), for the tokens that chose it."""
+        about 44 MB per token on the `small` preset, cost more than the matmuls), for the tokens that chose it.
+        Inside a captured graph (torch.compile) the loop's data-dependent length cannot be traced: there each
+        (token, expert) pair's weights are gathered and run as one batched product, static in shape."""
+        if torch.compiler.is_compiling():
+            return self._few_tokens_gathered(x, weights, indices)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # the k experts summed in fp32, rounded once
         tokens, slots = torch.arange(indices.shape[0]).repeat_interleave(indices.shape[1]), indices.flatten()
         for expert in slots.unique().tolist():
@@ -220,6 +224,13 @@ class RoutedExperts(nn.Module):
             h = F.linear(F.silu(gate) * up, self.down_proj[expert])  # [rows, hidden]
             out.index_add_(0, rows, h.float() * weights.flatten()[picked].unsqueeze(-1).float())
         return out.to(x.dtype)
+
+    def _few_tokens_gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        flat = indices.flatten()  # [N * k]
+        rows = x.repeat_interleave(indices.shape[1], dim=0).unsqueeze(1)  # [N * k, 1, hidden]
+        gate, up = torch.bmm(rows, self.gate_up_proj[flat].transpose(1, 2)).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, self.down_proj[flat].transpose(1, 2))  # [N * k, 1, hidden]
+        return torch.bmm(weights.unsqueeze(1).float(), out.view(*indices.shape, -1).float()).squeeze(1).to(x.dtype)
 
 
 def sequence_balance_loss(logits: torch.Tensor, indices: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

@@ -104,6 +104,7 @@ class Engine:
         speculative_tokens: int = 0,
         cache_dir: str | Path | None = None,
         disk_cache_bytes: int = 8 * 2**30,
+        enforce_eager: bool = True,
     ):
         self.device = torch.device(device) if device else default_device()
         if isinstance(model, Transformer):
@@ -130,8 +131,8 @@ class Engine:
             self.spec.layers += 1
         num_blocks = max(2, cache_bytes // (self.spec.bytes_per_token * block_size))
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.pool = LatentPool(self.spec, num_blocks * block_size, self.device)
-        self.runner = ModelRunner(self.model, self.pool, block_size, self.device)
+        self.pool = LatentPool(self.spec, num_blocks * block_size + 1, self.device)  # + the runner's scratch slot
+        self.runner = ModelRunner(self.model, self.pool, block_size, self.device, enforce_eager=enforce_eager)
         self.fingerprint = self._fingerprint(model_dir, every_byte=cache_dir is not None)
         self.disk_cache = DiskCache(cache_dir, disk_cache_bytes, self.fingerprint) if cache_dir is not None else None
         if self.disk_cache is not None:

@@ -102,6 +102,14 @@ class BlockManager:
                 self.free[block] = None
 
 
+@torch.library.custom_op("nanoseek::write_slots", mutates_args={"pool"})
+def write_slots(pool: torch.Tensor, layer: int, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """pool[layer, slots] = values, in place. An opaque op to `torch.compile`: a captured decode step
+    writes its few new latents where they go, where a plain index_put on the pool would be functionalised
+    into a copy of the whole pool."""
+    pool[layer].index_copy_(0, slots, values.to(pool.dtype))
+
+
 @dataclass(slots=True)
 class CacheSpec:
     layers: int
@@ -142,7 +150,7 @@ class LatentPool:
             self.scale[layer, slots] = scale
             self.rope[layer, slots] = rope.to(self.spec.dtype)
         else:
-            self.kv[layer, slots] = torch.cat((latent, rope), -1).to(self.spec.dtype)
+            write_slots(self.kv, layer, slots, torch.cat((latent, rope), -1))
 
     def block_tensors(self, slots: slice) -> dict[str, torch.Tensor]:
         """Every layer's entries for a range of slots, copied to the CPU (for the disk tier)."""
@@ -179,7 +187,8 @@ class StepCache:
 
     def __init__(self, pool: LatentPool, write_slots: torch.Tensor, valid: torch.Tensor | None,
                  read_slots: torch.Tensor, mask: torch.Tensor):  # fmt: skip
-        # [B, t] slots, [B, t] real tokens (None: all are): checked here once, not per layer.
+        # [B, t] slots, [B, t] real tokens (None: all are, as in a captured decode step whose idle rows
+        # write to a scratch slot): checked here once, not per layer.
         self.pool, self.write_slots, self.valid = pool, write_slots, valid
         self.all_valid = valid is None or bool(valid.all())
         self.read_slots, self.mask = read_slots, mask  # [B, L], [B, 1, t, L]

@@ -1,8 +1,17 @@
 """The model runner (nano-vllm's ModelRunner): a step's inputs from its sequences, one forward pass, the
 logit rows the step needs, the whole batch sampled at once, and MTP drafts.
+
+A decode step (every row feeds one token) can run captured (`enforce_eager=False`): the decode pass is
+compiled with `torch.compile` once per batch-size bucket (1, 2, 4, ..., padded with idle rows that write
+to a scratch slot and read only it), its context length dynamic, so one compilation serves a bucket at
+every length; a line on stderr shows each compilation's time. The latent cache is written through an
+in-place custom op (kv_cache.write_slots) and the MoE takes a static-shape path while compiling.
 """
 
 from __future__ import annotations
+
+import sys
+import time
 
 import torch
 
@@ -16,21 +25,26 @@ Row = tuple[Sequence, int, list[int]]  # a sequence, the position of its first f
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, pool: LatentPool, block_size: int, device: torch.device):
+    def __init__(self, model: Transformer, pool: LatentPool, block_size: int, device: torch.device,
+                 enforce_eager: bool = True):  # fmt: skip
         self.model, self.pool, self.block_size, self.device = model, pool, block_size, device
+        self.scratch_slot = pool.num_slots - 1  # idle rows of a padded batch write here; no block holds it
+        self.captured = not enforce_eager and not pool.spec.fp8  # the FP8 cache writes eagerly
+        self._decode = None
+        self._buckets: set[int] = set()
 
     # --- inputs ------------------------------------------------------------------------------------
-    def prepare(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, StepCache]:
-        """Token ids and positions [B, t] and the StepCache for the rows."""
-        bs, n = self.block_size, len(rows)
+    def prepare(self, rows: list[Row], pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor, StepCache]:
+        """Token ids and positions [B, t] and the StepCache for the rows (and idle rows up to pad_to)."""
+        bs, n = self.block_size, pad_to or len(rows)
         t = max(len(feed) for _, _, feed in rows)
         ends = [start + len(feed) for _, start, feed in rows]
         width = max(ends)
         ids = torch.zeros(n, t, dtype=torch.long)
         positions = torch.zeros(n, t, dtype=torch.long)
         valid = torch.zeros(n, t, dtype=torch.bool)
-        read = torch.zeros(n, width, dtype=torch.long)
-        write = torch.zeros(n, t, dtype=torch.long)
+        read = torch.full((n, width), self.scratch_slot, dtype=torch.long)
+        write = torch.full((n, t), self.scratch_slot, dtype=torch.long)
         lengths = torch.ones(n, dtype=torch.long)
         for row, ((seq, start, feed), end) in enumerate(zip(rows, ends, strict=True)):
             blocks = torch.tensor(seq.blocks[: -(-end // bs)], dtype=torch.long)
@@ -44,14 +58,39 @@ class ModelRunner:
         keys = torch.arange(width)
         mask = (keys <= positions[:, :, None]) & (keys < lengths[:, None, None])
         mask[~valid] = keys == 0  # padding queries look at one key: no all-masked rows, no NaN
+        valid[len(rows) :] = True  # idle rows write to the scratch slot, and read only it
         to = self.device
         cache = StepCache(self.pool, write.to(to), valid.to(to), read.to(to), mask[:, None].to(to))
         return ids.to(to), positions.to(to), cache
 
     # --- the forward pass ---------------------------------------------------------------------------
     def forward(self, rows: list[Row]) -> torch.Tensor:
-        """Hidden states [B, t, hidden] for the rows."""
-        return self.model.forward_cached(*self.prepare(rows))
+        """Hidden states [B, t, hidden] for the rows; a decode step runs captured unless eager."""
+        if not self.captured or any(len(feed) != 1 for _, _, feed in rows):
+            return self.model.forward_cached(*self.prepare(rows))
+        size = 1 << (len(rows) - 1).bit_length()  # the bucket: the next power of two
+        ids, positions, cache = self.prepare(rows, pad_to=size)
+        torch._dynamo.mark_dynamic(cache.read_slots, 1)  # any context length, one compilation
+        torch._dynamo.mark_dynamic(cache.mask, 3)
+        start = time.perf_counter()
+        hidden = self._compiled()(self.pool.kv, ids, positions, cache.write_slots, cache.read_slots, cache.mask)
+        if size not in self._buckets:
+            self._buckets.add(size)
+            print(f"nanoseek: decode step for batch {size} captured in {time.perf_counter() - start:.1f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return hidden[: len(rows)]
+
+    def _compiled(self):
+        if self._decode is None:
+            model, pool = self.model, self.pool
+
+            # The pool is an input (not a constant of the graph), so the in-place writes reach it as they are.
+            def decode(kv, ids, positions, write_slots, read_slots, mask):
+                return model.forward_cached(ids, positions, StepCache(pool, write_slots, None, read_slots, mask))
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)  # buckets
+            self._decode = torch.compile(decode)
+        return self._decode
 
     def logits(self, hidden: torch.Tensor, picks: list[tuple[int, int]]) -> torch.Tensor | None:
         """One output-head matmul for the (row, position) pairs whose next token is wanted: [P, V] float32."""
