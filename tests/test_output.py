@@ -46,3 +46,11 @@ def test_reasoning_and_content_split_at_the_end_of_thinking(tokenizer):
 
 def test_releasable_holds_back_what_a_stop_string_or_half_a_character_may_still_change():
     assert releasable("hello wor", 2) == 7 and releasable("ab\ufffd", 0) == 2
+
+
+def test_characters_split_over_several_tokens_in_a_row_all_come_out_whole(tokenizer):
+    text = "你好世界! 😶‍🌫️ ok"
+    ids = [b for b in tokenizer.encode_text(text)]
+    out = TextOutput(tokenizer, stop=[])
+    streamed = "".join(out.add(i) for i in ids) + out.flush()
+    assert streamed == out.text == text

@@ -34,12 +34,12 @@ from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.serve.engine import Engine, RequestOutput
 from nanoseek.serve.errors import ApiError, BodyLimit, validation_error
-from nanoseek.serve.generation import TextDeltas, sse, stream_events
+from nanoseek.serve.generation import EventStream, TextDeltas, sse, stream_events
 from nanoseek.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -51,7 +51,6 @@ from nanoseek.serve.service import ServeConfig, Service
 from nanoseek.tokenizer import FIM_HOLE
 
 __all__ = ["ServeConfig", "create_app", "serve"]
-EVENT_STREAM = {"media_type": "text/event-stream", "headers": {"Cache-Control": "no-cache"}}
 
 
 def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
@@ -176,7 +175,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
 
         opening = [chunk(i, {"role": "assistant", "content": ""}) for i in range(body.n)]
         closing = lambda: [sse(base | {"choices": [], "usage": usage_now()})] if body.include_usage else []  # noqa: E731
-        return StreamingResponse(stream_events(generation, opening, chunks, closing), **EVENT_STREAM)
+        return EventStream(generation, stream_events(generation, opening, chunks, closing))
 
     @app.post("/v1/completions")
     @app.post("/completions")
@@ -241,7 +240,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
 
         opening = [chunk(j, echoed(0)) for j in range(body.n if body.echo else 0)]
         closing = lambda: [sse(base | {"choices": [], "usage": usage_now()})] if body.include_usage else []  # noqa: E731
-        return StreamingResponse(stream_events(generations[0], opening, chunks, closing), **EVENT_STREAM)
+        return EventStream(generations[0], stream_events(generations[0], opening, chunks, closing))
 
     return app
 

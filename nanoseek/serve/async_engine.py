@@ -93,7 +93,12 @@ class AsyncEngine:
             except queue.Empty:
                 command = None
             while command is not None:
-                self._handle(command)
+                try:
+                    self._handle(command)
+                except Exception as e:  # one request's command: it fails alone, the engine goes on
+                    log.exception("engine command %s failed", command[0])
+                    if command[0] == "add":
+                        self._send(command[1], EngineError(command[1], f"internal engine error: {e}"), last=True)
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:

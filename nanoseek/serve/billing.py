@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+log = logging.getLogger("nanoseek.serve")
 MILLION = Decimal(1_000_000)
 WRITE_EVERY = 0.01  # seconds between the writer's transactions: a killed server loses at most this much usage
 SCHEMA = """
@@ -161,25 +163,22 @@ class Ledger:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # also a COMMIT that failed: never leave the transaction open
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _write(self, fn, *args):
         """Run a write transaction; a database that refuses writes makes the ledger unavailable."""
         try:
             with self._transaction() as db:
                 result = fn(db, *args)
-        except sqlite3.OperationalError as e:
+        except sqlite3.DatabaseError as e:
             self.unavailable = f"the billing ledger cannot be written ({e})"
             raise LedgerUnavailable(self.unavailable) from e
-        if not self._dirty_unwritten():
-            self.unavailable = None
+        self.unavailable = None  # a transaction went through: the database takes writes again
         return result
-
-    def _dirty_unwritten(self) -> bool:
-        return any(m.recorded != m.delivered for m in list(self._dirty.values()))
 
     def _account(self, db: sqlite3.Connection, key: str) -> Account:
         row = db.execute("SELECT granted, requests, hit, miss, output FROM accounts WHERE key = ?", (key,)).fetchone()
@@ -285,10 +284,14 @@ class Ledger:
         self._writer.join()
 
     def _retry_unwritten(self) -> None:
+        """While the ledger is failing, admission waits (up to a second) for the writer's next attempt."""
         if self.unavailable is not None:
             with self._wake:
                 self._wake.notify()
-            if not self.flush(timeout=1.0):
+            deadline = time.monotonic() + 1.0
+            while self.unavailable is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.unavailable is not None:
                 raise LedgerUnavailable(self.unavailable)
 
     def _write_loop(self) -> None:
@@ -299,11 +302,20 @@ class Ledger:
                 if not self._dirty:
                     return
                 meters = list(self._dirty.values())
+            snapshot = [(m, m.delivered, m.closed) for m in meters]  # the event loop keeps moving them
             try:
-                self._write(self._record, meters)
-            except LedgerUnavailable:
-                time.sleep(0.5)  # the disk is full or read-only: keep the usage, retry
+                self._write(self._record, snapshot)
+            except Exception as e:  # a full or read-only disk, or worse: keep the usage, retry
+                if not isinstance(e, LedgerUnavailable):
+                    log.exception("the ledger writer failed")
+                    self.unavailable = f"the billing ledger cannot be written ({e})"
+                if self._stopped:  # shutting down: say what could not be written, do not hang
+                    log.error("unwritten usage at shutdown: %s", [(m.key, m.delivered) for m in meters])
+                    return
+                time.sleep(0.5)
                 continue
+            for m, delivered, closed in snapshot:  # only now, with the transaction committed
+                m.recorded, m.settled = delivered, closed
             with self._wake:
                 for m in meters:
                     if m.recorded == m.delivered and (m.settled or not m.closed):
@@ -311,11 +323,10 @@ class Ledger:
                 self._wake.notify_all()
             time.sleep(WRITE_EVERY)  # changes that arrive meanwhile share the next transaction
 
-    def _record(self, db: sqlite3.Connection, meters: list[Meter]) -> None:
+    def _record(self, db: sqlite3.Connection, snapshot: list[tuple[Meter, tuple[int, int, int], bool]]) -> None:
         """One usage row per meter that delivered more, the account totals, settled reservations."""
         now = time.time()
-        for m in meters:
-            delivered, closed = m.delivered, m.closed  # read once: the event loop keeps moving them
+        for m, delivered, closed in snapshot:
             hit, miss, out = (a - b for a, b in zip(delivered, m.recorded, strict=True))
             if hit or miss or out:
                 first = m.recorded == (0, 0, 0)
@@ -326,7 +337,6 @@ class Ledger:
                            "output = output + ? WHERE key = ?", (int(first), hit, miss, out, m.key))  # fmt: skip
             if closed and m.reservation is not None:
                 db.execute("DELETE FROM reservations WHERE id = ?", (m.reservation,))
-            m.recorded, m.settled = delivered, closed
 
     # --- the old JSON ledger -----------------------------------------------------------------------
     def import_json(self, path: str | Path) -> bool:

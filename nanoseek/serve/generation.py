@@ -9,6 +9,8 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
+from fastapi.responses import StreamingResponse
+
 from nanoseek.serve.async_engine import AsyncEngine, EngineError
 from nanoseek.serve.billing import Meter
 from nanoseek.serve.engine import RequestOutput
@@ -127,3 +129,18 @@ async def stream_events(generation: Generation, opening: Iterable[str],
         yield sse({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}})
     finally:
         generation.close(streamed=True)
+
+
+class EventStream(StreamingResponse):
+    """The SSE response of a generation: however the response ends, even before its first event (a client
+    gone before the stream started), the generation stops and its bill is settled."""
+
+    def __init__(self, generation: Generation, events: AsyncIterator[str]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.generation = generation
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close(streamed=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from nanoseek.tokenizer import END_THINK, THINK, Tokenizer
 
 REPLACEMENT = "\ufffd"  # what a decoder gives for an incomplete UTF-8 sequence
-MAX_CHAR_BYTES = 4
+MAX_PENDING = 32  # tokens a window may stay open for a character to complete; then its U+FFFD is final
 
 
 def releasable(text: str, hold: int) -> int:
@@ -30,6 +30,7 @@ class TextOutput:
         self.ids: list[int] = []
         self.text = ""
         self._prefix = self._read = 0  # token offsets: the window starts at _prefix; _read ends the decoded part
+        self._sent = 0  # characters of the open window (past `_read`) already in text
         specials = (tokenizer.tok.token_to_id(THINK), tokenizer.tok.token_to_id(END_THINK)) if tokenizer else ()
         self.think, self.end_think = specials or (None, None)
         self.reasoning = reasoning  # the prompt opened <think> (R1's template)
@@ -59,12 +60,17 @@ class TextOutput:
             return ""
         before = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
         window = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
-        # A character has at most 4 bytes and a token at least 1: 4 tokens on, a U+FFFD is there to stay.
-        pending = window.endswith(REPLACEMENT) and len(self.ids) - self._read < MAX_CHAR_BYTES
-        if not final and (pending or len(window) <= len(before)):
-            return ""  # half a character (or a token with no text): wait for the next token
-        new = window[len(before) :]
-        self._prefix, self._read = self._read, len(self.ids)
+        # Tokens can end inside a character (U+FFFD) for several tokens in a row while each character still
+        # completes: send what is whole, keep the window open; only after MAX_PENDING tokens is a U+FFFD final.
+        complete = window.rstrip(REPLACEMENT)
+        if not final and len(complete) < len(window) and len(self.ids) - self._read < MAX_PENDING:
+            new = complete[len(before) + self._sent :]
+            self._sent += len(new)
+        else:
+            new = window[len(before) + self._sent :]
+            self._prefix, self._read, self._sent = self._read, len(self.ids), 0
+        if not new:
+            return ""
         start = len(self.text)
         self.text += new
         self._cut_at_stop(start)

@@ -119,8 +119,8 @@ def sample_batch(
         sorted_logits, order = sub.sort(dim=-1, descending=True)
         rank = torch.arange(sub.shape[-1], device=sub.device)
         top_k = _column([params[i].top_k or sub.shape[-1] for i in sampled], sub)
-        probs = sorted_logits.softmax(-1)
         drop = rank >= top_k
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)  # top-p and min-p after top-k
         drop |= probs.cumsum(-1) - probs >= _column([params[i].top_p for i in sampled], sub)  # top-p
         drop |= probs < _column([params[i].min_p for i in sampled], sub) * probs[:, :1]  # min-p
         drop[:, 0] = False  # the most likely token always stays (a top_p that rounds to 0 keeps it, as vLLM)

@@ -162,12 +162,14 @@ class Service:
             for ids, params in jobs:
                 worst = sum(p.max_tokens for p in params)
                 meters.append(await asyncio.to_thread(self.ledger.open, key, len(ids), worst))
-        except (InsufficientBalance, LedgerUnavailable) as e:
+        except BaseException as e:  # also a client gone (cancelled) mid-way
             for meter in meters:  # release what the earlier prompts reserved
                 meter.close()
             if isinstance(e, LedgerUnavailable):
                 raise ledger_unavailable(str(e)) from None
-            raise ApiError(402, str(e), type="insufficient_balance", code="insufficient_balance") from None
+            if isinstance(e, InsufficientBalance):
+                raise ApiError(402, str(e), type="insufficient_balance", code="insufficient_balance") from None
+            raise
         return meters
 
     # --- from a request to token ids and sampling parameters -------------------------------------
