@@ -55,6 +55,22 @@ def post(server: Server, route: str, body: dict | bytes, key: str = "key-a") -> 
     return httpx.post(server.url + route, content=content, headers=headers, timeout=120)
 
 
+def kill_mid_stream(server: Server, body: dict, key: str | None = None, after: int = 300) -> int:
+    """Stream a chat with log-probs until `after` tokens have arrived, then kill -9 the server; returns the
+    tokens delivered (one log-prob entry per token)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    delivered = 0
+    body = body | {"stream": True, "logprobs": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                delivered += len((json.loads(line[6:])["choices"][0].get("logprobs") or {}).get("content") or [])
+            if delivered >= after:
+                server.kill()
+                break
+    return delivered
+
+
 def test_poison_parameters_from_one_key_change_no_other_keys_tokens(server):
     prompts = [f"stream {i}: tell me about the sea" for i in range(4)]
     greedy = dict(max_tokens=24, temperature=0)
@@ -145,17 +161,9 @@ def test_two_servers_on_one_ledger_record_every_request(model_dir, tmp_path):
 
 def test_kill_9_mid_stream_loses_at_most_the_last_moments_of_usage(model_dir, tmp_path):
     ledger = ["--ledger", str(tmp_path / "ledger.db")]
-    server = Server(model_dir, *ledger, env=FP32)
     body = {"model": "nanoseek", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 800,
-            "temperature": 0, "stream": True, "logprobs": True}  # fmt: skip
-    delivered = 0
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                delivered += len((json.loads(line[6:])["choices"][0].get("logprobs") or {}).get("content") or [])
-            if delivered >= 300:
-                server.kill()
-                break
+            "temperature": 0}  # fmt: skip
+    delivered = kill_mid_stream(Server(model_dir, *ledger, env=FP32), body)
     with Server(model_dir, *ledger, env=FP32) as restarted:
         billed = httpx.get(restarted.url + "/v1/billing").json()["usage"]["completion_tokens"]
     assert 0.95 * delivered <= billed <= 800, (delivered, billed)
@@ -225,18 +233,8 @@ def test_chaos_mixed_traffic_changes_no_answer_and_the_ledger_matches_the_client
                                                      for k in ("a", "b")], strict=True):  # fmt: skip
         assert text == clean[prompt], (key, prompt)
     # A kill -9 mid-stream, and a restart on the same ledger.
-    victim = Server(model_dir, *args, env=FP32)
-    body = chat | {"messages": [{"role": "user", "content": "go"}], "max_tokens": 600, "stream": True,
-                   "logprobs": True}  # fmt: skip
-    delivered = 0
-    with httpx.stream("POST", victim.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer b"},
-                      timeout=120) as r:  # fmt: skip
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                delivered += len((json.loads(line[6:])["choices"][0].get("logprobs") or {}).get("content") or [])
-            if delivered >= 300:
-                victim.kill()
-                break
+    body = chat | {"messages": [{"role": "user", "content": "go"}], "max_tokens": 600}
+    delivered = kill_mid_stream(Server(model_dir, *args, env=FP32), body, key="b")
     with Server(model_dir, *args, env=FP32) as s:
         billed = {key: httpx.get(s.url + "/v1/billing", headers={"Authorization": f"Bearer {key}"}).json()["usage"]
                   for key in ("a", "b")}  # fmt: skip

@@ -79,7 +79,3 @@ class Sequence:
     @property
     def num_output(self) -> int:
         return len(self.token_ids) - self.num_prompt
-
-    @property
-    def last_token(self) -> int:
-        return self.token_ids[-1]
