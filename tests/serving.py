@@ -39,10 +39,12 @@ class Server:
     """`python -m nanoseek serve ...` in a subprocess, stopped with SIGTERM (a graceful shutdown)."""
 
     def __init__(self, model_dir: Path, *args: str, log: Path | None = None, port: int | None = None,
-                 env: dict[str, str] | None = None):  # fmt: skip
+                 env: dict[str, str] | None = None, eager: bool = True):  # fmt: skip
+        """eager: --enforce-eager, so that a test server starts in a second, not after compiling buckets."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", str(model_dir), "--port", str(self.port), *args]
+        cmd += ["--enforce-eager"] if eager else []
         self.log = open(log or os.devnull, "wb")  # noqa: SIM115 - closed in stop()
         # A ledger left to its default lands under XDG_DATA_HOME: a fresh folder, not the tester's home.
         env = {**os.environ, "XDG_DATA_HOME": tempfile.mkdtemp(prefix="nanoseek-data-"), **(env or {})}

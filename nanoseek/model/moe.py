@@ -186,8 +186,12 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, hidden], weights/indices [N, k] -> sum over the k chosen experts, [N, hidden]."""
         n, k = indices.shape
-        if self._few_tokens_pay(n * k) and self.ep is None and not self.fp8 and not torch.is_grad_enabled():
-            return self._few_tokens(x, weights, indices)
+        if self.ep is None and not self.fp8 and not torch.is_grad_enabled():
+            if torch.compiler.is_compiling():  # a captured step: static shapes, no sorting tokens by expert
+                static = self._few_tokens_gathered if self._few_tokens_pay(n * k) else self._every_expert
+                return static(x, weights, indices)
+            if self._few_tokens_pay(n * k):
+                return self._few_tokens(x, weights, indices)
         flat = indices.flatten()  # [N * k]
         order = flat.argsort(stable=True)  # sort (token, slot) pairs by expert
         counts = torch.bincount(flat, minlength=self.n_experts)
@@ -210,11 +214,7 @@ class RoutedExperts(nn.Module):
 
     def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Decoding a handful of tokens: each chosen expert's weights are read where they lie (copying them out,
-        about 44 MB per token on the `small` preset, cost more than the matmuls), for the tokens that chose it.
-        Inside a captured graph (torch.compile) the loop's data-dependent length cannot be traced: there each
-        (token, expert) pair's weights are gathered and run as one batched product, static in shape."""
-        if torch.compiler.is_compiling():
-            return self._few_tokens_gathered(x, weights, indices)
+        about 44 MB per token on the `small` preset, cost more than the matmuls), for the tokens that chose it."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # the k experts summed in fp32, rounded once
         tokens, slots = torch.arange(indices.shape[0]).repeat_interleave(indices.shape[1]), indices.flatten()
         for expert in slots.unique().tolist():
@@ -226,11 +226,25 @@ class RoutedExperts(nn.Module):
         return out.to(x.dtype)
 
     def _few_tokens_gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The loop above, static in shape for a captured graph (whose loops cannot depend on data): each
+        (token, expert) pair's weights gathered and run as one batched product."""
         flat = indices.flatten()  # [N * k]
         rows = x.repeat_interleave(indices.shape[1], dim=0).unsqueeze(1)  # [N * k, 1, hidden]
         gate, up = torch.bmm(rows, self.gate_up_proj[flat].transpose(1, 2)).chunk(2, dim=-1)
         out = torch.bmm(F.silu(gate) * up, self.down_proj[flat].transpose(1, 2))  # [N * k, 1, hidden]
         return torch.bmm(weights.unsqueeze(1).float(), out.view(*indices.shape, -1).float()).squeeze(1).to(x.dtype)
+
+
+    def _every_expert(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """A captured step with more (token, expert) pairs than experts: every expert runs on every token,
+        each expert's weights read once as grouped_mm would, and the unchosen ones weigh zero. E / k times
+        the arithmetic of routing, which a batch of decoding tokens leaves the CPU time for."""
+        dense = torch.zeros(x.shape[0], self.n_experts, dtype=torch.float32, device=x.device)
+        dense.scatter_(1, indices, weights.float())  # [N, E]
+        rows = x.unsqueeze(0).expand(self.n_experts, -1, -1)  # [E, N, hidden]
+        gate, up = torch.bmm(rows, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))  # [E, N, hidden]
+        return torch.einsum("ne,enh->nh", dense, out.float()).to(x.dtype)
 
 
 def sequence_balance_loss(logits: torch.Tensor, indices: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

@@ -209,6 +209,10 @@ class Engine:
             raise ValueError(f"prompt + max_tokens needs more KV cache than this engine holds "
                              f"({self.block_manager.num_blocks * size} tokens): raise cache_bytes")  # fmt: skip
 
+    def capture(self) -> None:
+        """Compile the captured decode step of every batch bucket now, up to max_seqs (eager: nothing)."""
+        self.runner.capture(self.scheduler.max_seqs)
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, cache_salt: str | bytes | None = None) -> str:  # fmt: skip
         params = params or SamplingParams()

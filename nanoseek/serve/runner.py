@@ -24,6 +24,11 @@ from nanoseek.serve.speculative import distribution, draft_token
 Row = tuple[Sequence, int, list[int]]  # a sequence, the position of its first fed token, the tokens fed
 
 
+def bucket(batch: int) -> int:
+    """The captured graph a decode batch runs in: the next power of two."""
+    return 1 << (batch - 1).bit_length()
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, pool: LatentPool, block_size: int, device: torch.device,
                  enforce_eager: bool = True):  # fmt: skip
@@ -68,8 +73,22 @@ class ModelRunner:
         """Hidden states [B, t, hidden] for the rows; a decode step runs captured unless eager."""
         if not self.captured or any(len(feed) != 1 for _, _, feed in rows):
             return self.model.forward_cached(*self.prepare(rows))
-        size = 1 << (len(rows) - 1).bit_length()  # the bucket: the next power of two
-        ids, positions, cache = self.prepare(rows, pad_to=size)
+        size = bucket(len(rows))
+        return self._run_captured(size, *self.prepare(rows, pad_to=size))[: len(rows)]
+
+    @torch.no_grad()
+    def capture(self, max_batch: int) -> None:
+        """Compile every bucket up to max_batch now (a server pays this at start-up, not in a request):
+        each on a step of idle rows that write to the scratch slot and read only it."""
+        if not self.captured:
+            return
+        for size in (1 << i for i in range(bucket(max_batch).bit_length())):
+            slots = torch.full((size, 2), self.scratch_slot, device=self.device)  # two: a dynamic length
+            ids = torch.zeros(size, 1, dtype=torch.long, device=self.device)
+            mask = torch.ones(size, 1, 1, 2, dtype=torch.bool, device=self.device)
+            self._run_captured(size, ids, ids, StepCache(self.pool, slots[:, :1], None, slots, mask))
+
+    def _run_captured(self, size: int, ids: torch.Tensor, positions: torch.Tensor, cache: StepCache) -> torch.Tensor:
         torch._dynamo.mark_dynamic(cache.read_slots, 1)  # any context length, one compilation
         torch._dynamo.mark_dynamic(cache.mask, 3)
         start = time.perf_counter()
@@ -78,7 +97,7 @@ class ModelRunner:
             self._buckets.add(size)
             print(f"nanoseek: decode step for batch {size} captured in {time.perf_counter() - start:.1f} s",
                   file=sys.stderr, flush=True)  # fmt: skip
-        return hidden[: len(rows)]
+        return hidden
 
     def _compiled(self):
         if self._decode is None:

@@ -57,8 +57,9 @@ class ServeConfig:
     max_seqs: int = flag("sequences per engine step", default=64)
     speculative_tokens: int = flag("MTP draft tokens per step (0: off)", default=0)
     fp8_cache: bool = flag("keep the latent KV cache in FP8", default=False)
-    capture: bool = flag("capture decode steps with torch.compile, once per batch bucket (each compiles at its "
-                         "first use: seconds on a CPU)", default=False)  # fmt: skip
+    enforce_eager: bool = flag("run decode steps eagerly; by default each batch bucket up to --max-seqs is "
+                               "captured with torch.compile at start-up (seconds each on a CPU)",
+                               default=False)  # fmt: skip
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -98,8 +99,9 @@ class Service:
             cfg.model, block_size=CACHE_UNIT, cache_bytes=cfg.cache_memory_mb * 2**20,
             max_batched_tokens=cfg.max_batched_tokens, max_seqs=cfg.max_seqs, fp8_cache=cfg.fp8_cache,
             speculative_tokens=cfg.speculative_tokens, cache_dir=cfg.cache_dir,
-            disk_cache_bytes=int(cfg.disk_cache_gb * 2**30), enforce_eager=not cfg.capture,
+            disk_cache_bytes=int(cfg.disk_cache_gb * 2**30), enforce_eager=cfg.enforce_eager,
         )  # fmt: skip
+        self.engine.capture()
         if self.engine.tokenizer is None:
             raise ValueError(f"{cfg.model} has no tokenizer.json: the server needs the model's tokenizer")
         self.tokenizer, self.context = self.engine.tokenizer, self.engine.model.cfg.max_position_embeddings
