@@ -234,7 +234,6 @@ class RoutedExperts(nn.Module):
         out = torch.bmm(F.silu(gate) * up, self.down_proj[flat].transpose(1, 2))  # [N * k, 1, hidden]
         return torch.bmm(weights.unsqueeze(1).float(), out.view(*indices.shape, -1).float()).squeeze(1).to(x.dtype)
 
-
     def _every_expert(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """A captured step with more (token, expert) pairs than experts: every expert runs on every token,
         each expert's weights read once as grouped_mm would, and the unchosen ones weigh zero. E / k times
