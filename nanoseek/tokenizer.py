@@ -93,22 +93,32 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True, tokenize: bool = False
-    ) -> str | list[int]:
+        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True, tokenize: bool = False,
+        thinking: bool | None = None, continue_final_message: bool = False,
+    ) -> str | list[int]:  # fmt: skip
         """DeepSeek-V3's chat format: system prompts first, then the turns in order. With tokenize=True,
         system and user contents are plain text (a special-token string typed there cannot open a turn);
-        assistant contents keep the model's own markup (<think>...</think> of a reasoning reply)."""
+        assistant contents keep the model's own markup (<think>...</think> of a reasoning reply).
+        thinking: the reply opens with <think> (True) or </think> (False, no reasoning), as DeepSeek's
+        thinking switch; None leaves it to the model. continue_final_message: the last message, an
+        assistant's, is left open for the reply to continue (DeepSeek's chat prefix completion)."""
         for m in messages:
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise ValueError(f"each message needs a role system/user/assistant and a string content, got {m!r}")
+        if continue_final_message and messages[-1]["role"] != "assistant":
+            raise ValueError("continue_final_message needs an assistant message last")
         parts = [(self.bos_token, True), ("".join(m["content"] for m in messages if m["role"] == "system"), False)]
         for m in messages:
             if m["role"] == "user":
                 parts += [(USER, True), (m["content"], False)]
             elif m["role"] == "assistant":
                 parts += [(ASSISTANT, True), (m["content"], None), (self.eos_token, True)]
-        if add_generation_prompt:
+        if continue_final_message:
+            parts.pop()  # the reply continues the last message: no end of sentence
+        elif add_generation_prompt:
             parts.append((ASSISTANT, True))
+            if thinking is not None:
+                parts.append((THINK if thinking else END_THINK, True))
         if not tokenize:
             return "".join(text for text, _ in parts)
         encode = {True: lambda t: [self.special_id(t)], False: self.encode_text, None: self.encode}

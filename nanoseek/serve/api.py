@@ -47,7 +47,7 @@ from nanoseek.serve.protocol import (
     completion_logprobs,
     usage,
 )
-from nanoseek.serve.service import ServeConfig, Service
+from nanoseek.serve.service import ServeConfig, Service, Ticket
 from nanoseek.tokenizer import FIM_HOLE
 
 __all__ = ["ServeConfig", "create_app", "serve"]
@@ -124,17 +124,28 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
+    @app.post("/beta/chat/completions")  # DeepSeek's beta route (chat prefix completion is served on both)
     async def chat_completions(body: ChatCompletionRequest, request: Request, key: str = Depends(account)):
-        service.admit(body, body.n)
+        ticket = service.admit(body, body.n, key)
+        with ticket.released_on_error():
+            return await chat(body, request, key, ticket)
+
+    async def chat(body: ChatCompletionRequest, request: Request, key: str, ticket: Ticket):
+        prefix = body.messages[-1].prefix
+        if any(m.prefix for m in body.messages[:-1]) or (prefix and body.messages[-1].role != "assistant"):
+            raise ApiError(400, "prefix: true goes on the last message, an assistant's, whose text the reply "
+                           "continues", param="messages")  # fmt: skip
         if body.response_format is not None and body.response_format.type == "json_object":
             raise ApiError(400, "response_format json_object is not supported: nanoseek does not constrain "
                            "decoding to JSON; ask for JSON in the prompt instead", param="response_format",
                            code="unsupported_parameter")  # fmt: skip
-        prompt = await service.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+        thinking = cfg.thinks(body.model, body.thinking and body.thinking.type)
+        prompt = await service.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages],
+                                            None if prefix else thinking, prefix)  # fmt: skip
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = service.sampling_params(body, prompt, body.max_completion_tokens or body.max_tokens, top, "messages")
         [meter] = await service.reserve(key, [(prompt, params)])
-        generation = service.start(prompt, params, key, meter)
+        generation = service.start(prompt, params, key, meter, ticket)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
                 "system_fingerprint": service.fingerprint}  # fmt: skip
 
@@ -179,6 +190,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     @app.post("/completions")
+    @app.post("/beta/completions")  # DeepSeek's beta route for fill-in-the-middle (suffix)
     async def completions(body: CompletionRequest, request: Request, key: str = Depends(account)):
         prompts = body.prompt if isinstance(body.prompt, list) and body.prompt else [body.prompt]
         if isinstance(prompts[0], int):
@@ -193,13 +205,20 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
                            param="echo")  # fmt: skip
         if len(prompts) > 1 and body.stream:
             raise ApiError(400, "stream takes one prompt: send several prompts without stream", param="stream")
-        service.admit(body, body.n * len(prompts))
+        if body.best_of is not None and body.best_of != body.n:
+            raise ApiError(400, "best_of must equal n: nanoseek returns every choice it generates, unranked",
+                           param="best_of")  # fmt: skip
+        ticket = service.admit(body, body.n * len(prompts), key)
+        with ticket.released_on_error():
+            return await complete(body, request, key, ticket, prompts)
+
+    async def complete(body: CompletionRequest, request: Request, key: str, ticket: Ticket, prompts: list):
         encoded = await service.completion_prompts(prompts, body.suffix)
         jobs = [(ids, service.sampling_params(body, ids, body.max_tokens, body.logprobs, "prompt")) for ids in encoded]
         meters = await service.reserve(key, jobs)
         # Every prompt goes to the engine before any is awaited, so they batch.
         generations = [
-            service.start(ids, params, key, meter) for (ids, params), meter in zip(jobs, meters, strict=True)
+            service.start(ids, params, key, meter, ticket) for (ids, params), meter in zip(jobs, meters, strict=True)
         ]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model, "system_fingerprint": service.fingerprint}  # fmt: skip

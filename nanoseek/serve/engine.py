@@ -204,6 +204,8 @@ class Engine:
                              f"{self.model.cfg.max_position_embeddings} positions")  # fmt: skip
         if min(ids) < 0 or max(ids) >= self.model.cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.model.cfg.vocab_size})")
+        if any(not 0 <= t < self.model.cfg.vocab_size for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must lie in [0, {self.model.cfg.vocab_size})")
         size = self.block_manager.block_size
         if -(-(len(ids) + params.max_tokens + self.speculative_tokens) // size) > self.block_manager.num_blocks:
             raise ValueError(f"prompt + max_tokens needs more KV cache than this engine holds "

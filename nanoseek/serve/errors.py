@@ -29,6 +29,12 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     if first.get("type") == "json_invalid":
         return ApiError(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
     param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":
+        return ApiError(400, f"unrecognized request argument supplied: {param} (nanoseek serves the fields of "
+                        "OpenAI's and DeepSeek's API; the README lists them)", param=param,
+                        code="unrecognized_argument")  # fmt: skip
+    if first.get("type") == "unsupported_parameter":
+        return ApiError(400, str(first.get("msg")), param=param, code="unsupported_parameter")
     where = f"{param}: " if param else ""
     return ApiError(400, f"{where}{first.get('msg')}", param=param, code="invalid_value")
 

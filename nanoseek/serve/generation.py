@@ -50,8 +50,8 @@ class Generation:
     (choice, output so far) pairs, cancelled if the reader goes away before they finish."""
 
     def __init__(self, runner: AsyncEngine, metrics: ServerMetrics, prompt: list[int], params: list[SamplingParams],
-                 salt: str | None, meter: Meter):  # fmt: skip
-        self.runner, self.metrics, self.prompt, self.meter = runner, metrics, prompt, meter
+                 salt: str | None, meter: Meter, on_close: Callable[[], None] = lambda: None):  # fmt: skip
+        self.runner, self.metrics, self.prompt, self.meter, self.on_close = runner, metrics, prompt, meter, on_close
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ids = [runner.submit(prompt, p, salt, self.queue) for p in params]
         self.live = set(self.ids)
@@ -106,6 +106,8 @@ class Generation:
         self.cancel()
         if not (self.failed or streamed):
             self.deliver()
+        if not self.meter.closed:
+            self.on_close()
         self.meter.close()
 
 

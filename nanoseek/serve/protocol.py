@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic_core import PydanticCustomError
 
 from nanoseek.tokenizer import Tokenizer
 
@@ -33,16 +34,35 @@ Number = Annotated[float, Field(strict=True)]  # an int is a number too; a strin
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 
 
-class TextPart(BaseModel):
+def refused(why: str, allowed: tuple = (None,)):
+    """A field of OpenAI's or DeepSeek's API that nanoseek does not serve: a 400 naming it, unless it is
+    absent or holds a value that asks for nothing (clients send their defaults)."""
+
+    def check(value: object) -> object:
+        if not any(value is a for a in allowed):
+            raise PydanticCustomError("unsupported_parameter", why)
+        return value
+
+    return Annotated[object, AfterValidator(check)]
+
+
+class Strict(BaseModel):
+    """Every field is declared: one that neither API defines is a 400 naming it, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(Strict):
     type: Literal["text"] = "text"
     text: Text
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, reasoning_content, ...: accepted and ignored
-
+class ChatMessage(Strict):
     role: Literal["system", "user", "assistant"]
     content: Text | list[TextPart] | None = None
+    name: StrictStr | None = None  # a participant's name: accepted, not rendered (as DeepSeek's template)
+    reasoning_content: Text | None = None  # an earlier reply's reasoning: never fed back (DeepSeek's rule)
+    prefix: StrictBool = False  # DeepSeek's chat prefix completion: the reply continues this last message
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -50,18 +70,22 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Strict):
     include_usage: StrictBool = False
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(Strict):
     type: Literal["text", "json_object"] = "text"
 
 
-class SamplingRequest(BaseModel):
-    """The fields chat and completions share."""
+class Thinking(Strict):
+    """DeepSeek's switch between a reasoning reply (<think> opened by the template) and a direct one."""
 
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, metadata, ...) are ignored
+    type: Literal["enabled", "disabled"]
+
+
+class SamplingRequest(Strict):
+    """The fields chat and completions share."""
 
     model: Text = Field(min_length=1, max_length=256)
     max_tokens: StrictInt | None = Field(None, ge=1)
@@ -74,6 +98,13 @@ class SamplingRequest(BaseModel):
     n: StrictInt = Field(1, ge=1, le=16)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    user: StrictStr | None = Field(None, max_length=256)  # an end-user id for abuse tracking: accepted
+    logit_bias: dict[str, Annotated[float, Field(strict=True, ge=-100, le=100)]] | None = Field(None, max_length=300)
+    service_tier: Literal["auto", "default"] | None = None  # there is one tier
+    store: refused("store: nanoseek keeps no completions for later retrieval", allowed=(None, False)) = None
+    metadata: refused("metadata: it tags stored completions, and nanoseek stores none") = None
+    prompt_cache_key: StrictStr | None = None  # caching is automatic, by prefix (and per API key)
+    safety_identifier: StrictStr | None = None
 
     @property
     def stop_list(self) -> list[str]:
@@ -90,6 +121,19 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    thinking: Thinking | None = None
+    modalities: list[Literal["text"]] | None = None
+    audio: refused("audio: nanoseek generates text only") = None
+    prediction: refused("prediction (predicted outputs) is not served: send the text as a prefix instead") = None
+    web_search_options: refused("web_search_options: nanoseek has no web search") = None
+    reasoning_effort: refused("reasoning_effort: reasoning is on or off here, with thinking or a reasoning "
+                              "model name") = None  # fmt: skip
+    verbosity: refused("verbosity is not served: ask for the length you want in the prompt") = None
+    functions: refused("functions (deprecated by OpenAI) is not served: send tools") = None
+    function_call: refused("function_call (deprecated by OpenAI) is not served: send tool_choice") = None
+    tools: refused("tools: tool calls are not served yet") = None
+    tool_choice: refused("tool_choice: tool calls are not served yet") = None
+    parallel_tool_calls: refused("parallel_tool_calls: tool calls are not served yet") = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -105,6 +149,7 @@ class CompletionRequest(SamplingRequest):
     echo: StrictBool = False
     logprobs: StrictInt | None = Field(None, ge=0, le=20)
     max_tokens: StrictInt | None = Field(16, ge=1)
+    best_of: StrictInt | None = Field(None, ge=1, le=16)  # honoured when it equals n: nothing is ranked
 
 
 def usage(prompt: int, cached: int, completion: int, reasoning: int = 0) -> dict:

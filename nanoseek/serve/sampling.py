@@ -28,6 +28,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None  # also return the top-n alternatives' log-probabilities
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits (OpenAI's)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -111,6 +112,10 @@ def sample_batch(
         sub -= _column([params[i].frequency_penalty for i in rows], sub) * counts
         sub -= _column([params[i].presence_penalty for i in rows], sub) * (counts > 0).to(sub.dtype)
         logits[rows] = sub
+    biased = [(i, token, bias) for i, p in enumerate(params) for token, bias in p.logit_bias.items()]
+    if biased:  # every row's biases in one indexed add
+        rows_, tokens_, biases = zip(*biased, strict=True)
+        logits.index_put_((torch.tensor(rows_), torch.tensor(tokens_)), _column(biases, logits)[:, 0], accumulate=True)
     logprobs = logits.log_softmax(-1)
     tokens = logits.argmax(-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]

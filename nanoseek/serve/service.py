@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from nanoseek.serve.generation import Generation
 from nanoseek.serve.metrics import ServerMetrics
 from nanoseek.serve.protocol import MAX_SEED, SamplingRequest
 from nanoseek.serve.sampling import SamplingParams
-from nanoseek.tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE
+from nanoseek.tokenizer import END_THINK, FIM_BEGIN, FIM_END, FIM_HOLE
 
 CACHE_UNIT = 64  # tokens per cached prefix block, as DeepSeek's context caching
 DEFAULT_MAX_TOKENS = 4096
@@ -42,6 +44,11 @@ class ServeConfig:
     host: str = flag("address to listen on", default="127.0.0.1")
     port: int = flag("port to listen on", default=8000)
     served_model_name: str = flag("model names clients send, comma-separated", default="nanoseek")
+    reasoning_model_name: str = flag(
+        "model names (comma-separated) whose replies think by default, as DeepSeek's "
+        "deepseek-reasoner; a request's thinking field decides either way",
+        default="",
+    )
     api_keys: str | None = flag("file of 'KEY [BALANCE]' lines; none: no auth", default=None)
     cache_dir: str | None = flag("folder for the on-disk context cache", default=None)
     disk_cache_gb: float = flag("bound on the disk cache, LRU-evicted", default=8.0)
@@ -53,6 +60,7 @@ class ServeConfig:
     admin_key: str | None = flag("bearer key for /metrics (required for it when --api-keys is set)", default=None)
     max_body_bytes: int = flag("larger request bodies get a 413 unread", default=4 * 2**20)
     max_pending: int = flag("requests in flight before 429", default=256)
+    max_concurrent_per_key: int = flag("requests in flight per API key before 429 (0: no limit)", default=0)
     max_batched_tokens: int = flag("tokens per engine step", default=512)
     max_seqs: int = flag("sequences per engine step", default=64)
     speculative_tokens: int = flag("MTP draft tokens per step (0: off)", default=0)
@@ -64,12 +72,51 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("nanoseek serve needs --model DIR (a folder with config.json and tokenizer.json)")
+        if self.max_concurrent_per_key < 0:
+            raise ValueError("--max-concurrent-per-key must be 0 (no limit) or positive")
         if min(self.max_pending, self.max_body_bytes) < 1 or self.disk_cache_gb <= 0 or self.cache_memory_mb <= 0:
             raise ValueError("--max-pending, --max-body-bytes, --disk-cache-gb and --cache-memory-mb must be positive")
 
     @property
     def names(self) -> list[str]:
-        return [n.strip() for n in self.served_model_name.split(",") if n.strip()]
+        return _names(self.served_model_name) + _names(self.reasoning_model_name)
+
+    def thinks(self, model: str, thinking: str | None) -> bool | None:
+        """Whether a reply opens with <think> (True), skips reasoning (False), or is left to the model (None)."""
+        if thinking is not None:
+            return thinking == "enabled"
+        return True if model in _names(self.reasoning_model_name) else None
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+class Ticket:
+    """A request's place under --max-concurrent-per-key: held from admission until its last generation
+    closes, or given back at once when the request fails before any starts."""
+
+    def __init__(self, counts: dict[str, int], key: str):
+        self.counts, self.key, self.holders, self.released = counts, key, 0, False
+        counts[key] = counts.get(key, 0) + 1
+
+    @contextmanager
+    def released_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self.release(holder=False)
+            raise
+
+    def hold(self) -> Ticket:
+        self.holders += 1
+        return self
+
+    def release(self, holder: bool = True) -> None:
+        self.holders -= holder
+        if self.holders <= 0 and not self.released:
+            self.released = True
+            self.counts[self.key] -= 1
 
 
 def open_ledger(cfg: ServeConfig) -> Ledger:
@@ -111,6 +158,7 @@ class Service:
         self.runner = AsyncEngine(self.engine)
         self.metrics = ServerMetrics(self.engine)
         self.created = int(time.time())
+        self.in_flight: dict[str, int] = {}  # requests per key, for --max-concurrent-per-key
         self.fingerprint = self.engine.fingerprint.hex()[:16]
 
     def close(self) -> None:
@@ -140,8 +188,9 @@ class Service:
             raise ApiError(401, "/metrics needs the admin key: send 'Authorization: Bearer ADMIN_KEY'",
                            type="authentication_error", code="invalid_api_key")  # fmt: skip
 
-    def admit(self, body: SamplingRequest, requests: int) -> None:
-        """The checks that need no tokens and no database: model, size, the ledger's health, load."""
+    def admit(self, body: SamplingRequest, requests: int, key: str) -> Ticket:
+        """The checks that need no tokens and no database: model, size, the ledger's health, load. The ticket
+        goes to the request's generations (`start`); a request that fails before them releases it."""
         cfg = self.cfg
         if body.model not in cfg.names:
             raise ApiError(404, f"the model {body.model!r} does not exist; this server has {cfg.names}",
@@ -155,6 +204,12 @@ class Service:
         if self.runner.pending + requests > cfg.max_pending:
             raise ApiError(429, f"the server is at its limit of {cfg.max_pending} requests in flight; retry shortly",
                            type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})  # fmt: skip
+        limit = cfg.max_concurrent_per_key
+        if limit and key != ANONYMOUS and self.in_flight.get(key, 0) >= limit:
+            raise ApiError(429, f"this API key has {limit} requests in flight, its limit (--max-concurrent-per-key): "
+                           "retry when one finishes", type="rate_limit_error", code="concurrency_limit",
+                           headers={"Retry-After": "1"})  # fmt: skip
+        return Ticket(self.in_flight, key)
 
     async def reserve(self, key: str, jobs: list[tuple[list[int], list[SamplingParams]]]) -> list[Meter]:
         """Reserve each prompt's worst case against the key's balance (in the ledger's transaction, off the
@@ -184,9 +239,18 @@ class Service:
                            f"of text hold more than that (a token spans at most {longest} bytes): shorten the "
                            "prompt", param=param, code="context_length_exceeded")  # fmt: skip
 
-    async def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    async def chat_prompt(self, messages: list[dict], thinking: bool | None, prefix: bool) -> list[int]:
+        """The chat template's ids. An earlier reply's reasoning (before its </think>) is not fed back, as
+        DeepSeek's multi-turn rule; a prefix message (the last, an assistant's) is continued."""
         self.check_text_length([m["content"] for m in messages], "messages")
-        return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, tokenize=True)
+        if thinking is not None and self.tokenizer.tok.token_to_id(END_THINK) is None:
+            raise ApiError(400, "this model's tokenizer has no <think> tokens: it cannot switch thinking",
+                           param="thinking")  # fmt: skip
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant" and not (prefix and i == len(messages) - 1):
+                m["content"] = m["content"].rpartition(END_THINK)[2]
+        return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, tokenize=True,
+                                       thinking=thinking, continue_final_message=prefix)  # fmt: skip
 
     async def completion_prompts(self, prompts: list, suffix: str | None) -> list[list[int]]:
         """Text prompts as plain text (typed special-token strings stay text); token ids as given."""
@@ -223,6 +287,7 @@ class Service:
                     presence_penalty=body.presence_penalty,
                     frequency_penalty=body.frequency_penalty,
                     logprobs=logprobs,
+                    logit_bias=self.logit_bias(body),
                 )
                 for i in range(body.n)
             ]
@@ -231,9 +296,20 @@ class Service:
             raise ApiError(400, str(e), param=param) from None
         return params
 
+    @staticmethod
+    def logit_bias(body: SamplingRequest) -> dict[int, float]:
+        try:
+            return {int(token): bias for token, bias in (body.logit_bias or {}).items()}
+        except ValueError:
+            raise ApiError(
+                400, 'logit_bias maps token ids (as strings, e.g. "42") to biases in [-100, 100]', param="logit_bias"
+            ) from None
+
     # --- generations ---------------------------------------------------------------------------------
-    def start(self, prompt: list[int], params: list[SamplingParams], key: str, meter: Meter) -> Generation:
-        return Generation(self.runner, self.metrics, prompt, params, None if key == ANONYMOUS else key, meter)
+    def start(self, prompt: list[int], params: list[SamplingParams], key: str, meter: Meter,
+              ticket: Ticket) -> Generation:  # fmt: skip
+        salt = None if key == ANONYMOUS else key
+        return Generation(self.runner, self.metrics, prompt, params, salt, meter, ticket.hold().release)
 
     async def collect(self, request: Request, generation: Generation) -> list[RequestOutput]:
         """The final output of every choice, billed; a client that leaves cancels the generation."""

@@ -1,0 +1,178 @@
+"""DeepSeek's API contract beyond plain chat, against a real `nanoseek serve` with the real `openai` client:
+every field either honoured or refused with a 400 naming it, thinking on and off (and a reasoning model
+alias), chat prefix completion and the beta routes, logit_bias, per-key concurrency limits."""
+
+import time
+
+import httpx
+import openai
+import pytest
+from serving import Server, make_model_dir
+
+from nanoseek.tokenizer import ASSISTANT, END_THINK, THINK
+
+GREEDY = dict(max_tokens=6, temperature=0)
+LIMIT = 2  # --max-concurrent-per-key
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    return make_model_dir(tmp_path_factory.mktemp("contract") / "model", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("contract-server")
+    (root / "keys.txt").write_text("key-a\nkey-b\n")
+    args = ["--api-keys", str(root / "keys.txt"), "--reasoning-model-name", "deepseek-reasoner",
+            "--max-concurrent-per-key", str(LIMIT)]  # fmt: skip
+    with Server(model_dir, *args, log=root / "server.log") as s:
+        yield s
+
+
+def client(server: Server, key: str = "key-a", beta: bool = False) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + ("/beta" if beta else "/v1"), api_key=key, max_retries=0, timeout=60)
+
+
+def ask(c: openai.OpenAI, messages, model: str = "nanoseek", **kwargs):
+    return c.chat.completions.create(model=model, messages=messages, **(GREEDY | kwargs))
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def completion_of(server: Server, ids: list[int], max_tokens: int = GREEDY["max_tokens"]) -> tuple[str, list[int]]:
+    """The greedy continuation of a token-id prompt through /v1/completions: the text and its prompt size."""
+    r = client(server).completions.create(model="nanoseek", prompt=ids, max_tokens=max_tokens, temperature=0)
+    return r.choices[0].text, r.usage.prompt_tokens
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("audio", {"voice": "alloy", "format": "wav"}), ("prediction", {"type": "content", "content": "x"}),
+     ("web_search_options", {}), ("reasoning_effort", "high"), ("functions", [{"name": "f"}]),
+     ("function_call", "auto"), ("store", True), ("metadata", {"a": "b"}), ("verbosity", "low"),
+     ("no_such_field", 1), ("modalities", ["audio"]), ("service_tier", "flex")],
+)  # fmt: skip
+def test_a_field_nanoseek_does_not_serve_is_a_400_that_names_it(server, field, value):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client(server), user("hi"), extra_body={field: value})
+    assert e.value.body["param"].split(".")[0] == field, e.value.body
+    assert e.value.body["code"] in ("unsupported_parameter", "unrecognized_argument", "invalid_value")
+
+
+def test_fields_clients_send_as_defaults_are_accepted(server):
+    reply = ask(client(server), user("hi"), user="someone", store=False, service_tier="auto", modalities=["text"],
+                extra_body={"prompt_cache_key": "k", "safety_identifier": "s"})  # fmt: skip
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_a_message_field_nobody_defines_is_a_400(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client(server), [{"role": "user", "content": "hi", "mood": "happy"}])
+    assert e.value.body["param"] == "messages.0.mood"
+
+
+def test_thinking_enabled_opens_think_and_the_reply_is_reasoning(server, tokenizer):
+    c = client(server)
+    thinking = ask(c, user("why?"), extra_body={"thinking": {"type": "enabled"}})
+    ids = [*tokenizer.apply_chat_template(user("why?"), tokenize=True), tokenizer.special_id(THINK)]
+    text, prompt_tokens = completion_of(server, ids)
+    assert thinking.usage.prompt_tokens == prompt_tokens
+    message = thinking.choices[0].message
+    assert message.content + message.reasoning_content == text  # an untrained model: no </think> in 6 tokens
+    assert message.reasoning_content and thinking.usage.completion_tokens_details.reasoning_tokens == 6
+    # The reasoning alias thinks by default; its thinking field can turn that off.
+    alias = ask(c, user("why?"), model="deepseek-reasoner")
+    assert alias.choices[0].message.reasoning_content == message.reasoning_content
+
+
+def test_thinking_disabled_closes_think_and_the_reply_is_content(server, tokenizer):
+    c = client(server)
+    direct = ask(c, user("why?"), model="deepseek-reasoner", extra_body={"thinking": {"type": "disabled"}})
+    ids = [*tokenizer.apply_chat_template(user("why?"), tokenize=True), tokenizer.special_id(END_THINK)]
+    text, prompt_tokens = completion_of(server, ids)
+    assert direct.usage.prompt_tokens == prompt_tokens
+    message = direct.choices[0].message
+    assert message.content == text and not getattr(message, "reasoning_content", None)
+    assert direct.usage.completion_tokens_details.reasoning_tokens == 0
+
+
+def test_an_earlier_replys_reasoning_is_not_fed_back(server):
+    c = client(server)
+    plain = [*user("2+2?"), {"role": "assistant", "content": "4"}, *user("and 3+3?")]
+    reasoned = [*user("2+2?"), {"role": "assistant", "content": "<think>two and two make four</think>4",
+                                "reasoning_content": "two and two make four"}, *user("and 3+3?")]  # fmt: skip
+    a, b = ask(c, plain), ask(c, reasoned)
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+@pytest.mark.parametrize("beta", [False, True], ids=["v1", "beta"])
+def test_chat_prefix_completion_continues_the_last_assistant_message(server, tokenizer, beta):
+    messages = [*user("write a function"), {"role": "assistant", "content": "def add(a, b):", "prefix": True}]
+    reply = ask(client(server, beta=beta), messages)
+    ids = tokenizer.apply_chat_template(user("write a function"), tokenize=True)
+    assert ids[-1] == tokenizer.special_id(ASSISTANT)
+    text, prompt_tokens = completion_of(server, ids + tokenizer.encode("def add(a, b):"))
+    assert (reply.usage.prompt_tokens, reply.choices[0].message.content) == (prompt_tokens, text)
+
+
+def test_prefix_anywhere_but_on_a_last_assistant_message_is_a_400(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client(server), [{"role": "user", "content": "hi", "prefix": True}])
+    assert e.value.body["param"] == "messages"
+
+
+def test_fill_in_the_middle_on_the_beta_route(server):
+    c = client(server, beta=True)
+    beta = c.completions.create(model="nanoseek", prompt="def f(x):\n    return ", suffix="\n", **GREEDY)
+    v1 = client(server).completions.create(model="nanoseek", prompt="def f(x):\n    return ", suffix="\n", **GREEDY)
+    assert beta.choices[0].text == v1.choices[0].text
+
+
+def test_logit_bias_forces_and_bans_tokens(server, tokenizer):
+    c = client(server)
+    forced = tokenizer.encode("Z")[0]
+    reply = ask(c, user("hi"), logit_bias={str(forced): 100})
+    assert reply.choices[0].message.content == "Z" * 6
+    plain = ask(c, user("hi"), max_tokens=1, logprobs=True)
+    first = tokenizer.encode(plain.choices[0].logprobs.content[0].token)[0]
+    banned = ask(c, user("hi"), max_tokens=1, logit_bias={str(first): -100})
+    assert banned.choices[0].message.content != plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(c, user("hi"), logit_bias={"not-a-token": 1})
+    assert e.value.body["param"] == "logit_bias"
+
+
+def test_best_of_other_than_n_is_a_400(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).completions.create(model="nanoseek", prompt="x", best_of=3, **GREEDY)
+    assert e.value.body["param"] == "best_of"
+
+
+def test_a_key_over_its_concurrency_limit_gets_429_with_retry_after_and_others_do_not(server):
+    body = {"model": "nanoseek", "messages": user("count"), "max_tokens": 900, "temperature": 0, "stream": True}
+    headers = {"Authorization": "Bearer key-b"}
+    with httpx.Client(timeout=60) as http:
+        streams = [http.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers)
+                   for _ in range(LIMIT)]  # fmt: skip
+        lines = []
+        for s in streams:
+            lines.append(s.__enter__().iter_lines())
+            next(lines[-1])  # the stream is running
+        with pytest.raises(openai.RateLimitError) as e:
+            ask(client(server, key="key-b"), user("hi"))
+        assert e.value.response.headers["retry-after"] == "1" and e.value.body["code"] == "concurrency_limit"
+        assert ask(client(server, key="key-a"), user("hi")).choices  # another key is not limited
+        for s in streams:
+            s.__exit__(None, None, None)  # the client leaves: the server cancels, and the slots come back
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert ask(client(server, key="key-b"), user("hi")).choices
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the key's slots never came back"
+            time.sleep(0.2)
