@@ -7,8 +7,10 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from serving import Server, make_model_dir
 
+from nanoseek.checkpoint import from_pretrained
 from nanoseek.tokenizer import ASSISTANT, END_THINK, THINK
 
 GREEDY = dict(max_tokens=6, temperature=0)
@@ -26,7 +28,8 @@ def server(model_dir, tmp_path_factory):
     (root / "keys.txt").write_text("key-a\nkey-b\n")
     args = ["--api-keys", str(root / "keys.txt"), "--reasoning-model-name", "deepseek-reasoner",
             "--max-concurrent-per-key", str(LIMIT)]  # fmt: skip
-    with Server(model_dir, *args, log=root / "server.log") as s:
+    # fp32 whatever the CPU: log-probabilities are compared with a direct fp32 forward pass.
+    with Server(model_dir, *args, log=root / "server.log", env={"NANOSEEK_AUTO_DTYPE": "float32"}) as s:
         yield s
 
 
@@ -176,3 +179,37 @@ def test_a_key_over_its_concurrency_limit_gets_429_with_retry_after_and_others_d
         except openai.RateLimitError:
             assert time.monotonic() < deadline, "the key's slots never came back"
             time.sleep(0.2)
+
+
+@pytest.mark.parametrize("as_ids", [False, True], ids=["text", "token-ids"])
+def test_echo_logprobs_score_the_prompt_as_a_direct_forward_pass_also_from_the_cache(server, model_dir, tokenizer,
+                                                                                     as_ids):  # fmt: skip
+    text = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n" * 3
+    ids = tokenizer.encode_text(text)
+    model = from_pretrained(model_dir, dtype=torch.float32, device="cpu").eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))[0].log_softmax(-1)
+    want = expected[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    c = client(server)
+    for max_tokens in (0, 1, 0):  # the third: the prompt's blocks are cached by now
+        r = c.completions.create(model="nanoseek", prompt=ids if as_ids else text, echo=True, logprobs=2,
+                                 max_tokens=max_tokens, temperature=0)  # fmt: skip
+        lp = r.choices[0].logprobs
+        assert r.choices[0].text == text if max_tokens == 0 else r.choices[0].text.startswith(text)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.tokens[: len(ids)] == [tokenizer.decode([t]) for t in ids]
+        assert len(lp.token_logprobs) == len(ids) + max_tokens
+        assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1 : len(ids)], want, strict=True)) < 1e-4
+        best = expected[0].topk(2)
+        assert list(lp.top_logprobs[1].values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert lp.text_offset[:3] == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
+
+
+def test_max_tokens_0_without_echo_logprobs_and_streamed_scoring_are_400s(server):
+    c = client(server)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="nanoseek", prompt="x", max_tokens=0)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="nanoseek", prompt="x", max_tokens=1, echo=True, logprobs=1, stream=True)
+    assert e.value.body["param"] == "stream"

@@ -42,6 +42,26 @@ def test_greedy_equals_a_full_forward_loop_with_chunked_prefill(model):
         assert out.finish_reason == "length" and out.completion_tokens == 10
 
 
+def test_prompt_logprobs_equal_a_full_forward_pass_with_chunked_prefill_and_after_a_cache_hit(model):
+    """Scoring a prompt (max_tokens 0) in 16-token chunks gives each token's log-probability under the
+    whole-prompt forward pass, with the top alternatives; the same again once the prompt's blocks are cached."""
+    prompt = list(range(5, 90, 2))  # 43 tokens: three prefill chunks
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt]))[0].float().log_softmax(-1)
+    eng = engine(model)
+    for _ in range(2):  # the second time its blocks are in the prefix cache
+        [out] = eng.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=3))
+        assert out.token_ids == [] and out.finish_reason == "length" and out.prompt_logprobs[0] is None
+        scored = torch.tensor([lp for lp, _ in out.prompt_logprobs[1:]])
+        torch.testing.assert_close(scored, expected[:-1].gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0],
+                                   rtol=0, atol=1e-5)  # fmt: skip
+        top = expected[:-1].topk(3, dim=-1)
+        assert [list(alt) for _, alt in out.prompt_logprobs[1:]] == top.indices.tolist()
+    [out] = eng.generate([prompt], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=0))
+    assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[1][1] is None
+    assert out.token_ids == full_forward_greedy(model, prompt, 2)
+
+
 def test_a_bf16_engine_scores_its_tokens_within_bf16_rounding_of_the_fp32_model(model):
     """The bf16 engine (the `auto` choice on CPUs with AMX) rounds the residual stream and each weight to
     8 significant bits: each of the 2L+1 matmul stages (attention and MLP per layer, then the head) moves a

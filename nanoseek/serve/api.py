@@ -200,9 +200,12 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
                 raise ApiError(400, "suffix (fill-in-the-middle) takes one text prompt", param="suffix")
             if tokenizer.tok.token_to_id(FIM_HOLE) is None:
                 raise ApiError(400, "this model's tokenizer has no fill-in-the-middle tokens", param="suffix")
-        if body.echo and body.logprobs is not None:
-            raise ApiError(400, "echo with logprobs is not supported (prompt log-probabilities are not kept)",
-                           param="echo")  # fmt: skip
+        if body.max_tokens == 0 and not body.scoring:
+            raise ApiError(400, "max_tokens 0 generates nothing: it takes echo with logprobs, to score the prompt",
+                           param="max_tokens")  # fmt: skip
+        if body.scoring and body.stream:
+            raise ApiError(400, "echo with logprobs (scoring the prompt) is answered whole: send it without stream",
+                           param="stream")  # fmt: skip
         if len(prompts) > 1 and body.stream:
             raise ApiError(400, "stream takes one prompt: send several prompts without stream", param="stream")
         if body.best_of is not None and body.best_of != body.n:
@@ -214,7 +217,9 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
 
     async def complete(body: CompletionRequest, request: Request, key: str, ticket: Ticket, prompts: list):
         encoded = await service.completion_prompts(prompts, body.suffix)
-        jobs = [(ids, service.sampling_params(body, ids, body.max_tokens, body.logprobs, "prompt")) for ids in encoded]
+        jobs = [(ids, service.sampling_params(body, ids, body.max_tokens, body.logprobs, "prompt",
+                                              prompt_logprobs=body.logprobs if body.scoring else None))
+                for ids in encoded]  # fmt: skip
         meters = await service.reserve(key, jobs)
         # Every prompt goes to the engine before any is awaited, so they batch.
         generations = [
@@ -227,8 +232,12 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
             return "" if not body.echo else prompts[p] if isinstance(prompts[p], str) else tokenizer.decode(encoded[p])
 
         def logprobs_of(out: RequestOutput, new: slice = slice(None)) -> dict | None:
-            return None if body.logprobs is None else completion_logprobs(tokenizer, out.token_ids[new],
-                                                                           out.logprobs[new])  # fmt: skip
+            if body.logprobs is None:
+                return None
+            if body.scoring:  # the prompt's tokens first (the first scored by nothing), then the reply's
+                ids, logprobs = out.prompt_token_ids + out.token_ids, out.prompt_logprobs + out.logprobs
+                return completion_logprobs(tokenizer, ids, logprobs)
+            return completion_logprobs(tokenizer, out.token_ids[new], out.logprobs[new])
 
         def usage_now() -> dict:
             return usage(sum(len(ids) for ids, _ in jobs), sum(g.cached for g in generations),

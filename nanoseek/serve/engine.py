@@ -58,6 +58,9 @@ class RequestOutput:
     reasoning_content: str = ""  # the text before </think> of a reply that reasons (R1's format)
     content: str = ""  # the text after it (all of `text` for a reply that does not reason)
     reasoning_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: per prompt token its log-probability given the tokens before it
+    # and the top alternatives there (None for the first token, which nothing predicts).
+    prompt_logprobs: list[tuple[float, dict[int, float] | None] | None] = field(default_factory=list)
 
     @property
     def prompt_tokens(self) -> int:
@@ -259,7 +262,8 @@ class Engine:
         text = seq.text
         return RequestOutput(seq.id, seq.prompt, seq.output, text.text, seq.finish_reason, seq.cached_prompt_tokens,
                              list(seq.logprobs), seq.error, text.reasoning_text.removeprefix(THINK),
-                             text.content.removeprefix("</think>"), text.reasoning_tokens)  # fmt: skip
+                             text.content.removeprefix("</think>"), text.reasoning_tokens,
+                             seq.prompt_logprobs)  # fmt: skip
 
     def _retire(self, seq: Sequence) -> RequestOutput:
         self.sequences.pop(seq.id, None)
@@ -327,6 +331,12 @@ class Engine:
     def _advance(self, seq: Sequence, n: int, start: int, drafts: list[int], hidden: torch.Tensor,
                  logits: torch.Tensor | None, first: int | None, sampled, now: float) -> bool:  # fmt: skip
         """Take one row's forward-pass results into its sequence; True when it emitted tokens."""
+        if seq.params.prompt_logprobs is not None and start < seq.num_prompt:
+            self._score_prompt(seq, start, hidden[: min(n, seq.num_prompt - start)])
+        if start + n >= len(seq) and seq.params.max_tokens == 0:  # the prompt was only to be scored
+            seq.num_computed += n
+            self.scheduler.finish(seq, "length")
+            return True
         if start + n < len(seq):  # a prefill chunk: nothing to sample yet
             seq.num_computed += n
             self._keep_hidden(seq, hidden[:n])
@@ -355,6 +365,21 @@ class Engine:
         if seq.status is Status.RUNNING:  # blocks completed by tokens that only now arrived
             self.scheduler.register_computed(seq)
         return True
+
+    def _score_prompt(self, seq: Sequence, start: int, hidden: torch.Tensor) -> None:
+        """The log-probabilities of the prompt tokens after positions start.. (hidden [m, hidden]): each
+        position's logits score the next prompt token."""
+        if start == 0:  # (again, after a preemption: a recomputed prompt is scored again)
+            seq.prompt_logprobs = [None]
+        del seq.prompt_logprobs[start + 1 :]
+        nxt = torch.tensor(seq.prompt[start + 1 : start + 1 + hidden.shape[0]], device=hidden.device)
+        logprobs = self.model.lm_head(hidden[: len(nxt)]).float().log_softmax(-1)
+        chosen = logprobs.gather(-1, nxt[:, None]).squeeze(-1).tolist()
+        top = seq.params.prompt_logprobs
+        values, ids = logprobs.topk(top, dim=-1) if top else (None, None)
+        for i, lp in enumerate(chosen):
+            alternatives = dict(zip(ids[i].tolist(), values[i].tolist(), strict=True)) if top else None
+            seq.prompt_logprobs.append((lp, alternatives))
 
     def _emit(self, seq: Sequence, token: int, now: float) -> None:
         if seq.last_token_time is not None:

@@ -7,6 +7,7 @@ OpenAI's prompt_tokens_details.cached_tokens and completion_tokens_details.reaso
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -148,8 +149,13 @@ class CompletionRequest(SamplingRequest):
     suffix: Text | None = None
     echo: StrictBool = False
     logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    max_tokens: StrictInt | None = Field(16, ge=1)
+    max_tokens: StrictInt | None = Field(16, ge=0)  # 0: score the prompt only (echo with logprobs)
     best_of: StrictInt | None = Field(None, ge=1, le=16)  # honoured when it equals n: nothing is ranked
+
+    @property
+    def scoring(self) -> bool:
+        """echo with logprobs: the prompt's own log-probabilities too (lm-eval's loglikelihood requests)."""
+        return self.echo and self.logprobs is not None
 
 
 def usage(prompt: int, cached: int, completion: int, reasoning: int = 0) -> dict:
@@ -180,12 +186,15 @@ def chat_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list, to
 
 
 def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list, offset: int = 0) -> dict:
-    """The legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    """The legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset. An entry of
+    None (an echoed prompt's first token, which nothing predicts) gives null log-probabilities."""
     tokens = [tokenizer.decode([t]) for t in token_ids[: len(logprobs)]]
-    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset)) if tokens else []
     return {
         "tokens": tokens,
-        "token_logprobs": [lp for lp, _ in logprobs],
-        "top_logprobs": [{tokenizer.decode([t]): v for t, v in (alt or {}).items()} for _, alt in logprobs],
+        "token_logprobs": [None if e is None else e[0] for e in logprobs],
+        "top_logprobs": [
+            None if e is None else {tokenizer.decode([t]): v for t, v in (e[1] or {}).items()} for e in logprobs
+        ],
         "text_offset": offsets,
     }

@@ -29,10 +29,11 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # also return the top-n alternatives' log-probabilities
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits (OpenAI's)
+    prompt_logprobs: int | None = None  # each prompt token's log-probability and the top-n alternatives
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise ValueError("max_tokens must be at least 1 (0 only to score a prompt: with prompt_logprobs)")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p <= 1 or self.top_k < 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, 0 <= min_p <= 1, top_k >= 0")
         if self.repetition_penalty <= 0:

@@ -52,7 +52,7 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
-            if not seq.blocks:
+            if not seq.blocks and seq.params.prompt_logprobs is None:  # scoring a prompt computes all of it
                 self._match_prefix(seq)
             n = min(len(seq) - seq.num_computed, budget)
             if not self.reserve(seq, seq.num_computed + n):

@@ -57,6 +57,7 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None  # why the engine failed this request alone (finish_reason "error")
     logprobs: list[tuple[float, dict[int, float] | None]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[float, dict[int, float] | None] | None] = field(default_factory=list)
     generator: torch.Generator | None = None
     spec: Speculation = field(default_factory=Speculation)
     arrival: float = field(default_factory=time.perf_counter)

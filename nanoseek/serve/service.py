@@ -267,7 +267,8 @@ class Service:
         return [tok.encode_text(p) if isinstance(p, str) else list(p) for p in prompts]
 
     def sampling_params(self, body: SamplingRequest, prompt: list[int], max_tokens: int | None,
-                        logprobs: int | None, param: str) -> list[SamplingParams]:  # fmt: skip
+                        logprobs: int | None, param: str, prompt_logprobs: int | None = None,
+                        ) -> list[SamplingParams]:  # fmt: skip
         context = self.context
         wanted = max_tokens if max_tokens is not None else max(1, min(DEFAULT_MAX_TOKENS, context - len(prompt)))
         if len(prompt) + wanted > context:
@@ -288,6 +289,7 @@ class Service:
                     frequency_penalty=body.frequency_penalty,
                     logprobs=logprobs,
                     logit_bias=self.logit_bias(body),
+                    prompt_logprobs=prompt_logprobs,
                 )
                 for i in range(body.n)
             ]
