@@ -296,25 +296,15 @@ class PackedLoader:
 IGNORE = -100  # the label of a token that is not trained on
 
 
-def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
-    """The chat template's token ids (the same as tokenizer.apply_chat_template without a generation
-    prompt) and which of them are trained on: each assistant reply and its end-of-sentence token."""
-    from nanoseek.tokenizer import ASSISTANT, USER
-
-    tokenizer.apply_chat_template(messages, add_generation_prompt=False)  # validates the messages
-    system = "".join(m["content"] for m in messages if m["role"] == "system")
-    ids = [tokenizer.bos_id, *tokenizer.encode_text(system)]  # plain text, as the chat template encodes it
-    trained = [False] * len(ids)
-    for m in messages:
-        if m["role"] == "system":
-            continue
-        marker = tokenizer.tok.token_to_id(USER if m["role"] == "user" else ASSISTANT)
-        if m["role"] == "assistant":  # the model's own markup (<think>) stays special
-            body = [*tokenizer.encode(m["content"]), tokenizer.eos_id]
-        else:
-            body = tokenizer.encode_text(m["content"])
-        ids += [marker, *body]
-        trained += [False] + [m["role"] == "assistant"] * len(body)
+def encode_chat(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """The chat template's token ids (tokenizer.apply_chat_template without a generation prompt) and
+    which of them are trained on: each assistant reply (its tool calls too) and its end-of-sentence token."""
+    ids: list[int] = []
+    trained: list[bool] = []
+    for text, kind, reply in tokenizer.chat_parts(messages, add_generation_prompt=False):
+        part = tokenizer.encode_part(text, kind)
+        ids += part
+        trained += [reply] * len(part)
     return ids, trained
 
 

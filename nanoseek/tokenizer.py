@@ -24,7 +24,19 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK, END_THINK = "<think>", "</think>"
 FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"  # fill-in-the-middle, PSM order
-SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK, FIM_BEGIN, FIM_HOLE, FIM_END]  # bos 0, eos 1 as V3
+# Tool use, DeepSeek-V3's: calls <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME
+# \n```json\nARGS\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>; results <｜tool▁outputs▁begin｜>
+# <｜tool▁output▁begin｜>...<｜tool▁output▁end｜>...<｜tool▁outputs▁end｜>.
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+TOOL_TOKENS = [TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP, TOOL_OUTPUTS_BEGIN,
+               TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END]  # fmt: skip
+# bos 0, eos 1 as V3
+SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK, FIM_BEGIN, FIM_HOLE, FIM_END, *TOOL_TOKENS]
+ROLES = ("system", "user", "assistant", "tool")
+SPECIAL, TEXT, MARKUP = "special", "text", "markup"  # how a part of a chat is encoded (see chat_parts)
 
 # The same format as a Jinja template, for transformers' AutoTokenizer.apply_chat_template.
 CHAT_TEMPLATE = (
@@ -92,37 +104,64 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(
-        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True, tokenize: bool = False,
-        thinking: bool | None = None, continue_final_message: bool = False,
-    ) -> str | list[int]:  # fmt: skip
-        """DeepSeek-V3's chat format: system prompts first, then the turns in order. With tokenize=True,
-        system and user contents are plain text (a special-token string typed there cannot open a turn);
-        assistant contents keep the model's own markup (<think>...</think> of a reasoning reply).
+    def chat_parts(
+        self, messages: Sequence[dict], add_generation_prompt: bool = True, thinking: bool | None = None,
+        continue_final_message: bool = False, tools: Sequence[dict] | None = None,
+    ) -> list[tuple[str, str, bool]]:  # fmt: skip
+        """DeepSeek-V3's chat format as (text, how it is encoded, is it the model's reply) parts: system
+        prompts first (with the tools' descriptions after them), then the turns in order. A SPECIAL part is
+        one special token; TEXT is plain text (system, user and tool contents, tool-call names and
+        arguments: a special-token string typed there cannot open a turn); MARKUP is an assistant's own
+        text, whose <think>...</think> stays special.
         thinking: the reply opens with <think> (True) or </think> (False, no reasoning), as DeepSeek's
         thinking switch; None leaves it to the model. continue_final_message: the last message, an
-        assistant's, is left open for the reply to continue (DeepSeek's chat prefix completion)."""
+        assistant's, is left open for the reply to continue (DeepSeek's chat prefix completion). After
+        tool results the reply follows them directly, without an <｜Assistant｜> marker (V3's template)."""
         for m in messages:
-            if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-                raise ValueError(f"each message needs a role system/user/assistant and a string content, got {m!r}")
+            if m.get("role") not in ROLES or not isinstance(m.get("content") or "", str):
+                raise ValueError(f"each message needs a role {'/'.join(ROLES)} and a string content, got {m!r}")
         if continue_final_message and messages[-1]["role"] != "assistant":
             raise ValueError("continue_final_message needs an assistant message last")
-        parts = [(self.bos_token, True), ("".join(m["content"] for m in messages if m["role"] == "system"), False)]
+        system = "".join(m["content"] for m in messages if m["role"] == "system") + tools_prompt(tools or [])
+        parts, previous = [(self.bos_token, SPECIAL, False), (system, TEXT, False)], None
         for m in messages:
-            if m["role"] == "user":
-                parts += [(USER, True), (m["content"], False)]
-            elif m["role"] == "assistant":
-                parts += [(ASSISTANT, True), (m["content"], None), (self.eos_token, True)]
+            role, content = m["role"], m.get("content") or ""
+            if role == "user":
+                parts += [(USER, SPECIAL, False), (content, TEXT, False)]
+            elif role == "tool":
+                opening = [(TOOL_OUTPUTS_BEGIN, SPECIAL, False)] if previous != "tool" else [("\n", TEXT, False)]
+                parts += [*opening, (TOOL_OUTPUT_BEGIN, SPECIAL, False), (content, TEXT, False),
+                          (TOOL_OUTPUT_END, SPECIAL, False)]  # fmt: skip
+            elif role == "assistant":
+                marker = TOOL_OUTPUTS_END if previous == "tool" else ASSISTANT
+                parts += [(marker, SPECIAL, False), (content, MARKUP, True)]
+                parts += [(text, kind, True) for text, kind in tool_call_parts(m.get("tool_calls") or [])]
+                parts.append((self.eos_token, SPECIAL, True))
+            previous = role if role != "system" else previous
         if continue_final_message:
             parts.pop()  # the reply continues the last message: no end of sentence
+        elif previous == "tool":
+            parts.append((TOOL_OUTPUTS_END, SPECIAL, False))
         elif add_generation_prompt:
-            parts.append((ASSISTANT, True))
-            if thinking is not None:
-                parts.append((THINK if thinking else END_THINK, True))
+            parts.append((ASSISTANT, SPECIAL, False))
+        if thinking is not None and not continue_final_message and (add_generation_prompt or previous == "tool"):
+            parts.append((THINK if thinking else END_THINK, SPECIAL, False))
+        return parts
+
+    def apply_chat_template(
+        self, messages: Sequence[dict], add_generation_prompt: bool = True, tokenize: bool = False,
+        thinking: bool | None = None, continue_final_message: bool = False, tools: Sequence[dict] | None = None,
+    ) -> str | list[int]:  # fmt: skip
+        """The chat as text, or as token ids (see chat_parts)."""
+        parts = self.chat_parts(messages, add_generation_prompt, thinking, continue_final_message, tools)
         if not tokenize:
-            return "".join(text for text, _ in parts)
-        encode = {True: lambda t: [self.special_id(t)], False: self.encode_text, None: self.encode}
-        return [i for text, special in parts for i in encode[special](text)]
+            return "".join(text for text, _, _ in parts)
+        return [i for text, kind, _ in parts for i in self.encode_part(text, kind)]
+
+    def encode_part(self, text: str, kind: str) -> list[int]:
+        if kind == SPECIAL:
+            return [self.special_id(text)]
+        return self.encode_text(text) if kind == TEXT else self.encode(text)
 
     def special_id(self, token: str) -> int:
         token_id = self.tok.token_to_id(token)
@@ -147,6 +186,34 @@ class Tokenizer:
             "chat_template": CHAT_TEMPLATE,
         }
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def tools_prompt(tools: Sequence[dict]) -> str:
+    """The tools' descriptions for the system prompt, and the call format (as DeepSeek-V3's tool prompts)."""
+    if not tools:
+        return ""
+    lines = ["\n\n## Tools\nYou have access to the following tools:\n"]
+    for tool in tools:
+        f = tool["function"]
+        lines.append(f"### {f['name']}\nDescription: {f.get('description', '')}\n\n"
+                     f"Parameters: {json.dumps(f.get('parameters', {}), ensure_ascii=False)}\n")  # fmt: skip
+    lines.append(f"IMPORTANT: ALWAYS adhere to this exact format for tool use:\n{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}"
+                 f"function{TOOL_SEP}tool_call_name\n```json\ntool_call_arguments\n```{TOOL_CALL_END}"
+                 f"{TOOL_CALLS_END}\n")  # fmt: skip
+    return "\n".join(lines)
+
+
+def tool_call_parts(calls: Sequence[dict]) -> list[tuple[str, str]]:
+    """An assistant's tool calls as (text, kind) parts of DeepSeek-V3's format."""
+    if not calls:
+        return []
+    parts = [(TOOL_CALLS_BEGIN, SPECIAL)]
+    for i, call in enumerate(calls):
+        f = call["function"]
+        parts += [("\n", TEXT)] if i else []
+        parts += [(TOOL_CALL_BEGIN, SPECIAL), (call.get("type", "function"), TEXT), (TOOL_SEP, SPECIAL),
+                  (f"{f['name']}\n```json\n{f['arguments']}\n```", TEXT), (TOOL_CALL_END, SPECIAL)]  # fmt: skip
+    return [*parts, (TOOL_CALLS_END, SPECIAL)]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool = True) -> Tokenizer:

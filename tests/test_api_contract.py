@@ -2,9 +2,11 @@
 every field either honoured or refused with a 400 naming it, thinking on and off (and a reasoning model
 alias), chat prefix completion and the beta routes, logit_bias, per-key concurrency limits."""
 
+import json
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import torch
@@ -213,3 +215,128 @@ def test_max_tokens_0_without_echo_logprobs_and_streamed_scoring_are_400s(server
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model="nanoseek", prompt="x", max_tokens=1, echo=True, logprobs=1, stream=True)
     assert e.value.body["param"] == "stream"
+
+
+# --- tool calls and structured output -------------------------------------------------------------------
+ADD = {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"],
+    "additionalProperties": False}}}  # fmt: skip
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "the weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lima"]}}, "required": ["city"],
+    "additionalProperties": False}}}  # fmt: skip
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (ADD, WEATHER)}
+TOOL_TURN = dict(max_tokens=120, temperature=0)
+
+
+def validate_calls(calls) -> list[str]:
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    return [call.function.name for call in calls]
+
+
+NAMED = {"type": "function", "function": {"name": "weather"}}
+
+
+@pytest.mark.parametrize(("choice", "names"), [("required", None), (NAMED, ["weather"])])
+def test_required_and_named_tool_choice_give_a_call_that_validates_streamed_or_not(server, choice, names):
+    c = client(server)
+    one = dict(tools=[ADD, WEATHER], tool_choice=choice, parallel_tool_calls=False, **TOOL_TURN)
+    reply = ask(c, user("what is 2 + 3?"), **one)
+    [choice0] = reply.choices
+    called = validate_calls(choice0.message.tool_calls)
+    assert called and (names is None or called == names) and choice0.finish_reason == "tool_calls"
+    assert choice0.message.content == ""
+    chunks = list(ask(c, user("what is 2 + 3?"), stream=True, **one))
+    streamed = [d for ch in chunks for d in (ch.choices[0].delta.tool_calls or [])]
+    assert [(d.index, d.function.name, d.function.arguments) for d in streamed] == [
+        (i, call.function.name, call.function.arguments) for i, call in enumerate(choice0.message.tool_calls)
+    ]
+    assert all(d.id.startswith("call_") and d.type == "function" for d in streamed)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_parallel_tool_calls_may_call_several_tools_each_well_formed(server):
+    reply = ask(client(server), user("2 + 3 and the weather in Lima"), tools=[ADD, WEATHER], tool_choice="required",
+                max_tokens=200, temperature=0)  # fmt: skip
+    assert len(validate_calls(reply.choices[0].message.tool_calls)) > 1  # an untrained model calls again and again
+
+
+def test_tool_choice_none_never_calls_and_the_tools_are_still_in_the_prompt(server):
+    c = client(server)
+    with_tools = ask(c, user("2 + 3?"), tools=[ADD], tool_choice="none", max_tokens=20, temperature=0)
+    plain = ask(c, user("2 + 3?"), max_tokens=20, temperature=0)
+    assert not with_tools.choices[0].message.tool_calls and with_tools.choices[0].finish_reason == "length"
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 20
+
+
+def test_auto_with_a_strict_function_calls_it_well_formed_or_answers_in_text(server):
+    strict = {"type": "function", "function": {**ADD["function"], "strict": True}}
+    reply = ask(client(server), user("2 + 3?"), tools=[strict], tool_choice="auto", **TOOL_TURN)
+    message = reply.choices[0].message
+    assert validate_calls(message.tool_calls or []) or message.content
+
+
+def test_a_tool_conversation_renders_the_calls_and_their_results(server, tokenizer):
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+    messages = [*user("2 + 3?"), {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "5"}]  # fmt: skip
+    reply = ask(client(server), messages, tools=[ADD], max_tokens=4, temperature=0)
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, tools=[ADD])
+    assert reply.usage.prompt_tokens == len(ids)
+    assert tokenizer.decode(ids).endswith('add\n```json\n{"a": 2, "b": 3}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
+                                          "<｜end▁of▁sentence｜><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>5"
+                                          "<｜tool▁output▁end｜><｜tool▁outputs▁end｜>")  # fmt: skip
+
+
+def test_tool_requests_that_cannot_hold_are_400s(server):
+    c = client(server)
+    for kwargs, param in [
+        (dict(tool_choice="required"), "tool_choice"),
+        (dict(tools=[ADD], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
+        (dict(tools=[ADD, ADD]), "tools"),
+        (dict(tools=[{"type": "function", "function": {"name": "bad name!"}}]), "tools"),
+        (dict(tools=[ADD], tool_choice="required", response_format={"type": "json_object"}), "response_format"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(c, user("hi"), **kwargs)
+        assert e.value.body["param"].split(".")[0] == param, (kwargs, e.value.body)
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+          "age": {"type": "integer", "minimum": 0, "maximum": 150}}, "required": ["name", "age"],
+          "additionalProperties": False}  # fmt: skip
+
+
+def test_json_schema_output_from_an_untrained_model_validates_streamed_or_not(server):
+    c = client(server)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    reply = ask(c, user("who?"), response_format=fmt, max_tokens=200, temperature=0)
+    jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
+    assert reply.choices[0].finish_reason == "stop"
+    chunks = list(ask(c, user("who?"), response_format=fmt, max_tokens=200, temperature=0, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == reply.choices[0].message.content
+    sampled = ask(c, user("who?"), response_format=fmt, max_tokens=200, temperature=1.0, seed=3, n=3)
+    for choice in sampled.choices:
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+
+
+def test_json_object_output_parses_and_a_reasoning_reply_is_constrained_after_its_think(server, tokenizer):
+    c = client(server)
+    reply = ask(c, user("json please"), response_format={"type": "json_object"}, max_tokens=300, temperature=0)
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    end_think = str(tokenizer.special_id(END_THINK))
+    thought = ask(c, user("json please"), model="deepseek-reasoner", response_format={"type": "json_object"},
+                  max_tokens=300, temperature=0, logit_bias={end_think: 30})  # fmt: skip
+    message = thought.choices[0].message
+    assert isinstance(json.loads(message.content), dict) and thought.usage.completion_tokens_details.reasoning_tokens
+
+
+@pytest.mark.parametrize("schema", [{"if": {"type": "string"}, "then": {"maxLength": 2}, "else": {}},
+                                    {"type": "string", "pattern": "(?=x)"}])  # fmt: skip
+def test_a_schema_feature_that_cannot_be_enforced_is_a_400_naming_it(server, schema):
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client(server), user("hi"), response_format=fmt)
+    assert e.value.body["param"] == "response_format" and e.value.body["code"] == "unsupported_schema"
+    assert ("if" in e.value.message and "else" in e.value.message) or "look-around" in e.value.message

@@ -11,8 +11,9 @@ Choices, documented for clients:
 - Every invalid request is a 400 in OpenAI's error envelope (malformed JSON, a missing field, a value
   out of range: `param` names the field); 401 bad key, 402 balance spent, 404 unknown model or route,
   429 with Retry-After when the server already holds --max-pending requests. No input yields a 500.
-- response_format {"type": "json_object"} is refused with a 400: nanoseek does not constrain decoding,
-  and a reply that only claims to be JSON would be worse than a clear refusal.
+- response_format json_object / json_schema and tool calls (required, named, or of `strict` functions)
+  constrain decoding with a grammar (serve/grammar.py): the reply parses and validates, unless it runs
+  out of max_tokens first (finish_reason "length"). A schema feature that cannot be enforced is a 400.
 - Prompt prefixes are cached in 64-token units (DeepSeek's), per API key: a prompt of P tokens hits at
   most 64 * floor(P / 64) of them (its last token is computed again even then, for its logits).
 - Money: admission reserves a request's worst case against the key's balance (402 when the balance less
@@ -48,6 +49,7 @@ from nanoseek.serve.protocol import (
     usage,
 )
 from nanoseek.serve.service import ServeConfig, Service, Ticket
+from nanoseek.serve.tools import ToolCall, parse_tool_calls
 from nanoseek.tokenizer import FIM_HOLE
 
 __all__ = ["ServeConfig", "create_app", "serve"]
@@ -135,18 +137,17 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
         if any(m.prefix for m in body.messages[:-1]) or (prefix and body.messages[-1].role != "assistant"):
             raise ApiError(400, "prefix: true goes on the last message, an assistant's, whose text the reply "
                            "continues", param="messages")  # fmt: skip
-        if body.response_format is not None and body.response_format.type == "json_object":
-            raise ApiError(400, "response_format json_object is not supported: nanoseek does not constrain "
-                           "decoding to JSON; ask for JSON in the prompt instead", param="response_format",
-                           code="unsupported_parameter")  # fmt: skip
+        tools = service.check_tools(body)
         thinking = cfg.thinks(body.model, body.thinking and body.thinking.type)
-        prompt = await service.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages],
-                                            None if prefix else thinking, prefix)  # fmt: skip
+        prompt = await service.chat_prompt([m.template_dict() for m in body.messages], None if prefix else thinking,
+                                           prefix, tools)  # fmt: skip
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = service.sampling_params(body, prompt, body.max_completion_tokens or body.max_tokens, top, "messages")
+        service.steer(body, prompt, params)
         [meter] = await service.reserve(key, [(prompt, params)])
         generation = service.start(prompt, params, key, meter, ticket)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        head = {"id": request_id, "created": int(time.time()), "model": body.model,
                 "system_fingerprint": service.fingerprint}  # fmt: skip
 
         def logprobs_of(out: RequestOutput, new: slice = slice(None)) -> dict | None:
@@ -156,18 +157,31 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
             reasoning = sum(out.reasoning_tokens for out in generation.latest)
             return usage(len(prompt), generation.cached, generation.completion, reasoning)
 
+        def reply(out: RequestOutput) -> tuple[str, list[ToolCall], str | None]:
+            """The content, the complete tool calls so far, and the finish reason ("tool_calls" if any)."""
+            if not tools or out.tool_calls_at is None:
+                return out.content, [], out.finish_reason
+            chars, token = out.tool_calls_at
+            calls = parse_tool_calls(tokenizer, out.token_ids[token + 1 :])[: None if body.parallel_tool_calls else 1]
+            finish = "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
+            return out.content[:chars], calls, finish
+
         if not body.stream:
             choices = []
             for i, out in enumerate(await service.collect(request, generation)):
-                message = {"role": "assistant", "content": out.content}
+                content, calls, finish = reply(out)
+                message = {"role": "assistant", "content": content}
                 if out.reasoning_tokens:
                     message["reasoning_content"] = out.reasoning_content
+                if calls:
+                    message["tool_calls"] = [call.to_openai(j, f"{request_id}/{i}") for j, call in enumerate(calls)]
                 choices.append({"index": i, "message": message, "logprobs": logprobs_of(out),
-                                "finish_reason": out.finish_reason})  # fmt: skip
+                                "finish_reason": finish})  # fmt: skip
             return head | {"object": "chat.completion", "choices": choices, "usage": usage_now()}
 
         base = head | {"object": "chat.completion.chunk"} | ({"usage": None} if body.include_usage else {})
         deltas, sent_logprobs = [TextDeltas(body.stop_list) for _ in range(body.n)], [0] * body.n
+        sent_calls = [0] * body.n
 
         def chunk(i: int, delta: dict, logprobs: dict | None = None, finish: str | None = None) -> str:
             return sse(
@@ -177,12 +191,18 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
         def chunks(i: int, out: RequestOutput, finished: bool):
             # Log-probs ride on the next chunk that goes out; held-back text keeps them waiting.
             logprobs = logprobs_of(out, slice(sent_logprobs[i], None))
-            parts = {"reasoning_content": out.reasoning_content, "content": out.content}
-            for name, piece in deltas[i].advance(parts, finished).items():
+            content, calls, finish = reply(out)
+            parts = {"reasoning_content": out.reasoning_content, "content": content}
+            for name, piece in deltas[i].advance(parts, finished or bool(calls)).items():
                 yield chunk(i, {name: piece}, logprobs)
                 logprobs, sent_logprobs[i] = None, len(out.logprobs)
+            if len(calls) > sent_calls[i]:  # each call goes out whole, once its <｜tool▁call▁end｜> came
+                new = [call.to_openai(j, f"{request_id}/{i}", with_index=True)
+                       for j, call in enumerate(calls) if j >= sent_calls[i]]  # fmt: skip
+                yield chunk(i, {"tool_calls": new}, logprobs)
+                logprobs, sent_logprobs[i], sent_calls[i] = None, len(out.logprobs), len(calls)
             if finished:
-                yield chunk(i, {}, logprobs, out.finish_reason)
+                yield chunk(i, {}, logprobs, finish)
 
         opening = [chunk(i, {"role": "assistant", "content": ""}) for i in range(body.n)]
         closing = lambda: [sse(base | {"choices": [], "usage": usage_now()})] if body.include_usage else []  # noqa: E731

@@ -32,6 +32,7 @@ import torch
 from nanoseek.config import ModelConfig
 from nanoseek.device import default_device, inference_dtype
 from nanoseek.model import Transformer
+from nanoseek.serve.grammar import Grammars
 from nanoseek.serve.kv_cache import BlockManager, CacheSpec, LatentPool
 from nanoseek.serve.output import TextOutput, releasable
 from nanoseek.serve.prefix_cache import DiskCache
@@ -61,6 +62,7 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs: per prompt token its log-probability given the tokens before it
     # and the top alternatives there (None for the first token, which nothing predicts).
     prompt_logprobs: list[tuple[float, dict[int, float] | None] | None] = field(default_factory=list)
+    tool_calls_at: tuple[int, int] | None = None  # where tool calls begin: (characters of content, tokens)
 
     @property
     def prompt_tokens(self) -> int:
@@ -148,6 +150,7 @@ class Engine:
         self.metrics = EngineMetrics()
         self._ids = itertools.count()
         self.eos_id = self.tokenizer.eos_id if self.tokenizer else cfg.eos_token_id
+        self.grammars = Grammars(self.tokenizer, cfg.vocab_size) if self.tokenizer else None
 
     # --- the prefix cache's tiers and namespaces ---------------------------------------------------
     def _fingerprint(self, model_dir: Path | None, every_byte: bool) -> bytes:
@@ -209,6 +212,8 @@ class Engine:
             raise ValueError(f"token ids must lie in [0, {self.model.cfg.vocab_size})")
         if any(not 0 <= t < self.model.cfg.vocab_size for t in params.logit_bias):
             raise ValueError(f"logit_bias token ids must lie in [0, {self.model.cfg.vocab_size})")
+        if params.grammar is not None and self.grammars is None:
+            raise ValueError("a grammar constrains text: this engine has no tokenizer")
         size = self.block_manager.block_size
         if -(-(len(ids) + params.max_tokens + self.speculative_tokens) // size) > self.block_manager.num_blocks:
             raise ValueError(f"prompt + max_tokens needs more KV cache than this engine holds "
@@ -227,7 +232,9 @@ class Engine:
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         think = self.tokenizer.tok.token_to_id(THINK) if self.tokenizer else None
         text = TextOutput(self.tokenizer, params.stop, reasoning=think is not None and ids[-1] == think)
-        seq = Sequence(request_id, list(ids), params, text, generator=generator, cache_root=self.cache_root(cache_salt))
+        matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
+        seq = Sequence(request_id, list(ids), params, text, generator=generator, matcher=matcher,
+                       cache_root=self.cache_root(cache_salt))  # fmt: skip
         if needs_history(params):
             self._histories[request_id] = History(ids, self.model.cfg.vocab_size, self.device)
         self.sequences[request_id] = seq
@@ -260,10 +267,11 @@ class Engine:
     @staticmethod
     def _output(seq: Sequence) -> RequestOutput:
         text = seq.text
+        calls = text.tool_calls_at and (text.tool_calls_at[0] - (text.reasoning_end or 0), text.tool_calls_at[1])
         return RequestOutput(seq.id, seq.prompt, seq.output, text.text, seq.finish_reason, seq.cached_prompt_tokens,
                              list(seq.logprobs), seq.error, text.reasoning_text.removeprefix(THINK),
                              text.content.removeprefix("</think>"), text.reasoning_tokens,
-                             seq.prompt_logprobs)  # fmt: skip
+                             seq.prompt_logprobs, calls)  # fmt: skip
 
     def _retire(self, seq: Sequence) -> RequestOutput:
         self.sequences.pop(seq.id, None)
@@ -317,13 +325,16 @@ class Engine:
             return {}
         seqs = [batch[row][0] for row in rows]
         histories = [self._histories.get(s.id) for s in seqs]
+        picks = logits[[first[row] for row in rows]]
+        if any(s.matcher is not None for s in seqs):
+            self.grammars.mask_(picks, [s.matcher for s in seqs])
         try:
-            picked = self.runner.sample(logits[[first[row] for row in rows]], seqs, histories)
+            picked = self.runner.sample(picks, seqs, histories)
         except Exception:  # one row's parameters broke the batch: sample row by row, and fail only that row
             picked = []
-            for row, seq, history in zip(rows, seqs, histories, strict=True):
+            for j, (seq, history) in enumerate(zip(seqs, histories, strict=True)):
                 try:
-                    picked += self.runner.sample(logits[[first[row]]], [seq], [history])
+                    picked += self.runner.sample(picks[[j]], [seq], [history])
                 except Exception as e:
                     picked.append(e)
         return dict(zip(rows, picked, strict=True))
@@ -343,8 +354,11 @@ class Engine:
             self.scheduler.register_computed(seq)
             return False
         if drafts:
-            emitted = verify(logits[first : first + 1 + len(drafts)], drafts, seq.spec.draft_probs, seq.params,
-                             seq.generator)  # fmt: skip
+            scored, probs = logits[first : first + 1 + len(drafts)], seq.spec.draft_probs
+            if seq.matcher is not None:  # each position's logits as its grammar state allows
+                scored = scored.clone()
+                self.grammars.draft_masks_(scored, seq.matcher, drafts)
+            emitted = verify(scored, drafts, probs, seq.params, seq.generator)
             self.metrics.drafted_tokens += len(drafts)
             self.metrics.accepted_tokens += len(emitted) - 1
         else:
@@ -390,6 +404,8 @@ class Engine:
             self.metrics.prefix_hit_tokens += seq.cached_prompt_tokens
             self.metrics.disk_hit_tokens += seq.disk_hit_tokens
         seq.last_token_time = now
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            raise ValueError(f"token {token} left the request's grammar: {seq.matcher.get_error()}")
         seq.token_ids.append(token)
         if seq.id in self._histories:
             self._histories[seq.id].add(token)
@@ -429,6 +445,10 @@ class Engine:
                 ready.append(seq)
         if ready:
             self.runner.draft(ready, k)
+        for seq in ready:  # a draft that leaves the grammar is cut there: it could never be accepted
+            if seq.matcher is not None:
+                valid = seq.matcher.validate_tokens(seq.spec.drafts)
+                seq.spec.drafts, seq.spec.draft_probs = seq.spec.drafts[:valid], seq.spec.draft_probs[:valid]
 
     # --- convenience -----------------------------------------------------------------------------
     def generate(self, prompts: Seq[str | list[int]] | str, params: SamplingParams | Seq[SamplingParams] | None = None,

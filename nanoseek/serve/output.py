@@ -9,7 +9,7 @@ text-generation-inference and vLLM). A window that ends in an incomplete charact
 
 from __future__ import annotations
 
-from nanoseek.tokenizer import END_THINK, THINK, Tokenizer
+from nanoseek.tokenizer import END_THINK, THINK, TOOL_CALLS_BEGIN, Tokenizer
 
 REPLACEMENT = "\ufffd"  # what a decoder gives for an incomplete UTF-8 sequence
 MAX_PENDING = 32  # tokens a window may stay open for a character to complete; then its U+FFFD is final
@@ -31,18 +31,26 @@ class TextOutput:
         self.text = ""
         self._prefix = self._read = 0  # token offsets: the window starts at _prefix; _read ends the decoded part
         self._sent = 0  # characters of the open window (past `_read`) already in text
-        specials = (tokenizer.tok.token_to_id(THINK), tokenizer.tok.token_to_id(END_THINK)) if tokenizer else ()
-        self.think, self.end_think = specials or (None, None)
+        ids = [tokenizer.tok.token_to_id(t) for t in (THINK, END_THINK, TOOL_CALLS_BEGIN)] if tokenizer else []
+        self.think, self.end_think, self.tool_calls_begin = ids or (None, None, None)
         self.reasoning = reasoning  # the prompt opened <think> (R1's template)
         self.reasoning_end: int | None = None  # characters of reasoning, once </think> came
         self.reasoning_tokens = 0
         self.stopped = False  # a stop string was found; text is cut before it
+        # Where the reply's tool calls begin, once they do (after any reasoning): (characters, tokens) before.
+        self.tool_calls_at: tuple[int, int] | None = None
 
     def add(self, token: int) -> str:
         """Take one token; returns the text it completed (empty while a character is half-decoded)."""
         if not self.ids and token == self.think:
             self.reasoning = True
         self.ids.append(token)
+        answering = not self.reasoning or self.reasoning_end is not None
+        if token == self.tool_calls_begin and self.tool_calls_at is None and answering:
+            # The text before the calls is whole: nothing of it waits.
+            new = self._decode(final=True)
+            self.tool_calls_at = (len(self.text), len(self.ids) - 1)
+            return new
         if self.reasoning and self.reasoning_end is None:
             self.reasoning_tokens += 1
             if token == self.end_think:  # the reasoning is whole: no character of it waits

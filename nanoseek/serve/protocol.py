@@ -58,12 +58,56 @@ class TextPart(Strict):
     text: Text
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # OpenAI's rule for function names
+
+
+class FunctionDefinition(Strict):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict | None = None  # a JSON Schema of the arguments
+    strict: StrictBool | None = None  # the arguments must validate against it (decoding is constrained)
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Strict):
+    name: FunctionName
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCall(Strict):
+    name: FunctionName
+    arguments: Text
+
+
+class ToolCallMessage(Strict):
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
+    tool_calls: list[ToolCallMessage] | None = Field(None, max_length=128)  # an assistant's earlier calls
+    tool_call_id: StrictStr | None = None  # which call a tool message answers
     name: StrictStr | None = None  # a participant's name: accepted, not rendered (as DeepSeek's template)
     reasoning_content: Text | None = None  # an earlier reply's reasoning: never fed back (DeepSeek's rule)
     prefix: StrictBool = False  # DeepSeek's chat prefix completion: the reply continues this last message
+
+    def template_dict(self) -> dict:
+        """The message as the chat template reads it."""
+        message = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        return message
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -75,8 +119,16 @@ class StreamOptions(Strict):
     include_usage: StrictBool = False
 
 
+class JsonSchemaFormat(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: Text | None = None
+    schema_: dict | None = Field(None, alias="schema")  # None: any JSON object
+    strict: StrictBool | None = None  # honoured either way: decoding is always constrained to the schema
+
+
 class ResponseFormat(Strict):
-    type: Literal["text", "json_object"] = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class Thinking(Strict):
@@ -132,9 +184,17 @@ class ChatCompletionRequest(SamplingRequest):
     verbosity: refused("verbosity is not served: ask for the length you want in the prompt") = None
     functions: refused("functions (deprecated by OpenAI) is not served: send tools") = None
     function_call: refused("function_call (deprecated by OpenAI) is not served: send tool_choice") = None
-    tools: refused("tools: tool calls are not served yet") = None
-    tool_choice: refused("tool_choice: tool calls are not served yet") = None
-    parallel_tool_calls: refused("parallel_tool_calls: tool calls are not served yet") = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True  # False: at most one call per reply
+
+    @property
+    def tool_mode(self) -> str | None:
+        """none / auto / required / a function's name; None without tools."""
+        if not self.tools:
+            return None
+        choice = self.tool_choice or "auto"
+        return choice if isinstance(choice, str) else choice.function.name
 
 
 class CompletionRequest(SamplingRequest):

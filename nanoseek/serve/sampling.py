@@ -30,6 +30,7 @@ class SamplingParams:
     logprobs: int | None = None  # also return the top-n alternatives' log-probabilities
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits (OpenAI's)
     prompt_logprobs: int | None = None  # each prompt token's log-probability and the top-n alternatives
+    grammar: str | None = None  # llguidance Lark text the output must match (serve/grammar.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):

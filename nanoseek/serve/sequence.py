@@ -59,6 +59,7 @@ class Sequence:
     logprobs: list[tuple[float, dict[int, float] | None]] = field(default_factory=list)
     prompt_logprobs: list[tuple[float, dict[int, float] | None] | None] = field(default_factory=list)
     generator: torch.Generator | None = None
+    matcher: object | None = None  # an llguidance matcher following the output, for a constrained request
     spec: Speculation = field(default_factory=Speculation)
     arrival: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,10 +29,20 @@ from nanoseek.serve.billing import (
 from nanoseek.serve.engine import Engine, RequestOutput
 from nanoseek.serve.errors import ApiError
 from nanoseek.serve.generation import Generation
+from nanoseek.serve.grammar import json_grammar, tool_grammar
 from nanoseek.serve.metrics import ServerMetrics
-from nanoseek.serve.protocol import MAX_SEED, SamplingRequest
+from nanoseek.serve.protocol import MAX_SEED, ChatCompletionRequest, SamplingRequest
 from nanoseek.serve.sampling import SamplingParams
-from nanoseek.tokenizer import END_THINK, FIM_BEGIN, FIM_END, FIM_HOLE
+from nanoseek.tokenizer import (
+    END_THINK,
+    FIM_BEGIN,
+    FIM_END,
+    FIM_HOLE,
+    THINK,
+    TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
+    TOOL_TOKENS,
+)
 
 CACHE_UNIT = 64  # tokens per cached prefix block, as DeepSeek's context caching
 DEFAULT_MAX_TOKENS = 4096
@@ -86,6 +97,16 @@ class ServeConfig:
         if thinking is not None:
             return thinking == "enabled"
         return True if model in _names(self.reasoning_model_name) else None
+
+
+def grammar_error(message: str) -> str:
+    """llguidance's reason on one line, without its position and its listing of our grammar."""
+    lines = []
+    for line in message.splitlines():
+        if re.match(r"\s*\d+ \|", line):  # the grammar listing starts
+            break
+        lines.append(line.strip())
+    return re.sub(r"^at \d+\(\d+\): ", "", " ".join(line for line in lines if line))
 
 
 def _names(text: str) -> list[str]:
@@ -239,7 +260,8 @@ class Service:
                            f"of text hold more than that (a token spans at most {longest} bytes): shorten the "
                            "prompt", param=param, code="context_length_exceeded")  # fmt: skip
 
-    async def chat_prompt(self, messages: list[dict], thinking: bool | None, prefix: bool) -> list[int]:
+    async def chat_prompt(self, messages: list[dict], thinking: bool | None, prefix: bool,
+                          tools: list[dict] | None = None) -> list[int]:  # fmt: skip
         """The chat template's ids. An earlier reply's reasoning (before its </think>) is not fed back, as
         DeepSeek's multi-turn rule; a prefix message (the last, an assistant's) is continued."""
         self.check_text_length([m["content"] for m in messages], "messages")
@@ -250,7 +272,66 @@ class Service:
             if m["role"] == "assistant" and not (prefix and i == len(messages) - 1):
                 m["content"] = m["content"].rpartition(END_THINK)[2]
         return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, tokenize=True,
-                                       thinking=thinking, continue_final_message=prefix)  # fmt: skip
+                                       thinking=thinking, continue_final_message=prefix, tools=tools)  # fmt: skip
+
+    def check_tools(self, body: ChatCompletionRequest) -> list[dict] | None:
+        """The request's tools for the template (None without); a 400 for a tool_choice that cannot hold."""
+        choice = body.tool_choice
+        if not body.tools:
+            if choice not in (None, "none"):
+                raise ApiError(400, "tool_choice needs tools to choose from", param="tool_choice")
+            return None
+        if any(self.tokenizer.tok.token_to_id(t) is None for t in TOOL_TOKENS):
+            raise ApiError(400, "this model's tokenizer has no tool-call tokens (train a tokenizer with nanoseek "
+                           "to get them): it cannot call tools", param="tools")  # fmt: skip
+        names = [t.function.name for t in body.tools]
+        if len(set(names)) < len(names):
+            raise ApiError(400, "two tools have the same name", param="tools")
+        if body.tool_mode not in (*names, "none", "auto", "required"):
+            raise ApiError(400, f"tool_choice names {body.tool_mode!r}, which is not among the tools {names}",
+                           param="tool_choice")  # fmt: skip
+        return [t.model_dump(exclude_none=True) for t in body.tools]
+
+    def steer(self, body: ChatCompletionRequest, prompt: list[int], params: list[SamplingParams]) -> None:
+        """response_format and tool_choice in the sampler: a grammar for JSON output, for required, named or
+        strict tool calls; the calls end the reply; tool_choice "none" bans them."""
+        grammar = self.grammar(body, reasoning=prompt[-1] == self.tokenizer.tok.token_to_id(THINK))
+        tok = self.tokenizer.tok
+        for p in params:
+            p.grammar = grammar
+            if body.tools:
+                p.stop_token_ids = [*p.stop_token_ids, tok.token_to_id(TOOL_CALLS_END)]
+            if body.tool_mode == "none":
+                p.logit_bias = {**p.logit_bias, tok.token_to_id(TOOL_CALLS_BEGIN): float("-inf")}
+
+    def grammar(self, body: ChatCompletionRequest, reasoning: bool) -> str | None:
+        """The llguidance grammar the reply must match (None: free text); a 400 that names what a schema
+        asks for and cannot be constrained. A reasoning reply is free until its </think>."""
+        fmt, mode = body.response_format, body.tool_mode
+        json_out = fmt is not None and fmt.type != "text"
+        # Constrained calls: required, a named function, or auto when some function is strict.
+        calls = mode not in (None, "none", "auto") or (mode == "auto" and any(t.function.strict for t in body.tools))
+        if json_out and calls:
+            raise ApiError(400, "response_format and tool calls both constrain the reply: send one (or tool_choice "
+                           "none)", param="response_format")  # fmt: skip
+        if json_out:
+            schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema else None
+            if fmt.type == "json_schema" and fmt.json_schema is None:
+                raise ApiError(400, "response_format json_schema needs its json_schema: {name, schema}",
+                               param="response_format")  # fmt: skip
+            grammar, param = json_grammar(self.tokenizer, schema, reasoning), "response_format"
+        elif calls:
+            tools = [t.model_dump(exclude_none=True) for t in body.tools]
+            grammar, param = tool_grammar(self.tokenizer, tools, mode, body.parallel_tool_calls, reasoning), "tools"
+        else:
+            return None
+        try:
+            self.engine.grammars.matcher(grammar)
+        except ValueError as e:
+            reason = grammar_error(str(e))
+            raise ApiError(400, f"{param}: the JSON Schema cannot be enforced: {reason}", param=param,
+                           code="unsupported_schema") from None  # fmt: skip
+        return grammar
 
     async def completion_prompts(self, prompts: list, suffix: str | None) -> list[list[int]]:
         """Text prompts as plain text (typed special-token strings stay text); token ids as given."""
