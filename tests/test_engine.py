@@ -239,7 +239,7 @@ def test_constrained_decoding_with_mtp_drafts_stays_in_the_grammar_and_greedy_eq
         jsonschema.validate(json.loads(out.text), schema)
     if temperature == 0:
         assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
-    assert spec.metrics.drafted_tokens > 0  # drafts inside the grammar were verified
+        assert spec.metrics.drafted_tokens > 0  # drafts inside the grammar were verified
 
 
 def test_speculative_sampling_keeps_the_target_distribution():
