@@ -340,3 +340,23 @@ def test_a_schema_feature_that_cannot_be_enforced_is_a_400_naming_it(server, sch
         ask(client(server), user("hi"), response_format=fmt)
     assert e.value.body["param"] == "response_format" and e.value.body["code"] == "unsupported_schema"
     assert ("if" in e.value.message and "else" in e.value.message) or "look-around" in e.value.message
+
+
+def test_vllm_tokenizer_routes_tokenise_with_the_servers_tokenizer(server, tokenizer):
+    headers = {"Authorization": "Bearer key-a"}
+    text = "def f(x):\n    return x<｜end▁of▁sentence｜>"
+    r = httpx.post(server.url + "/tokenize", json={"prompt": text, "add_special_tokens": False}, headers=headers)
+    assert r.json()["tokens"] == tokenizer.encode(text) and r.json()["count"] == len(tokenizer.encode(text))
+    assert r.json()["tokens"][-1] == tokenizer.eos_id  # special-token strings are the special tokens, as vLLM's
+    with_bos = httpx.post(server.url + "/tokenize", json={"prompt": text}, headers=headers).json()["tokens"]
+    assert with_bos == [tokenizer.bos_id, *tokenizer.encode(text)]
+    chat = httpx.post(server.url + "/tokenize", json={"messages": user("hi")}, headers=headers).json()
+    assert chat["tokens"] == tokenizer.apply_chat_template(user("hi"), tokenize=True)
+    back = httpx.post(server.url + "/detokenize", json={"tokens": r.json()["tokens"]}, headers=headers).json()
+    assert back == {"prompt": text}
+    info = httpx.get(server.url + "/tokenizer_info", headers=headers).json()
+    assert info["eos_token"] == tokenizer.eos_token and info["bos_token"] == tokenizer.bos_token
+    for path, body in [("/detokenize", {"tokens": [10**9]}), ("/tokenize", {}), ("/tokenize", {"prompt": 5})]:
+        r = httpx.post(server.url + path, json=body, headers=headers)
+        assert r.status_code == 400 and "error" in r.json(), (path, r.text)
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "x"}).status_code == 401

@@ -44,13 +44,15 @@ from nanoseek.serve.generation import EventStream, TextDeltas, sse, stream_event
 from nanoseek.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     chat_logprobs,
     completion_logprobs,
     usage,
 )
 from nanoseek.serve.service import ServeConfig, Service, Ticket
 from nanoseek.serve.tools import ToolCall, parse_tool_calls
-from nanoseek.tokenizer import FIM_HOLE
+from nanoseek.tokenizer import CHAT_TEMPLATE, FIM_HOLE
 
 __all__ = ["ServeConfig", "create_app", "serve"]
 
@@ -123,6 +125,34 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
         info = {"currency": ledger.prices.currency, "total_balance": amount, "granted_balance": amount,
                 "topped_up_balance": "0.00"}  # fmt: skip
         return {"is_available": account_now.can_afford(ledger.prices, ledger.minimal_cost()), "balance_infos": [info]}
+
+    # --- vLLM's tokenizer routes: clients tokenise with the server's own tokenizer (lm-eval does) ----------
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, key: str = Depends(account)) -> dict:
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "send a prompt or messages (one of them)", param="prompt")
+        if body.messages is not None:
+            ids = await service.chat_prompt([m.template_dict() for m in body.messages], None,
+                                            body.continue_final_message,
+                                            add_generation_prompt=body.add_generation_prompt)  # fmt: skip
+        else:
+            service.check_text_length([body.prompt], "prompt")
+            ids = await asyncio.to_thread(tokenizer.encode, body.prompt)
+            ids = [tokenizer.bos_id, *ids] if body.add_special_tokens else ids
+        strs = [tokenizer.tok.id_to_token(i) for i in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": service.context, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, key: str = Depends(account)) -> dict:
+        if any(not 0 <= t < tokenizer.vocab_size for t in body.tokens):
+            raise ApiError(400, f"token ids must lie in [0, {tokenizer.vocab_size})", param="tokens")
+        return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(key: str = Depends(account)) -> dict:
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.bos_token,
+                "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token, "chat_template": CHAT_TEMPLATE,
+                "model_max_length": service.context, "vocab_size": tokenizer.vocab_size}  # fmt: skip
 
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")

@@ -218,6 +218,24 @@ class CompletionRequest(SamplingRequest):
         return self.echo and self.logprobs is not None
 
 
+class TokenizeRequest(Strict):
+    """vLLM's POST /tokenize (lm-eval's remote tokenizer uses it): a text, or chat messages through the
+    template. A text's special-token strings are the special tokens, as in vLLM and transformers."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1024)
+    add_special_tokens: StrictBool = True  # a text: the begin-of-sentence token first
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeRequest(Strict):
+    model: Text | None = None
+    tokens: list[StrictInt] = Field(max_length=1 << 20)
+
+
 def usage(prompt: int, cached: int, completion: int, reasoning: int = 0) -> dict:
     return {
         "prompt_tokens": prompt,

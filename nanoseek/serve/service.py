@@ -261,7 +261,8 @@ class Service:
                            "prompt", param=param, code="context_length_exceeded")  # fmt: skip
 
     async def chat_prompt(self, messages: list[dict], thinking: bool | None, prefix: bool,
-                          tools: list[dict] | None = None) -> list[int]:  # fmt: skip
+                          tools: list[dict] | None = None,
+                          add_generation_prompt: bool = True) -> list[int]:  # fmt: skip
         """The chat template's ids. An earlier reply's reasoning (before its </think>) is not fed back, as
         DeepSeek's multi-turn rule; a prefix message (the last, an assistant's) is continued."""
         self.check_text_length([m["content"] for m in messages], "messages")
@@ -272,7 +273,8 @@ class Service:
             if m["role"] == "assistant" and not (prefix and i == len(messages) - 1):
                 m["content"] = m["content"].rpartition(END_THINK)[2]
         return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, tokenize=True,
-                                       thinking=thinking, continue_final_message=prefix, tools=tools)  # fmt: skip
+                                       thinking=thinking, continue_final_message=prefix, tools=tools,
+                                       add_generation_prompt=add_generation_prompt)  # fmt: skip
 
     def check_tools(self, body: ChatCompletionRequest) -> list[dict] | None:
         """The request's tools for the template (None without); a 400 for a tool_choice that cannot hold."""
