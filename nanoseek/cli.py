@@ -390,6 +390,10 @@ def cmd_grpo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.lm_eval:
+        return cmd_lm_eval(args)
+    if not (args.model and args.task):
+        raise SystemExit("nanoseek eval needs --model DIR and --task (or --lm-eval TASK.yaml with --model or --url)")
     from nanoseek.rl.evaluate import batch_engine, evaluate
     from nanoseek.rl.tasks import get_task
 
@@ -405,6 +409,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{problem.question}\n  -> {reply!r} (reward {reward})")
     print(", ".join(f"pass@{k} {v:.3f}" for k, v in result.pass_at.items()) + f" on {args.n} {args.split} problems")
     return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from nanoseek import harness
+
+    yamls = [Path(y) for y in args.lm_eval]
+    for y in yamls:
+        if not y.is_file():
+            raise SystemExit(f"no task YAML at {y}")
+    options = dict(model_name=args.served_model_name, limit=args.limit, output=args.output,
+                   concurrency=args.concurrency, api_key=args.api_key)  # fmt: skip
+    if args.url:
+        return harness.run(args.url, yamls, **options)
+    if not args.model:
+        raise SystemExit("--lm-eval needs --url of a running server, or --model DIR to serve for the evaluation")
+    with harness.served(args.model, args.concurrency) as url:
+        return harness.run(url, yamls, **options)
 
 
 def cmd_task_write(args: argparse.Namespace) -> int:
@@ -601,11 +622,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser(
         "eval",
-        help="pass@k on a task's held-out problems",
-        description="Sample replies to held-out problems and score them with the verifier.",
+        help="pass@k on a task's held-out problems, or lm-evaluation-harness tasks against a served model",
+        description="Sample replies to held-out problems and score them with the verifier; or, with --lm-eval, "
+        "run lm-evaluation-harness task YAMLs (loglikelihood and generate_until) against a server: --url of a "
+        "running one, or --model DIR to serve it for the run.",
     )
-    ev.add_argument("--model", required=True, metavar="DIR")
-    ev.add_argument("--task", required=True, help="arithmetic, countdown or FILE.jsonl")
+    ev.add_argument("--model", metavar="DIR")
+    ev.add_argument("--task", help="arithmetic, countdown or FILE.jsonl")
     ev.add_argument("--n", type=int, default=200, help="problems (default: 200)")
     ev.add_argument("--split", default="test", choices=["test", "train"])
     ev.add_argument("--samples", type=int, default=1, help="replies per problem (default: 1)")
@@ -615,6 +638,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--show", type=int, default=3, help="print this many replies")
     ev.add_argument("--json", action="store_true")
+    lm = ev.add_argument_group("lm-evaluation-harness (pip install 'lm-eval[api]')")
+    lm.add_argument("--lm-eval", nargs="+", metavar="TASK.yaml", help="task YAMLs (data files relative to them)")
+    lm.add_argument("--url", help="a running server's base URL, e.g. http://127.0.0.1:8000")
+    lm.add_argument("--served-model-name", default="nanoseek", help="the model name the server answers to")
+    lm.add_argument("--api-key", default=None, help="bearer key for a server started with --api-keys")
+    lm.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    lm.add_argument("--output", default=None, metavar="DIR", help="results and per-item samples (JSONL)")
+    lm.add_argument("--concurrency", type=int, default=1, help="requests in flight (default: 1)")
     ev.set_defaults(func=cmd_eval)
 
     task = commands.add_parser("task", help="verifiable tasks").add_subparsers(dest="action", required=True,
