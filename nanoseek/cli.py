@@ -435,8 +435,8 @@ def cmd_task_write(args: argparse.Namespace) -> int:
     problems = task.problems(args.split, args.n, args.seed)
     with open(args.out, "w") as f:
         for p in problems:
-            if args.solutions:  # chat examples for nanoseek sft
-                row = {"messages": [*p.messages(), {"role": "assistant", "content": task.solution(p)}]}
+            if args.solutions:  # chat examples for nanoseek sft (with the tools they call, if any)
+                row = {"messages": task.conversation(p)} | ({"tools": task.tools} if task.tools else {})
             else:  # prompts for nanoseek distill (with what the verifier needs)
                 row = {"prompt": p.question, "answer": p.answer, "meta": p.meta}
             f.write(json.dumps(row) + "\n")
@@ -652,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                metavar="ACTION")  # fmt: skip
     about = "Write a task's problems as prompts (prompt/answer/meta, for distill) or as chat examples for sft."
     write = task.add_parser("write", help="problems as JSONL", description=about)
-    write.add_argument("--task", required=True, help="arithmetic or countdown")
+    write.add_argument("--task", required=True, help="arithmetic, countdown or calculator (tool use)")
     write.add_argument("--split", default="train", choices=["train", "test"])
     write.add_argument("--n", type=int, required=True)
     write.add_argument("--seed", type=int, default=0)

@@ -296,31 +296,37 @@ class PackedLoader:
 IGNORE = -100  # the label of a token that is not trained on
 
 
-def encode_chat(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+def encode_chat(
+    tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None = None
+) -> tuple[list[int], list[bool]]:
     """The chat template's token ids (tokenizer.apply_chat_template without a generation prompt) and
     which of them are trained on: each assistant reply (its tool calls too) and its end-of-sentence token."""
     ids: list[int] = []
     trained: list[bool] = []
-    for text, kind, reply in tokenizer.chat_parts(messages, add_generation_prompt=False):
+    for text, kind, reply in tokenizer.chat_parts(messages, add_generation_prompt=False, tools=tools):
         part = tokenizer.encode_part(text, kind)
         ids += part
         trained += [reply] * len(part)
     return ids, trained
 
 
-def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
-    """OpenAI-style chat examples, one {"messages": [...]} per line."""
+def read_chat_jsonl(path: str | Path) -> list[tuple[list[dict], list[dict] | None]]:
+    """OpenAI-style chat examples, one {"messages": [...]} per line, with the tools they may call
+    ("tools": [...], as OpenAI's fine-tuning format): (messages, tools) pairs."""
     examples = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            messages = json.loads(line)["messages"]
+            row = json.loads(line)
+            messages, tools = row["messages"], row.get("tools")
             if not isinstance(messages, list) or not messages:
                 raise ValueError("messages must be a non-empty list")
+            if tools is not None and not isinstance(tools, list):
+                raise ValueError("tools must be a list of {type: function, function: {name, parameters}}")
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f'{path}:{number}: expected {{"messages": [{{"role", "content"}}, ...]}} ({e})') from e
-        examples.append(messages)
+        examples.append((messages, tools))
     if not examples:
         raise ValueError(f"{path} holds no chat examples")
     return examples
@@ -340,15 +346,15 @@ class ChatLoader:
             raise ValueError(f"batch size {batch_size} must be divisible by the world size {world_size}")
         examples = read_chat_jsonl(path)
         keys = [int.from_bytes(hashlib.blake2b(json.dumps(m).encode(), digest_size=4).digest(), "big") % 1000
-                for m in examples]  # fmt: skip
+                for m, _ in examples]  # fmt: skip
         val = {i for i, k in enumerate(keys) if k < val_permille} or {min(range(len(keys)), key=keys.__getitem__)}
         if len(examples) == 1:
             val = set()
         chosen = [m for i, m in enumerate(examples) if (i in val) == (split == "val")]
         self.items: list[tuple[list[int], list[int]]] = []
         self.prompts: list[list[dict[str, str]]] = []  # each example up to its first reply, for samples
-        for messages in chosen:
-            ids, trained = encode_chat(tokenizer, messages)
+        for messages, tools in chosen:
+            ids, trained = encode_chat(tokenizer, messages, tools)
             ids, trained = ids[: seq_len + 1], trained[: seq_len + 1]
             if any(trained[1:]):
                 self.items.append((ids, [t if keep else IGNORE for t, keep in zip(ids, trained, strict=True)]))

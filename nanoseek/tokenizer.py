@@ -38,15 +38,40 @@ SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK, FIM_BEGIN, F
 ROLES = ("system", "user", "assistant", "tool")
 SPECIAL, TEXT, MARKUP = "special", "text", "markup"  # how a part of a chat is encoded (see chat_parts)
 
-# The same format as a Jinja template, for transformers' AutoTokenizer.apply_chat_template.
+# The same format as a Jinja template, for transformers' AutoTokenizer.apply_chat_template (and through it
+# vLLM and SGLang): tools, tool calls and results, and the `thinking` switch included; transformers itself
+# handles continue_final_message.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% if tools %}{{ '\\n\\n## Tools\\nYou have access to the following tools:\\n' }}"
+    "{% for tool in tools %}{% set f = tool['function'] %}"
+    "{{ '\\n### ' + f['name'] + '\\nDescription: ' + (f['description'] if f['description'] is defined else '')"
+    " + '\\n\\nParameters: ' + ((f['parameters'] if f['parameters'] is defined else {}) | tojson) + '\\n' }}"
+    "{% endfor %}"
+    "{{ '\\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>"
+    "function<｜tool▁sep｜>tool_call_name\\n```json\\ntool_call_arguments\\n```<｜tool▁call▁end｜>"
+    "<｜tool▁calls▁end｜>\\n' }}"
+    "{% endif %}"
+    "{% set ns = namespace(previous='') %}"
     "{% for m in messages %}"
     "{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + eos_token }}{% endif %}"
+    "{% elif m['role'] == 'tool' %}"
+    "{{ ('<｜tool▁outputs▁begin｜>' if ns.previous != 'tool' else '\\n') + '<｜tool▁output▁begin｜>' + m['content']"
+    " + '<｜tool▁output▁end｜>' }}"
+    "{% elif m['role'] == 'assistant' %}"
+    "{{ ('<｜tool▁outputs▁end｜>' if ns.previous == 'tool' else '<｜Assistant｜>') + (m['content'] or '') }}"
+    "{% if m['tool_calls'] %}{{ '<｜tool▁calls▁begin｜>' }}{% for c in m['tool_calls'] %}"
+    "{{ ('' if loop.first else '\\n') + '<｜tool▁call▁begin｜>' + (c['type'] or 'function') + '<｜tool▁sep｜>'"
+    " + c['function']['name'] + '\\n```json\\n' + c['function']['arguments'] + '\\n```<｜tool▁call▁end｜>' }}"
+    "{% endfor %}{{ '<｜tool▁calls▁end｜>' }}{% endif %}{{ eos_token }}"
+    "{% endif %}"
+    "{% if m['role'] != 'system' %}{% set ns.previous = m['role'] %}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+    "{% if ns.previous == 'tool' %}{{ '<｜tool▁outputs▁end｜>' }}"
+    "{% elif add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+    "{% if thinking is defined and thinking is not none and (add_generation_prompt or ns.previous == 'tool') %}"
+    "{{ '<think>' if thinking else '</think>' }}{% endif %}"
 )
 
 

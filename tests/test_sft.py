@@ -31,6 +31,27 @@ def test_only_assistant_replies_and_their_end_token_are_trained(tokenizer):
     assert tokenizer.decode([i for i, t in zip(ids, trained, strict=True) if not t]).count("1+1?") == 1
 
 
+def test_tool_use_conversations_train_the_calls_and_the_answer_not_the_tool_results(tmp_path, tokenizer):
+    """`nanoseek task write --task calculator --solutions` writes DeepSeek-V3 tool-use conversations; the
+    calls (special tokens, name and arguments) and the final answer are trained, the results are not."""
+    out = tmp_path / "calc.jsonl"
+    assert main(["task", "write", "--task", "calculator", "--n", "40", "--solutions", "--out", str(out)]) == 0
+    row = json.loads(out.read_text().splitlines()[0])
+    [call] = row["messages"][1]["tool_calls"]
+    expression = json.loads(call["function"]["arguments"])["expression"]
+    assert row["tools"][0]["function"]["name"] == "calculator" == call["function"]["name"]
+    assert row["messages"][2] == {"role": "tool", "tool_call_id": "call_0", "content": str(eval(expression))}
+    ids, trained = encode_chat(tokenizer, row["messages"], row["tools"])
+    assert ids == tokenizer.apply_chat_template(row["messages"], add_generation_prompt=False, tokenize=True,
+                                                tools=row["tools"])  # fmt: skip
+    learnt = tokenizer.decode([i for i, t in zip(ids, trained, strict=True) if t])
+    assert learnt.startswith("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>calculator\n```json\n")
+    assert f"<answer>{eval(expression)}</answer>" in learnt and "<｜tool▁output▁begin｜>" not in learnt
+    assert "## Tools" in tokenizer.decode([i for i, t in zip(ids, trained, strict=True) if not t])
+    loader = ChatLoader(out, tokenizer, "train", 4, 1024)  # the tools prompt is long in a 512-token vocabulary
+    assert loader.n_windows >= 30
+
+
 def write_chats(path, n: int) -> None:
     with open(path, "w") as f:
         for i in range(n):

@@ -45,6 +45,53 @@ def test_chat_template_renders_deepseek_v3_format(tokenizer):
     assert tokenizer.apply_chat_template(MESSAGES, tokenize=True) == tokenizer.encode(expected)
 
 
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "a + b",
+            "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}},
+        },
+    },
+    {"type": "function", "function": {"name": "now"}},
+]
+TOOL_CHAT = [
+    {"role": "system", "content": "Use tools."},
+    {"role": "user", "content": "2 + 3, and the time?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}},
+        {"id": "2", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+    {"role": "tool", "tool_call_id": "1", "content": "5"},
+    {"role": "tool", "tool_call_id": "2", "content": "noon"},
+]  # fmt: skip
+
+
+def test_tool_conversations_render_deepseek_v3s_tool_format(tokenizer):
+    calls = ('<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>add\n```json\n{"a": 2, "b": 3}\n```'
+             "<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>now\n```json\n{}\n```<｜tool▁call▁end｜>"
+             "<｜tool▁calls▁end｜>")  # fmt: skip
+    outputs = ("<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>5<｜tool▁output▁end｜>\n<｜tool▁output▁begin｜>noon"
+               "<｜tool▁output▁end｜><｜tool▁outputs▁end｜>")  # fmt: skip
+    text = tokenizer.apply_chat_template(TOOL_CHAT, tools=TOOLS)
+    assert text.startswith(f"{BOS}Use tools.\n\n## Tools\nYou have access to the following tools:\n\n### add\n"
+                           'Description: a + b\n\nParameters: {"type": "object", "properties": {"a": {"type": '
+                           '"integer"}}}\n\n### now\nDescription: \n\nParameters: {}\n\nIMPORTANT:')  # fmt: skip
+    assert text.endswith(f"{USER}2 + 3, and the time?{ASSISTANT}{calls}{EOS}{outputs}")  # the reply follows directly
+    answered = [*TOOL_CHAT, {"role": "assistant", "content": "5, at noon"}]
+    assert tokenizer.apply_chat_template(answered).endswith(f"{outputs}5, at noon{EOS}{ASSISTANT}")
+    ids = tokenizer.apply_chat_template(TOOL_CHAT, tools=TOOLS, tokenize=True)
+    assert ids.count(tokenizer.special_id("<｜tool▁call▁begin｜>")) == 2 and tokenizer.decode(ids) == text
+
+
+def test_thinking_and_prefix_completion_in_the_template(tokenizer):
+    plain = tokenizer.apply_chat_template(MESSAGES)
+    assert tokenizer.apply_chat_template(MESSAGES, thinking=True) == plain + "<think>"
+    assert tokenizer.apply_chat_template(MESSAGES, thinking=False) == plain + "</think>"
+    prefix = [*MESSAGES, {"role": "assistant", "content": "40 +"}]
+    assert tokenizer.apply_chat_template(prefix, continue_final_message=True) == plain + "40 +"
+
+
 def test_bad_messages_are_refused(tokenizer):
     with pytest.raises(ValueError, match="role"):
         tokenizer.apply_chat_template([{"role": "robot", "content": "beep"}])
@@ -61,6 +108,14 @@ def test_saved_tokenizer_loads_in_transformers_and_agrees(tmp_path, tokenizer):
         MESSAGES, tokenize=False, add_generation_prompt=True
     ) == tokenizer.apply_chat_template(MESSAGES)
     assert (hf.bos_token_id, hf.eos_token_id) == (tokenizer.bos_id, tokenizer.eos_id)
+    for kwargs in ({"thinking": True}, {"thinking": False}, {}):  # tools, tool calls, results, thinking
+        for chat, tools in ((TOOL_CHAT, TOOLS), (MESSAGES, None)):
+            theirs = hf.apply_chat_template(chat, tools=tools, tokenize=False, add_generation_prompt=True, **kwargs)
+            assert theirs == tokenizer.apply_chat_template(chat, tools=tools, **kwargs)
+    prefix = [*MESSAGES, {"role": "assistant", "content": "40 +"}]
+    assert hf.apply_chat_template(prefix, tokenize=False, continue_final_message=True) == (
+        tokenizer.apply_chat_template(prefix, continue_final_message=True)
+    )
     ours = load_tokenizer(tmp_path)
     assert ours.encode(text) == tokenizer.encode(text) and ours.vocab_size == tokenizer.vocab_size
 

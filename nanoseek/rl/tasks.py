@@ -36,9 +36,10 @@ class Problem:
     question: str  # what the user asks
     answer: str  # the reference answer
     meta: dict = field(default_factory=dict, compare=False)
+    instruction: str = field(default=INSTRUCTION, compare=False)
 
     def messages(self) -> list[dict[str, str]]:
-        return [{"role": "user", "content": f"{self.question} {INSTRUCTION}"}]
+        return [{"role": "user", "content": f"{self.question} {self.instruction}"}]
 
 
 def in_test_split(key: str, permille: int = 100) -> bool:
@@ -47,6 +48,7 @@ def in_test_split(key: str, permille: int = 100) -> bool:
 
 class Task:
     name = "task"
+    tools: list[dict] | None = None  # the tools a reply may call (OpenAI's shape)
 
     def problems(self, split: str, n: int, seed: int = 0) -> list[Problem]:
         """n distinct problems of a split ('train' or 'test'), the same for the same seed."""
@@ -74,6 +76,10 @@ class Task:
     def solution(self, problem: Problem) -> str:
         """A correct reply in the R1 format (for supervised warm starts)."""
         return f"<think>The answer is {problem.answer}.</think><answer>{problem.answer}</answer>"
+
+    def conversation(self, problem: Problem) -> list[dict]:
+        """A solved example as chat messages (for nanoseek sft)."""
+        return [*problem.messages(), {"role": "assistant", "content": self.solution(problem)}]
 
 
 def same_value(given: str, expected: str) -> bool:
@@ -185,6 +191,49 @@ class Countdown(Task):
         return f"<think>Combine the numbers step by step.</think><answer>{problem.answer}</answer>"
 
 
+CALCULATOR = {"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate an arithmetic expression of integers: + - * / and parentheses.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"],
+                   "additionalProperties": False}}}  # fmt: skip
+
+
+@dataclass
+class Calculator(Task):
+    """Products and sums of multi-digit numbers with a calculator tool: a solved example calls the tool in
+    DeepSeek-V3's format, reads its result, and answers inside <answer></answer> (verified as arithmetic).
+    `nanoseek task write --task calculator --solutions` writes tool-use conversations for nanoseek sft."""
+
+    digits: int = 3
+    name = "calculator"
+    tools = [CALCULATOR]  # noqa: RUF012 - a class constant, like name
+
+    def generate(self, rng: random.Random) -> Problem:
+        low, high = 10 ** (self.digits - 1), 10**self.digits - 1
+        a, b, op = rng.randint(low, high), rng.randint(low, high), rng.choice("*+-")
+        value = {"*": a * b, "+": a + b, "-": a - b}[op]
+        instruction = "Use the calculator tool, then give the result inside <answer></answer>."
+        return Problem(f"What is {a} {op} {b}?", str(value), {"expression": f"{a} {op} {b}"}, instruction)
+
+    def solution(self, problem: Problem) -> str:
+        return f"<answer>{problem.answer}</answer>"
+
+    def conversation(self, problem: Problem) -> list[dict]:
+        arguments = json.dumps({"expression": problem.meta["expression"]})
+        call = {"id": "call_0", "type": "function", "function": {"name": "calculator", "arguments": arguments}}
+        return [*problem.messages(), {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_0", "content": calculate(problem.meta["expression"])},
+                {"role": "assistant", "content": self.solution(problem)}]  # fmt: skip
+
+
+def calculate(expression: str) -> str:
+    """The calculator tool: the value of an expression, or why there is none."""
+    result = evaluate_expression(expression)
+    if result is None:
+        return "error: only integers, + - * / and parentheses"
+    value = result[0]
+    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
+
+
 @dataclass
 class FileTask(Task):
     """Problems from a JSONL file with "prompt" and "answer"; the test split is chosen by hash."""
@@ -212,7 +261,7 @@ class FileTask(Task):
         return random.Random(seed).sample(pool, n)
 
 
-TASKS = {"arithmetic": Arithmetic, "countdown": Countdown}
+TASKS = {"arithmetic": Arithmetic, "countdown": Countdown, "calculator": Calculator}
 
 
 def get_task(name: str) -> Task:
