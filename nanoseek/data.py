@@ -354,7 +354,11 @@ class ChatLoader:
         self.items: list[tuple[list[int], list[int]]] = []
         self.prompts: list[list[dict[str, str]]] = []  # each example up to its first reply, for samples
         for messages, tools in chosen:
-            ids, trained = encode_chat(tokenizer, messages, tools)
+            try:
+                ids, trained = encode_chat(tokenizer, messages, tools)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}: a chat example does not fit the chat format ({type(e).__name__}: {e}): "
+                                 f"{json.dumps(messages)[:200]}") from None  # fmt: skip
             ids, trained = ids[: seq_len + 1], trained[: seq_len + 1]
             if any(trained[1:]):
                 self.items.append((ids, [t if keep else IGNORE for t, keep in zip(ids, trained, strict=True)]))

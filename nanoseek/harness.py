@@ -53,16 +53,19 @@ def served(model_dir: str, concurrency: int):
     cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", model_dir, "--port", str(port),
            "--max-seqs", str(concurrency)]  # fmt: skip
     proc = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 900  # compiling buckets takes a while
     try:
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"nanoseek serve exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nanoseek serve did not answer /health in 15 minutes: {' '.join(cmd)}")
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         yield url
     finally:
         proc.terminate()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -43,7 +44,7 @@ SPECIAL, TEXT, MARKUP = "special", "text", "markup"  # how a part of a chat is e
 # handles continue_final_message.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] or '' }}{% endif %}{% endfor %}"
     "{% if tools %}{{ '\\n\\n## Tools\\nYou have access to the following tools:\\n' }}"
     "{% for tool in tools %}{% set f = tool['function'] %}"
     "{{ '\\n### ' + f['name'] + '\\nDescription: ' + (f['description'] if f['description'] is defined else '')"
@@ -55,10 +56,10 @@ CHAT_TEMPLATE = (
     "{% endif %}"
     "{% set ns = namespace(previous='') %}"
     "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% if m['role'] == 'user' %}{{ '<｜User｜>' + (m['content'] or '') }}"
     "{% elif m['role'] == 'tool' %}"
-    "{{ ('<｜tool▁outputs▁begin｜>' if ns.previous != 'tool' else '\\n') + '<｜tool▁output▁begin｜>' + m['content']"
-    " + '<｜tool▁output▁end｜>' }}"
+    "{{ ('<｜tool▁outputs▁begin｜>' if ns.previous != 'tool' else '\\n') + '<｜tool▁output▁begin｜>'"
+    " + (m['content'] or '') + '<｜tool▁output▁end｜>' }}"
     "{% elif m['role'] == 'assistant' %}"
     "{{ ('<｜tool▁outputs▁end｜>' if ns.previous == 'tool' else '<｜Assistant｜>') + (m['content'] or '') }}"
     "{% if m['tool_calls'] %}{{ '<｜tool▁calls▁begin｜>' }}{% for c in m['tool_calls'] %}"
@@ -147,7 +148,7 @@ class Tokenizer:
                 raise ValueError(f"each message needs a role {'/'.join(ROLES)} and a string content, got {m!r}")
         if continue_final_message and messages[-1]["role"] != "assistant":
             raise ValueError("continue_final_message needs an assistant message last")
-        system = "".join(m["content"] for m in messages if m["role"] == "system") + tools_prompt(tools or [])
+        system = "".join(m.get("content") or "" for m in messages if m["role"] == "system") + tools_prompt(tools or [])
         parts, previous = [(self.bos_token, SPECIAL, False), (system, TEXT, False)], None
         for m in messages:
             role, content = m["role"], m.get("content") or ""
@@ -186,7 +187,15 @@ class Tokenizer:
     def encode_part(self, text: str, kind: str) -> list[int]:
         if kind == SPECIAL:
             return [self.special_id(text)]
-        return self.encode_text(text) if kind == TEXT else self.encode(text)
+        if kind == TEXT:
+            return self.encode_text(text)
+        # An assistant's own markup: <think> and </think> are the special tokens, and nothing else is (a
+        # special-token string a reply copied from a tool result stays text when the reply is sent back).
+        ids = []
+        for piece in re.split(f"({re.escape(THINK)}|{re.escape(END_THINK)})", text):
+            special = piece in (THINK, END_THINK) and self.tok.token_to_id(piece) is not None
+            ids += [self.special_id(piece)] if special else self.encode_text(piece) if piece else []
+        return ids
 
     def special_id(self, token: str) -> int:
         token_id = self.tok.token_to_id(token)

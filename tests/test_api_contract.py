@@ -297,10 +297,14 @@ def test_tool_requests_that_cannot_hold_are_400s(server):
         (dict(tools=[ADD, ADD]), "tools"),
         (dict(tools=[{"type": "function", "function": {"name": "bad name!"}}]), "tools"),
         (dict(tools=[ADD], tool_choice="required", response_format={"type": "json_object"}), "response_format"),
-    ]:
+    ]:  # and a prefix to continue under a grammar (which would start after text it does not see):
         with pytest.raises(openai.BadRequestError) as e:
             ask(c, user("hi"), **kwargs)
         assert e.value.body["param"].split(".")[0] == param, (kwargs, e.value.body)
+    prefix = [*user("hi"), {"role": "assistant", "content": '{"a": ', "prefix": True}]
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(c, prefix, response_format={"type": "json_object"})
+    assert e.value.body["param"] == "messages"
 
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
@@ -360,3 +364,6 @@ def test_vllm_tokenizer_routes_tokenise_with_the_servers_tokenizer(server, token
         r = httpx.post(server.url + path, json=body, headers=headers)
         assert r.status_code == 400 and "error" in r.json(), (path, r.text)
     assert httpx.post(server.url + "/tokenize", json={"prompt": "x"}).status_code == 401
+    r = httpx.post(server.url + "/tokenize", json={"messages": user("hi"), "continue_final_message": True},
+                   headers=headers)  # fmt: skip
+    assert r.status_code == 400 and "assistant" in r.json()["error"]["message"]

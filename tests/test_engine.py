@@ -242,6 +242,15 @@ def test_constrained_decoding_with_mtp_drafts_stays_in_the_grammar_and_greedy_eq
         assert spec.metrics.drafted_tokens > 0  # drafts inside the grammar were verified
 
 
+def test_logit_bias_holds_with_speculative_decoding():
+    """A biased request is never drafted (the drafter and verifier sample without biases): the bias wins."""
+    spec = engine(mtp_model(), speculative_tokens=2)
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logit_bias={7: 100.0}),
+              SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)]  # fmt: skip
+    biased, plain = spec.generate(PROMPTS[:2], params)
+    assert biased.token_ids == [7] * 6 and plain.token_ids != [7] * 6
+
+
 def test_speculative_sampling_keeps_the_target_distribution():
     """Chi-square of the first two sampled tokens (where the second goes through draft-and-verify)
     against the exact joint distribution from full forward passes."""

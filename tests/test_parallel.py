@@ -86,9 +86,12 @@ BF16_EPS = 2**-8  # one bf16 rounding, relative
 
 
 # bf16: the same roundings per row in both runs, summed in another order: losses within one BF16_EPS,
-# gradient norms within 2 (as for gradient accumulation in test_train). Expert loads are compared in
-# float32 only: a token whose k-th and k+1-th expert scores lie within a rounding of each other may pick
-# either, and the weights it then trains carry the difference into later steps' routing.
+# gradient norms within 2 at the first step, where both runs hold the same weights (as for gradient
+# accumulation in test_train). After it the weights differ by the rounding of the updates, which later
+# gradients carry on: their norms are compared within 2 more eps per step taken (measured: 1.7% at the
+# third step, on a gradient spike, where 6 eps allow 2.3%). Expert loads are compared in float32 only: a
+# token whose k-th and k+1-th expert scores lie within a rounding of each other may pick either, and the
+# weights it then trains carry the difference into later steps' routing.
 @pytest.mark.parametrize(
     ("dtype", "rel_loss", "rel_grad", "rel_load"),
     [("float32", 1e-5, 1e-4, 1e-6), ("bfloat16", BF16_EPS, 2 * BF16_EPS, None)],
@@ -98,9 +101,9 @@ def test_dp_ep_training_matches_one_process_on_the_same_global_batch(
 ):
     one = _train(["--dtype", dtype], tmp_path / "one", data_dir, NANOSEEK, steps=3)
     two = _train(["--ep", "2", "--dtype", dtype], tmp_path / "two", data_dir, TORCHRUN, steps=3)
-    for a, b in zip(one, two, strict=True):
+    for step, (a, b) in enumerate(zip(one, two, strict=True)):
         assert b["loss"] == pytest.approx(a["loss"], rel=rel_loss)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=rel_grad)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=rel_grad * (1 + step))
         if rel_load is not None:  # the global loads
             assert b["max_over_mean_load"] == pytest.approx(a["max_over_mean_load"], rel=rel_load)
 

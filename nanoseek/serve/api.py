@@ -173,7 +173,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
                                            prefix, tools)  # fmt: skip
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = service.sampling_params(body, prompt, body.max_completion_tokens or body.max_tokens, top, "messages")
-        service.steer(body, prompt, params)
+        await service.steer(body, prompt, params)
         [meter] = await service.reserve(key, [(prompt, params)])
         generation = service.start(prompt, params, key, meter, ticket)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

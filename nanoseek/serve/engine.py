@@ -41,7 +41,7 @@ from nanoseek.serve.sampling import History, SamplingParams, needs_history
 from nanoseek.serve.scheduler import Scheduler
 from nanoseek.serve.sequence import Sequence, Status
 from nanoseek.serve.speculative import verify
-from nanoseek.tokenizer import THINK, Tokenizer, load_tokenizer
+from nanoseek.tokenizer import END_THINK, THINK, Tokenizer, load_tokenizer
 
 log = logging.getLogger("nanoseek.serve")
 
@@ -267,11 +267,14 @@ class Engine:
     @staticmethod
     def _output(seq: Sequence) -> RequestOutput:
         text = seq.text
-        calls = text.tool_calls_at and (text.tool_calls_at[0] - (text.reasoning_end or 0), text.tool_calls_at[1])
+        content = text.content.removeprefix(END_THINK)  # a reply that closed its reasoning as text
+        calls = None
+        if text.tool_calls_at is not None:  # in content's characters
+            chars, token = text.tool_calls_at
+            calls = (chars - (text.reasoning_end or 0) - (len(text.content) - len(content)), token)
         return RequestOutput(seq.id, seq.prompt, seq.output, text.text, seq.finish_reason, seq.cached_prompt_tokens,
-                             list(seq.logprobs), seq.error, text.reasoning_text.removeprefix(THINK),
-                             text.content.removeprefix("</think>"), text.reasoning_tokens,
-                             seq.prompt_logprobs, calls)  # fmt: skip
+                             list(seq.logprobs), seq.error, text.reasoning_text.removeprefix(THINK), content,
+                             text.reasoning_tokens, list(seq.prompt_logprobs), calls)  # fmt: skip
 
     def _retire(self, seq: Sequence) -> RequestOutput:
         self.sequences.pop(seq.id, None)
@@ -426,8 +429,8 @@ class Engine:
                 self.scheduler.finish(seq, "length")
 
     def _draftable(self, seq: Sequence) -> bool:
-        p = seq.params  # penalties and logprobs need the full sampler on every token: no drafts
-        return not needs_history(p) and p.logprobs is None
+        p = seq.params  # penalties, biases and logprobs need the full sampler on every token: no drafts
+        return not needs_history(p) and p.logprobs is None and not p.logit_bias
 
     def _keep_hidden(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """Main-model hidden states the MTP module still has to see (speculative decoding only)."""

@@ -11,6 +11,8 @@ verifier's logits at each draft position are masked as that position's grammar s
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -77,29 +79,47 @@ def tool_grammar(tokenizer: Tokenizer, tools: Sequence[dict], mode: str, paralle
 
 
 class Grammars:
-    """Matchers for one tokenizer and model vocabulary (the mask covers the model's padded rows too)."""
+    """Matchers for one tokenizer and model vocabulary (the mask covers the model's padded rows too).
+    Compiled grammars are kept (least recently used of CACHED go): a request gets a copy of its grammar's
+    matcher, so n choices, or the same schema sent again, compile once. Thread-safe: the server compiles
+    off its event loop while the engine thread copies."""
+
+    CACHED = 64
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self._ll = self._executor = None
+        self._compiled: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def ll_tokenizer(self):
-        if self._ll is None:  # ms for a small vocabulary, about a second for DeepSeek's 129k: once
-            from llguidance import LLTokenizer
+        with self._lock:
+            if self._ll is None:  # ms for a small vocabulary, about a second for DeepSeek's 129k: once
+                from llguidance import LLTokenizer
 
-            n = max(self.vocab_size, self.tokenizer.vocab_size)
-            self._ll = LLTokenizer(self.tokenizer.tok.to_str(), n_vocab=n, eos_token=self.tokenizer.eos_id)
-        return self._ll
+                n = max(self.vocab_size, self.tokenizer.vocab_size)
+                self._ll = LLTokenizer(self.tokenizer.tok.to_str(), n_vocab=n, eos_token=self.tokenizer.eos_id)
+            return self._ll
 
     def matcher(self, grammar: str):
         """A matcher at the grammar's start; ValueError with llguidance's reason if it cannot compile."""
         from llguidance import LLMatcher, LLParserLimits
 
-        matcher = LLMatcher(self.ll_tokenizer, grammar, log_level=0, limits=LLParserLimits(verbose_errors=False))
-        if matcher.is_error():
-            raise ValueError(matcher.get_error())
-        return matcher
+        with self._lock:
+            compiled = self._compiled.get(grammar)
+            if compiled is not None:
+                self._compiled.move_to_end(grammar)
+                return compiled.deep_copy()
+        limits = LLParserLimits(verbose_errors=False)
+        compiled = LLMatcher(self.ll_tokenizer, grammar, log_level=0, limits=limits)
+        if compiled.is_error():
+            raise ValueError(compiled.get_error())
+        with self._lock:
+            self._compiled[grammar] = compiled
+            while len(self._compiled) > self.CACHED:
+                self._compiled.popitem(last=False)
+        return compiled.deep_copy()
 
     def mask_(self, logits: torch.Tensor, matchers: Sequence) -> None:
         """Rows of logits [n, V] that their matchers (one per row, None: free) do not allow go to -inf."""

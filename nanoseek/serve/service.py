@@ -172,6 +172,7 @@ class Service:
         self.engine.capture()
         if self.engine.tokenizer is None:
             raise ValueError(f"{cfg.model} has no tokenizer.json: the server needs the model's tokenizer")
+        self.engine.grammars.ll_tokenizer  # noqa: B018 - built now (a second for a 129k vocabulary), not in a request
         self.tokenizer, self.context = self.engine.tokenizer, self.engine.model.cfg.max_position_embeddings
         self.keys = read_api_keys(cfg.api_keys) if cfg.api_keys else None
         self.ledger = open_ledger(cfg)
@@ -272,9 +273,12 @@ class Service:
         for i, m in enumerate(messages):
             if m["role"] == "assistant" and not (prefix and i == len(messages) - 1):
                 m["content"] = m["content"].rpartition(END_THINK)[2]
-        return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, tokenize=True,
-                                       thinking=thinking, continue_final_message=prefix, tools=tools,
-                                       add_generation_prompt=add_generation_prompt)  # fmt: skip
+        try:
+            return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, tokenize=True,
+                                           thinking=thinking, continue_final_message=prefix, tools=tools,
+                                           add_generation_prompt=add_generation_prompt)  # fmt: skip
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
 
     def check_tools(self, body: ChatCompletionRequest) -> list[dict] | None:
         """The request's tools for the template (None without); a 400 for a tool_choice that cannot hold."""
@@ -294,10 +298,12 @@ class Service:
                            param="tool_choice")  # fmt: skip
         return [t.model_dump(exclude_none=True) for t in body.tools]
 
-    def steer(self, body: ChatCompletionRequest, prompt: list[int], params: list[SamplingParams]) -> None:
+    async def steer(self, body: ChatCompletionRequest, prompt: list[int], params: list[SamplingParams]) -> None:
         """response_format and tool_choice in the sampler: a grammar for JSON output, for required, named or
-        strict tool calls; the calls end the reply; tool_choice "none" bans them."""
-        grammar = self.grammar(body, reasoning=prompt[-1] == self.tokenizer.tok.token_to_id(THINK))
+        strict tool calls (compiled off the event loop); the calls end the reply; tool_choice "none" bans
+        them."""
+        reasoning = prompt[-1] == self.tokenizer.tok.token_to_id(THINK)
+        grammar = await asyncio.to_thread(self.grammar, body, reasoning)
         tok = self.tokenizer.tok
         for p in params:
             p.grammar = grammar
@@ -316,6 +322,9 @@ class Service:
         if json_out and calls:
             raise ApiError(400, "response_format and tool calls both constrain the reply: send one (or tool_choice "
                            "none)", param="response_format")  # fmt: skip
+        if (json_out or calls) and body.messages[-1].prefix:
+            raise ApiError(400, "a prefix message with response_format or constrained tool calls: the grammar would "
+                           "start after text it does not see; send one of them", param="messages")  # fmt: skip
         if json_out:
             schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema else None
             if fmt.type == "json_schema" and fmt.json_schema is None:

@@ -3,7 +3,7 @@
 A reply calls tools from its <｜tool▁calls▁begin｜> token on: each call is
 <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGUMENTS\\n```<｜tool▁call▁end｜> (vLLM's
 DeepSeek-V3 parser reads the same). The structure is special tokens, so calls are found by token id,
-and only the text between them is decoded: a streamed reply costs O(calls) per step, not O(reply).
+and only the text between them is decoded (the tokens after the calls begin, not the whole reply).
 """
 
 from __future__ import annotations
