@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from nanoseek.config import ModelConfig
 from nanoseek.fp8 import FP8, dequantize_blocks, quantize_blocks
 from nanoseek.model import Transformer
+from nanoseek.model.fp8_weights import cast_except_fp8, make_fp8_resident, resident_bytes
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -60,6 +61,15 @@ def hf_tensor_map(model: Transformer) -> tuple[dict[str, torch.Tensor], set[str]
             prefix = name.removesuffix("down_proj")
             for e in range(t.shape[0]):
                 tensors[f"model.{prefix}{e}.down_proj.weight"] = t[e]
+        elif name.endswith("mlp.experts.gate_up_proj_scale_inv"):  # FP8-resident experts' block scales
+            prefix, half = name.removesuffix("gate_up_proj_scale_inv"), t.shape[1] // 2
+            for e in range(t.shape[0]):
+                tensors[f"model.{prefix}{e}.gate_proj.weight{SCALE_SUFFIX}"] = t[e, :half]
+                tensors[f"model.{prefix}{e}.up_proj.weight{SCALE_SUFFIX}"] = t[e, half:]
+        elif name.endswith("mlp.experts.down_proj_scale_inv"):
+            prefix = name.removesuffix("down_proj_scale_inv")
+            for e in range(t.shape[0]):
+                tensors[f"model.{prefix}{e}.down_proj.weight{SCALE_SUFFIX}"] = t[e]
         else:
             tensors[f"model.{name}"] = t
     copies: set[str] = set()
@@ -232,11 +242,13 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_fits_in_memory(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse, before allocating, a config whose weights cannot fit (a typo'd hidden_size of 1e9 asks 16 TB)."""
+def check_fits_in_memory(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, need: int | None = None) -> None:
+    """Refuse, before allocating, a config whose weights cannot fit (a typo'd hidden_size of 1e9 asks 16 TB).
+    need: the weights' bytes when known (a model on the meta device), else estimated from the config."""
     from nanoseek.cost import model_stats
 
-    need = model_stats(cfg, dtype_bytes=torch.finfo(dtype).bits // 8).params_total * (torch.finfo(dtype).bits // 8)
+    if need is None:
+        need = model_stats(cfg, dtype_bytes=torch.finfo(dtype).bits // 8).params_total * (torch.finfo(dtype).bits // 8)
     have = available_memory(device)
     if have is not None and need > have:
         raise CheckpointError(
@@ -250,12 +262,21 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 
 
 def dequantize_fp8(
-    tensors: Iterator[tuple[str, torch.Tensor]], problems: list[str]
+    tensors: Iterator[tuple[str, torch.Tensor]], problems: list[str], resident: frozenset[str] = frozenset()
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Pair each E4M3 `weight` with its `weight_scale_inv` (in any order, in any shard) and yield it
-    dequantized; everything else passes through."""
+    dequantized; everything else passes through. Weights the model keeps in FP8 (`resident`) pass as they
+    are with their scales, or, from a higher-precision checkpoint, are quantised here, block by block."""
     waiting: dict[str, torch.Tensor] = {}
     for key, t in tensors:
+        if key.removesuffix(SCALE_SUFFIX) in resident:
+            if t.dtype != FP8 and not key.endswith(SCALE_SUFFIX):
+                q, scale = quantize_blocks(t)
+                yield key, q
+                yield key + SCALE_SUFFIX, scale
+            else:
+                yield key, t
+            continue
         if not (t.dtype == FP8 or key.endswith(SCALE_SUFFIX)):
             yield key, t
             continue
@@ -280,9 +301,10 @@ def dequantize_fp8(
 def load_weights(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Copy checkpoint tensors into the model, dequantizing FP8 ones; every problem is reported by name."""
     targets, copies = hf_tensor_map(model)
+    resident = frozenset(k for k, t in targets.items() if t.dtype == FP8)
     seen: set[str] = set()
     problems: list[str] = []
-    for key, t in dequantize_fp8(tensors, problems):
+    for key, t in dequantize_fp8(tensors, problems, resident):
         if key in copies:
             seen.add(key)
             continue
@@ -301,10 +323,20 @@ def load_weights(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor]]
         raise CheckpointError(f"checkpoint does not fit the config ({len(problems)} problems):\n  {shown}")
 
 
+WEIGHTS = ("auto", "fp8", "bf16", "fp32")
+
+
 def from_pretrained(
-    model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    model_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    weights: str | None = None,
 ) -> Transformer:
-    """Load a Hugging Face DeepSeek-V3 model folder. dtype None keeps the checkpoint's; device None is CPU."""
+    """Load a Hugging Face DeepSeek-V3 model folder, reading each tensor straight from the safetensors
+    files into its place (no second copy of the model on the way). dtype: the compute dtype (None: the
+    checkpoint's). weights: "fp8" keeps the projections in E4M3 with their 128x128 block scales (quantising
+    a higher-precision checkpoint), "bf16" / "fp32" dequantise them, "auto" keeps an FP8 checkpoint FP8;
+    None (training, conversion) dequantises to dtype."""
     path = Path(model_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a folder: pass a Hugging Face model folder (config.json + safetensors)")
@@ -315,13 +347,21 @@ def from_pretrained(
         # transformers drops DeepSeek's MTP layer when it saves; the main model is still complete.
         warnings.warn(f"{path} has no MTP weights ({mtp_prefix}*): loading without MTP modules", stacklevel=2)
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    if dtype is None:  # the checkpoint's own (bf16 for DeepSeek's FP8 checkpoints, dequantized)
+    if weights is not None and weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if weights in ("bf16", "fp32"):
+        dtype = dtype or {"bf16": torch.bfloat16, "fp32": torch.float32}[weights]
+    if dtype is None:  # the checkpoint's own (bf16 for DeepSeek's FP8 checkpoints)
         stored = [_SAFETENSORS_DTYPES[d] for d in keys.values() if d in _SAFETENSORS_DTYPES]
         dtype = max(set(stored), key=stored.count) if stored else torch.float32
-    check_fits_in_memory(cfg, dtype, torch.device(device or "cpu"))
+    resident = weights == "fp8" or (weights == "auto" and any(d == "F8_E4M3" for d in keys.values()))
     with torch.device("meta"):  # no memory and no random init for weights that are overwritten anyway
         model = Transformer(cfg)
-    model.to_empty(device=device or "cpu").to(dtype)
+    if resident:
+        make_fp8_resident(model)
+    cast_except_fp8(model, dtype)
+    check_fits_in_memory(cfg, dtype, torch.device(device or "cpu"), need=resident_bytes(model))
+    model.to_empty(device=device or "cpu")
     model.tie_weights()
     load_weights(model, read_checkpoint(path))
     model.rotary_emb.reset_parameters()  # a non-persistent buffer: recomputed, not loaded

@@ -77,8 +77,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_cost(args: argparse.Namespace) -> int:
     from nanoseek.cost import (
+        FP8_BYTES_PER_PARAM,
+        V3_DECODE_TOKENS_PER_NODE,
         V3_PHASES,
         V3_REPORTED_HOURS,
+        decode_bandwidth_bound,
         flops_per_token,
         gpu_hours,
         parse_count,
@@ -101,7 +104,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
                      "gpu_hours": hours, "dollars": hours * args.price_per_gpu_hour})  # fmt: skip
     post = V3_REPORTED_HOURS["post-training"] if args.v3_report else 0.0
     total_hours = sum(r["gpu_hours"] for r in rows) + post
-    serving = serving_footprint(cfg, gpu, args.context_len, args.gpus_per_node)
+    per_param = FP8_BYTES_PER_PARAM if args.weights == "fp8" else 2
+    serving = serving_footprint(cfg, gpu, args.context_len, args.gpus_per_node, weight_bytes_per_param=per_param)
+    bounds = decode_bandwidth_bound(cfg, gpu, args.gpus_per_node, args.context_len, weight_bytes_per_param=per_param)
     prices = PriceTable.parse(args.prices, args.currency)
     inputs, outputs = parse_count(args.input_tokens), parse_count(args.output_tokens)
     hit = round(inputs * args.hit_rate)
@@ -114,7 +119,12 @@ def cmd_cost(args: argparse.Namespace) -> int:
         "inference": {"flops_per_token": flops_per_token(cfg, args.context_len, training=False, mtp=False).total,
                       "weight_bytes": serving.weight_bytes, "kv_bytes_per_token": serving.kv_bytes_per_token,
                       "context_len": serving.context_len, "gpus_per_node": serving.gpus_per_node,
-                      "contexts_per_node": serving.contexts_per_node},
+                      "contexts_per_node": serving.contexts_per_node, "weights": args.weights,
+                      "weight_bytes_per_gpu": serving.weight_bytes / serving.gpus_per_node,
+                      "kv_tokens_per_node": serving.kv_tokens,
+                      "decode_bound": [{"batch": b.batch, "bytes_per_step": b.bytes_per_step,
+                                        "tokens_per_s": b.tokens_per_s} for b in bounds],
+                      "deepseek_decode_tokens_per_h800_node": V3_DECODE_TOKENS_PER_NODE},
         "api": {"input_tokens": inputs, "output_tokens": outputs, "hit_rate": args.hit_rate,
                 "price": float(api), "currency": prices.currency},
     }  # fmt: skip
@@ -139,14 +149,23 @@ def cmd_cost(args: argparse.Namespace) -> int:
         print(f"  DeepSeek-V3 reports {_human(reported)} GPU-hours (${_human(reported * 2)} at $2): "
               f"{total_hours / reported - 1:+.1%}")  # fmt: skip
     kv = serving.kv_bytes_per_token
-    print(f"serving: weights {serving.weight_bytes / 1e9:.3g} GB (FP8 + block scales); KV bytes/token MLA "
-          f"{kv['mla']:,} | GQA-8 {kv['gqa']:,} | MHA {kv['mha']:,}")  # fmt: skip
+    kind = "FP8 + block scales" if args.weights == "fp8" else "bf16"
+    per_gpu = serving.weight_bytes / serving.gpus_per_node
+    print(f"serving: weights {serving.weight_bytes / 1e9:.3g} GB ({kind}), {per_gpu / 1e9:.3g} GB per GPU on "
+          f"{serving.gpus_per_node}; KV bytes/token MLA {kv['mla']:,} | GQA-8 {kv['gqa']:,} | "
+          f"MHA {kv['mha']:,}")  # fmt: skip
     node = f"{serving.gpus_per_node} x {gpu.name}"
     if serving.weight_bytes > serving.gpus_per_node * gpu.memory_bytes:
         print(f"  the weights alone exceed {node}: serve across more GPUs (--gpus-per-node)")
     else:
         fits = ", ".join(f"{k.upper()} {v:,}" for k, v in serving.contexts_per_node.items())
-        print(f"  {serving.context_len}-token contexts that fit {node} beside the weights: {fits}")
+        print(f"  {serving.context_len}-token contexts that fit {node} beside the weights: {fits} "
+              f"({_human(serving.kv_tokens)} MLA-cached tokens)")  # fmt: skip
+        nodes = serving.gpus_per_node / 8
+        line = ", ".join(f"b{b.batch} {_human(b.tokens_per_s / nodes)}" for b in bounds)
+        print(f"  decode bound (HBM bandwidth, {serving.context_len}-token contexts, batch per copy of the model), "
+              f"tokens/s per 8-GPU node: {line}; DeepSeek reports {_human(V3_DECODE_TOKENS_PER_NODE)} per H800 "
+              "node in production (expert parallelism over many nodes, MTP, about 1.8 tokens per step)")  # fmt: skip
     print(f"API: {_human(inputs)} input tokens at {args.hit_rate:.0%} cache hits + {_human(outputs)} output "
           f"tokens = {api:.4f} {prices.currency}")  # fmt: skip
     return 0
@@ -223,7 +242,7 @@ def _sampling_params(args: argparse.Namespace):
 def _engine(args: argparse.Namespace):
     from nanoseek.serve import Engine
 
-    return Engine(args.model, fp8_cache=args.fp8_cache, enforce_eager=not args.capture)
+    return Engine(args.model, fp8_cache=args.fp8_cache, enforce_eager=not args.capture, weights=args.weights)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -275,6 +294,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", nargs="*", metavar="TEXT", help="stop strings")
     parser.add_argument("--fp8-cache", action="store_true", help="keep the latent KV cache in FP8")
+    parser.add_argument("--weights", default="auto", choices=["auto", "fp8", "bf16", "fp32"],
+                        help="projection weights in memory: fp8 (E4M3 with 128x128 block scales, about 1 byte "
+                        "per parameter), bf16 or fp32 (dequantised); auto: fp8 for an FP8 checkpoint")  # fmt: skip
     parser.add_argument("--capture", action="store_true",
                         help="capture decode steps with torch.compile, once per batch bucket (seconds to compile "
                         "on a CPU, then fewer per-step overheads)")  # fmt: skip
@@ -501,7 +523,20 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--v3-report", action="store_true", help="DeepSeek-V3's phases (pre-training, 32K and 128K "
                       "context extension) against its reported 2,788K GPU-hours")  # fmt: skip
     cost.add_argument("--context-len", type=int, default=32768, help="serving context length (default: 32768)")
-    cost.add_argument("--gpus-per-node", type=int, default=8)
+    cost.add_argument(
+        "--gpus",
+        "--gpus-per-node",
+        dest="gpus_per_node",
+        type=int,
+        default=8,
+        help="GPUs serving one copy of the model (default: 8, one node)",
+    )
+    cost.add_argument(
+        "--weights",
+        choices=["fp8", "bf16"],
+        default="fp8",
+        help="serving weights: fp8 with 128x128 block scales (DeepSeek's) or bf16 (default: fp8)",
+    )
     cost.add_argument("--input-tokens", default="1M", help="API workload input tokens (default: 1M)")
     cost.add_argument("--output-tokens", default="1M", help="API workload output tokens (default: 1M)")
     cost.add_argument("--hit-rate", type=float, default=0.5, help="share of input tokens that hit the cache")

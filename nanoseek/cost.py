@@ -116,14 +116,16 @@ class GPU:
     bf16_flops: float  # dense peak, no sparsity
     fp8_flops: float | None
     memory_bytes: float
+    memory_bandwidth: float  # HBM bytes/s
 
 
 GPUS = {  # NVIDIA's datasheet peaks (SXM parts)
-    "h800": GPU("H800 SXM", 989.4e12, 1978.9e12, 80e9),
-    "h100": GPU("H100 SXM", 989.4e12, 1978.9e12, 80e9),
-    "h200": GPU("H200 SXM", 989.4e12, 1978.9e12, 141e9),
-    "a100": GPU("A100 SXM 80GB", 312e12, None, 80e9),
+    "h800": GPU("H800 SXM", 989.4e12, 1978.9e12, 80e9, 3.35e12),
+    "h100": GPU("H100 SXM", 989.4e12, 1978.9e12, 80e9, 3.35e12),
+    "h200": GPU("H200 SXM", 989.4e12, 1978.9e12, 141e9, 4.8e12),
+    "a100": GPU("A100 SXM 80GB", 312e12, None, 80e9, 2.039e12),
 }
+V3_DECODE_TOKENS_PER_NODE = 14.8e3  # DeepSeek's production figure: output tokens/s per H800 node (Feb 2025)
 
 
 @dataclass(slots=True)
@@ -191,9 +193,37 @@ class Serving:
     contexts_per_node: dict[str, int]  # at context_len, on gpus_per_node GPUs, after the weights
     context_len: int
     gpus_per_node: int
+    kv_tokens: int  # MLA-cached tokens that fit beside the weights
 
 
 FP8_BYTES_PER_PARAM = 1 + 4 / (128 * 128)  # E4M3 weights with one fp32 scale per 128x128 block
+
+
+@dataclass(slots=True)
+class DecodeBound:
+    batch: int
+    bytes_per_step: float  # weights touched + the batch's latent caches read, per decode step
+    tokens_per_s: float  # the node's HBM bandwidth over those bytes, times the batch
+
+
+def decode_bandwidth_bound(
+    cfg: ModelConfig, gpu: GPU, gpus: int, context_len: int, batches: tuple[int, ...] = (1, 8, 32, 64, 128, 256),
+    weight_bytes_per_param: float = FP8_BYTES_PER_PARAM, kv_dtype_bytes: int = 2,
+) -> list[DecodeBound]:  # fmt: skip
+    """An upper bound on decode tokens/s for a node of `gpus` GPUs: a decode step reads every weight it
+    uses once (attention, dense layers, shared experts, head; of the routed experts, those that at least
+    one of the batch's tokens chose: E (1 - (1 - k/E)^B) per MoE layer under balanced routing) and each
+    sequence's latent cache at context_len, at the GPUs' summed HBM bandwidth (weights sharded over them).
+    Compute, communication and MTP's extra tokens per step are left out: a bound, not a forecast."""
+    stats, routed = model_stats(cfg), cfg.n_routed_experts * expert_params(cfg) * moe_layer_count(cfg)
+    always = stats.params_total - routed - cfg.vocab_size * cfg.hidden_size  # the embedding is a lookup
+    kv = kv_bytes_per_token(cfg, kv_dtype_bytes, "mla")
+    out = []
+    for b in batches:
+        chosen = 1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** b if cfg.n_routed_experts else 0
+        step = (always + routed * chosen) * weight_bytes_per_param + b * context_len * kv
+        out.append(DecodeBound(b, step, b * gpus * gpu.memory_bandwidth / step))
+    return out
 
 
 def serving_footprint(
@@ -207,4 +237,4 @@ def serving_footprint(
     kv = {kind: kv_bytes_per_token(cfg, kv_dtype_bytes, kind) for kind in ("mla", "gqa", "mha")}
     free = gpus_per_node * gpu.memory_bytes - weights
     contexts = {kind: max(0, int(free // (b * context_len))) for kind, b in kv.items()}
-    return Serving(weights, kv, contexts, context_len, gpus_per_node)
+    return Serving(weights, kv, contexts, context_len, gpus_per_node, max(0, int(free // kv["mla"])))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.fp8_weights import dense_weight
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.rope import apply_rope, softmax_scale
 
@@ -96,7 +97,7 @@ class MLA(nn.Module):
         cache.store(self.layer_idx, self.kv_a_layernorm(latent), k_rope)
         context, mask = cache.gather(self.layer_idx)  # [B, L, r + rope], [B, 1, t, L]
 
-        w_kv = self.kv_b_proj.weight.view(n, nope + cfg.v_head_dim, r).to(q_nope.dtype)
+        w_kv = dense_weight(self.kv_b_proj, q_nope.dtype).view(n, nope + cfg.v_head_dim, r)
         w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]  # [H, nope, r], [H, v, r]
         q_latent = torch.matmul(q_nope.transpose(1, 2), w_uk)  # W_UK folded into q: [B, H, t, r]
         q = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # [B, H, t, r + rope]

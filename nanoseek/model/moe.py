@@ -171,7 +171,35 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # per expert [gate_proj; up_proj]
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.fp8 = False  # set by nanoseek.fp8.convert_to_fp8
+        self.resident_fp8 = False  # E4M3 weights with 128x128 block scales (make_fp8_resident), for inference
         self.ep: ExpertGroup | None = None
+
+    def make_fp8_resident(self) -> None:
+        """Keep the experts as DeepSeek-V3's FP8 checkpoints do: E4M3 with one fp32 scale per 128x128 block
+        of each expert's gate, up and down projection (gate and up blocks stacked: [E, 2 x I/128, H/128])."""
+        e, two_i, h = self.gate_up_proj.shape
+        device, blocks = self.gate_up_proj.device, lambda n: -(-n // 128)
+        del self.gate_up_proj, self.down_proj
+        self.register_buffer("gate_up_proj", torch.empty(e, two_i, h, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("down_proj", torch.empty(e, h, two_i // 2, dtype=torch.float8_e4m3fn, device=device))
+        gate_up = torch.empty(e, 2 * blocks(two_i // 2), blocks(h), device=device)
+        self.register_buffer("gate_up_proj_scale_inv", gate_up)
+        self.register_buffer("down_proj_scale_inv", torch.empty(e, blocks(h), blocks(two_i // 2), device=device))
+        self.resident_fp8 = True
+
+    def expert_weights(self, experts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate_up and down weights of `experts` (an index, indices or a slice) in `dtype`: views of the
+        stacked parameters, or their FP8 blocks dequantised now (only the experts asked for)."""
+        if not self.resident_fp8:
+            return self.gate_up_proj[experts], self.down_proj[experts]
+        from nanoseek.fp8 import dequantize_blocks
+
+        w, s = self.gate_up_proj[experts], self.gate_up_proj_scale_inv[experts]
+        i, half = w.shape[-2] // 2, s.shape[-2] // 2
+        gate = dequantize_blocks(w[..., :i, :], s[..., :half, :])
+        up = dequantize_blocks(w[..., i:, :], s[..., half:, :])
+        down = dequantize_blocks(self.down_proj[experts], self.down_proj_scale_inv[experts])
+        return torch.cat((gate, up), dim=-2).to(dtype), down.to(dtype)
 
     @torch.no_grad()
     def shard(self, ep: ExpertGroup) -> None:
@@ -190,7 +218,7 @@ class RoutedExperts(nn.Module):
             if torch.compiler.is_compiling():  # a captured step: static shapes, no sorting tokens by expert
                 static = self._few_tokens_gathered if self._few_tokens_pay(n * k) else self._every_expert
                 return static(x, weights, indices)
-            if self._few_tokens_pay(n * k):
+            if self._few_tokens_pay(n * k) or self.resident_fp8:  # FP8: dequantise only the chosen experts
                 return self._few_tokens(x, weights, indices)
         flat = indices.flatten()  # [N * k]
         order = flat.argsort(stable=True)  # sort (token, slot) pairs by expert
@@ -220,8 +248,9 @@ class RoutedExperts(nn.Module):
         for expert in slots.unique().tolist():
             picked = slots == expert
             rows = tokens[picked]  # the tokens that chose this expert (each at most once)
-            gate, up = F.linear(x[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            h = F.linear(F.silu(gate) * up, self.down_proj[expert])  # [rows, hidden]
+            gate_up, down = self.expert_weights(expert, x.dtype)
+            gate, up = F.linear(x[rows], gate_up).chunk(2, dim=-1)
+            h = F.linear(F.silu(gate) * up, down)  # [rows, hidden]
             out.index_add_(0, rows, h.float() * weights.flatten()[picked].unsqueeze(-1).float())
         return out.to(x.dtype)
 
@@ -230,8 +259,9 @@ class RoutedExperts(nn.Module):
         (token, expert) pair's weights gathered and run as one batched product."""
         flat = indices.flatten()  # [N * k]
         rows = x.repeat_interleave(indices.shape[1], dim=0).unsqueeze(1)  # [N * k, 1, hidden]
-        gate, up = torch.bmm(rows, self.gate_up_proj[flat].transpose(1, 2)).chunk(2, dim=-1)
-        out = torch.bmm(F.silu(gate) * up, self.down_proj[flat].transpose(1, 2))  # [N * k, 1, hidden]
+        gate_up, down = self.expert_weights(flat, x.dtype)
+        gate, up = torch.bmm(rows, gate_up.transpose(1, 2)).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, down.transpose(1, 2))  # [N * k, 1, hidden]
         return torch.bmm(weights.unsqueeze(1).float(), out.view(*indices.shape, -1).float()).squeeze(1).to(x.dtype)
 
     def _every_expert(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -241,8 +271,9 @@ class RoutedExperts(nn.Module):
         dense = torch.zeros(x.shape[0], self.n_experts, dtype=torch.float32, device=x.device)
         dense.scatter_(1, indices, weights.float())  # [N, E]
         rows = x.unsqueeze(0).expand(self.n_experts, -1, -1)  # [E, N, hidden]
-        gate, up = torch.bmm(rows, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-        out = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))  # [E, N, hidden]
+        gate_up, down = self.expert_weights(slice(None), x.dtype)
+        gate, up = torch.bmm(rows, gate_up.transpose(1, 2)).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, down.transpose(1, 2))  # [E, N, hidden]
         return torch.einsum("ne,enh->nh", dense, out.float()).to(x.dtype)
 
 

@@ -106,6 +106,7 @@ class Engine:
         max_batched_tokens: int = 512,
         max_seqs: int = 64,
         fp8_cache: bool = False,
+        weights: str = "auto",
         speculative_tokens: int = 0,
         cache_dir: str | Path | None = None,
         disk_cache_bytes: int = 8 * 2**30,
@@ -120,8 +121,10 @@ class Engine:
 
             model_dir = Path(model)
             hidden = ModelConfig.from_json(model_dir).hidden_size
+            if weights in ("bf16", "fp32"):  # the weights' dtype is the compute dtype
+                dtype = dtype or {"bf16": torch.bfloat16, "fp32": torch.float32}[weights]
             self.model = from_pretrained(model_dir, dtype=dtype or inference_dtype(self.device, hidden),
-                                         device=self.device)  # fmt: skip
+                                         device=self.device, weights=weights)  # fmt: skip
         self.model.eval()
         dtype = self.model.embed_tokens.weight.dtype
         if tokenizer is None and model_dir is not None and (model_dir / "tokenizer.json").is_file():

@@ -76,6 +76,8 @@ class ServeConfig:
     max_seqs: int = flag("sequences per engine step", default=64)
     speculative_tokens: int = flag("MTP draft tokens per step (0: off)", default=0)
     fp8_cache: bool = flag("keep the latent KV cache in FP8", default=False)
+    weights: str = flag("projection weights in memory: fp8 (E4M3 with 128x128 block scales), bf16 or fp32; auto: "
+                        "fp8 for an FP8 checkpoint", default="auto")  # fmt: skip
     enforce_eager: bool = flag("run decode steps eagerly; by default each batch bucket up to --max-seqs is "
                                "captured with torch.compile at start-up (seconds each on a CPU)",
                                default=False)  # fmt: skip
@@ -167,7 +169,7 @@ class Service:
             cfg.model, block_size=CACHE_UNIT, cache_bytes=cfg.cache_memory_mb * 2**20,
             max_batched_tokens=cfg.max_batched_tokens, max_seqs=cfg.max_seqs, fp8_cache=cfg.fp8_cache,
             speculative_tokens=cfg.speculative_tokens, cache_dir=cfg.cache_dir,
-            disk_cache_bytes=int(cfg.disk_cache_gb * 2**30), enforce_eager=cfg.enforce_eager,
+            disk_cache_bytes=int(cfg.disk_cache_gb * 2**30), enforce_eager=cfg.enforce_eager, weights=cfg.weights,
         )  # fmt: skip
         self.engine.capture()
         if self.engine.tokenizer is None:
