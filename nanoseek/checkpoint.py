@@ -177,21 +177,39 @@ def _safetensors_error(path: Path, e: Exception) -> CheckpointError:
                            "copy or convert it again")  # fmt: skip
 
 
+_STORED = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F8_E4M3": FP8,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}  # fmt: skip
+
+
 def read_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) from every safetensors file, one tensor in memory at a time."""
+    """Yield (key, tensor) from every safetensors file, one tensor in memory at a time. Each is read with one
+    read into its own buffer, not through a memory map: a mapped file's touched pages count as the
+    process's memory until the file closes, which would hold a whole shard beside the model it fills."""
     for path in weight_files(model_dir):
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield key, f.get_tensor(key)
-        except SafetensorError as e:
+            checkpoint_keys(path.parent, [path])  # the header, checked by safetensors itself
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+                for key, meta in header.items():
+                    if key == "__metadata__":
+                        continue
+                    t = torch.empty(meta["shape"], dtype=_STORED[meta["dtype"]])
+                    start, end = meta["data_offsets"]
+                    raw = t.view(torch.uint8).reshape(-1).numpy() if t.numel() else bytearray()
+                    f.seek(8 + size + start)
+                    if end - start != len(raw) or f.readinto(raw) != len(raw):
+                        raise SafetensorError(f"{key} ends past the end of the file")
+                    yield key, t
+        except (SafetensorError, KeyError, ValueError) as e:
             raise _safetensors_error(path, e) from None
 
 
-def checkpoint_keys(model_dir: Path) -> dict[str, torch.dtype]:
-    """Every tensor name and dtype, read from the headers only."""
+def checkpoint_keys(model_dir: Path, files: list[Path] | None = None) -> dict[str, str]:
+    """Every tensor name and its stored dtype (safetensors' name, e.g. "BF16"), read from the headers only."""
     keys = {}
-    for path in weight_files(model_dir):
+    for path in files if files is not None else weight_files(model_dir):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
