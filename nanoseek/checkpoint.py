@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -40,11 +41,19 @@ class CheckpointError(ValueError):
 
 
 def hf_tensor_map(model: Transformer) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """Every checkpoint key -> a view of the model tensor that holds it; plus the keys that are only
-    written (MTP copies of the embedding and head), which loading accepts and skips."""
+    """Every checkpoint key -> a view of the model tensor that holds it; plus the keys that loading accepts
+    and skips: MTP copies of the embedding and head, the experts other ranks hold (model-parallel
+    inference), and tensors left on the meta device (a rank that holds only experts)."""
     cfg = model.cfg
     tensors: dict[str, torch.Tensor] = {}
+    skipped: set[str] = set()
+    held = {}  # expert-module name -> (first, count) of the experts this model holds
+    for name, module in model.named_modules():
+        if hasattr(module, "first_expert"):
+            held[name] = (module.first_expert, module.n_experts)
     for name, t in model.state_dict(keep_vars=True).items():
+        module_name = name.rsplit(".", 1)[0]
+        first = held.get(module_name, (0, 0))[0]
         if name == "lm_head.weight":
             if not cfg.tie_word_embeddings:
                 tensors[name] = t
@@ -55,21 +64,24 @@ def hf_tensor_map(model: Transformer) -> tuple[dict[str, torch.Tensor], set[str]
         if name.endswith("mlp.experts.gate_up_proj"):
             prefix, inter = name.removesuffix("gate_up_proj"), cfg.moe_intermediate_size
             for e in range(t.shape[0]):
-                tensors[f"model.{prefix}{e}.gate_proj.weight"] = t[e, :inter]
-                tensors[f"model.{prefix}{e}.up_proj.weight"] = t[e, inter:]
+                tensors[f"model.{prefix}{first + e}.gate_proj.weight"] = t[e, :inter]
+                tensors[f"model.{prefix}{first + e}.up_proj.weight"] = t[e, inter:]
+            others = [e for e in range(cfg.n_routed_experts) if not first <= e < first + t.shape[0]]
+            for e, p in itertools.product(others, ("gate_proj", "up_proj", "down_proj")):
+                skipped |= {f"model.{prefix}{e}.{p}.weight", f"model.{prefix}{e}.{p}.weight{SCALE_SUFFIX}"}
         elif name.endswith("mlp.experts.down_proj"):
             prefix = name.removesuffix("down_proj")
             for e in range(t.shape[0]):
-                tensors[f"model.{prefix}{e}.down_proj.weight"] = t[e]
+                tensors[f"model.{prefix}{first + e}.down_proj.weight"] = t[e]
         elif name.endswith("mlp.experts.gate_up_proj_scale_inv"):  # FP8-resident experts' block scales
             prefix, half = name.removesuffix("gate_up_proj_scale_inv"), t.shape[1] // 2
             for e in range(t.shape[0]):
-                tensors[f"model.{prefix}{e}.gate_proj.weight{SCALE_SUFFIX}"] = t[e, :half]
-                tensors[f"model.{prefix}{e}.up_proj.weight{SCALE_SUFFIX}"] = t[e, half:]
+                tensors[f"model.{prefix}{first + e}.gate_proj.weight{SCALE_SUFFIX}"] = t[e, :half]
+                tensors[f"model.{prefix}{first + e}.up_proj.weight{SCALE_SUFFIX}"] = t[e, half:]
         elif name.endswith("mlp.experts.down_proj_scale_inv"):
             prefix = name.removesuffix("down_proj_scale_inv")
             for e in range(t.shape[0]):
-                tensors[f"model.{prefix}{e}.down_proj.weight{SCALE_SUFFIX}"] = t[e]
+                tensors[f"model.{prefix}{first + e}.down_proj.weight{SCALE_SUFFIX}"] = t[e]
         else:
             tensors[f"model.{name}"] = t
     copies: set[str] = set()
@@ -78,6 +90,10 @@ def hf_tensor_map(model: Transformer) -> tuple[dict[str, torch.Tensor], set[str]
         tensors[f"{layer}.embed_tokens.weight"] = model.embed_tokens.weight
         tensors[f"{layer}.shared_head.head.weight"] = model.lm_head.weight
         copies |= {f"{layer}.embed_tokens.weight", f"{layer}.shared_head.head.weight"}
+    on_meta = {key for key, t in tensors.items() if t.is_meta}
+    for key in on_meta:
+        del tensors[key]
+    copies |= skipped | on_meta | {key + SCALE_SUFFIX for key in on_meta}
     return tensors, copies
 
 
@@ -182,10 +198,11 @@ _STORED = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "
            "BOOL": torch.bool}  # fmt: skip
 
 
-def read_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def read_checkpoint(model_dir: Path, skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) from every safetensors file, one tensor in memory at a time. Each is read with one
     read into its own buffer, not through a memory map: a mapped file's touched pages count as the
-    process's memory until the file closes, which would hold a whole shard beside the model it fills."""
+    process's memory until the file closes, which would hold a whole shard beside the model it fills.
+    Tensors named in `skip` are not read at all (another rank's experts)."""
     for path in weight_files(model_dir):
         try:
             checkpoint_keys(path.parent, [path])  # the header, checked by safetensors itself
@@ -193,7 +210,7 @@ def read_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 size = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(size))
                 for key, meta in header.items():
-                    if key == "__metadata__":
+                    if key == "__metadata__" or key in skip:
                         continue
                     t = torch.empty(meta["shape"], dtype=_STORED[meta["dtype"]])
                     start, end = meta["data_offsets"]
@@ -349,12 +366,16 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     weights: str | None = None,
+    expert_shard: tuple[int, int] | None = None,
+    experts_only: bool = False,
 ) -> Transformer:
     """Load a Hugging Face DeepSeek-V3 model folder, reading each tensor straight from the safetensors
     files into its place (no second copy of the model on the way). dtype: the compute dtype (None: the
     checkpoint's). weights: "fp8" keeps the projections in E4M3 with their 128x128 block scales (quantising
     a higher-precision checkpoint), "bf16" / "fp32" dequantise them, "auto" keeps an FP8 checkpoint FP8;
-    None (training, conversion) dequantises to dtype."""
+    None (training, conversion) dequantises to dtype. expert_shard (rank, world): hold only this rank's
+    contiguous E / world routed experts (model-parallel inference); experts_only: nothing else either (the
+    other tensors stay on the meta device, unread)."""
     path = Path(model_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a folder: pass a Hugging Face model folder (config.json + safetensors)")
@@ -375,12 +396,22 @@ def from_pretrained(
     resident = weights == "fp8" or (weights == "auto" and any(d == "F8_E4M3" for d in keys.values()))
     with torch.device("meta"):  # no memory and no random init for weights that are overwritten anyway
         model = Transformer(cfg)
+    if expert_shard is not None:
+        rank, world = expert_shard
+        if cfg.n_routed_experts % world:
+            raise ValueError(f"{world} ranks must divide the {cfg.n_routed_experts} routed experts")
+        count = cfg.n_routed_experts // world
+        for module in model.modules():
+            if hasattr(module, "keep_experts"):
+                module.keep_experts(rank * count, count)
     if resident:
         make_fp8_resident(model)
     cast_except_fp8(model, dtype)
-    check_fits_in_memory(cfg, dtype, torch.device(device or "cpu"), need=resident_bytes(model))
-    model.to_empty(device=device or "cpu")
+    held = [m for m in model.modules() if hasattr(m, "keep_experts")] if experts_only else [model]
+    check_fits_in_memory(cfg, dtype, torch.device(device or "cpu"), need=sum(resident_bytes(m) for m in held))
+    for module in held:
+        module.to_empty(device=device or "cpu")
     model.tie_weights()
-    load_weights(model, read_checkpoint(path))
+    load_weights(model, read_checkpoint(path, skip=hf_tensor_map(model)[1]))
     model.rotary_emb.reset_parameters()  # a non-persistent buffer: recomputed, not loaded
     return model.eval()

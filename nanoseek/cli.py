@@ -245,23 +245,46 @@ def _engine(args: argparse.Namespace):
     return Engine(args.model, fp8_cache=args.fp8_cache, enforce_eager=not args.capture, weights=args.weights)
 
 
+def expert_rank(args: argparse.Namespace) -> int | None:
+    """Under torchrun, a rank > 0 serves its share of the routed experts to rank 0 (nanoseek.serve.parallel)
+    and returns its exit code here; rank 0 and a lone process get None and go on."""
+    from nanoseek.serve import parallel
+
+    ranks = parallel.from_env()
+    return parallel.run_worker(args.model, ranks, args.weights) if ranks and ranks.rank > 0 else None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if (code := expert_rank(args)) is not None:
+        return code
     engine = _engine(args)
-    prompt = args.prompt
-    if args.chat:
-        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
-    params = _sampling_params(args)
-    if args.no_stream:
-        print(engine.generate([prompt], params)[0].text)
+    try:
+        prompt = args.prompt
+        if args.chat:
+            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
+        params = _sampling_params(args)
+        if args.no_stream:
+            print(engine.generate([prompt], params)[0].text)
+            return 0
+        for piece in engine.stream(prompt, params):
+            print(piece, end="", flush=True)
+        print()
         return 0
-    for piece in engine.stream(prompt, params):
-        print(piece, end="", flush=True)
-    print()
-    return 0
+    finally:
+        engine.close()
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if (code := expert_rank(args)) is not None:
+        return code
     engine = _engine(args)
+    try:
+        return _chat(engine, args)
+    finally:
+        engine.close()
+
+
+def _chat(engine, args: argparse.Namespace) -> int:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("nanoseek chat: type a message; an empty line or Ctrl-D quits.", file=sys.stderr)
     while True:
@@ -303,6 +326,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if (code := expert_rank(args)) is not None:
+        return code
     from nanoseek.serve.api import ServeConfig, serve
 
     fields = {f.name for f in dataclasses.fields(ServeConfig)}

@@ -173,6 +173,18 @@ class RoutedExperts(nn.Module):
         self.fp8 = False  # set by nanoseek.fp8.convert_to_fp8
         self.resident_fp8 = False  # E4M3 weights with 128x128 block scales (make_fp8_resident), for inference
         self.ep: ExpertGroup | None = None
+        # Model-parallel inference (nanoseek.serve.parallel): this rank holds experts [first_expert, +n_experts);
+        # on rank 0 `remote` sends each call's tokens to the other ranks and sums their partial outputs.
+        self.first_expert = 0
+        self.remote = None
+
+    def keep_experts(self, first: int, count: int) -> None:
+        """Hold only experts [first, first + count) (call it on the meta device, before loading)."""
+        for name in ("gate_up_proj", "down_proj"):
+            old = getattr(self, name)
+            setattr(self, name, nn.Parameter(torch.empty(count, *old.shape[1:], dtype=old.dtype, device=old.device),
+                                             requires_grad=False))  # fmt: skip
+        self.first_expert, self.n_experts = first, count
 
     def make_fp8_resident(self) -> None:
         """Keep the experts as DeepSeek-V3's FP8 checkpoints do: E4M3 with one fp32 scale per 128x128 block
@@ -214,6 +226,8 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, hidden], weights/indices [N, k] -> sum over the k chosen experts, [N, hidden]."""
         n, k = indices.shape
+        if self.remote is not None:
+            return self.remote(self, x, weights, indices)
         if self.ep is None and not self.fp8 and not torch.is_grad_enabled():
             if torch.compiler.is_compiling():  # a captured step: static shapes, no sorting tokens by expert
                 static = self._few_tokens_gathered if self._few_tokens_pay(n * k) else self._every_expert
@@ -243,16 +257,22 @@ class RoutedExperts(nn.Module):
     def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Decoding a handful of tokens: each chosen expert's weights are read where they lie (copying them out,
         about 44 MB per token on the `small` preset, cost more than the matmuls), for the tokens that chose it."""
+        return self.local_sum(x, weights, indices).to(x.dtype)
+
+    def local_sum(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The weighted sum, in fp32, of the experts this module holds over the tokens that chose them (all
+        of them on one process; under model-parallel inference, this rank's share)."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # the k experts summed in fp32, rounded once
         tokens, slots = torch.arange(indices.shape[0]).repeat_interleave(indices.shape[1]), indices.flatten()
-        for expert in slots.unique().tolist():
+        held = (slots >= self.first_expert) & (slots < self.first_expert + self.n_experts)
+        for expert in slots[held].unique().tolist():
             picked = slots == expert
             rows = tokens[picked]  # the tokens that chose this expert (each at most once)
-            gate_up, down = self.expert_weights(expert, x.dtype)
+            gate_up, down = self.expert_weights(expert - self.first_expert, x.dtype)
             gate, up = F.linear(x[rows], gate_up).chunk(2, dim=-1)
             h = F.linear(F.silu(gate) * up, down)  # [rows, hidden]
             out.index_add_(0, rows, h.float() * weights.flatten()[picked].unsqueeze(-1).float())
-        return out.to(x.dtype)
+        return out
 
     def _few_tokens_gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The loop above, static in shape for a captured graph (whose loops cannot depend on data): each

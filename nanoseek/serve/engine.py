@@ -32,6 +32,7 @@ import torch
 from nanoseek.config import ModelConfig
 from nanoseek.device import default_device, inference_dtype
 from nanoseek.model import Transformer
+from nanoseek.serve import parallel
 from nanoseek.serve.grammar import Grammars
 from nanoseek.serve.kv_cache import BlockManager, CacheSpec, LatentPool
 from nanoseek.serve.output import TextOutput, releasable
@@ -113,6 +114,8 @@ class Engine:
         enforce_eager: bool = True,
     ):
         self.device = torch.device(device) if device else default_device()
+        # Under torchrun this is rank 0, and the other ranks hold shares of the routed experts (parallel.py).
+        self.ranks = parallel.from_env(self.device) if not isinstance(model, Transformer) else None
         if isinstance(model, Transformer):
             self.model = model.to(self.device)
             model_dir = None
@@ -123,8 +126,17 @@ class Engine:
             hidden = ModelConfig.from_json(model_dir).hidden_size
             if weights in ("bf16", "fp32"):  # the weights' dtype is the compute dtype
                 dtype = dtype or {"bf16": torch.bfloat16, "fp32": torch.float32}[weights]
-            self.model = from_pretrained(model_dir, dtype=dtype or inference_dtype(self.device, hidden),
-                                         device=self.device, weights=weights)  # fmt: skip
+            dtype = dtype or inference_dtype(self.device, hidden)
+            if self.ranks is not None:
+                if self.ranks.rank != 0:
+                    raise ValueError("ranks > 0 of a torchrun launch serve experts: nanoseek.serve.parallel.run_worker")
+                dtype = parallel.share_dtype(self.ranks, dtype)
+            shard = (0, self.ranks.world) if self.ranks is not None else None
+            self.model = from_pretrained(model_dir, dtype=dtype, device=self.device, weights=weights,
+                                         expert_shard=shard)  # fmt: skip
+            if self.ranks is not None:
+                parallel.attach(self.model, self.ranks)
+                enforce_eager = True  # a captured graph cannot hold the per-layer collectives
         self.model.eval()
         dtype = self.model.embed_tokens.weight.dtype
         if tokenizer is None and model_dir is not None and (model_dir / "tokenizer.json").is_file():
@@ -199,9 +211,13 @@ class Engine:
         self.block_manager.forget_prefixes()
 
     def close(self) -> None:
-        """Finish writing the disk cache (call before the process ends to keep every block)."""
+        """Finish writing the disk cache (call before the process ends to keep every block); release the
+        other ranks of a torchrun launch."""
         if self.disk_cache is not None:
             self.disk_cache.close()
+        if self.ranks is not None:
+            parallel.stop(self.ranks)
+            self.ranks = None
 
     # --- requests --------------------------------------------------------------------------------
     def check_request(self, ids: list[int], params: SamplingParams) -> None:
