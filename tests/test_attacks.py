@@ -145,7 +145,9 @@ def test_a_huge_body_is_413_unread_and_health_stays_fast_while_big_ones_parse(se
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200
         latencies.append(time.monotonic() - t)
     assert [r.status_code for r in results] == [400] * 3  # longer than the context
-    assert latencies and max(latencies) < 0.1, latencies
+    # FastAPI parses each 3.5 MB body on the event loop (50-100 ms here, under load a little more); what
+    # must never block it is tokenising or templating them, which takes seconds: those run off the loop.
+    assert latencies and max(latencies) < 0.25, latencies
 
 
 def test_two_servers_on_one_ledger_record_every_request(model_dir, tmp_path):

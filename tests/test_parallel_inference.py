@@ -18,7 +18,7 @@ import json, sys, torch
 from nanoseek import Engine, SamplingParams
 from nanoseek.model.fp8_weights import resident_bytes
 from nanoseek.serve import parallel
-folder, weights = sys.argv[1], sys.argv[2]
+folder, weights, drafts = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ranks = parallel.from_env()
 if ranks is not None and ranks.rank > 0:
     dtype = parallel.share_dtype(ranks, None)
@@ -29,13 +29,15 @@ if ranks is not None and ranks.rank > 0:
     print(json.dumps({"rank": ranks.rank, "resident": held}), flush=True)
     parallel.serve_experts(model, ranks, dtype)
 else:
-    engine = Engine(folder, device="cpu", dtype=torch.float32, weights=weights, cache_bytes=16 * 2**20)
-    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=5)
+    engine = Engine(folder, device="cpu", dtype=torch.float32, weights=weights, cache_bytes=16 * 2**20,
+                    speculative_tokens=drafts)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=None if drafts else 5)
     outs = engine.generate([list(range(3, 40)), [7] * 20, list(range(100, 164))], params)
     experts = sum(m.gate_up_proj.numel() * m.gate_up_proj.element_size() + m.down_proj.numel()
                   * m.down_proj.element_size() for m in parallel.expert_modules(engine.model))
     print(json.dumps({"rank": 0, "tokens": [o.token_ids for o in outs], "resident": resident_bytes(engine.model),
-                      "experts": experts, "logprobs": [[lp for lp, _ in o.logprobs] for o in outs],
+                      "experts": experts, "drafted": engine.metrics.drafted_tokens,
+                      "logprobs": [[lp for lp, _ in o.logprobs] for o in outs],
                       "top": [[sorted(alt.values()) for _, alt in o.logprobs] for o in outs]}), flush=True)
     engine.close()
 """
@@ -43,9 +45,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_AUTO_DTYPE": "float32"}
 
 
-def run(folder, weights: str, ranks: int) -> dict[int, dict]:
-    cmd = [sys.executable, "-c", SCRIPT, str(folder), weights] if ranks == 1 else [
-        *TORCHRUN, str(ranks), "--no-python", sys.executable, "-c", SCRIPT, str(folder), weights]  # fmt: skip
+def run(folder, weights: str, ranks: int, drafts: int = 0) -> dict[int, dict]:
+    args = ["-c", SCRIPT, str(folder), weights, str(drafts)]
+    cmd = [sys.executable, *args] if ranks == 1 else [*TORCHRUN, str(ranks), "--no-python", sys.executable, *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -64,6 +66,13 @@ def test_two_ranks_decode_as_one_process_with_half_the_experts_each(tmp_path, to
     # Each rank holds half of the routed experts; rank 0 also everything else, ranks > 0 nothing else.
     assert split[0]["experts"] * 2 == alone["experts"] and split[1]["resident"] == split[0]["experts"]
     assert split[0]["resident"] == alone["resident"] - alone["experts"] // 2
+
+
+def test_mtp_speculative_decoding_over_ranks_gives_the_plain_greedy_tokens(tmp_path, tokenizer):
+    """The MTP module's MoE layer is split too; its drafts, verified on rank 0, change no token."""
+    folder = make_model_dir(tmp_path / "model", tokenizer)
+    drafted = run(folder, "fp32", 2, drafts=1)[0]
+    assert drafted["tokens"] == run(folder, "fp32", 1)[0]["tokens"] and drafted["drafted"] > 0
 
 
 def test_fp8_resident_weights_split_over_ranks_decode_as_one_process(tmp_path):
