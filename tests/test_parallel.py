@@ -126,3 +126,33 @@ def test_checkpoints_resume_across_world_sizes(tmp_path, data_dir):
     for run in (resumed, resumed_wide):
         assert [m["step"] for m in run] == [1, 2, 3, 4]
         assert [m["loss"] for m in run] == pytest.approx([m["loss"] for m in straight], rel=1e-5)
+
+
+def test_sft_on_two_ranks_matches_one_process(tmp_path, tokenizer):
+    """Rows train 1 to 5 reply tokens and each rank holds half of them: the step's token count, summed over
+    ranks, divides the summed token losses once, so 2 ranks give 1 process's losses and gradient norms."""
+    from serving import make_model_dir
+
+    model = make_model_dir(tmp_path / "base", tokenizer)
+    with open(tmp_path / "chat.jsonl", "w") as f:
+        for i in range(40):
+            messages = [
+                {"role": "user", "content": f"say {i}"},
+                {"role": "assistant", "content": f"{i} " * (1 + i % 5)},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    args = ["sft", "--model", str(model), "--data", str(tmp_path / "chat.jsonl"), "--steps", "2", "--batch-size", "4",
+            "--seq-len", "48", "--no-progress", "--sample-tokens", "0", "--dtype", "float32", "--eval-every", "100",
+            "--save-every", "100", "--balance-alpha", "0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = []
+    for launcher, out in ((NANOSEEK, "one"), (TORCHRUN, "two")):
+        result = subprocess.run([*launcher, *args, "--out", str(tmp_path / out)], capture_output=True, text=True,
+                                timeout=300, env=env)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append([json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()])
+    for a, b in zip(*runs, strict=True):
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5) and b["mtp_loss"] == pytest.approx(
+            a["mtp_loss"], rel=1e-5
+        )
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)

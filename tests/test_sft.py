@@ -95,6 +95,30 @@ def test_sft_from_a_model_folder_learns_the_replies(tmp_path, tokenizer):
         TrainConfig(objective="sft", data="x.jsonl")
 
 
+def sft_step(model_dir, data, out, **changes) -> tuple[dict, torch.Tensor]:
+    """The metrics and flattened gradients of one SFT step in fp32, the optimizer left untouched."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(init=str(model_dir), data=str(data), objective="sft", out=str(out), steps=1, batch_size=4,
+                      seq_len=48, progress=False, sample_tokens=0, balance_alpha=0.0, dtype="float32",
+                      **changes)  # fmt: skip
+    trainer = Trainer(cfg)
+    grads = []
+    trainer.optimizer.step = lambda: grads.extend(p.grad.flatten().clone() for p in trainer.model.parameters())
+    return trainer.train_step(), torch.cat(grads)
+
+
+def test_sft_loss_and_gradients_do_not_depend_on_the_micro_batch_size(tmp_path, tokenizer):
+    """Rows train 1 to 5 reply tokens: every trained token weighs the same whatever the split (the step's
+    token count divides the summed token losses once), for the main head and each MTP depth."""
+    model = make_model_dir(tmp_path / "base", tokenizer)
+    write_chats(tmp_path / "chat.jsonl", 40)
+    full, grads = sft_step(model, tmp_path / "chat.jsonl", tmp_path / "full")
+    split, grads_split = sft_step(model, tmp_path / "chat.jsonl", tmp_path / "split", micro_batch_size=1)
+    for name in ("loss", "lm_loss", "mtp_loss"):
+        assert split[name] == pytest.approx(full[name], rel=1e-5), name
+    torch.testing.assert_close(grads_split, grads, rtol=1e-4, atol=1e-7)
+
+
 def test_distillation_kl_is_zero_for_the_teacher_itself_and_counts_trained_tokens_only():
     student, teacher = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
     targets = torch.tensor([[1, IGNORE, 2], [IGNORE, IGNORE, 3]])

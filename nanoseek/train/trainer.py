@@ -106,15 +106,23 @@ class TrainConfig:
             raise ValueError("supervised fine-tuning needs --model DIR (the model to start from) and --data chat.jsonl")
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the trained positions (targets != IGNORE): their mean, or their sum."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction=reduction)
 
 
-def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over trained positions (targets != IGNORE) of KL(teacher || student); logits [B, T, V]."""
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
+                    reduction: str = "mean") -> torch.Tensor:  # fmt: skip
+    """KL(teacher || student) over trained positions (targets != IGNORE), their mean or sum; logits [B, T, V]."""
     keep = targets != IGNORE
     s, t = student[keep].float().log_softmax(-1), teacher[keep].float().log_softmax(-1)
-    return (t.exp() * (t - s)).sum(-1).mean() if keep.any() else student.new_zeros(())
+    kl = (t.exp() * (t - s)).sum(-1)
+    return kl.sum() if reduction == "sum" else kl.mean() if keep.any() else student.new_zeros(())
+
+
+def trained_tokens(targets: torch.Tensor, depths: int) -> torch.Tensor:
+    """How many positions each loss trains: the main head's, then each MTP depth's. [1 + depths]"""
+    return torch.stack([(mtp_targets(targets, k) != IGNORE).sum() for k in range(depths + 1)])
 
 
 def mtp_targets(targets: torch.Tensor, depth: int) -> torch.Tensor:
@@ -215,29 +223,40 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def compute_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """inputs, targets [B, T] (targets IGNORE where nothing is learnt) -> the loss and its parts."""
-        use_mtp = bool(self.model.mtp) and self.cfg.mtp_lambda > 0
+    @property
+    def mtp_depths(self) -> int:
+        return len(self.model.mtp) if self.model.mtp and self.cfg.mtp_lambda > 0 else 0
+
+    def compute_loss(self, inputs: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor | None = None,
+                     chunks: int = 1, world: int = 1) -> dict[str, torch.Tensor]:  # fmt: skip
+        """inputs, targets [B, T] (targets IGNORE where nothing is learnt) -> the loss and its parts.
+
+        counts: the trained tokens of the whole step (every micro-batch, every rank) for the main head and
+        each MTP depth (None: this batch's own). Token losses are summed and divided by them once, so a
+        token weighs the same however the step is split (a mean of micro-batch means would not: a row
+        with few trained tokens would weigh more in a small micro-batch). The returned parts are this
+        batch's shares of the step's means; the balance loss, a mean over sequences, is one chunk's.
+        world: gradients are averaged over ranks (FSDP, the expert sync), so the token terms, shares of a
+        global sum, are scaled by it in `loss`; the balance term, a mean, is not."""
+        depths = self.mtp_depths
+        counts = (counts if counts is not None else trained_tokens(targets, depths)).clamp(min=1).to(self.device)
         for _, moe in self.moe:
             moe.expert_load = moe.balance_loss = None
         with self.autocast():
-            logits, mtp_logits = self.forward(inputs, mtp=True) if use_mtp else (self.forward(inputs), [])
-        lm = lm_loss(logits, targets)
+            logits, mtp_logits = self.forward(inputs, mtp=True) if depths else (self.forward(inputs), [])
+        lm = lm_loss(logits, targets, "sum") / counts[0]
         zero = lm.new_zeros(())
-        mtp = (
-            torch.stack([lm_loss(lg, mtp_targets(targets, k)) for k, lg in enumerate(mtp_logits, 1)]).mean()
-            if mtp_logits
-            else zero
-        )
+        per_depth = [lm_loss(lg, mtp_targets(targets, k), "sum") / counts[k] for k, lg in enumerate(mtp_logits, 1)]
+        mtp = torch.stack(per_depth).mean() if per_depth else zero
         balance = [m.balance_loss for _, m in self.moe if m.balance_loss is not None]
         bal = torch.stack(balance).sum() if balance else zero  # alpha applies per MoE layer (V3 eq. 17)
-        loss = lm + self.cfg.mtp_lambda * mtp + self.cfg.balance_alpha * bal
+        tokens = lm + self.cfg.mtp_lambda * mtp
         parts = {"lm_loss": lm.detach(), "mtp_loss": mtp.detach(), "balance_loss": bal.detach()}
         if self.teacher is not None:
-            kl = distillation_kl(logits, self.teacher_logits(inputs), targets)
-            loss = loss + self.cfg.kl_weight * kl
+            kl = distillation_kl(logits, self.teacher_logits(inputs), targets, "sum") / counts[0]
+            tokens = tokens + self.cfg.kl_weight * kl
             parts["kl_loss"] = kl.detach()
-        return {"loss": loss, **parts}
+        return {"loss": world * tokens + self.cfg.balance_alpha * bal / chunks, **parts}
 
     @torch.no_grad()
     def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -251,19 +270,29 @@ class Trainer:
         size = cfg.micro_batch_size or len(inputs)
         chunks = list(zip(inputs.split(size), targets.split(size), strict=True))
         loads = [torch.zeros(m.cfg.n_routed_experts, device=self.device) for _, m in self.moe]
-        totals: dict[str, float] = {}
+        # The step's trained tokens over every micro-batch and rank (one all-reduce): each token loss is
+        # divided by them once (compute_loss).
+        counts = parallel.all_reduce_sum(trained_tokens(targets, self.mtp_depths).to(self.device).float(), self.par)
+        totals: dict[str, torch.Tensor] = {}
         for x, y in chunks:
-            parts = self.compute_loss(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-            (parts["loss"] / len(chunks)).backward()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            parts = self.compute_loss(x, y, counts, chunks=len(chunks), world=self.par.world)
+            parts["loss"].backward()
             for load, (_, moe) in zip(loads, self.moe, strict=True):
                 if moe.expert_load is not None:
                     load += moe.expert_load
+            parts["balance_loss"] = parts["balance_loss"] / (len(chunks) * self.par.world)  # a mean over all
             for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v.detach().float() / len(chunks)
-        # Every rank reports the mean over ranks and balances with the global expert loads.
+                if k != "loss":
+                    totals[k] = totals.get(k, 0.0) + v.detach().float()
+        # Every rank reports the step's global means and balances with the global expert loads.
         names = list(totals)
-        means = parallel.all_reduce_sum(torch.stack([totals[k] for k in names]), self.par) / self.par.world
-        totals = dict(zip(names, means.tolist(), strict=True))
+        sums = parallel.all_reduce_sum(torch.stack([totals[k] for k in names]), self.par)
+        totals = dict(zip(names, sums.tolist(), strict=True))
+        kl = cfg.kl_weight * totals.get("kl_loss", 0.0)
+        totals["loss"] = (
+            totals["lm_loss"] + cfg.mtp_lambda * totals["mtp_loss"] + cfg.balance_alpha * totals["balance_loss"] + kl
+        )
         for load in loads:
             parallel.all_reduce_sum(load, self.par)
         parallel.sync_expert_grads(self.model, self.par)
@@ -296,13 +325,15 @@ class Trainer:
         self.model.eval()
         self.val_loader.load_state_dict({"epoch": 0, "cursor": 0})  # the same windows every time
         n = min(self.cfg.eval_batches, self.val_loader.n_windows // self.val_loader.batch_size)
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros(2, device=self.device)  # summed token losses, trained tokens: one mean over all
         for _ in range(n):
             inputs, targets = self.inputs_and_targets(self.val_loader.next_batch())
             with self.autocast():
                 logits = self.forward(inputs.to(self.device))
-            total += lm_loss(logits, targets.to(self.device)).float()
-        return (parallel.all_reduce_sum(total, self.par) / (n * self.par.world)).item()
+            targets = targets.to(self.device)
+            total += torch.stack([lm_loss(logits, targets, "sum").float(), (targets != IGNORE).sum().float()])
+        loss_sum, count = parallel.all_reduce_sum(total, self.par).tolist()
+        return loss_sum / max(count, 1)
 
     def samples(self) -> dict[str, str]:
         n, context = self.cfg.sample_tokens, self.cfg.seq_len
