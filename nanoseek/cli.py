@@ -308,12 +308,15 @@ def _chat(engine, args: argparse.Namespace) -> int:
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="a model folder with its tokenizer")
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    from nanoseek.serve.sampling import SamplingParams
+
+    d = SamplingParams()  # one set of sampling defaults: the engine's, the API's (OpenAI's), the CLI's
+    parser.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    parser.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=d.top_k, help="0: off")
+    parser.add_argument("--top-p", type=float, default=d.top_p)
+    parser.add_argument("--min-p", type=float, default=d.min_p)
+    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", nargs="*", metavar="TEXT", help="stop strings")
     parser.add_argument("--fp8-cache", action="store_true", help="keep the latent KV cache in FP8")
@@ -591,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--val-permille", type=int, default=10, help="documents per 1000 kept for validation")
     prep.set_defaults(func=cmd_data_prepare)
 
-    from nanoseek.train.trainer import TrainConfig
+    from nanoseek.train.config import TrainConfig
 
     train = commands.add_parser("train", help="pretrain a model (default: tiny, on Python's stdlib)",
                                 description="Pretrain with MTP and auxiliary-loss-free balancing.")  # fmt: skip
@@ -622,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default="", help="a system prompt")
     chat.set_defaults(func=cmd_chat)
 
-    from nanoseek.serve.api import ServeConfig
+    from nanoseek.serve.config import ServeConfig
 
     server = commands.add_parser(
         "serve",
@@ -671,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(distill, TrainConfig, skip=SFT_SKIP, defaults=SFT_DEFAULTS | {"out": "runs/distill"})
     distill.set_defaults(func=cmd_distill)
 
-    from nanoseek.rl.grpo import GRPOConfig
+    from nanoseek.rl.config import GRPOConfig
 
     grpo = commands.add_parser("grpo", help="GRPO with rule-based rewards on a verifiable task",
                                description="Group Relative Policy Optimization (DeepSeekMath, R1): G sampled "

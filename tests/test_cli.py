@@ -87,3 +87,15 @@ def test_every_command_has_help(command, mentions, capsys):
     with pytest.raises(SystemExit) as done:
         main([*command, "--help"])
     assert done.value.code == 0 and mentions in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "command", [["info"], ["--help"], ["serve", "--help"], ["train", "--help"], ["grpo", "--help"]]
+)
+def test_info_and_help_import_no_server_trainer_or_grpo(command):
+    """Building the CLI reads the settings from light modules: `nanoseek info` and any --help stay quick."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "nanoseek", *command], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert not imported & {"fastapi", "uvicorn", "nanoseek.train.trainer", "nanoseek.rl.grpo", "nanoseek.serve.api"}

@@ -3,7 +3,7 @@ continuous batching, chunked prefill under a token budget, preemption and finish
 
 import pytest
 
-from nanoseek.serve.kv_cache import BlockManager
+from nanoseek.serve.kv_cache import BlockManager, CacheFull
 from nanoseek.serve.output import TextOutput
 from nanoseek.serve.sampling import SamplingParams
 from nanoseek.serve.scheduler import Scheduler
@@ -30,7 +30,7 @@ def test_blocks_are_reference_counted_shared_by_prefix_and_evicted_oldest_first(
     # Eviction takes the least recently freed block first; a's hash goes with it when it is reused.
     taken = [bm.allocate() for _ in range(4)]
     assert sorted(taken) == [0, 1, 2, 3] and bm.match_prefix([1, 2])[0] == []
-    with pytest.raises(MemoryError):
+    with pytest.raises(CacheFull):
         bm.allocate()
 
 
@@ -72,7 +72,7 @@ def test_a_full_cache_preempts_the_latest_admitted_and_requeues_it_first():
 def test_a_request_that_can_never_fit_is_an_error_not_a_hang():
     scheduler = Scheduler(BlockManager(num_blocks=2, block_size=2), max_batched_tokens=64)
     scheduler.add(seq("huge", list(range(10))))
-    with pytest.raises(MemoryError, match="huge"):
+    with pytest.raises(CacheFull, match="huge"):
         scheduler.schedule()
 
 

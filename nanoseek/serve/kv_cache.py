@@ -22,6 +22,11 @@ import torch
 from nanoseek.config import ModelConfig
 
 
+class CacheFull(RuntimeError):
+    """The paged latent cache has no room: for a request that could never fit, or a block taken from an
+    empty free list. nanoseek's own, so that callers never mistake it for the process running out of memory."""
+
+
 def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
     h = hashlib.blake2b(parent or b"", digest_size=16)
     h.update(torch.tensor(tokens, dtype=torch.int64).numpy().tobytes())
@@ -46,7 +51,7 @@ class BlockManager:
 
     def allocate(self) -> int:
         if not self.free:
-            raise MemoryError("no free KV-cache block")
+            raise CacheFull("no free KV-cache block")
         block, _ = self.free.popitem(last=False)  # evict the least recently freed
         if block in self.hash_of:
             del self.block_of[self.hash_of.pop(block)]

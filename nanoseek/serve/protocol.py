@@ -13,7 +13,10 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from pydantic_core import PydanticCustomError
 
+from nanoseek.serve.sampling import SamplingParams
 from nanoseek.tokenizer import Tokenizer
+
+DEFAULTS = SamplingParams()
 
 MAX_SEED = 2**63 - 1
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -142,8 +145,8 @@ class SamplingRequest(Strict):
 
     model: Text = Field(min_length=1, max_length=256)
     max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: Number = Field(1.0, ge=0, le=2)
-    top_p: Number = Field(1.0, ge=0, le=1)
+    temperature: Number = Field(DEFAULTS.temperature, ge=0, le=2)  # the engine's defaults, which are OpenAI's
+    top_p: Number = Field(DEFAULTS.top_p, ge=0, le=1)
     stop: Stop | list[Stop] | None = Field(None, max_length=16)
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
     presence_penalty: Number = Field(0.0, ge=-2, le=2)

@@ -15,6 +15,9 @@ import torch
 
 @dataclass(slots=True)
 class SamplingParams:
+    """How one request samples. The defaults are OpenAI's and DeepSeek's API defaults (temperature 1,
+    top_p 1), shared by the CLI's flags and the server's request fields."""
+
     max_tokens: int = 64
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: off

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from nanoseek.serve.kv_cache import BlockManager
+from nanoseek.serve.kv_cache import BlockManager, CacheFull
 from nanoseek.serve.sequence import Sequence, Status
 
 
@@ -57,7 +57,7 @@ class Scheduler:
             n = min(len(seq) - seq.num_computed, budget)
             if not self.reserve(seq, seq.num_computed + n):
                 if not self.running:  # nothing to wait for: this request can never fit
-                    raise MemoryError(f"request {seq.id} needs more KV cache than the engine has")
+                    raise CacheFull(f"request {seq.id} needs more KV cache than the engine has")
                 self._reset(seq)
                 break
             self.waiting.popleft()

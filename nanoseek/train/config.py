@@ -1,0 +1,68 @@
+"""`nanoseek train` / `sft` / `distill` settings: a light module, so that building the CLI imports no trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nanoseek.config import flag
+
+
+@dataclass(slots=True)
+class TrainConfig:
+    """Every field is a `nanoseek train` flag of the same name in kebab case."""
+
+    preset: str = flag("model preset", default="tiny")
+    init: str | None = flag("start from this model folder's weights, config and tokenizer (fine-tuning)", default=None)
+    objective: str = flag("pretrain (token shards) or sft (chat JSONL, loss on assistant tokens)", default="pretrain")
+    teacher: str | None = flag("a teacher model folder for logit distillation (same vocabulary)", default=None)
+    kl_weight: float = flag("weight of KL(teacher || student) on the trained tokens; 0: off", default=0.0)
+    out: str = flag("run folder: metrics, checkpoints, exported model", default="runs/tiny")
+    data: str | None = flag("folder from `nanoseek data prepare` (default: Python's stdlib source)", default=None)
+    steps: int = flag("optimizer steps in total", default=300)
+    seed: int = flag("seed for initialisation and data order", default=0)
+    batch_size: int = flag("global batch, in sequences", default=16)
+    micro_batch_size: int = flag("sequences per forward pass (accumulate up to --batch-size); 0: all", default=0)
+    seq_len: int = flag("tokens per sequence", default=256)
+    lr: float = flag("peak learning rate", default=3e-3)
+    min_lr_ratio: float = flag("final learning rate as a fraction of --lr", default=0.1)
+    warmup_steps: int = flag("linear warmup steps", default=30)
+    schedule: str = flag("cosine or wsd (warmup-stable-decay)", default="cosine")
+    weight_decay: float = flag("AdamW weight decay on matrices", default=0.1)
+    beta1: float = flag("AdamW beta1", default=0.9)
+    beta2: float = flag("AdamW beta2", default=0.95)
+    grad_clip: float = flag("clip the global gradient norm to this", default=1.0)
+    mtp_lambda: float = flag("weight of the MTP loss (V3: 0.3, then 0.1)", default=0.3)
+    balance_alpha: float = flag("weight of the sequence-wise balance loss, per MoE layer", default=1e-4)
+    bias_gamma: float = flag("aux-loss-free bias update speed; 0 turns it off", default=1e-3)
+    eval_every: int = flag("validate and print samples every N steps", default=50)
+    eval_batches: int = flag("validation batches per evaluation", default=4)
+    sample_tokens: int = flag("tokens sampled per prompt at evaluation steps; 0: none", default=48)
+    save_every: int = flag("checkpoint every N steps (and at the end)", default=100)
+    keep: int = flag("checkpoints to keep", default=3)
+    resume: bool = flag("continue from the last checkpoint in --out", default=False)
+    fp8: bool = flag("FP8 GEMMs with DeepSeek-V3's 1x128 / 128x128 scaling", default=False)
+    ep: int = flag("expert-parallel group size (under torchrun); must divide the process count", default=1)
+    compile: bool = flag("torch.compile the model", default=False)
+    tensorboard: bool = flag("also log to --out/tensorboard", default=False)
+    device: str = flag("auto, cpu or cuda", default="auto")
+    dtype: str = flag("auto, float32 or bfloat16 (autocast)", default="auto")
+    progress: bool = flag("show a progress bar", default=True)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "keep", "eval_batches"):  # > 0
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+            raise ValueError("--micro-batch-size must divide --batch-size")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError("--schedule must be cosine or wsd")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError("--dtype must be auto, float32 or bfloat16")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
+            raise ValueError("--lr and --grad-clip must be positive and --warmup-steps >= 0")
+        if self.objective not in ("pretrain", "sft"):
+            raise ValueError("--objective must be pretrain or sft")
+        if self.kl_weight < 0 or (self.kl_weight > 0 and not self.teacher):
+            raise ValueError("--kl-weight must be >= 0, and > 0 needs --teacher DIR")
+        if self.objective == "sft" and not (self.init and self.data):
+            raise ValueError("supervised fine-tuning needs --model DIR (the model to start from) and --data chat.jsonl")
