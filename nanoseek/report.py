@@ -213,8 +213,11 @@ def write_report(out: Path, preset: str, cfg, plan: dict[str, Any], stages: dict
         f"| data | {s['data']['seconds']:.0f} | {s['data']['documents']} documents of Python's stdlib, BPE of "
         f"{s['data']['vocab_size']} |",
         f"| pretrain | {s['pretrain']['seconds']:.0f} | {s['pretrain']['steps']} steps, "
-        f"{s['pretrain']['tokens']:,} tokens, val loss {s['pretrain']['val_loss']:.3f}, "
-        f"{s['pretrain']['tokens_per_s']:.0f} tok/s |",
+        f"{s['pretrain']['tokens']:,} tokens, val loss {s['pretrain']['val_loss']:.3f}"
+        + (f" ({s['pretrain']['val_bpb']:.3f} bits/byte)" if s["pretrain"].get("val_bpb") else "")
+        + f", {s['pretrain']['tokens_per_s']:.0f} tok/s"
+        + (f", MFU {s['pretrain']['mfu']:.1%}" if s["pretrain"].get("mfu") else "")
+        + " |",
         f"| fp8 | {s['fp8']['seconds']:.0f} | FP8 / BF16 final loss {s['fp8']['final_loss_ratio']:.3f}, speed "
         f"{s['fp8']['speed_ratio']:.2f}x |",
         f"| sft | {sft['seconds']:.0f} | {sft['steps']} steps on {sft['examples']} worked solutions: pass@1 "

@@ -122,10 +122,12 @@ class Speedrun:
         Trainer(cfg).fit()  # results come from the run folder: a resumed run returns only its new steps
         plot_run(out)
         metrics = read_metrics(out)
-        vals = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
+        vals = [m for m in metrics if m.get("val_loss") is not None] or [{}]
         last = metrics[-1]
         return {"steps": cfg.steps, "tokens": last["tokens"], "fp8": self.fp8, "train_loss": last["lm_loss"],
-                "val_loss": vals[-1] if vals else None, "tokens_per_s": _mean(m["tokens_per_s"] for m in metrics[1:]),
+                "val_loss": vals[-1].get("val_loss"), "val_bpb": vals[-1].get("val_bpb"),
+                "tokens_per_s": _mean(m["tokens_per_s"] for m in metrics[1:]),
+                "mfu": _mean(m.get("mfu", 0.0) for m in metrics[1:]),
                 "max_over_mean_load": last.get("max_over_mean_load", {}),
                 "samples": next((m["samples"] for m in reversed(metrics) if m.get("samples")), {})}  # fmt: skip
 

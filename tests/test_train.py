@@ -224,3 +224,28 @@ def test_bf16_gradient_accumulation_matches_the_full_batch_to_bf16_rounding(data
     loss_acc, grads_acc = one_step(data_dir, tmp_path / "acc", dtype="bfloat16", micro_batch_size=1)
     assert loss_acc == pytest.approx(loss, rel=BF16_EPS)
     assert relative(grads_acc, grads) < 2 * BF16_EPS
+
+
+def test_metrics_report_bits_per_byte_flops_and_mfu(data_dir, tmp_path):
+    """val_bpb is the validation loss per byte of text, in bits: the summed token losses (nats) over the
+    UTF-8 bytes the target tokens decode to; FLOP/s are the tokens/s times cost.py's FLOPs per token."""
+    import math
+
+    from nanoseek.cost import flops_per_token
+
+    trainer = make_trainer(data_dir, tmp_path, steps=2, eval_every=2, sample_tokens=0, peak_flops=1e12)
+    metrics = trainer.fit()[-1]
+    trainer.val_loader.load_state_dict({"epoch": 0, "cursor": 0})
+    n = min(trainer.cfg.eval_batches, trainer.val_loader.n_windows // trainer.val_loader.batch_size)
+    tokens = text_bytes = 0
+    for _ in range(n):
+        _, targets = trainer.inputs_and_targets(trainer.val_loader.next_batch())
+        tokens += targets.numel()
+        text_bytes += sum(
+            len(trainer.tokenizer.decode(row.tolist(), skip_special_tokens=True).encode()) for row in targets
+        )
+    expected = metrics["val_loss"] * tokens / math.log(2) / text_bytes
+    assert metrics["val_bpb"] == pytest.approx(expected, rel=0.02)  # windows cut characters at their edges
+    per_token = flops_per_token(trainer.model.cfg, trainer.cfg.seq_len, training=True).total
+    assert metrics["flops_per_s"] == pytest.approx(metrics["tokens_per_s"] * per_token)
+    assert metrics["mfu"] == pytest.approx(metrics["flops_per_s"] / 1e12)

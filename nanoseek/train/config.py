@@ -47,6 +47,10 @@ class TrainConfig:
     device: str = flag("auto, cpu or cuda", default="auto")
     dtype: str = flag("auto, float32 or bfloat16 (autocast)", default="auto")
     progress: bool = flag("show a progress bar", default=True)
+    peak_flops: float | None = flag(
+        "the device's peak FLOP/s for MFU (default: a GPU's datasheet bf16 figure, or a one-second matmul probe)",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "keep", "eval_batches"):  # > 0

@@ -40,6 +40,7 @@ from nanoseek.train import parallel, state
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.optim import build_optimizer, lr_at
 from nanoseek.train.samples import sample_text
+from nanoseek.train.throughput import bits_per_byte, peak_flops, token_bytes, train_flops_per_token
 
 RESUME_MUST_MATCH = ("preset", "data", "seed", "batch_size", "seq_len", "init", "objective")  # fix the data stream
 SAMPLE_PROMPTS = ("def ", "class ")
@@ -112,6 +113,9 @@ class Trainer:
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.loader, self.val_loader = self._loaders()
+        self.token_bytes, self.val_bpb = token_bytes(self.tokenizer), None
+        self.flops_per_token = train_flops_per_token(self.model.cfg, cfg.seq_len, mtp=self.mtp_depths > 0)
+        self.peak_flops, self.peak_source = peak_flops(self.device, self.amp_dtype, cfg.peak_flops)
         self.teacher = None
         if cfg.kl_weight > 0:  # logit distillation: the teacher only scores, never trains
             from nanoseek.checkpoint import from_pretrained
@@ -250,6 +254,8 @@ class Trainer:
         metrics: dict[str, Any] = {"step": self.step, **totals, "grad_norm": grad_norm, "lr": lr}
         self.tokens += inputs.numel() * self.par.world  # all ranks together (padding included in SFT)
         metrics["tokens_per_s"] = inputs.numel() * self.par.world / seconds
+        metrics["flops_per_s"] = metrics["tokens_per_s"] * self.flops_per_token  # all ranks together
+        metrics["mfu"] = metrics["flops_per_s"] / (self.peak_flops * self.par.world)
         metrics["tokens"] = self.tokens
         used = [(name, load) for (name, _), load in zip(self.moe, loads, strict=True) if load.sum() > 0]
         metrics["max_over_mean_load"] = {n: round((ld.max() / ld.mean()).item(), 4) for n, ld in used}
@@ -264,14 +270,19 @@ class Trainer:
         self.model.eval()
         self.val_loader.load_state_dict({"epoch": 0, "cursor": 0})  # the same windows every time
         n = min(self.cfg.eval_batches, self.val_loader.n_windows // self.val_loader.batch_size)
-        total = torch.zeros(2, device=self.device)  # summed token losses, trained tokens: one mean over all
+        # Summed token losses, trained tokens, their bytes of text: one mean over all, and bits per byte.
+        total = torch.zeros(3, dtype=torch.float64, device=self.device)
         for _ in range(n):
             inputs, targets = self.inputs_and_targets(self.val_loader.next_batch())
             with self.autocast():
                 logits = self.forward(inputs.to(self.device))
             targets = targets.to(self.device)
-            total += torch.stack([lm_loss(logits, targets, "sum").float(), (targets != IGNORE).sum().float()])
-        loss_sum, count = parallel.all_reduce_sum(total, self.par).tolist()
+            kept = targets[targets != IGNORE]
+            n_bytes = self.token_bytes.to(self.device)[kept].sum()
+            total += torch.stack([lm_loss(logits, targets, "sum").double(), kept.new_tensor(kept.numel()).double(),
+                                  n_bytes])  # fmt: skip
+        loss_sum, count, n_bytes = parallel.all_reduce_sum(total, self.par).tolist()
+        self.val_bpb = bits_per_byte(loss_sum, n_bytes)
         return loss_sum / max(count, 1)
 
     def samples(self) -> dict[str, str]:
@@ -371,6 +382,7 @@ class Trainer:
                 metrics = self.train_step()
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     metrics["val_loss"] = self.evaluate()  # every rank: the forward pass is collective
+                    metrics["val_bpb"] = self.val_bpb
                     metrics["samples"] = self.samples()
                     for prompt, text in metrics["samples"].items():
                         if main:
@@ -381,9 +393,8 @@ class Trainer:
                     self._tensorboard(metrics)
                 history.append(metrics)
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}", lr=f"{metrics['lr']:.2e}"
-                )
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                                mfu=f"{metrics['mfu']:.1%}", lr=f"{metrics['lr']:.2e}")  # fmt: skip
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save()
         bar.close()
