@@ -187,7 +187,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from nanoseek.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
-    meta = prepare(expand_inputs(args.input), tokenizer, args.out, seed=args.seed, val_permille=args.val_permille)
+    meta = prepare(expand_inputs(args.input), tokenizer, args.out, seed=args.seed, val_permille=args.val_permille,
+                   fim_rate=args.fim_rate)  # fmt: skip
     tokenizer.save(f"{args.out}/tokenizer")  # the data remembers how it was tokenised
     tokens = {split: sum(s["tokens"] for s in shards) for split, shards in meta.shards.items()}
     print(f"{meta.documents} documents, {tokens} tokens ({meta.dtype}) -> {args.out}")
@@ -592,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, metavar="DIR")
     prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     prep.add_argument("--val-permille", type=int, default=10, help="documents per 1000 kept for validation")
+    prep.add_argument("--fim-rate", type=float, default=0.1, help="share of training documents turned into "
+                      "fill-in-the-middle examples, prefix-suffix-middle (default: 0.1, DeepSeek-V3's)")  # fmt: skip
     prep.set_defaults(func=cmd_data_prepare)
 
     from nanoseek.train.config import TrainConfig

@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import sysconfig
@@ -148,11 +149,23 @@ def _is_val(doc_index: int, seed: int, val_permille: int) -> bool:
     return int.from_bytes(digest, "little") % 1000 < val_permille
 
 
+FIM_RATE = 0.1  # DeepSeek-V3's share of pretraining documents turned into fill-in-the-middle (PSM) ones
+
+
+def fim_document(tokenizer: Tokenizer, text: str, rng: random.Random) -> list[int]:
+    """A document as a fill-in-the-middle example: cut at two random characters into prefix, middle and
+    suffix, laid out as tokenizer.fim_ids does for /v1/completions with `suffix` (one format for both)."""
+    i, j = sorted(rng.randint(0, len(text)) for _ in range(2))
+    return tokenizer.fim_ids(text[:i], text[j:], text[i:j])
+
+
 def prepare(
     files: list[Path], tokenizer: Tokenizer, out_dir: str | Path, seed: int = 0, val_permille: int = 10,
-    batch_docs: int = 256, progress: bool = True,
+    batch_docs: int = 256, progress: bool = True, fim_rate: float = FIM_RATE,
 ) -> DataMeta:  # fmt: skip
-    """Tokenise documents into train/val shards under out_dir; returns what meta.json records."""
+    """Tokenise documents into train/val shards under out_dir; returns what meta.json records. A share
+    fim_rate of the training documents becomes fill-in-the-middle examples (validation stays plain text,
+    so validation losses compare across rates)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
@@ -167,12 +180,17 @@ def prepare(
         counts[split] += 1
         writers[split].write([*ids, tokenizer.eos_id])
 
+    rng = random.Random(seed)
+
     def flush() -> None:
-        for ids in tokenizer.encode_batch(batch):
+        for text, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
             if pending:
                 emit(*pending.pop())
             index = counts["train"] + counts["val"]
-            pending.append(("val" if _is_val(index, seed, val_permille) else "train", ids))
+            split = "val" if _is_val(index, seed, val_permille) else "train"
+            if split == "train" and fim_rate and rng.random() < fim_rate:
+                ids = fim_document(tokenizer, text, rng)
+            pending.append((split, ids))
         batch.clear()
 
     for path in tqdm(files, desc="tokenising", unit="file", disable=not progress):
@@ -206,7 +224,7 @@ def cache_dir() -> Path:
 def ensure_default_data(vocab_size: int, progress: bool = True) -> Path:
     """The embedded default, built once and cached: a BPE of vocab_size trained on the stdlib source,
     and the stdlib tokenised with it (tokenizer in <dir>/tokenizer, shards beside it)."""
-    out = cache_dir() / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-v{vocab_size}"
+    out = cache_dir() / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-v{vocab_size}-fim{FIM_RATE}"
     if (out / META).is_file():
         return out
     files = stdlib_files()

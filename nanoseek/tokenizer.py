@@ -197,6 +197,14 @@ class Tokenizer:
             ids += [self.special_id(piece)] if special else self.encode_text(piece) if piece else []
         return ids
 
+    def fim_ids(self, prefix: str, suffix: str, middle: str | None = None) -> list[int]:
+        """Fill-in-the-middle in Prefix-Suffix-Middle order, as DeepSeek-V3 pretrains and as
+        /v1/completions with `suffix` asks: <｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>, then the
+        middle when it is known (a training document). The texts are plain text: only this opens a hole."""
+        ids = [self.special_id(FIM_BEGIN), *self.encode_text(prefix), self.special_id(FIM_HOLE),
+               *self.encode_text(suffix), self.special_id(FIM_END)]  # fmt: skip
+        return ids if middle is None else ids + self.encode_text(middle)
+
     def special_id(self, token: str) -> int:
         token_id = self.tok.token_to_id(token)
         if token_id is None:

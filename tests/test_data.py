@@ -104,3 +104,43 @@ def test_ranks_split_the_global_batch(data_dir):
 def test_too_little_data_for_a_batch_says_what_to_change(data_dir):
     with pytest.raises(ValueError, match="smaller --batch-size or --seq-len"):
         PackedLoader(data_dir, "val", batch_size=10_000, seq_len=512)
+
+
+def _documents(out, split: str, eos: int) -> list[list[int]]:
+    meta = DataMeta.load(out)
+    shards = [np.fromfile(out / shard["file"], dtype=meta.dtype) for shard in meta.shards[split]]
+    stream = np.concatenate(shards).tolist()
+    docs, current = [], []
+    for token in stream:
+        if token == eos:
+            docs.append(current)
+            current = []
+        else:
+            current.append(token)
+    return docs
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, 1.0])
+def test_fim_documents_are_prefix_suffix_middle_rearrangements_at_the_asked_rate(tmp_path, tokenizer, rate):
+    """A share `rate` of the training documents become <fim_begin>prefix<fim_hole>suffix<fim_end>middle (the
+    layout /v1/completions builds for a suffix: one function, tokenizer.fim_ids), and put back in order
+    each is the document's text; validation documents stay plain."""
+    from nanoseek.tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE
+
+    texts = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" * (1 + i % 3) for i in range(200)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    prepare([tmp_path / "docs.jsonl"], tokenizer, tmp_path / "out", val_permille=100, progress=False, fim_rate=rate)
+    begin, hole, end = (tokenizer.special_id(t) for t in (FIM_BEGIN, FIM_HOLE, FIM_END))
+    train = _documents(tmp_path / "out", "train", tokenizer.eos_id)
+    fim = [d for d in train if d and d[0] == begin]
+    assert len(fim) == pytest.approx(rate * len(train), abs=0.1 * len(train) if 0 < rate < 1 else 0)
+    for doc in fim:
+        assert doc.count(begin) == doc.count(hole) == doc.count(end) == 1
+        prefix, suffix, middle = (
+            doc[1 : doc.index(hole)],
+            doc[doc.index(hole) + 1 : doc.index(end)],
+            doc[doc.index(end) + 1 :],
+        )
+        assert tokenizer.decode(prefix + middle + suffix) in texts
+        assert doc == tokenizer.fim_ids(tokenizer.decode(prefix), tokenizer.decode(suffix), tokenizer.decode(middle))
+    assert not any(d and d[0] == begin for d in _documents(tmp_path / "out", "val", tokenizer.eos_id))

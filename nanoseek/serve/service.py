@@ -34,9 +34,6 @@ from nanoseek.serve.protocol import MAX_SEED, ChatCompletionRequest, SamplingReq
 from nanoseek.serve.sampling import SamplingParams
 from nanoseek.tokenizer import (
     END_THINK,
-    FIM_BEGIN,
-    FIM_END,
-    FIM_HOLE,
     THINK,
     TOOL_CALLS_BEGIN,
     TOOL_CALLS_END,
@@ -297,9 +294,8 @@ class Service:
 
     def _encode_prompts(self, prompts: list, suffix: str | None) -> list[list[int]]:
         tok = self.tokenizer
-        if suffix is not None:  # fill-in-the-middle, PSM order, the FIM tokens from the template alone
-            return [[tok.special_id(FIM_BEGIN), *tok.encode_text(prompts[0]), tok.special_id(FIM_HOLE),
-                     *tok.encode_text(suffix), tok.special_id(FIM_END)]]  # fmt: skip
+        if suffix is not None:  # fill-in-the-middle, exactly as the models nanoseek trains saw it
+            return [tok.fim_ids(prompts[0], suffix)]
         return [tok.encode_text(p) if isinstance(p, str) else list(p) for p in prompts]
 
     def sampling_params(self, body: SamplingRequest, prompt: list[int], max_tokens: int | None,
