@@ -144,3 +144,8 @@ def test_a_grpo_run_resumes_from_its_last_checkpoint(tmp_path, tokenizer):
         2,
         3,
     ]
+    # The same run-folder lifecycle as the trainer's (train/run.py): other settings cannot resume it.
+    with pytest.raises(CheckpointError, match="--prompts-per-step 2 \\(now 3\\)"):
+        GRPOTrainer(GRPOConfig(steps=4, resume=True, **(options | {"prompts_per_step": 3}))).fit()
+    saved = json.loads((tmp_path / "run" / "grpo_config.json").read_text())
+    assert saved["steps"] == 3 and not list((tmp_path / "run").glob("*.tmp"))

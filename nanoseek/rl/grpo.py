@@ -16,8 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from nanoseek.checkpoint import CheckpointError, from_pretrained
+from nanoseek.checkpoint import from_pretrained
 from nanoseek.device import default_device
-from nanoseek.report import read_metrics
 from nanoseek.rl.config import GRPOConfig
 from nanoseek.rl.evaluate import completion_text, evaluate
 from nanoseek.rl.grpo_loss import group_advantages, grpo_loss
@@ -36,8 +33,11 @@ from nanoseek.rl.tasks import get_task
 from nanoseek.serve.engine import Engine
 from nanoseek.serve.sampling import SamplingParams
 from nanoseek.tokenizer import load_tokenizer
-from nanoseek.train import parallel, state
+from nanoseek.train import parallel
 from nanoseek.train.optim import build_optimizer, lr_at
+from nanoseek.train.run import RunFolder
+
+RESUME_MUST_MATCH = ("model", "task", "seed", "prompts_per_step", "group_size", "max_tokens", "rewards")
 
 
 def token_logprobs(
@@ -56,6 +56,8 @@ def token_logprobs(
 class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig):
         self.cfg, self.out = cfg, Path(cfg.out)
+        # A resumed run must draw the same problems and groups its checkpoint stood in.
+        self.run = RunFolder(self.out, "grpo", dataclasses.asdict(cfg), RESUME_MUST_MATCH)
         self.device = default_device()
         self.task = get_task(cfg.task)
         self.tokenizer = load_tokenizer(cfg.model)
@@ -172,44 +174,26 @@ class GRPOTrainer:
         self.engine.reset_prefix_cache()
         return evaluate(self.engine, self.task, self.test_problems, max_tokens=self.cfg.max_tokens).pass_at_1
 
-    # --- run folder ------------------------------------------------------------------------------
+    # --- run folder (train/run.py) -------------------------------------------------------------
     def save(self) -> None:
         """A resumable checkpoint, and the policy as a model folder (swapped in whole)."""
-        extra = {"grpo_config": dataclasses.asdict(self.cfg)}
         model_state, optim_state = parallel.full_state(self.policy, self.optimizer, self.par)
-        state.save_checkpoint(self.out / "checkpoints", self.step, model_state, optim_state, extra, keep=2)
-        target, tmp, old = self.out / "model", self.out / "model.tmp", self.out / "model.old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(str(tmp))
-        self.tokenizer.save(tmp)
-        shutil.rmtree(old, ignore_errors=True)  # left over if a run died mid-swap
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        self.run.save(self.step, model_state, optim_state, {}, keep=2)
+        self.run.export(self.policy, self.tokenizer)
 
-    def restore(self) -> None:
-        checkpoints = state.list_checkpoints(self.out / "checkpoints")
-        if not checkpoints:
-            raise CheckpointError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
-        model_state, optim_state, saved = state.load_checkpoint(checkpoints[-1])
+    def restore(self, saved: tuple[dict, dict, dict]) -> None:
+        model_state, optim_state, extra = saved
         parallel.load_full_state(self.policy, self.optimizer, model_state, optim_state, self.par)
-        self.step = int(saved["step"])
+        self.step = int(extra["step"])
 
     def fit(self) -> list[dict[str, Any]]:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
-            self.restore()
-        elif state.list_checkpoints(self.out / "checkpoints"):
-            raise CheckpointError(f"{self.out} already holds checkpoints: pass --resume, or pick a new --out")
-        (self.out / "grpo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        path = self.out / "metrics.jsonl"
-        kept = [m for m in read_metrics(self.out) if m["step"] <= self.step] if cfg.resume and path.exists() else []
-        path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        saved = self.run.start(cfg.resume)
+        if saved is not None:
+            self.restore(saved)
         history = []
         bar = tqdm(total=cfg.steps, initial=self.step, desc="grpo", unit="step", disable=not cfg.progress)
-        with open(path, "a") as log:
+        with self.run.open_metrics(self.step, cfg.resume) as log:
             if self.step == 0 and self.test_problems:
                 before = {"step": 0, "eval/pass_at_1": self.evaluate()}
                 bar.write(f"step 0 | held-out pass@1 {before['eval/pass_at_1']:.3f}")

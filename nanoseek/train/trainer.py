@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,18 +25,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanoseek.checkpoint import CheckpointError
 from nanoseek.config import ModelConfig, get_preset
 from nanoseek.data import IGNORE, ChatLoader, PackedLoader, ensure_default_data
 from nanoseek.device import default_device, default_dtype
 from nanoseek.fp8 import convert_to_fp8
 from nanoseek.model import Transformer
 from nanoseek.model.moe import update_balancing_bias
-from nanoseek.report import read_metrics
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
-from nanoseek.train import parallel, state
+from nanoseek.train import parallel
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.optim import build_optimizer, lr_at
+from nanoseek.train.run import RunFolder
 from nanoseek.train.samples import sample_text
 from nanoseek.train.throughput import bits_per_byte, peak_flops, token_bytes, train_flops_per_token
 
@@ -113,6 +110,7 @@ class Trainer:
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.loader, self.val_loader = self._loaders()
+        self.run = RunFolder(self.out, "train", dataclasses.asdict(cfg), RESUME_MUST_MATCH)
         self.token_bytes, self.val_bpb = token_bytes(self.tokenizer), None
         self.flops_per_token = train_flops_per_token(self.model.cfg, cfg.seq_len, mtp=self.mtp_depths > 0)
         self.peak_flops, self.peak_source = peak_flops(self.device, self.amp_dtype, cfg.peak_flops)
@@ -298,22 +296,17 @@ class Trainer:
             for i, p in enumerate(prompts)
         }
 
-    # --- run folder -------------------------------------------------------------------------
-    @property
-    def checkpoint_root(self) -> Path:
-        return self.out / "checkpoints"
-
+    # --- run folder (train/run.py) -------------------------------------------------------------
     def save(self) -> None:
         """Gather the full state on every rank (collective); the first process writes it."""
         model_state, optim_state = parallel.full_state(self.model, self.optimizer, self.par)
         if self.par.is_main:
-            extra = {"loader": self.loader.state_dict(), "train_config": dataclasses.asdict(self.cfg),
-                     "tokens": self.tokens}  # fmt: skip
-            state.save_checkpoint(self.checkpoint_root, self.step, model_state, optim_state, extra, self.cfg.keep)
-            self.export_model(self.out / "model", model_state)
+            extra = {"loader": self.loader.state_dict(), "tokens": self.tokens}
+            self.run.save(self.step, model_state, optim_state, extra, self.cfg.keep)
+            self.export_model(model_state)
         parallel.barrier(self.par)
 
-    def export_model(self, target: Path, model_state: dict[str, torch.Tensor]) -> None:
+    def export_model(self, model_state: dict[str, torch.Tensor]) -> None:
         """The latest weights as a Hugging Face folder with the tokenizer, swapped in atomically."""
         with torch.device("meta"):
             plain = Transformer(self.model.cfg)
@@ -321,54 +314,21 @@ class Trainer:
         plain.load_state_dict(model_state, strict=False)  # strict below: the full state has every tensor
         plain.tie_weights()
         plain.rotary_emb.reset_parameters()
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        plain.save_pretrained(str(tmp))
-        self.tokenizer.save(tmp)
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)  # left over if a run died mid-swap
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        self.run.export(plain, self.tokenizer)
 
-    def restore(self) -> None:
-        checkpoints = state.list_checkpoints(self.checkpoint_root)
-        if not checkpoints:
-            raise CheckpointError(f"--resume: no checkpoint in {self.checkpoint_root}; drop --resume to start afresh")
-        model_state, optim_state, saved = state.load_checkpoint(checkpoints[-1])
+    def restore(self, saved: tuple[dict, dict, dict]) -> None:
+        model_state, optim_state, extra = saved
         parallel.load_full_state(self.model, self.optimizer, model_state, optim_state, self.par)
-        before, now = saved.get("train_config", {}), dataclasses.asdict(self.cfg)
-        changed = [k for k in RESUME_MUST_MATCH if k in before and before[k] != now[k]]
-        if changed:  # the saved data position only means something for the same stream
-            diffs = ", ".join(f"--{k.replace('_', '-')} {before[k]} (now {now[k]})" for k in changed)
-            raise CheckpointError(f"{checkpoints[-1]} was trained with {diffs}: resume with the same settings")
-        self.loader.load_state_dict(saved["loader"])
-        self.step, self.tokens = int(saved["step"]), int(saved.get("tokens", 0))
-
-    def _open_metrics(self) -> Any:
-        path = self.out / "metrics.jsonl"
-        kept = []
-        if self.cfg.resume and path.is_file():  # keep what was logged up to the checkpoint we resume from
-            kept = [m for m in read_metrics(self.out) if m["step"] <= self.step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        os.replace(tmp, path)
-        return open(path, "a")
+        self.loader.load_state_dict(extra["loader"])
+        self.step, self.tokens = int(extra["step"]), int(extra.get("tokens", 0))
 
     # --- the loop ---------------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
-            self.restore()
-        elif state.list_checkpoints(self.checkpoint_root):
-            raise CheckpointError(
-                f"{self.out} already holds checkpoints: pass --resume to continue, or pick a new --out"
-            )
         main = self.par.is_main  # the first process alone writes logs, progress and files
-        if main:
-            (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        saved = self.run.start(cfg.resume, write=main)
+        if saved is not None:
+            self.restore(saved)
         if cfg.tensorboard and main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -377,7 +337,7 @@ class Trainer:
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
         history = []
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not (cfg.progress and main))
-        with self._open_metrics() if main else nullcontext() as log:
+        with self.run.open_metrics(self.step, cfg.resume) if main else nullcontext() as log:
             while self.step < cfg.steps:
                 metrics = self.train_step()
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:

@@ -1,0 +1,84 @@
+"""One run folder's lifecycle, the same for pretraining / SFT (train/trainer.py) and GRPO (rl/grpo.py):
+
+    OUT/{NAME}_config.json   the settings, written atomically at every start
+    OUT/checkpoints/step_N/  resumable state (train/state.py: atomic, checksummed)
+    OUT/metrics.jsonl        one line per step; a resumed run keeps the lines up to its checkpoint
+    OUT/model/               the latest weights as a Hugging Face folder with the tokenizer, swapped in whole
+
+A fresh run refuses a folder that already holds checkpoints; a resumed one refuses settings that would
+change the data stream its checkpoint stands in (the saved position would then mean something else).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from nanoseek.checkpoint import CheckpointError
+from nanoseek.report import read_metrics
+from nanoseek.train import state
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    def __init__(self, out: str | Path, name: str, config: dict[str, Any], must_match: tuple[str, ...]):
+        self.out, self.name, self.config, self.must_match = Path(out), name, config, must_match
+        self.checkpoints = self.out / "checkpoints"
+
+    def start(self, resume: bool, write: bool = True) -> tuple[dict, dict, dict] | None:
+        """Open the folder; with resume, the last checkpoint (model state, optimizer state, extras). write:
+        this process writes the run's files (under torchrun, the first alone)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        found = state.list_checkpoints(self.checkpoints)
+        saved = None
+        if resume:
+            if not found:
+                raise CheckpointError(f"--resume: no checkpoint in {self.checkpoints}; drop --resume to start afresh")
+            saved = state.load_checkpoint(found[-1])
+            before = saved[2].get(f"{self.name}_config", {})
+            changed = [k for k in self.must_match if k in before and before[k] != self.config.get(k)]
+            if changed:
+                diffs = ", ".join(f"--{k.replace('_', '-')} {before[k]} (now {self.config.get(k)})" for k in changed)
+                raise CheckpointError(f"{found[-1]} was trained with {diffs}: resume with the same settings")
+        elif found:
+            raise CheckpointError(f"{self.out} already holds checkpoints: pass --resume, or pick a new --out")
+        if write:
+            write_atomically(self.out / f"{self.name}_config.json", json.dumps(self.config, indent=2) + "\n")
+        return saved
+
+    def open_metrics(self, step: int, resume: bool) -> IO[str]:
+        """metrics.jsonl for appending: a resumed run keeps what was logged up to its checkpoint's step
+        (rewritten atomically: a run killed here loses no line)."""
+        path = self.out / "metrics.jsonl"
+        kept = [m for m in read_metrics(self.out) if m["step"] <= step] if resume and path.is_file() else []
+        write_atomically(path, "".join(json.dumps(m) + "\n" for m in kept))
+        return open(path, "a")
+
+    def save(self, step: int, model_state: dict[str, torch.Tensor], optim_state: dict, extra: dict[str, Any],
+             keep: int) -> None:  # fmt: skip
+        """A checkpoint of the run, its settings recorded for the resume check."""
+        extra = {**extra, f"{self.name}_config": self.config}
+        state.save_checkpoint(self.checkpoints, step, model_state, optim_state, extra, keep)
+
+    def export(self, model, tokenizer) -> None:
+        """The model folder (weights, config, tokenizer) built beside and swapped in whole."""
+        target = self.out / "model"
+        tmp, old = target.with_name("model.tmp"), target.with_name("model.old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp))
+        tokenizer.save(tmp)
+        shutil.rmtree(old, ignore_errors=True)  # left over if a run died mid-swap
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
