@@ -214,7 +214,7 @@ def read_checkpoint(model_dir: Path, skip: Collection[str] = ()) -> Iterator[tup
                         continue
                     t = torch.empty(meta["shape"], dtype=_STORED[meta["dtype"]])
                     start, end = meta["data_offsets"]
-                    raw = t.view(torch.uint8).reshape(-1).numpy() if t.numel() else bytearray()
+                    raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else bytearray()
                     f.seek(8 + size + start)
                     if end - start != len(raw) or f.readinto(raw) != len(raw):
                         raise SafetensorError(f"{key} ends past the end of the file")

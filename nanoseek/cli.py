@@ -243,7 +243,8 @@ def _sampling_params(args: argparse.Namespace):
 def _engine(args: argparse.Namespace):
     from nanoseek.serve import Engine
 
-    return Engine(args.model, fp8_cache=args.fp8_cache, enforce_eager=not args.capture, weights=args.weights)
+    return Engine(args.model, fp8_cache=args.fp8_cache, enforce_eager=not args.capture, weights=args.weights,
+                  model_parallel=True)  # fmt: skip
 
 
 def expert_rank(args: argparse.Namespace) -> int | None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanoseek.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE, Tokenizer, train_tokenizer
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".c", ".h", ".js", ".ts", ".html", ".css", ".json", ".toml"}
 SHARD_TOKENS = 100_000_000
@@ -166,6 +166,9 @@ def prepare(
     """Tokenise documents into train/val shards under out_dir; returns what meta.json records. A share
     fim_rate of the training documents becomes fill-in-the-middle examples (validation stays plain text,
     so validation losses compare across rates)."""
+    if fim_rate and any(tokenizer.tok.token_to_id(t) is None for t in (FIM_BEGIN, FIM_HOLE, FIM_END)):
+        raise ValueError("--fim-rate needs a tokenizer with DeepSeek's fill-in-the-middle tokens (nanoseek's have "
+                         "them); prepare with --fim-rate 0 for this one")  # fmt: skip
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
@@ -174,23 +177,22 @@ def prepare(
     batch: list[str] = []
     n_docs = 0
 
-    pending: list[tuple[str, list[int]]] = []  # the last document, held back so val is never empty
-
-    def emit(split: str, ids: list[int]) -> None:
-        counts[split] += 1
-        writers[split].write([*ids, tokenizer.eos_id])
+    pending: list[tuple[str, str, list[int]]] = []  # the last document, held back so val is never empty
 
     rng = random.Random(seed)
+
+    def emit(split: str, text: str, ids: list[int]) -> None:
+        counts[split] += 1
+        if split == "train" and fim_rate and rng.random() < fim_rate:  # decided here: validation stays plain
+            ids = fim_document(tokenizer, text, rng)
+        writers[split].write([*ids, tokenizer.eos_id])
 
     def flush() -> None:
         for text, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
             if pending:
                 emit(*pending.pop())
             index = counts["train"] + counts["val"]
-            split = "val" if _is_val(index, seed, val_permille) else "train"
-            if split == "train" and fim_rate and rng.random() < fim_rate:
-                ids = fim_document(tokenizer, text, rng)
-            pending.append((split, ids))
+            pending.append(("val" if _is_val(index, seed, val_permille) else "train", text, ids))
         batch.clear()
 
     for path in tqdm(files, desc="tokenising", unit="file", disable=not progress):
@@ -201,8 +203,8 @@ def prepare(
                 flush()
     flush()
     if pending:
-        split, ids = pending.pop()
-        emit("val" if val_permille and counts["val"] == 0 and counts["train"] else split, ids)
+        split, text, ids = pending.pop()
+        emit("val" if val_permille and counts["val"] == 0 and counts["train"] else split, text, ids)
     for w in writers.values():
         w.close()
     if n_docs == 0:

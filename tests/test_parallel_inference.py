@@ -30,7 +30,7 @@ if ranks is not None and ranks.rank > 0:
     parallel.serve_experts(model, ranks, dtype)
 else:
     engine = Engine(folder, device="cpu", dtype=torch.float32, weights=weights, cache_bytes=16 * 2**20,
-                    speculative_tokens=drafts)
+                    speculative_tokens=drafts, model_parallel=True)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=None if drafts else 5)
     outs = engine.generate([list(range(3, 40)), [7] * 20, list(range(100, 164))], params)
     experts = sum(m.gate_up_proj.numel() * m.gate_up_proj.element_size() + m.down_proj.numel()
@@ -117,3 +117,16 @@ def test_a_torchrun_launched_server_answers_as_a_lone_server(tmp_path, tokenizer
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+
+
+def test_an_engine_joins_a_torchrun_launch_only_when_asked(tmp_path, tokenizer):
+    """distill, eval and the speedrun build engines too: under torchrun they must not join the launch."""
+    folder = make_model_dir(tmp_path / "model", tokenizer)
+    code = ("import torch; from nanoseek import Engine, SamplingParams; "
+            f"e = Engine({str(folder)!r}, device='cpu', dtype=torch.float32); "
+            "out = e.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0)); "
+            "print(len(out[0].token_ids))")  # fmt: skip
+    env = {**ENV, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "2", result.stderr[-2000:]

@@ -263,7 +263,8 @@ class RoutedExperts(nn.Module):
         """The weighted sum, in fp32, of the experts this module holds over the tokens that chose them (all
         of them on one process; under model-parallel inference, this rank's share)."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # the k experts summed in fp32, rounded once
-        tokens, slots = torch.arange(indices.shape[0]).repeat_interleave(indices.shape[1]), indices.flatten()
+        tokens = torch.arange(indices.shape[0], device=indices.device).repeat_interleave(indices.shape[1])
+        slots = indices.flatten()
         held = (slots >= self.first_expert) & (slots < self.first_expert + self.n_experts)
         for expert in slots[held].unique().tolist():
             picked = slots == expert

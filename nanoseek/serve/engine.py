@@ -108,14 +108,15 @@ class Engine:
         max_seqs: int = 64,
         fp8_cache: bool = False,
         weights: str = "auto",
+        model_parallel: bool = False,
         speculative_tokens: int = 0,
         cache_dir: str | Path | None = None,
         disk_cache_bytes: int = 8 * 2**30,
         enforce_eager: bool = True,
     ):
         self.device = torch.device(device) if device else default_device()
-        # Under torchrun this is rank 0, and the other ranks hold shares of the routed experts (parallel.py).
-        self.ranks = parallel.from_env(self.device) if not isinstance(model, Transformer) else None
+        # Under torchrun (model_parallel) this is rank 0, and the other ranks hold shares of the routed experts.
+        self.ranks = parallel.from_env(self.device) if model_parallel and not isinstance(model, Transformer) else None
         if isinstance(model, Transformer):
             self.model = model.to(self.device)
             model_dir = None
@@ -130,6 +131,7 @@ class Engine:
             if self.ranks is not None:
                 if self.ranks.rank != 0:
                     raise ValueError("ranks > 0 of a torchrun launch serve experts: nanoseek.serve.parallel.run_worker")
+                parallel.claim()
                 dtype = parallel.share_dtype(self.ranks, dtype)
             shard = (0, self.ranks.world) if self.ranks is not None else None
             self.model = from_pretrained(model_dir, dtype=dtype, device=self.device, weights=weights,
@@ -137,6 +139,8 @@ class Engine:
             if self.ranks is not None:
                 parallel.attach(self.model, self.ranks)
                 enforce_eager = True  # a captured graph cannot hold the per-layer collectives
+            if any(getattr(m, "resident_fp8", False) for m in self.model.modules()):
+                enforce_eager = True  # captured, FP8 experts would be dequantised all at once each step
         self.model.eval()
         dtype = self.model.embed_tokens.weight.dtype
         if tokenizer is None and model_dir is not None and (model_dir / "tokenizer.json").is_file():

@@ -36,11 +36,18 @@ class Ranks:
     device: torch.device
 
 
+_ranks: Ranks | None = None
+_attached = False
+
+
 def from_env(device: torch.device | None = None) -> Ranks | None:
     """The torchrun launch this process is part of (WORLD_SIZE, RANK, LOCAL_RANK), joined; None alone."""
+    global _ranks
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return None
+    if _ranks is not None:
+        return _ranks
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
@@ -48,7 +55,8 @@ def from_env(device: torch.device | None = None) -> Ranks | None:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), world, device)
+    _ranks = Ranks(dist.get_rank(), world, device)
+    return _ranks
 
 
 def share_dtype(ranks: Ranks, dtype: torch.dtype | None) -> torch.dtype:
@@ -70,8 +78,11 @@ class RemoteExperts:
 
     def __call__(self, experts: RoutedExperts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
         send(self.ranks, self.layer, x, weights, indices)
-        out = experts.local_sum(x, weights, indices)
-        dist.reduce(out, dst=0)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        try:
+            out = experts.local_sum(x, weights, indices)
+        finally:  # the other ranks wait in this reduce: it is issued whatever happened here
+            dist.reduce(out, dst=0)
         return out.to(x.dtype)
 
 
@@ -80,6 +91,15 @@ def send(ranks: Ranks, layer: int, x: torch.Tensor, weights: torch.Tensor, indic
     dist.broadcast(header, 0)
     for t in (x.contiguous(), weights.float().contiguous(), indices.contiguous()):
         dist.broadcast(t, 0)
+
+
+def claim() -> None:
+    """Rank 0's engine takes the launch: the other ranks serve one model's experts, so one engine."""
+    global _attached
+    if _attached:
+        raise RuntimeError("this torchrun launch already serves one model's experts: one model-parallel Engine "
+                           "per process")  # fmt: skip
+    _attached = True
 
 
 def attach(model: torch.nn.Module, ranks: Ranks) -> None:

@@ -109,15 +109,20 @@ class Service:
             max_batched_tokens=cfg.max_batched_tokens, max_seqs=cfg.max_seqs, fp8_cache=cfg.fp8_cache,
             speculative_tokens=cfg.speculative_tokens, cache_dir=cfg.cache_dir,
             disk_cache_bytes=int(cfg.disk_cache_gb * 2**30), enforce_eager=cfg.enforce_eager, weights=cfg.weights,
+            model_parallel=True,  # under torchrun, the other ranks hold shares of the experts
         )  # fmt: skip
-        self.engine.capture()
-        if self.engine.tokenizer is None:
-            raise ValueError(f"{cfg.model} has no tokenizer.json: the server needs the model's tokenizer")
-        self.engine.grammars.ll_tokenizer  # noqa: B018 - built now (a second for a 129k vocabulary), not in a request
-        self.tokenizer, self.context = self.engine.tokenizer, self.engine.model.cfg.max_position_embeddings
-        self.keys = read_api_keys(cfg.api_keys) if cfg.api_keys else None
-        self.ledger = open_ledger(cfg)
-        self.ledger.grant(self.keys or {ANONYMOUS: None})
+        try:
+            self.engine.capture()
+            if self.engine.tokenizer is None:
+                raise ValueError(f"{cfg.model} has no tokenizer.json: the server needs the model's tokenizer")
+            self.engine.grammars.ll_tokenizer  # noqa: B018 - built now (a second for a 129k vocabulary)
+            self.tokenizer, self.context = self.engine.tokenizer, self.engine.model.cfg.max_position_embeddings
+            self.keys = read_api_keys(cfg.api_keys) if cfg.api_keys else None
+            self.ledger = open_ledger(cfg)
+            self.ledger.grant(self.keys or {ANONYMOUS: None})
+        except BaseException:
+            self.engine.close()  # the disk cache's writes, and a torchrun launch's other ranks
+            raise
         self.runner = AsyncEngine(self.engine)
         self.metrics = ServerMetrics(self.engine)
         self.created = int(time.time())

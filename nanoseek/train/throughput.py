@@ -10,6 +10,7 @@ in the training dtype (on a CPU: what its vector units actually reach, a fairer 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 
@@ -25,7 +26,7 @@ def token_bytes(tokenizer: Tokenizer) -> torch.Tensor:
     as one character of its alphabet, so a token's length is its byte count; other tokenizers decode."""
     tok = tokenizer.tok
     special = {t.content for t in tok.get_added_tokens_decoder().values()}
-    byte_level = "ByteLevel" in tok.to_str()[:10_000]
+    byte_level = "ByteLevel" in json.dumps(json.loads(tok.to_str()).get("decoder"))
     sizes = []
     for i in range(tokenizer.vocab_size):
         piece = tok.id_to_token(i)
