@@ -196,13 +196,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from nanoseek.train import parallel
     from nanoseek.train.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    trainer = Trainer(cfg)
-    history = trainer.fit()
-    parallel.shutdown(trainer.par)
+    trainer, history = _fit(Trainer(cfg))
     if history and trainer.par.is_main:
         last = history[-1]
         val = next((m["val_loss"] for m in reversed(history) if m.get("val_loss") is not None), None)
@@ -404,9 +401,21 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from nanoseek.train.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(**_fields(TrainConfig, args, SFT_SKIP), init=args.model, data=args.data, objective="sft")
-    history = Trainer(cfg).fit()
-    print(f"fine-tuned {cfg.steps} steps: final loss {history[-1]['loss']:.4f} -> {cfg.out}/model")
+    trainer, history = _fit(Trainer(cfg))
+    if trainer.par.is_main:
+        print(f"fine-tuned {cfg.steps} steps: final loss {history[-1]['loss']:.4f} -> {cfg.out}/model")
     return 0
+
+
+def _fit(trainer):
+    """Run a trainer to its end; under torchrun, leave the process group it opened (every command that
+    opens one closes it). Returns (trainer, its history): only its first process should print."""
+    from nanoseek.train import parallel
+
+    try:
+        return trainer, trainer.fit()
+    finally:
+        parallel.shutdown(trainer.par)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -426,17 +435,18 @@ def cmd_distill(args: argparse.Namespace) -> int:
     teacher = args.teacher if args.kl_weight > 0 else None
     cfg = TrainConfig(**_fields(TrainConfig, args, SFT_SKIP), init=args.student, data=str(traces), objective="sft",
                       teacher=teacher, kl_weight=args.kl_weight)  # fmt: skip
-    Trainer(cfg).fit()
-    print(f"student fine-tuned on the teacher's traces -> {cfg.out}/model")
+    trainer, _ = _fit(Trainer(cfg))
+    if trainer.par.is_main:
+        print(f"student fine-tuned on the teacher's traces -> {cfg.out}/model")
     return 0
 
 
 def cmd_grpo(args: argparse.Namespace) -> int:
     from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
 
-    history = GRPOTrainer(GRPOConfig(**_fields(GRPOConfig, args))).fit()
+    trainer, history = _fit(GRPOTrainer(GRPOConfig(**_fields(GRPOConfig, args))))
     evals = [m["eval/pass_at_1"] for m in history if "eval/pass_at_1" in m]
-    if len(evals) >= 2:
+    if len(evals) >= 2 and trainer.par.is_main:
         print(f"held-out pass@1: {evals[0]:.3f} before, {evals[-1]:.3f} after -> {args.out}/model")
     return 0
 

@@ -221,6 +221,7 @@ class Engine:
             self.disk_cache.close()
         if self.ranks is not None:
             parallel.stop(self.ranks)
+            parallel.leave()
             self.ranks = None
 
     # --- requests --------------------------------------------------------------------------------

@@ -113,6 +113,14 @@ def stop(ranks: Ranks) -> None:
     dist.broadcast(torch.tensor([STOP, 0, 0], device=ranks.device), 0)
 
 
+def leave() -> None:
+    """Close the process group this module opened (every process of a launch does, at its end)."""
+    global _ranks
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _ranks = None
+
+
 @torch.no_grad()
 def serve_experts(model: torch.nn.Module, ranks: Ranks, dtype: torch.dtype) -> int:
     """On ranks > 0: answer rank 0's MoE calls with this rank's experts until it stops; the calls served."""
@@ -140,5 +148,5 @@ def run_worker(model_dir: str, ranks: Ranks, weights: str = "auto") -> int:
     model = from_pretrained(model_dir, dtype=dtype, device=ranks.device, weights=weights,
                             expert_shard=(ranks.rank, ranks.world), experts_only=True)  # fmt: skip
     serve_experts(model, ranks, dtype)
-    dist.destroy_process_group()
+    leave()
     return 0
