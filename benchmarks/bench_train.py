@@ -18,6 +18,7 @@ from bench_model import race
 
 from nanoseek import get_preset
 from nanoseek.device import cpu_features
+from nanoseek.train.throughput import train_flops_per_token
 from nanoseek.train.trainer import TrainConfig, Trainer
 
 
@@ -62,6 +63,12 @@ def main() -> None:
         )
     for name, seconds in times.items():
         print(f"{name:16s} {tokens / seconds:8.0f} tok/s   {times['transformers'] / seconds:.2f}x transformers")
+    # MTP's share of the step in time and in arithmetic (cost.py's count): equal shares mean the extra depth
+    # runs as fast as the rest, and only a smaller head or block (a bigger model) makes it cheaper.
+    cfg = get_preset(args.preset)
+    flops = [train_flops_per_token(cfg, args.seq_len, mtp=m) for m in (False, True)]
+    time_share = 1 - times["nanoseek"] / times["nanoseek + MTP"]
+    print(f"MTP: {time_share:.0%} of the step's time, {1 - flops[0] / flops[1]:.0%} of its FLOPs")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ groups stay eligible. The chosen experts are weighted by their *unbiased* scores
 top-k when norm_topk_prob is set, and scaled by routed_scaling_factor.
 
 Routed experts run as one grouped computation over tokens sorted by expert: torch._grouped_mm on CUDA,
-one padded batched matmul elsewhere; never a Python loop over experts.
+elsewhere one autograd node that runs a matmul per expert over its contiguous rows (no padding).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.fp8 import dequantize_tiles, fake_quantize_blocks, fake_quantize_tiles, quantize_tiles
 from nanoseek.model.expert_parallel import ExpertGroup, dispatch
-from nanoseek.model.layers import MLP
+from nanoseek.model.layers import MLP, compute_dtype
 
 
 def route(logits: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,97 +40,72 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig) -> 
     return weights * cfg.routed_scaling_factor, indices
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls on x run in: autocast's when it is on, else x's own."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-
-
 def _use_grouped_mm(x: torch.Tensor) -> bool:
     # torch._grouped_mm's backward is CUDA-only (on CPU it fails for fp32 and for empty groups).
     return hasattr(torch, "_grouped_mm") and x.is_cuda and compute_dtype(x) == torch.bfloat16
 
 
-class _PaddedGroupedMM(torch.autograd.Function):
-    """Grouped matmul as one bmm over groups padded to the largest one. Rows move by index_select and
-    index_copy_; the index_put that autograd would use for fancy indexing is several times slower on CPU.
+class _GroupedMM(torch.autograd.Function):
+    """Grouped matmul as one matmul per group over its contiguous rows: no padding to the largest group
+    (a padded bmm did twice the work at the load imbalance of early training) and no row shuffles. The
+    loop runs once per expert, in one autograd node; the groups' sizes are on the host already.
 
     With fp8, every operand is E4M3 with DeepSeek-V3's fine-grained scales (see nanoseek.fp8): tokens in
-    1x128 tiles, expert weights in 128x128 blocks, Wgrad re-quantized in 128x1 tiles along the tokens;
-    the input is saved in FP8. This is the emulation (FP8 values, FP32 products) on every device."""
+    1x128 tiles, expert weights in 128x128 blocks, Wgrad re-quantized in 128x1 tiles along each group's
+    tokens; the input is saved in FP8. This is the emulation (FP8 values, FP32 products) on every device."""
 
     @staticmethod
-    def forward(ctx, x, weight, to_padded, to_rows, fp8):
+    def forward(ctx, x, weight, sizes, fp8):
         # Custom functions bypass autocast: cast to its dtype here; backward then runs in it too, and
         # autograd casts the gradients back to the inputs' dtypes.
         dtype = compute_dtype(x)
         x, weight = x.to(dtype), weight.to(dtype)
-        ctx.fp8 = fp8
+        ctx.fp8, ctx.sizes = fp8, sizes
         if fp8:
             xq, xs = quantize_tiles(x)
-            ctx.save_for_backward(xq, xs, weight, to_padded, to_rows)
+            ctx.save_for_backward(xq, xs, weight)
             x, weight = dequantize_tiles(xq, xs, x.shape[1]).to(x.dtype), fake_quantize_blocks(weight).to(x.dtype)
         else:
-            ctx.save_for_backward(x, weight, to_padded, to_rows)
-        # Padding slots read row 0: their outputs are never gathered, and their gradients are zero.
-        padded = x.index_select(0, to_padded).view(weight.shape[0], -1, x.shape[1])  # [G, C, in]
-        return torch.bmm(padded, weight.transpose(1, 2)).flatten(0, 1).index_select(0, to_rows)
+            ctx.save_for_backward(x, weight)
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        for rows, w, o in zip(x.split(sizes), weight, out.split(sizes), strict=True):
+            torch.mm(rows, w.t(), out=o)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.fp8:
-            xq, xs, weight, to_padded, to_rows = ctx.saved_tensors
+            xq, xs, weight = ctx.saved_tensors
             x = dequantize_tiles(xq, xs, weight.shape[2]).to(weight.dtype)
         else:
-            x, weight, to_padded, to_rows = ctx.saved_tensors
+            x, weight = ctx.saved_tensors
         grad = grad.to(weight.dtype)
-        n_groups = weight.shape[0]
-        grad_padded = grad.new_zeros(to_padded.shape[0], grad.shape[1]).index_copy_(0, to_rows, grad)
-        grad_padded = grad_padded.view(n_groups, -1, grad.shape[1])  # [G, C, out], zero at padding
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            g, w = grad_padded, weight
+            g, w = grad, weight
             if ctx.fp8:  # Dgrad: gradient tiles along `out`, the same weight blocks
                 g, w = fake_quantize_tiles(g).to(g.dtype), fake_quantize_blocks(w).to(g.dtype)
-            grad_x = torch.bmm(g, w).flatten(0, 1).index_select(0, to_rows)
+            grad_x = torch.empty_like(x)
+            for g_rows, w_group, o in zip(g.split(ctx.sizes), w, grad_x.split(ctx.sizes), strict=True):
+                torch.mm(g_rows, w_group, out=o)
         if ctx.needs_input_grad[1]:
-            padded = x.index_select(0, to_padded).view(n_groups, -1, x.shape[1])
-            g_t = grad_padded.transpose(1, 2)  # [G, out, C]
-            if ctx.fp8:  # Wgrad contracts over tokens: 128x1 tiles along C
-                g_t = fake_quantize_tiles(g_t).to(grad.dtype)
-                padded = fake_quantize_tiles(padded.transpose(1, 2)).transpose(1, 2).to(grad.dtype)
-            grad_w = torch.bmm(g_t, padded)  # [G, out, in]
-        return grad_x, grad_w, None, None, None
+            grad_w = torch.empty_like(weight)
+            for g_rows, rows, o in zip(grad.split(ctx.sizes), x.split(ctx.sizes), grad_w, strict=True):
+                g_t = g_rows.t()  # [out, rows]
+                if ctx.fp8:  # Wgrad contracts over tokens: 128x1 tiles along them
+                    g_t = fake_quantize_tiles(g_t).to(grad.dtype)
+                    rows = fake_quantize_tiles(rows.t()).t().to(grad.dtype)
+                torch.mm(g_t, rows, out=o)  # [out, in]
+        return grad_x, grad_w, None, None
 
 
-def padded_layout(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows sorted by group, padded to C = the largest group: the row that fills each of the G * C
-    slots (0 for padding), and the slot of each row [M]."""
-    n_groups, n_rows = counts.shape[0], int(counts.sum())
-    capacity = int(counts.max()) if n_rows else 0
-    group_of_row = torch.repeat_interleave(torch.arange(n_groups, device=counts.device), counts, output_size=n_rows)
-    starts = counts.cumsum(0) - counts
-    to_rows = group_of_row * capacity + torch.arange(n_rows, device=counts.device) - starts[group_of_row]
-    to_padded = torch.zeros(n_groups * capacity, dtype=torch.long, device=counts.device)
-    to_padded[to_rows] = torch.arange(n_rows, device=counts.device)
-    return to_padded, to_rows
-
-
-def grouped_mm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    counts: torch.Tensor,
-    layout: tuple[torch.Tensor, torch.Tensor] | None = None,
-    fp8: bool = False,
-) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, fp8: bool = False) -> torch.Tensor:
     """Rows of x [M, in], sorted by group, times their group's weight [G, out, in]^T -> [M, out].
 
-    counts [G] says how many consecutive rows belong to each group (sum = M); layout is
-    `padded_layout(counts)`, passed in when several matmuls share it.
-    """
+    counts [G] says how many consecutive rows belong to each group (sum = M)."""
     if _use_grouped_mm(x) and not fp8:
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
-    return _PaddedGroupedMM.apply(x, weight, *(layout or padded_layout(counts)), fp8)
+    return _GroupedMM.apply(x, weight, counts.tolist(), fp8)
 
 
 class Gate(nn.Module):
@@ -240,10 +215,9 @@ class RoutedExperts(nn.Module):
         rows = x.index_select(0, order // k)
         if self.ep is not None:  # to the ranks that own the experts, and (below) back
             rows, counts, combine = dispatch(rows, counts, self.ep)
-        layout = None if _use_grouped_mm(x) and not self.fp8 else padded_layout(counts)
-        h = grouped_mm(rows, self.gate_up_proj, counts, layout, self.fp8)
+        h = grouped_mm(rows, self.gate_up_proj, counts, self.fp8)
         gate, up = h.chunk(2, dim=-1)
-        out = grouped_mm(F.silu(gate) * up, self.down_proj, counts, layout, self.fp8)  # [N * k, hidden], sorted
+        out = grouped_mm(F.silu(gate) * up, self.down_proj, counts, self.fp8)  # [N * k, hidden], sorted
         if self.ep is not None:
             out = combine(out)
         out = out.index_select(0, order.argsort()).view(n, k, -1)  # back to (token, slot) order

@@ -4,6 +4,7 @@ the optional MTP modules. One class serves training, RL rollouts and serving.
     model = Transformer(get_preset("tiny"))
     logits = model(input_ids)                        # [B, T, vocab]
     logits, mtp_logits = model(input_ids, mtp=True)  # mtp_logits[k-1]: [B, T-k, vocab], predicts t_{i+k+1}
+    losses = model(input_ids, mtp=True, targets=targets)  # summed cross-entropies [1 + depths], no logits
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
-from nanoseek.model.layers import RMSNorm
+from nanoseek.model.layers import RMSNorm, compute_dtype
+from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import Gate, MoE, RoutedExperts
 from nanoseek.model.mtp import MTPModule
@@ -57,9 +59,13 @@ class Transformer(nn.Module):
         self.rotary_emb.reset_parameters()
 
     def forward(
-        self, input_ids: torch.Tensor, mtp: bool = False
+        self, input_ids: torch.Tensor, mtp: bool = False, targets: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """input_ids [B, T] -> logits [B, T, vocab]; with mtp=True also each MTP depth's logits."""
+        """input_ids [B, T] -> logits [B, T, vocab]; with mtp=True also each MTP depth's logits.
+
+        With targets [B, T] (IGNORE where nothing is learnt) it returns the summed token losses instead,
+        [1 + depths]: the main head's, then each MTP depth's against the targets shifted by k. They come
+        from `linear_cross_entropy`, which never holds the whole logits (the training path)."""
         t = input_ids.shape[1]
         embeds = self.embed_tokens(input_ids)
         positions = torch.arange(t, device=input_ids.device)
@@ -68,15 +74,21 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin)
         h = self.norm(h)
-        logits = self.lm_head(h)
-        if not mtp:
-            return logits
-        mtp_logits = []
-        for k, module in enumerate(self.mtp, start=1):
+        outputs = [self._head(h, targets)]
+        for k, module in enumerate(self.mtp if mtp else (), start=1):
             # Depth k at position i sees token i+k and depth k-1's hidden state at i: T-k positions.
             h = module(embeds[:, k:], h[:, :-1], cos[: t - k], sin[: t - k])
-            mtp_logits.append(self.lm_head(h))
-        return logits, mtp_logits
+            outputs.append(self._head(h, None if targets is None else targets[:, k:]))
+        if targets is not None:
+            return torch.stack(outputs)
+        return (outputs[0], outputs[1:]) if mtp else outputs[0]
+
+    def _head(self, h: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        """Logits [B, T, vocab], or with targets the summed cross-entropy (the fused, chunked path)."""
+        if targets is None:
+            return self.lm_head(h)
+        # The matmuls run in autocast's dtype, as lm_head's would.
+        return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), compute_dtype(h))
 
     def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache) -> torch.Tensor:
         """The inference engine's pass: new tokens [B, t] at absolute positions [B, t], attending through

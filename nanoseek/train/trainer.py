@@ -184,11 +184,16 @@ class Trainer:
         for _, moe in self.moe:
             moe.expert_load = moe.balance_loss = None
         with self.autocast():
-            logits, mtp_logits = self.forward(inputs, mtp=True) if depths else (self.forward(inputs), [])
-        lm = lm_loss(logits, targets, "sum") / counts[0]
+            if self.teacher is None:  # summed token losses [1 + depths], the logits never held whole
+                sums = self.forward(inputs, mtp=depths > 0, targets=targets)
+            else:  # the KL term needs the student's logits
+                logits, mtp_logits = self.forward(inputs, mtp=True) if depths else (self.forward(inputs), [])
+                sums = torch.stack([lm_loss(lg, mtp_targets(targets, k), "sum")
+                                    for k, lg in enumerate([logits, *mtp_logits])])  # fmt: skip
+        per_head = sums / counts
+        lm = per_head[0]
         zero = lm.new_zeros(())
-        per_depth = [lm_loss(lg, mtp_targets(targets, k), "sum") / counts[k] for k, lg in enumerate(mtp_logits, 1)]
-        mtp = torch.stack(per_depth).mean() if per_depth else zero
+        mtp = per_head[1:].mean() if depths else zero
         balance = [m.balance_loss for _, m in self.moe if m.balance_loss is not None]
         bal = torch.stack(balance).sum() if balance else zero  # alpha applies per MoE layer (V3 eq. 17)
         tokens = lm + self.cfg.mtp_lambda * mtp
@@ -272,13 +277,12 @@ class Trainer:
         total = torch.zeros(3, dtype=torch.float64, device=self.device)
         for _ in range(n):
             inputs, targets = self.inputs_and_targets(self.val_loader.next_batch())
-            with self.autocast():
-                logits = self.forward(inputs.to(self.device))
             targets = targets.to(self.device)
+            with self.autocast():
+                loss_sum = self.forward(inputs.to(self.device), targets=targets)[0]
             kept = targets[targets != IGNORE]
             n_bytes = self.token_bytes.to(self.device)[kept].sum()
-            total += torch.stack([lm_loss(logits, targets, "sum").double(), kept.new_tensor(kept.numel()).double(),
-                                  n_bytes])  # fmt: skip
+            total += torch.stack([loss_sum.double(), kept.new_tensor(kept.numel()).double(), n_bytes])
         loss_sum, count, n_bytes = parallel.all_reduce_sum(total, self.par).tolist()
         self.val_bpb = bits_per_byte(loss_sum, n_bytes)
         return loss_sum / max(count, 1)
