@@ -54,7 +54,7 @@ def main() -> None:
         history = trainer.fit() if trainer.step < args.steps else []
         results[name] = {"trainer": trainer, "history": history}
 
-    from nanoseek.report import read_metrics
+    from nanoseek.train.run import read_metrics
 
     runs = {name: read_metrics(out / name) for name in results}
     final = {n: statistics.mean(m["lm_loss"] for m in ms[-20:]) for n, ms in runs.items()}
@@ -78,12 +78,12 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nanoseek.report import _smooth
+    from nanoseek.plots import smooth
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for (name, ms), color in zip(runs.items(), ("C0", "C3"), strict=True):
         steps = [m["step"] for m in ms]
-        ax.plot(steps, _smooth([m["lm_loss"] for m in ms]), color=color, label=f"{name} (train, smoothed)")
+        ax.plot(steps, smooth([m["lm_loss"] for m in ms]), color=color, label=f"{name} (train, smoothed)")
         v = [(m["step"], m["val_loss"]) for m in ms if m.get("val_loss") is not None]
         ax.plot(*zip(*v, strict=True), "o--", color=color, label=f"{name} (validation)")
     ax.set(xlabel="step", ylabel="cross-entropy (nats)", title=f"FP8 vs baseline, preset {args.preset}")

@@ -21,20 +21,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
 from nanoseek.config import PRESETS, ModelConfig, get_preset
-from nanoseek.cost import GPUS, all_to_all_bytes_per_token, model_stats
-
-
-def _human(n: float, unit: str = "") -> str:
-    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}{unit}"
-    return f"{n:.3g}{unit}"
+from nanoseek.cost import GPUS, all_to_all_bytes_per_token, human, model_stats
 
 
 def _config_from_args(args: argparse.Namespace) -> ModelConfig:
@@ -55,17 +49,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("layers", f"{cfg.num_hidden_layers} ({cfg.first_k_dense_replace} dense, "
                    f"{cfg.num_hidden_layers - cfg.first_k_dense_replace} MoE), hidden {cfg.hidden_size}"),
         ("experts", f"{cfg.n_routed_experts} routed (top-{cfg.num_experts_per_tok}) + {cfg.n_shared_experts} shared"),
-        ("parameters", f"{_human(stats.params_total)} ({stats.params_total:,})"),
-        ("active per token", f"{_human(stats.params_active)} ({stats.params_active:,})"),
-        ("MTP modules", f"{_human(stats.params_mtp)} ({cfg.num_nextn_predict_layers} depth)"),
+        ("parameters", f"{human(stats.params_total)} ({stats.params_total:,})"),
+        ("active per token", f"{human(stats.params_active)} ({stats.params_active:,})"),
+        ("MTP modules", f"{human(stats.params_mtp)} ({cfg.num_nextn_predict_layers} depth)"),
         (f"KV cache / token ({args.kv_bytes} B/elem)",
-         f"MLA {_human(stats.kv_bytes_per_token, 'B')} vs MHA {_human(stats.kv_bytes_per_token_mha, 'B')} "
+         f"MLA {human(stats.kv_bytes_per_token, 'B')} vs MHA {human(stats.kv_bytes_per_token_mha, 'B')} "
          f"({ratio:.1f}x smaller)"),
     ]  # fmt: skip
     if a2a is not None:
-        rows.append(
-            (f"all-to-all / token (EP={args.ep})", f"{_human(a2a, 'B')} forward (bf16), as much again backward")
-        )
+        rows.append((f"all-to-all / token (EP={args.ep})", f"{human(a2a, 'B')} forward (bf16), as much again backward"))
     from nanoseek.device import cpu_features
 
     rows.append(("this CPU", cpu_features()))
@@ -76,98 +68,24 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from nanoseek.cost import (
-        FP8_BYTES_PER_PARAM,
-        V3_DECODE_TOKENS_PER_NODE,
-        V3_PHASES,
-        V3_REPORTED_HOURS,
-        decode_bandwidth_bound,
-        flops_per_token,
-        gpu_hours,
-        parse_count,
-        serving_footprint,  # fmt: skip
-        v3_implied_mfu,
-    )
+    from nanoseek.cost import cost_report, format_cost_report, parse_count
     from nanoseek.serve.billing import PriceTable
 
-    cfg = _config_from_args(args)
-    gpu, stats = GPUS[args.gpu], model_stats(cfg)
-    mfu = args.mfu if args.mfu is not None else v3_implied_mfu(get_preset("v3-671b"))
-    if not 0 < mfu <= 1:
-        raise ValueError("--mfu must lie in (0, 1]")
-    phases = list(V3_PHASES) if args.v3_report else [("training", parse_count(args.tokens), args.seq_len)]
-    rows = []
-    for name, tokens, seq in phases:
-        per_token = flops_per_token(cfg, seq)
-        hours = gpu_hours(per_token.total * tokens, gpu, mfu)
-        rows.append({"phase": name, "tokens": tokens, "seq_len": seq, "flops_per_token": per_token.total,
-                     "gpu_hours": hours, "dollars": hours * args.price_per_gpu_hour})  # fmt: skip
-    post = V3_REPORTED_HOURS["post-training"] if args.v3_report else 0.0
-    total_hours = sum(r["gpu_hours"] for r in rows) + post
-    per_param = FP8_BYTES_PER_PARAM if args.weights == "fp8" else 2
-    serving = serving_footprint(cfg, gpu, args.context_len, args.gpus_per_node, weight_bytes_per_param=per_param)
-    bounds = decode_bandwidth_bound(cfg, gpu, args.gpus_per_node, args.context_len, weight_bytes_per_param=per_param)
+    report = cost_report(_config_from_args(args), GPUS[args.gpu], tokens=parse_count(args.tokens),
+                         seq_len=args.seq_len, mfu=args.mfu, v3_report=args.v3_report,
+                         price_per_gpu_hour=args.price_per_gpu_hour, weights=args.weights,
+                         context_len=args.context_len, gpus_per_node=args.gpus_per_node)  # fmt: skip
     prices = PriceTable.parse(args.prices, args.currency)
     inputs, outputs = parse_count(args.input_tokens), parse_count(args.output_tokens)
     hit = round(inputs * args.hit_rate)
-    api = prices.cost(hit, round(inputs) - hit, round(outputs))
-    result = {
-        "params_total": stats.params_total, "params_active": stats.params_active, "params_mtp": stats.params_mtp,
-        "gpu": gpu.name, "mfu": mfu, "price_per_gpu_hour": args.price_per_gpu_hour, "phases": rows,
-        "post_training_gpu_hours": post, "total_gpu_hours": total_hours,
-        "total_dollars": total_hours * args.price_per_gpu_hour,
-        "inference": {"flops_per_token": flops_per_token(cfg, args.context_len, training=False, mtp=False).total,
-                      "weight_bytes": serving.weight_bytes, "kv_bytes_per_token": serving.kv_bytes_per_token,
-                      "context_len": serving.context_len, "gpus_per_node": serving.gpus_per_node,
-                      "contexts_per_node": serving.contexts_per_node, "weights": args.weights,
-                      "weight_bytes_per_gpu": serving.weight_bytes / serving.gpus_per_node,
-                      "kv_tokens_per_node": serving.kv_tokens,
-                      "decode_bound": [{"batch": b.batch, "bytes_per_step": b.bytes_per_step,
-                                        "tokens_per_s": b.tokens_per_s} for b in bounds],
-                      "deepseek_decode_tokens_per_h800_node": V3_DECODE_TOKENS_PER_NODE},
-        "api": {"input_tokens": inputs, "output_tokens": outputs, "hit_rate": args.hit_rate,
-                "price": float(api), "currency": prices.currency},
-    }  # fmt: skip
-    if args.v3_report:
-        result["reported_gpu_hours"] = V3_REPORTED_HOURS["total"]
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"{args.preset or args.model}: {_human(stats.params_total)} parameters, {_human(stats.params_active)} "
-          f"active per token, MTP {_human(stats.params_mtp)}")  # fmt: skip
-    implied = " (DeepSeek-V3's own, implied by its report)" if args.mfu is None else ""
-    print(f"training on {gpu.name} at {mfu:.1%} MFU of its {gpu.bf16_flops / 1e12:.0f} TFLOP/s BF16 peak{implied}:")
-    for r in rows:
-        print(f"  {r['phase']:<23} {_human(r['tokens']):>7} tokens @ {r['seq_len']:>6}: {r['flops_per_token']:9.3g} "
-              f"FLOP/token  {_human(r['gpu_hours']):>8} GPU-h  ${_human(r['dollars'])}")  # fmt: skip
-    if post:
-        print(f"  {'post-training':<23} as reported: {_human(post)} GPU-h")
-    dollars = total_hours * args.price_per_gpu_hour
-    print(f"  total {_human(total_hours)} GPU-hours, ${_human(dollars)} at ${args.price_per_gpu_hour}/GPU-hour")
-    if args.v3_report:
-        reported = V3_REPORTED_HOURS["total"]
-        print(f"  DeepSeek-V3 reports {_human(reported)} GPU-hours (${_human(reported * 2)} at $2): "
-              f"{total_hours / reported - 1:+.1%}")  # fmt: skip
-    kv = serving.kv_bytes_per_token
-    kind = "FP8 + block scales" if args.weights == "fp8" else "bf16"
-    per_gpu = serving.weight_bytes / serving.gpus_per_node
-    print(f"serving: weights {serving.weight_bytes / 1e9:.3g} GB ({kind}), {per_gpu / 1e9:.3g} GB per GPU on "
-          f"{serving.gpus_per_node}; KV bytes/token MLA {kv['mla']:,} | GQA-8 {kv['gqa']:,} | "
-          f"MHA {kv['mha']:,}")  # fmt: skip
-    node = f"{serving.gpus_per_node} x {gpu.name}"
-    if serving.weight_bytes > serving.gpus_per_node * gpu.memory_bytes:
-        print(f"  the weights alone exceed {node}: serve across more GPUs (--gpus-per-node)")
-    else:
-        fits = ", ".join(f"{k.upper()} {v:,}" for k, v in serving.contexts_per_node.items())
-        print(f"  {serving.context_len}-token contexts that fit {node} beside the weights: {fits} "
-              f"({_human(serving.kv_tokens)} MLA-cached tokens)")  # fmt: skip
-        nodes = serving.gpus_per_node / 8
-        line = ", ".join(f"b{b.batch} {_human(b.tokens_per_s / nodes)}" for b in bounds)
-        print(f"  decode bound (HBM bandwidth, {serving.context_len}-token contexts, batch per copy of the model), "
-              f"tokens/s per 8-GPU node: {line}; DeepSeek reports {_human(V3_DECODE_TOKENS_PER_NODE)} per H800 "
-              "node in production (expert parallelism over many nodes, MTP, about 1.8 tokens per step)")  # fmt: skip
-    print(f"API: {_human(inputs)} input tokens at {args.hit_rate:.0%} cache hits + {_human(outputs)} output "
-          f"tokens = {api:.4f} {prices.currency}")  # fmt: skip
+    report["api"] = {
+        "input_tokens": inputs,
+        "output_tokens": outputs,
+        "hit_rate": args.hit_rate,
+        "price": float(prices.cost(hit, round(inputs) - hit, round(outputs))),
+        "currency": prices.currency,
+    }
+    print(json.dumps(report, indent=2) if args.json else format_cost_report(report, args.preset or args.model))
     return 0
 
 
@@ -196,10 +114,11 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from nanoseek.train import parallel
     from nanoseek.train.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    trainer, history = _fit(Trainer(cfg))
+    trainer, history = parallel.fit(Trainer(cfg))
     if history and trainer.par.is_main:
         last = history[-1]
         val = next((m["val_loss"] for m in reversed(history) if m.get("val_loss") is not None), None)
@@ -364,7 +283,7 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from nanoseek.report import plot_run
+    from nanoseek.plots import plot_run
 
     for path in plot_run(args.run):
         print(path)
@@ -398,53 +317,38 @@ SFT_DEFAULTS = {"steps": 200, "lr": 1e-3, "warmup_steps": 10, "out": "runs/sft",
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
+    from nanoseek.train import parallel
     from nanoseek.train.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(**_fields(TrainConfig, args, SFT_SKIP), init=args.model, data=args.data, objective="sft")
-    trainer, history = _fit(Trainer(cfg))
+    trainer, history = parallel.fit(Trainer(cfg))
     if trainer.par.is_main:
         print(f"fine-tuned {cfg.steps} steps: final loss {history[-1]['loss']:.4f} -> {cfg.out}/model")
     return 0
 
 
-def _fit(trainer):
-    """Run a trainer to its end; under torchrun, leave the process group it opened (every command that
-    opens one closes it). Returns (trainer, its history): only its first process should print."""
-    from nanoseek.train import parallel
-
-    try:
-        return trainer, trainer.fit()
-    finally:
-        parallel.shutdown(trainer.par)
-
-
 def cmd_distill(args: argparse.Namespace) -> int:
-    from nanoseek.rl.distill import read_problems, write_traces
-    from nanoseek.rl.evaluate import batch_engine
+    from nanoseek.rl.distill import distill, read_problems
     from nanoseek.rl.tasks import get_task
-    from nanoseek.train.trainer import TrainConfig, Trainer
+    from nanoseek.train.config import TrainConfig
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    traces = out / "traces.jsonl"
     task = get_task(args.task) if args.task else None
-    stats = write_traces(batch_engine(args.teacher), read_problems(args.prompts), task, traces, samples=args.samples,
-                         temperature=args.teacher_temperature, max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
-    (out / "traces.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print(f"teacher: {stats['kept']} of {stats['prompts']} prompts kept (accuracy {stats['teacher_accuracy']:.3f})")
     teacher = args.teacher if args.kl_weight > 0 else None
-    cfg = TrainConfig(**_fields(TrainConfig, args, SFT_SKIP), init=args.student, data=str(traces), objective="sft",
-                      teacher=teacher, kl_weight=args.kl_weight)  # fmt: skip
-    trainer, _ = _fit(Trainer(cfg))
-    if trainer.par.is_main:
-        print(f"student fine-tuned on the teacher's traces -> {cfg.out}/model")
-    return 0
+    cfg = TrainConfig(**_fields(TrainConfig, args, SFT_SKIP), init=args.student, objective="sft",
+                      data=str(Path(args.out) / "traces.jsonl"), teacher=teacher, kl_weight=args.kl_weight)  # fmt: skip
+    stats = distill(args.teacher, read_problems(args.prompts), task, cfg, samples=args.samples,
+                    temperature=args.teacher_temperature, max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the first process prints
+        print(f"teacher: {stats['kept']} of {stats['prompts']} prompts kept (accuracy {stats['teacher_accuracy']:.3f})")
+        print(stats.get("note") or f"student fine-tuned on the teacher's traces -> {cfg.out}/model")
+    return 0 if "note" not in stats else 1
 
 
 def cmd_grpo(args: argparse.Namespace) -> int:
     from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
+    from nanoseek.train import parallel
 
-    trainer, history = _fit(GRPOTrainer(GRPOConfig(**_fields(GRPOConfig, args))))
+    trainer, history = parallel.fit(GRPOTrainer(GRPOConfig(**_fields(GRPOConfig, args))))
     evals = [m["eval/pass_at_1"] for m in history if "eval/pass_at_1" in m]
     if len(evals) >= 2 and trainer.par.is_main:
         print(f"held-out pass@1: {evals[0]:.3f} before, {evals[-1]:.3f} after -> {args.out}/model")
@@ -491,6 +395,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_task_write(args: argparse.Namespace) -> int:
+    from nanoseek.data import sft_row
     from nanoseek.rl.tasks import get_task
 
     task = get_task(args.task)
@@ -498,10 +403,9 @@ def cmd_task_write(args: argparse.Namespace) -> int:
     with open(args.out, "w") as f:
         for p in problems:
             if args.solutions:  # chat examples for nanoseek sft (with the tools they call, if any)
-                row = {"messages": task.conversation(p)} | ({"tools": task.tools} if task.tools else {})
+                f.write(sft_row(task.conversation(p), task.tools))
             else:  # prompts for nanoseek distill (with what the verifier needs)
-                row = {"prompt": p.question, "answer": p.answer, "meta": p.meta}
-            f.write(json.dumps(row) + "\n")
+                f.write(json.dumps({"prompt": p.question, "answer": p.answer, "meta": p.meta}) + "\n")
     print(f"{len(problems)} {args.split} problems of {args.task} -> {args.out}")
     return 0
 

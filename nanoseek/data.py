@@ -316,6 +316,12 @@ class PackedLoader:
 # --- chat examples for supervised fine-tuning ------------------------------------------------------
 
 
+def sft_row(messages: list[dict], tools: list[dict] | None = None) -> str:
+    """One line of the chat JSONL that `nanoseek sft` reads (OpenAI's fine-tuning shape): the messages, and
+    the tools they may call."""
+    return json.dumps({"messages": messages} | ({"tools": tools} if tools else {})) + "\n"
+
+
 def encode_chat(
     tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None = None
 ) -> tuple[list[int], list[bool]]:

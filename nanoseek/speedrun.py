@@ -25,13 +25,15 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.config import get_preset
-from nanoseek.data import ensure_default_data
+from nanoseek.data import ensure_default_data, sft_row
 from nanoseek.device import default_device
-from nanoseek.report import plot_run, read_metrics, write_report
-from nanoseek.rl.distill import write_traces
+from nanoseek.plots import plot_run
+from nanoseek.report import write_report
+from nanoseek.rl.distill import distill
 from nanoseek.rl.evaluate import batch_engine, evaluate
 from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
 from nanoseek.rl.tasks import get_task
+from nanoseek.train.run import read_metrics
 from nanoseek.train.trainer import TrainConfig, Trainer
 
 
@@ -52,8 +54,8 @@ class Plan:
 
 
 PLANS = {
-    "tiny": Plan(pretrain_steps=250, fp8_steps=12, sft_steps=350, sft_examples=4000, distill_prompts=600,
-                 distill_steps=150, grpo_steps=30, eval_n=200),
+    "tiny": Plan(pretrain_steps=250, fp8_steps=8, sft_steps=300, sft_examples=4000, distill_prompts=1000,
+                 distill_steps=350, grpo_steps=30, eval_n=200),
     "small": Plan(pretrain_steps=2000, fp8_steps=50, sft_steps=600, sft_examples=8000, distill_prompts=2000,
                   distill_steps=400, grpo_steps=100, eval_n=500),
     "quick": Plan(pretrain_steps=12, fp8_steps=3, sft_steps=6, sft_examples=64, distill_prompts=16,
@@ -141,21 +143,20 @@ class Speedrun:
                                      save_every=steps, eval_every=steps)  # fmt: skip
             Trainer(cfg).fit()
             metrics = read_metrics(out)
-            runs[name] = {"loss": [m["lm_loss"] for m in metrics],
+            runs[name] = {"loss": [m["lm_loss"] for m in metrics], "tokens": metrics[-1]["tokens"],
                           "tokens_per_s": _mean(m["tokens_per_s"] for m in metrics[1:] or metrics)}  # fmt: skip
-        return {"steps": self.plan.fp8_steps, **runs,
+        return {"steps": self.plan.fp8_steps, **runs, "tokens": sum(r["tokens"] for r in runs.values()),
                 "final_loss_ratio": runs["fp8"]["loss"][-1] / runs["bf16"]["loss"][-1],
                 "speed_ratio": runs["fp8"]["tokens_per_s"] / runs["bf16"]["tokens_per_s"]}  # fmt: skip
 
-    def _sft(self, out: Path, init: Path, data: Path, steps: int) -> dict[str, Any]:
-        cfg = self._train_config(out=str(out), init=str(init), data=str(data), objective="sft", steps=steps,
-                                 lr=3e-3, mtp_lambda=0.0, batch_size=32 if self.plan.batch_size >= 16 else 8,
-                                 seq_len=128, warmup_steps=min(10, steps), sample_tokens=0)  # fmt: skip
-        Trainer(cfg).fit()
-        last = read_metrics(out)[-1]
-        score = evaluate(batch_engine(out / "model"), self.task, self.test_problems(), max_tokens=64)
-        return {"steps": steps, "tokens": last["tokens"], "loss": last["lm_loss"],
-                "pass_at_1": score.pass_at_1}  # fmt: skip
+    def _sft_config(self, out: Path, init: Path, data: Path, steps: int) -> TrainConfig:
+        return self._train_config(out=str(out), init=str(init), data=str(data), objective="sft", steps=steps,
+                                  lr=3e-3, mtp_lambda=0.0, batch_size=32 if self.plan.batch_size >= 16 else 8,
+                                  seq_len=128, warmup_steps=min(10, steps), sample_tokens=0)  # fmt: skip
+
+    def pass_at_1(self, model: Path) -> float:
+        """Greedy held-out pass@1 of a model folder (the same problems for every stage)."""
+        return evaluate(batch_engine(model), self.task, self.test_problems(), max_tokens=64).pass_at_1
 
     def test_problems(self):
         return self.task.problems("test", self.plan.eval_n)
@@ -164,25 +165,24 @@ class Speedrun:
         data = self.dir("sft") / "arith_sft.jsonl"
         with open(data, "w") as f:
             for p in self.task.problems("train", self.plan.sft_examples):
-                f.write(
-                    json.dumps({"messages": [*p.messages(), {"role": "assistant", "content": self.task.solution(p)}]})
-                    + "\n"
-                )
-        result = self._sft(self.dir("sft"), self.dir("pretrain") / "model", data, self.plan.sft_steps)
-        return {"examples": self.plan.sft_examples, **result}
+                f.write(sft_row(self.task.conversation(p), self.task.tools))
+        cfg = self._sft_config(self.dir("sft"), self.dir("pretrain") / "model", data, self.plan.sft_steps)
+        Trainer(cfg).fit()
+        last = read_metrics(cfg.out)[-1]
+        return {"examples": self.plan.sft_examples, "steps": cfg.steps, "tokens": last["tokens"],
+                "loss": last["lm_loss"], "pass_at_1": self.pass_at_1(self.dir("sft") / "model")}  # fmt: skip
 
     def stage_distill(self) -> dict[str, Any]:
         """The SFT model as teacher: verified traces on fresh prompts (R1's rejection sampling), taught to the
-        pretrained model; against it, the same student fine-tuned on the worked solutions of the sft stage."""
-        traces = self.dir("distill") / "traces.jsonl"
+        pretrained model (rl/distill.py, the pipeline of `nanoseek distill`)."""
+        student = self.dir("distill") / "student"
+        cfg = self._sft_config(student, self.dir("pretrain") / "model", self.dir("distill") / "traces.jsonl",
+                               self.plan.distill_steps)  # fmt: skip
         prompts = self.task.problems("train", self.plan.distill_prompts, seed=1)
-        stats = write_traces(batch_engine(self.dir("sft") / "model"), prompts, self.task, traces, samples=2,
-                             max_tokens=64, progress=self.progress)  # fmt: skip
-        if stats["kept"] < 8:
-            return {**stats, "student_pass_at_1": None, "note": "too few verified traces to fine-tune on"}
-        student = self._sft(self.dir("distill") / "student", self.dir("pretrain") / "model", traces,
-                            self.plan.distill_steps)  # fmt: skip
-        return {**stats, "student_steps": student["steps"], "student_pass_at_1": student["pass_at_1"]}
+        stats = distill(self.dir("sft") / "model", prompts, self.task, cfg, samples=2, max_tokens=64, min_traces=8)
+        trained = "note" not in stats
+        return {**stats, "student_steps": cfg.steps if trained else 0,
+                "student_pass_at_1": self.pass_at_1(student / "model") if trained else None}  # fmt: skip
 
     def stage_grpo(self) -> dict[str, Any]:
         out = self.dir("grpo")
@@ -197,8 +197,10 @@ class Speedrun:
         metrics = read_metrics(out)
         evals = [m["eval/pass_at_1"] for m in metrics if "eval/pass_at_1" in m]
         rewards = [m["reward"] for m in metrics if "reward" in m]
+        tokens = {kind: sum(m.get(f"tokens/{kind}", 0) for m in metrics) for kind in ("rollout", "trained", "scored")}
         return {"steps": steps, "pass_at_1_before": evals[0], "pass_at_1_after": evals[-1], "pass_at_1_curve": evals,
-                "reward_first": rewards[0], "reward_last": rewards[-1], "eval_n": self.plan.eval_n}  # fmt: skip
+                "reward_first": rewards[0], "reward_last": rewards[-1], "eval_n": self.plan.eval_n,
+                **{f"{kind}_tokens": n for kind, n in tokens.items()}}  # fmt: skip
 
     def stage_inference(self) -> dict[str, Any]:
         """Decode throughput of the final model at a few batch sizes, and sample generations."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanoseek import Transformer, get_preset, model_stats
-from nanoseek.cost import kv_bytes_per_token
+from nanoseek.cost import flops_per_token, kv_bytes_per_token
 
 
 def test_v3_671b_matches_the_paper():
@@ -101,3 +101,25 @@ def test_the_v3_report_is_reproduced_within_five_percent(capsys):
     assert 0.3 < out["mfu"] < 0.5
     ext = sum(p["gpu_hours"] for p in out["phases"][1:])
     assert 0.5 * 119e3 < ext < 119e3  # long-context attention at the same MFU: cheaper than reported
+
+
+def test_the_speedrun_cost_follows_each_stages_own_token_counts():
+    """The report card's cost comes from the tokens each stage processed, not from the plan's step counts."""
+    from nanoseek.report import run_cost
+
+    cfg = get_preset("tiny")
+    stages = {"pretrain": {"tokens": 4000}, "fp8": {"tokens": 400}, "sft": {"tokens": 2000},
+              "distill": {"teacher_tokens": 900, "student_tokens": 1500},
+              "grpo": {"rollout_tokens": 700, "scored_tokens": 0, "trained_tokens": 700}}  # fmt: skip
+    plan = {"seq_len": 256, "grpo_steps": 30}
+    cost = run_cost(cfg, plan, stages)
+    train, chat = flops_per_token(cfg, 256).total, flops_per_token(cfg, 128, mtp=False).total
+    forward = flops_per_token(cfg, 128, training=False, mtp=False).total
+    assert cost["flops"]["pretrain"] == 4000 * train and cost["flops"]["sft"] == 2000 * chat
+    assert cost["flops"]["distill"] == 900 * forward + 1500 * chat
+    assert cost["flops"]["grpo"] == 700 * (forward + chat)
+    assert cost["total_flops"] == sum(cost["flops"].values())
+    assert sum(cost["gpu_seconds"].values()) == pytest.approx(cost["gpu_hours"] * 3600)
+    # Twice the rollouts cost twice as much, whatever the plan says.
+    doubled = run_cost(cfg, plan | {"grpo_steps": 1}, stages | {"grpo": {k: 2 * v for k, v in stages["grpo"].items()}})
+    assert doubled["flops"]["grpo"] == 2 * cost["flops"]["grpo"] and doubled["flops"]["sft"] == cost["flops"]["sft"]

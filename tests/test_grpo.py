@@ -118,7 +118,7 @@ def test_beta_zero_builds_no_reference_and_a_short_run_raises_the_reward(tmp_pat
                  "completions/mean_length", "entropy", "rollout_tokens_per_s"):  # fmt: skip
         assert name in history[-1]
     assert (tmp_path / "run" / "model" / "config.json").is_file()
-    from nanoseek.report import plot_run
+    from nanoseek.plots import plot_run
 
     assert [p.name for p in plot_run(tmp_path / "run")] == ["reward.png"]
     with_kl = GRPOTrainer(GRPOConfig(model=str(model), out=str(tmp_path / "kl"), beta=0.04, steps=1, eval_n=0,

@@ -146,10 +146,16 @@ def test_task_sft_eval_and_distill_commands(tmp_path, tokenizer, capsys):
     assert result["n"] == 4 and 0 <= result["pass@1"] <= 1
     assert main(["task", "write", "--task", "arithmetic", "--n", "8", "--out", str(tmp_path / "p.jsonl")]) == 0
     # No verifier: every first teacher reply is kept, so the student has traces to learn from.
-    assert main(["distill", "--teacher", str(model), "--student", str(model), "--prompts", str(tmp_path / "p.jsonl"),
-                 "--out", str(tmp_path / "d"), "--samples", "1", "--max-tokens", "8", "--steps", "1",
-                 "--batch-size", "4", "--seq-len", "96", "--no-progress", "--sample-tokens", "0",
-                 "--kl-weight", "0.5"]) == 0  # fmt: skip
-    traces = (tmp_path / "d" / "traces.jsonl").read_text().splitlines()
-    assert len(traces) == 8 and json.loads(traces[0])["messages"][-1]["role"] == "assistant"
+    distill = ["distill", "--teacher", str(model), "--student", str(model), "--prompts", str(tmp_path / "p.jsonl"),
+               "--out", str(tmp_path / "d"), "--samples", "1", "--max-tokens", "8", "--batch-size", "4",
+               "--seq-len", "96", "--no-progress", "--sample-tokens", "0", "--kl-weight", "0.5"]  # fmt: skip
+    assert main([*distill, "--steps", "1"]) == 0
+    traces = tmp_path / "d" / "traces.jsonl"
+    assert len(lines := traces.read_text().splitlines()) == 8
+    assert json.loads(lines[0])["messages"][-1]["role"] == "assistant"
     assert "kl_loss" in json.loads((tmp_path / "d" / "metrics.jsonl").read_text().splitlines()[-1])
+    # A resumed distillation reuses the traces it wrote and trains on from its checkpoint.
+    written = traces.stat().st_mtime_ns
+    assert main([*distill, "--steps", "2", "--resume"]) == 0
+    assert traces.stat().st_mtime_ns == written
+    assert json.loads((tmp_path / "d" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2

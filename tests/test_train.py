@@ -119,7 +119,7 @@ def test_training_run_writes_metrics_model_and_plots(data_dir, tmp_path):
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert AutoTokenizer.from_pretrained(tmp_path / "model").eos_token_id == 1
-    from nanoseek.report import plot_run
+    from nanoseek.plots import plot_run
 
     assert {p.name for p in plot_run(tmp_path)} == {"loss.png", "expert_load.png"}
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002", "step_000004"]

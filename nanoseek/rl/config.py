@@ -6,22 +6,27 @@ from dataclasses import dataclass
 
 from nanoseek.config import flag
 from nanoseek.rl.grpo_loss import LOSS_TYPES
+from nanoseek.train.config import RunConfig, override
 
 
 @dataclass(slots=True)
-class GRPOConfig:
+class GRPOConfig(RunConfig):
     """Every field is a `nanoseek grpo` flag of the same name in kebab case."""
 
     model: str = flag("the policy's starting point: a model folder with its tokenizer (required)", default="")
     task: str = flag("arithmetic, countdown, or a JSONL file of prompt/answer", default="arithmetic")
-    out: str = flag("run folder: metrics, checkpoints, the trained model", default="runs/grpo")
-    steps: int = flag("optimizer rounds (each samples a fresh batch)", default=60)
+    # The run's settings (train/config.py's RunConfig) with GRPO's defaults: a step samples a fresh batch;
+    # the learning rate stays constant after warmup, and Adam moves every weight by about this much.
+    out: str = override("out", "runs/grpo")
+    steps: int = override("steps", 60)
+    lr: float = override("lr", 2e-5)
+    warmup_steps: int = override("warmup_steps", 5)
+    eval_every: int = override("eval_every", 20)
+    save_every: int = override("save_every", 20)
     prompts_per_step: int = flag("problems per step (P)", default=16)
     group_size: int = flag("completions per problem (G)", default=8)
     max_tokens: int = flag("longest completion", default=64)
     temperature: float = flag("sampling temperature of the rollouts", default=1.0)
-    lr: float = flag("learning rate (constant after warmup); Adam moves every weight by about this", default=2e-5)
-    warmup_steps: int = flag("linear warmup steps", default=5)
     beta: float = flag("weight of the k3 KL to the reference model; 0: no reference model", default=0.0)
     epsilon: float = flag("clip range below (and above, unless --epsilon-high)", default=0.2)
     epsilon_high: float | None = flag("clip range above (DAPO's clip-higher, e.g. 0.28)", default=None)
@@ -33,18 +38,13 @@ class GRPOConfig:
     rewards: str = flag("reward functions by dotted path, comma-separated",
                          default="nanoseek.rl.rewards.accuracy_reward,nanoseek.rl.rewards.format_reward")  # fmt: skip
     reward_weights: str | None = flag("weights of the reward functions, comma-separated (default: all 1)", default=None)
-    grad_clip: float = flag("clip the gradient norm to this", default=1.0)
-    eval_every: int = flag("measure held-out pass@1 every N steps", default=20)
     eval_n: int = flag("held-out problems per evaluation", default=200)
-    save_every: int = flag("checkpoint every N steps (and at the end)", default=20)
-    seed: int = flag("seed of problems and sampling", default=0)
-    resume: bool = flag("continue from the last checkpoint in --out", default=False)
-    progress: bool = flag("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("nanoseek grpo needs --model DIR (best a supervised warm start, e.g. nanoseek sft)")
-        for name in ("steps", "prompts_per_step", "group_size", "max_tokens", "mu", "eval_every", "save_every"):
+        RunConfig.__post_init__(self)
+        for name in ("prompts_per_step", "group_size", "max_tokens", "mu"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.group_size < 2:

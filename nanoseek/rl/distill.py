@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from nanoseek.rl.evaluate import completion_text
+from nanoseek.data import sft_row
+from nanoseek.rl.evaluate import batch_engine, completion_text
 from nanoseek.rl.tasks import Problem, Task
 from nanoseek.serve.engine import Engine
 from nanoseek.serve.sampling import SamplingParams
+from nanoseek.train.config import TrainConfig
 
 
 def read_problems(path: str | Path) -> list[Problem]:
@@ -40,8 +43,9 @@ def write_traces(engine: Engine, problems: list[Problem], task: Task | None, out
                  temperature: float = 0.7, max_tokens: int = 128, seed: int = 0, batch: int = 256,
                  progress: bool = True) -> dict[str, float]:  # fmt: skip
     """Sample `samples` replies per prompt; keep, per prompt, the first one the verifier accepts (every
-    first reply when there is no verifier). Writes chat JSONL for `nanoseek sft`; returns counts."""
-    kept = total_right = 0
+    first reply when there is no verifier). Writes chat JSONL for `nanoseek sft`; returns counts (teacher_tokens:
+    prompt and generated tokens, what the sampling cost)."""
+    kept = total_right = tokens = 0
     with open(out, "w") as f, tqdm(total=len(problems), desc="teacher", unit="prompt", disable=not progress) as bar:
         for first in range(0, len(problems), batch):
             chunk = problems[first : first + batch]
@@ -49,15 +53,49 @@ def write_traces(engine: Engine, problems: list[Problem], task: Task | None, out
             seeds = [seed + (first + i) * samples + j for i in range(len(chunk)) for j in range(samples)]
             params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=s) for s in seeds]
             outputs = engine.generate([ids for ids in prompts for _ in range(samples)], params)
+            tokens += samples * sum(map(len, prompts)) + sum(len(o.token_ids) for o in outputs)
             for i, problem in enumerate(chunk):
                 replies = [completion_text(engine, o.token_ids) for o in outputs[i * samples : (i + 1) * samples]]
                 right = [r for r in replies if task is None or task.verify(problem, r) >= 1.0]
                 total_right += len(right)
                 if right:
-                    f.write(
-                        json.dumps({"messages": [*problem.messages(), {"role": "assistant", "content": right[0]}]})
-                        + "\n"
-                    )
+                    reply = {"role": "assistant", "content": right[0]}
+                    f.write(sft_row([*problem.messages(), reply], task.tools if task else None))
                     kept += 1
             bar.update(len(chunk))
-    return {"prompts": len(problems), "kept": kept, "teacher_accuracy": total_right / (len(problems) * samples)}
+    return {"prompts": len(problems), "kept": kept, "teacher_accuracy": total_right / (len(problems) * samples),
+            "teacher_tokens": tokens}  # fmt: skip
+
+
+def distill(
+    teacher: str | Path,
+    problems: list[Problem],
+    task: Task | None,
+    train: TrainConfig,
+    samples: int = 4,
+    temperature: float = 0.7,
+    max_tokens: int = 128,
+    seed: int = 0,
+    min_traces: int = 1,
+) -> dict[str, Any]:
+    """The whole pipeline, for `nanoseek distill` and the speedrun: the teacher's verified traces on
+    `problems` written to `train.data` (their counts beside it, in traces.json), then the student
+    (`train.init`) fine-tuned on them into `train.out`. A rerun reuses traces already written (a killed
+    run resumes with `train.resume`). Returns the counts, with the student's processed tokens; with fewer
+    than `min_traces` kept, the student is not trained and a note says so."""
+    traces = Path(train.data)
+    traces.parent.mkdir(parents=True, exist_ok=True)
+    counts_file = traces.with_name("traces.json")
+    if counts_file.is_file() and traces.is_file():
+        stats = json.loads(counts_file.read_text())
+    else:
+        stats = write_traces(batch_engine(teacher), problems, task, traces, samples=samples, temperature=temperature,
+                             max_tokens=max_tokens, seed=seed, progress=train.progress)  # fmt: skip
+        counts_file.write_text(json.dumps(stats, indent=2) + "\n")
+    if stats["kept"] < min_traces:
+        return {**stats, "student_tokens": 0, "note": f"{stats['kept']} verified traces: too few to fine-tune on"}
+    from nanoseek.train import parallel
+    from nanoseek.train.trainer import Trainer
+
+    trainer, _ = parallel.fit(Trainer(train))
+    return {**stats, "student_tokens": trainer.tokens}

@@ -128,6 +128,7 @@ class GRPOTrainer:
             "completions/mean_length": sum(map(len, completions)) / len(completions),
             "rollout_tokens_per_s": sum(map(len, completions)) / rollout_seconds,
             "completions/clipped_ratio": sum(len(c) >= cfg.max_tokens for c in completions) / len(completions),
+            "tokens/rollout": sum(len(p) + len(c) for p, c in zip(prompts, completions, strict=True)),
         }
         rows = keep.nonzero().flatten().tolist()
         lr = lr_at(self.step, cfg.steps, cfg.lr, cfg.warmup_steps, "wsd", 1.0)
@@ -167,7 +168,9 @@ class GRPOTrainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         entropy = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
-        return {"loss": loss.item(), **stats, "entropy": entropy, "grad_norm": grad_norm}
+        passes = cfg.mu + (cfg.mu > 1) + (self.reference is not None)  # forward passes: trained, old, reference
+        return {"loss": loss.item(), **stats, "entropy": entropy, "grad_norm": grad_norm,
+                "tokens/trained": ids.numel() * cfg.mu, "tokens/scored": ids.numel() * (passes - cfg.mu)}  # fmt: skip
 
     def evaluate(self) -> float:
         self.policy.eval()

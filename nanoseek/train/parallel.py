@@ -151,6 +151,16 @@ def shutdown(par: Parallel) -> None:
         dist.destroy_process_group()
 
 
+def fit(trainer):
+    """Run a trainer (train/sft/distill or GRPO) to its end, then leave the process group it opened under
+    torchrun: every command that opens one closes it. Returns (trainer, its history); only its first
+    process (trainer.par.is_main) should print."""
+    try:
+        return trainer, trainer.fit()
+    finally:
+        shutdown(trainer.par)
+
+
 def barrier(par: Parallel) -> None:
     if par.distributed:
         dist.barrier()

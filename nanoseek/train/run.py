@@ -20,8 +20,20 @@ from typing import IO, Any
 import torch
 
 from nanoseek.checkpoint import CheckpointError
-from nanoseek.report import read_metrics
 from nanoseek.train import state
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: pass a folder written by `nanoseek train`")
+    metrics = []
+    for line in path.read_text().splitlines():
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a killed run
+            continue
+    return metrics
 
 
 def write_atomically(path: Path, text: str) -> None:
