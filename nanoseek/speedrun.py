@@ -51,10 +51,12 @@ class Plan:
     eval_n: int
     batch_size: int = 16
     seq_len: int = 256
+    teacher_samples: int = 2  # replies sampled per distillation prompt; the first verified one is kept
+    teacher_temperature: float = 0.7
 
 
 PLANS = {
-    "tiny": Plan(pretrain_steps=250, fp8_steps=8, sft_steps=300, sft_examples=4000, distill_prompts=1000,
+    "tiny": Plan(pretrain_steps=250, fp8_steps=8, sft_steps=350, sft_examples=4000, distill_prompts=1000,
                  distill_steps=350, grpo_steps=30, eval_n=200),
     "small": Plan(pretrain_steps=2000, fp8_steps=50, sft_steps=600, sft_examples=8000, distill_prompts=2000,
                   distill_steps=400, grpo_steps=100, eval_n=500),
@@ -179,7 +181,8 @@ class Speedrun:
         cfg = self._sft_config(student, self.dir("pretrain") / "model", self.dir("distill") / "traces.jsonl",
                                self.plan.distill_steps)  # fmt: skip
         prompts = self.task.problems("train", self.plan.distill_prompts, seed=1)
-        stats = distill(self.dir("sft") / "model", prompts, self.task, cfg, samples=2, max_tokens=64, min_traces=8)
+        stats = distill(self.dir("sft") / "model", prompts, self.task, cfg, samples=self.plan.teacher_samples,
+                        temperature=self.plan.teacher_temperature, max_tokens=64, min_traces=8)  # fmt: skip
         trained = "note" not in stats
         return {**stats, "student_steps": cfg.steps if trained else 0,
                 "student_pass_at_1": self.pass_at_1(student / "model") if trained else None}  # fmt: skip
