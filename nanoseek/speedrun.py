@@ -53,11 +53,12 @@ class Plan:
     seq_len: int = 256
     teacher_samples: int = 2  # replies sampled per distillation prompt; the first verified one is kept
     teacher_temperature: float = 0.7
+    grpo_lr: float = 2e-5
 
 
 PLANS = {
     "tiny": Plan(pretrain_steps=250, fp8_steps=8, sft_steps=350, sft_examples=4000, distill_prompts=1000,
-                 distill_steps=350, grpo_steps=30, eval_n=200),
+                 distill_steps=350, grpo_steps=30, eval_n=400, grpo_lr=4e-5),
     "small": Plan(pretrain_steps=2000, fp8_steps=50, sft_steps=600, sft_examples=8000, distill_prompts=2000,
                   distill_steps=400, grpo_steps=100, eval_n=500),
     "quick": Plan(pretrain_steps=12, fp8_steps=3, sft_steps=6, sft_examples=64, distill_prompts=16,
@@ -193,7 +194,7 @@ class Speedrun:
         resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*"))
         cfg = GRPOConfig(model=str(self.dir("sft") / "model"), task=TASK, out=str(out), steps=steps,
                          eval_every=max(1, steps // 3), eval_n=self.plan.eval_n, save_every=max(1, steps // 3),
-                         resume=resume, progress=self.progress,
+                         resume=resume, progress=self.progress, lr=self.plan.grpo_lr,
                          prompts_per_step=16 if self.plan.eval_n >= 100 else 4)  # fmt: skip
         GRPOTrainer(cfg).fit()
         plot_run(out)
