@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+IGNORE = -100  # the label of a token that trains nothing (torch's and transformers' ignore_index)
+
 
 def flag(help_text: str, **kwargs: Any) -> Any:
     """A config field that is also a command-line flag: `add_dataclass_flags` shows help_text."""

@@ -15,8 +15,9 @@ usual convention, whatever precision the GEMMs run in.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from nanoseek.config import ModelConfig
+from nanoseek.config import ModelConfig, get_preset
 
 
 def attention_params(cfg: ModelConfig) -> int:
@@ -242,11 +243,9 @@ def serving_footprint(
 
 def cost_report(cfg: ModelConfig, gpu: GPU, tokens: float = 14.8e12, seq_len: int = 4096, mfu: float | None = None,
                 v3_report: bool = False, price_per_gpu_hour: float = 2.0, weights: str = "fp8",
-                context_len: int = 32768, gpus_per_node: int = 8) -> dict:  # fmt: skip
+                context_len: int = 32768, gpus_per_node: int = 8) -> dict[str, Any]:  # fmt: skip
     """`nanoseek cost` as data: training GPU-hours and dollars per phase (DeepSeek-V3's own phases with
     v3_report), and serving: weights, KV tokens that fit, and the decode bandwidth bound."""
-    from nanoseek.config import get_preset
-
     stats = model_stats(cfg)
     implied = mfu is None
     mfu = v3_implied_mfu(get_preset("v3-671b")) if implied else mfu
@@ -295,7 +294,7 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:.3g}{unit}"
 
 
-def format_cost_report(report: dict, name: str) -> str:
+def format_cost_report(report: dict[str, Any], name: str) -> str:
     """`cost_report` (with its "api" part) as the text `nanoseek cost` prints."""
     r, inf, api = report, report["inference"], report["api"]
     implied = " (DeepSeek-V3's own, implied by its report)" if r["mfu_implied_by_v3"] else ""

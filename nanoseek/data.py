@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanoseek.model.loss import IGNORE  # the label of a token that is not trained on
+from nanoseek.config import IGNORE
 from nanoseek.tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE, Tokenizer, train_tokenizer
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".c", ".h", ".js", ".ts", ".html", ".css", ".json", ".toml"}

@@ -10,6 +10,7 @@ from nanoseek.train.run import read_metrics
 
 
 def smooth(values: list[float], beta: float = 0.9) -> list[float]:
+    """An exponential moving average, for noisy per-step curves."""
     out, avg = [], None
     for v in values:
         avg = v if avg is None else beta * avg + (1 - beta) * v

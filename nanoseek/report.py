@@ -20,14 +20,17 @@ def run_cost(cfg, plan: dict[str, Any], stages: dict[str, Any]) -> dict[str, Any
     pretrain = flops_per_token(cfg, plan["seq_len"]).total  # windows of seq_len, with MTP
     chat = flops_per_token(cfg, 128, mtp=False).total  # SFT rows and GRPO updates: short, no MTP
     forward = flops_per_token(cfg, 128, training=False, mtp=False).total
-    s = stages
+
+    def tokens(stage: str, key: str = "tokens") -> int:  # 0 where a result predates the count
+        return stages[stage].get(key, 0)
+
     flops = {
-        "pretrain": s["pretrain"]["tokens"] * pretrain,
-        "fp8": s["fp8"]["tokens"] * pretrain,
-        "sft": s["sft"]["tokens"] * chat,
-        "distill": s["distill"]["teacher_tokens"] * forward + s["distill"]["student_tokens"] * chat,
-        "grpo": (s["grpo"]["rollout_tokens"] + s["grpo"]["scored_tokens"]) * forward
-        + s["grpo"]["trained_tokens"] * chat,
+        "pretrain": tokens("pretrain") * pretrain,
+        "fp8": tokens("fp8") * pretrain,
+        "sft": tokens("sft") * chat,
+        "distill": tokens("distill", "teacher_tokens") * forward + tokens("distill", "student_tokens") * chat,
+        "grpo": (tokens("grpo", "rollout_tokens") + tokens("grpo", "scored_tokens")) * forward
+        + tokens("grpo", "trained_tokens") * chat,
     }
     mfu, gpu = v3_implied_mfu(get_preset("v3-671b")), GPUS["h100"]
     seconds = {stage: gpu_hours(f, gpu, mfu) * 3600 for stage, f in flops.items()}
@@ -89,22 +92,23 @@ def write_report(out: Path, preset: str, cfg, plan: dict[str, Any], stages: dict
         "|---|---|---|---|",
         f"| data | {s['data']['seconds']:.0f} | – | {s['data']['documents']} documents of Python's stdlib, BPE of "
         f"{s['data']['vocab_size']} |",
-        f"| pretrain | {s['pretrain']['seconds']:.0f} | {gpu_s['pretrain']:.2g} | {s['pretrain']['steps']} steps, "
+        f"| pretrain | {s['pretrain']['seconds']:.0f} | {gpu_s['pretrain']:.3g} | {s['pretrain']['steps']} steps, "
         f"{s['pretrain']['tokens']:,} tokens, val loss {s['pretrain']['val_loss']:.3f}"
         + (f" ({s['pretrain']['val_bpb']:.3f} bits/byte)" if s["pretrain"].get("val_bpb") else "")
         + f", {s['pretrain']['tokens_per_s']:.0f} tok/s"
         + (f", MFU {s['pretrain']['mfu']:.1%}" if s["pretrain"].get("mfu") else "")
         + " |",
-        f"| fp8 | {s['fp8']['seconds']:.0f} | {gpu_s['fp8']:.2g} | FP8 / BF16 final loss "
+        f"| fp8 | {s['fp8']['seconds']:.0f} | {gpu_s['fp8']:.3g} | FP8 / BF16 final loss "
         f"{s['fp8']['final_loss_ratio']:.3f}, speed {s['fp8']['speed_ratio']:.2f}x |",
-        f"| sft | {sft['seconds']:.0f} | {gpu_s['sft']:.2g} | {sft['steps']} steps on {sft['examples']} worked "
+        f"| sft | {sft['seconds']:.0f} | {gpu_s['sft']:.3g} | {sft['steps']} steps on {sft['examples']} worked "
         f"solutions: held-out pass@1 {sft['pass_at_1']:.3f} |",
-        f"| distill | {distill['seconds']:.0f} | {gpu_s['distill']:.2g} | the SFT model's verified traces "
+        f"| distill | {distill['seconds']:.0f} | {gpu_s['distill']:.3g} | the SFT model's verified traces "
         f"({distill['kept']} of {distill['prompts']} prompts) taught to the pretrained model in "
-        f"{distill['student_steps']} steps: held-out pass@1 "
+        f"{distill.get('student_steps', 0)} steps: held-out pass@1 "
         + (f"{distill['student_pass_at_1']:.3f}" if distill.get("student_pass_at_1") is not None else "– (not trained)")
         + " |",
-        f"| grpo | {grpo['seconds']:.0f} | {gpu_s['grpo']:.2g} | held-out pass@1 {grpo['pass_at_1_before']:.3f} -> "
+        f"| grpo | {grpo['seconds']:.0f} | {gpu_s['grpo']:.3g} | RL on the SFT model: held-out pass@1 "
+        f"{grpo['pass_at_1_before']:.3f} -> "
         f"{grpo['pass_at_1_after']:.3f} ({(grpo['pass_at_1_after'] - grpo['pass_at_1_before']) * 100:+.1f} points, "
         f"{grpo['eval_n']} problems) |",
         f"| inference | {s['inference']['seconds']:.0f} | – | decode "

@@ -5,7 +5,8 @@
 Stages: data (a BPE and token shards of Python's own stdlib) -> pretrain (MLA + MoE + MTP, FP8 GEMMs
 where the hardware has them) -> fp8 (a short FP8 run against BF16 from the same start) -> sft (worked
 arithmetic solutions) -> distill (the SFT model's verified traces, rejection-sampled, taught to the
-pretrained model) -> grpo (held-out pass@1 before and after) -> inference (decode throughput, samples)
+pretrained model) -> grpo (RL on the SFT model: held-out pass@1 before and after) -> inference (decode
+throughput, samples)
 -> the report card (report.md, a self-contained report.html, report.json) -> optionally the API server.
 Each stage leaves DIR/<stage>/result.json when done: a rerun skips finished stages, and a killed stage
 resumes from its last checkpoint.

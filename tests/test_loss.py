@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanoseek import Transformer, get_preset
-from nanoseek.model.loss import IGNORE, linear_cross_entropy
+from nanoseek.config import IGNORE
+from nanoseek.model.loss import linear_cross_entropy
 
 
 def reference(hidden, weight, targets, dtype=torch.float32):
@@ -55,11 +56,22 @@ def test_nothing_to_learn_is_zero_and_still_backpropagates():
     assert loss.item() == 0.0 and hidden.grad is not None and not hidden.grad.any()
 
 
-def test_without_grad_it_only_scores():
-    hidden, weight, targets = torch.randn(20, 4), torch.randn(9, 4), torch.randint(0, 9, (20,))
-    with torch.no_grad():
-        loss = linear_cross_entropy(hidden, weight, targets)
-    torch.testing.assert_close(loss, reference(hidden, weight, targets))
+def test_without_grad_it_only_scores(monkeypatch):
+    hidden, weight, targets = torch.randn(20, 4), torch.randn(9, 4, requires_grad=True), torch.randint(0, 9, (20,))
+    products = []
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: products.append(1) or torch.matmul(a, b))
+    with torch.no_grad():  # evaluation: a parameter that requires grad, but no gradient is wanted
+        loss = linear_cross_entropy(hidden, weight, targets, rows=8)
+    torch.testing.assert_close(loss, reference(hidden, weight.detach(), targets))
+    assert len(products) == 3  # one matmul per chunk (the logits), none for gradients
+
+
+def test_a_frozen_head_gets_no_gradient_and_costs_none():
+    hidden = torch.randn(20, 4, requires_grad=True)
+    weight, targets = torch.randn(9, 4), torch.randint(0, 9, (20,))
+    linear_cross_entropy(hidden, weight, targets).backward()
+    expected = torch.autograd.grad(reference(hidden, weight, targets), hidden)[0]
+    torch.testing.assert_close(hidden.grad, expected)
 
 
 def test_model_losses_equal_cross_entropy_of_its_logits_for_every_mtp_depth():

@@ -99,13 +99,15 @@ class _GroupedMM(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, fp8: bool = False,
+               sizes: list[int] | None = None) -> torch.Tensor:  # fmt: skip
     """Rows of x [M, in], sorted by group, times their group's weight [G, out, in]^T -> [M, out].
 
-    counts [G] says how many consecutive rows belong to each group (sum = M)."""
+    counts [G] says how many consecutive rows belong to each group (sum = M); sizes is counts.tolist(),
+    passed in when several matmuls share it (one host sync, not one per matmul)."""
     if _use_grouped_mm(x) and not fp8:
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
-    return _GroupedMM.apply(x, weight, counts.tolist(), fp8)
+    return _GroupedMM.apply(x, weight, counts.tolist() if sizes is None else sizes, fp8)
 
 
 class Gate(nn.Module):
@@ -215,9 +217,10 @@ class RoutedExperts(nn.Module):
         rows = x.index_select(0, order // k)
         if self.ep is not None:  # to the ranks that own the experts, and (below) back
             rows, counts, combine = dispatch(rows, counts, self.ep)
-        h = grouped_mm(rows, self.gate_up_proj, counts, self.fp8)
+        sizes = None if _use_grouped_mm(x) and not self.fp8 else counts.tolist()
+        h = grouped_mm(rows, self.gate_up_proj, counts, self.fp8, sizes)
         gate, up = h.chunk(2, dim=-1)
-        out = grouped_mm(F.silu(gate) * up, self.down_proj, counts, self.fp8)  # [N * k, hidden], sorted
+        out = grouped_mm(F.silu(gate) * up, self.down_proj, counts, self.fp8, sizes)  # [N * k, hidden], sorted
         if self.ep is not None:
             out = combine(out)
         out = out.index_select(0, order.argsort()).view(n, k, -1)  # back to (token, slot) order

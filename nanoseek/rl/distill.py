@@ -9,7 +9,10 @@ is fine-tuned on them with the one trainer (optionally also matching the teacher
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from nanoseek.rl.tasks import Problem, Task
 from nanoseek.serve.engine import Engine
 from nanoseek.serve.sampling import SamplingParams
 from nanoseek.train.config import TrainConfig
+from nanoseek.train.run import write_atomically
 
 
 def read_problems(path: str | Path) -> list[Problem]:
@@ -58,9 +62,8 @@ def write_traces(engine: Engine, problems: list[Problem], task: Task | None, out
                 replies = [completion_text(engine, o.token_ids) for o in outputs[i * samples : (i + 1) * samples]]
                 right = [r for r in replies if task is None or task.verify(problem, r) >= 1.0]
                 total_right += len(right)
-                if right:
-                    reply = {"role": "assistant", "content": right[0]}
-                    f.write(sft_row([*problem.messages(), reply], task.tools if task else None))
+                if right:  # the prompt as the teacher saw it (no tools offered), and its verified reply
+                    f.write(sft_row([*problem.messages(), {"role": "assistant", "content": right[0]}]))
                     kept += 1
             bar.update(len(chunk))
     return {"prompts": len(problems), "kept": kept, "teacher_accuracy": total_right / (len(problems) * samples),
@@ -79,19 +82,33 @@ def distill(
     min_traces: int = 1,
 ) -> dict[str, Any]:
     """The whole pipeline, for `nanoseek distill` and the speedrun: the teacher's verified traces on
-    `problems` written to `train.data` (their counts beside it, in traces.json), then the student
-    (`train.init`) fine-tuned on them into `train.out`. A rerun reuses traces already written (a killed
-    run resumes with `train.resume`). Returns the counts, with the student's processed tokens; with fewer
-    than `min_traces` kept, the student is not trained and a note says so."""
+    `problems` written to `train.data` (their counts and the settings that made them beside it, in
+    traces.json), then the student (`train.init`) fine-tuned on them into `train.out`. A rerun with the
+    same teacher, prompts and sampling reuses the traces (a killed run resumes with `train.resume`).
+    Under torchrun the first process samples and the others wait for its traces. Returns the counts, with
+    the student's processed tokens; with fewer than `min_traces` kept, the student is not trained and a
+    note says so."""
     traces = Path(train.data)
     traces.parent.mkdir(parents=True, exist_ok=True)
-    counts_file = traces.with_name("traces.json")
-    if counts_file.is_file() and traces.is_file():
-        stats = json.loads(counts_file.read_text())
-    else:
-        stats = write_traces(batch_engine(teacher), problems, task, traces, samples=samples, temperature=temperature,
+    record = traces.with_suffix(".json")
+    settings = {"teacher": str(teacher), "task": task.name if task else None, "samples": samples,
+                "temperature": temperature, "max_tokens": max_tokens, "seed": seed,
+                "prompts": hashlib.sha256(json.dumps([p.question for p in problems]).encode()).hexdigest()}  # fmt: skip
+
+    def written() -> dict[str, Any] | None:
+        saved = json.loads(record.read_text()) if record.is_file() and traces.is_file() else {}
+        return saved.get("stats") if saved.get("settings") == settings else None
+
+    stats = written()
+    if stats is None and os.environ.get("RANK", "0") != "0":
+        while (stats := written()) is None:  # the first process is sampling: wait for its traces
+            time.sleep(1.0)
+    elif stats is None:
+        tmp = traces.with_name(traces.name + ".tmp")  # renamed when whole: a killed run leaves no half file
+        stats = write_traces(batch_engine(teacher), problems, task, tmp, samples=samples, temperature=temperature,
                              max_tokens=max_tokens, seed=seed, progress=train.progress)  # fmt: skip
-        counts_file.write_text(json.dumps(stats, indent=2) + "\n")
+        os.replace(tmp, traces)
+        write_atomically(record, json.dumps({"settings": settings, "stats": stats}, indent=2) + "\n")
     if stats["kept"] < min_traces:
         return {**stats, "student_tokens": 0, "note": f"{stats['kept']} verified traces: too few to fine-tune on"}
     from nanoseek.train import parallel

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -151,7 +152,7 @@ def shutdown(par: Parallel) -> None:
         dist.destroy_process_group()
 
 
-def fit(trainer):
+def fit(trainer: Any) -> tuple[Any, list[dict[str, Any]]]:
     """Run a trainer (train/sft/distill or GRPO) to its end, then leave the process group it opened under
     torchrun: every command that opens one closes it. Returns (trainer, its history); only its first
     process (trainer.par.is_main) should print."""

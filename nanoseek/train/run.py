@@ -24,6 +24,7 @@ from nanoseek.train import state
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """A run folder's metrics.jsonl, one dict per step (a line cut short by a killed run is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: pass a folder written by `nanoseek train`")

@@ -43,9 +43,10 @@ RESUME_MUST_MATCH = ("preset", "data", "seed", "batch_size", "seq_len", "init", 
 SAMPLE_PROMPTS = ("def ", "class ")
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of the trained positions (targets != IGNORE): their mean, or their sum."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction=reduction)
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the trained positions (targets != IGNORE) from whole logits [B, T, V] (the
+    logit-distillation path; training otherwise takes the model's fused, chunked loss)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
@@ -188,7 +189,7 @@ class Trainer:
                 sums = self.forward(inputs, mtp=depths > 0, targets=targets)
             else:  # the KL term needs the student's logits
                 logits, mtp_logits = self.forward(inputs, mtp=True) if depths else (self.forward(inputs), [])
-                sums = torch.stack([lm_loss(lg, mtp_targets(targets, k), "sum")
+                sums = torch.stack([lm_loss(lg, mtp_targets(targets, k))
                                     for k, lg in enumerate([logits, *mtp_logits])])  # fmt: skip
         per_head = sums / counts
         lm = per_head[0]
