@@ -172,6 +172,18 @@ def fake_quantize_blocks(w: torch.Tensor) -> torch.Tensor:
     return dequantize_blocks(*quantize_blocks(w))
 
 
+def fake_quantize_group_tiles(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """x [M, C], rows sorted into consecutive groups of `sizes`, as FP8 reads it back with 128x1 tiles along
+    the rows that never cross a group: the grouped Wgrad's quantisation of each expert's tokens, done for
+    every expert at once (each group is zero-padded to a whole tile, as a per-group call would pad it)."""
+    counts = torch.tensor(sizes, device=x.device)
+    padded = (counts + TILE - 1) // TILE * TILE
+    group = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), counts, output_size=x.shape[0])
+    slot = torch.arange(x.shape[0], device=x.device) + (padded.cumsum(0) - padded - counts.cumsum(0) + counts)[group]
+    tiles = x.new_zeros(int(padded.sum()), x.shape[1]).index_copy_(0, slot, x)
+    return fake_quantize_tiles(tiles.t()).t().index_select(0, slot)  # [M, C], fp32
+
+
 def convert_to_fp8(model: nn.Module) -> nn.Module:
     """Run every attention/MLP/expert projection in FP8, in place; embedding, head, gate and norms stay.
 

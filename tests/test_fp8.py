@@ -22,6 +22,8 @@ from nanoseek.fp8 import (
     convert_to_fp8,
     dequantize_blocks,
     dequantize_tiles,
+    fake_quantize_group_tiles,
+    fake_quantize_tiles,
     fp8_linear,
     quantize_blocks,
     quantize_tiles,
@@ -206,3 +208,12 @@ def test_the_scaled_mm_path_agrees_with_the_emulation():
     except (RuntimeError, NotImplementedError) as e:
         pytest.skip(f"no FP8 _scaled_mm on this CPU: {e}")
     torch.testing.assert_close(fast, fp8_gemm(aq, a_scale, bq, b_scale), rtol=1e-5, atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(0, 300), min_size=1, max_size=5), seed=st.integers(0, 2**16))
+def test_group_tiles_quantize_each_groups_tokens_as_a_call_per_group_would(sizes, seed):
+    """The grouped Wgrad's 128x1 tiles along each expert's tokens, for every expert at once."""
+    x = torch.randn(sum(sizes), 6, generator=torch.Generator().manual_seed(seed)) * 10
+    per_group = [fake_quantize_tiles(rows.t()).t() for rows in x.split(sizes)]
+    torch.testing.assert_close(fake_quantize_group_tiles(x, sizes), torch.cat(per_group), rtol=0, atol=0)

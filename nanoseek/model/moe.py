@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.fp8 import dequantize_tiles, fake_quantize_blocks, fake_quantize_tiles, quantize_tiles
+from nanoseek.fp8 import (
+    dequantize_tiles,
+    fake_quantize_blocks,
+    fake_quantize_group_tiles,
+    fake_quantize_tiles,
+    quantize_tiles,
+)
 from nanoseek.model.expert_parallel import ExpertGroup, dispatch
 from nanoseek.model.layers import MLP, compute_dtype
 
@@ -89,13 +95,13 @@ class _GroupedMM(torch.autograd.Function):
             for g_rows, w_group, o in zip(g.split(ctx.sizes), w, grad_x.split(ctx.sizes), strict=True):
                 torch.mm(g_rows, w_group, out=o)
         if ctx.needs_input_grad[1]:
+            g, rows = grad, x
+            if ctx.fp8:  # Wgrad contracts over tokens: 128x1 tiles along each expert's tokens
+                g = fake_quantize_group_tiles(g, ctx.sizes).to(grad.dtype)
+                rows = fake_quantize_group_tiles(rows, ctx.sizes).to(grad.dtype)
             grad_w = torch.empty_like(weight)
-            for g_rows, rows, o in zip(grad.split(ctx.sizes), x.split(ctx.sizes), grad_w, strict=True):
-                g_t = g_rows.t()  # [out, rows]
-                if ctx.fp8:  # Wgrad contracts over tokens: 128x1 tiles along them
-                    g_t = fake_quantize_tiles(g_t).to(grad.dtype)
-                    rows = fake_quantize_tiles(rows.t()).t().to(grad.dtype)
-                torch.mm(g_t, rows, out=o)  # [out, in]
+            for g_rows, x_rows, o in zip(g.split(ctx.sizes), rows.split(ctx.sizes), grad_w, strict=True):
+                torch.mm(g_rows.t(), x_rows, out=o)  # [out, in]
         return grad_x, grad_w, None, None
 
 
