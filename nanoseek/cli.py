@@ -71,10 +71,18 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from nanoseek.cost import cost_report, format_cost_report, parse_count
     from nanoseek.serve.billing import PriceTable
 
-    report = cost_report(_config_from_args(args), GPUS[args.gpu], tokens=parse_count(args.tokens),
-                         seq_len=args.seq_len, mfu=args.mfu, v3_report=args.v3_report,
-                         price_per_gpu_hour=args.price_per_gpu_hour, weights=args.weights,
-                         context_len=args.context_len, gpus_per_node=args.gpus_per_node)  # fmt: skip
+    report = cost_report(
+        _config_from_args(args),
+        GPUS[args.gpu],
+        tokens=parse_count(args.tokens),
+        seq_len=args.seq_len,
+        mfu=args.mfu,
+        v3_report=args.v3_report,
+        price_per_gpu_hour=args.price_per_gpu_hour,
+        weights=args.weights,
+        context_len=args.context_len,
+        gpus_per_node=args.gpus_per_node,
+    )
     prices = PriceTable.parse(args.prices, args.currency)
     inputs, outputs = parse_count(args.input_tokens), parse_count(args.output_tokens)
     hit = round(inputs * args.hit_rate)
@@ -334,10 +342,24 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     task = get_task(args.task) if args.task else None
     teacher = args.teacher if args.kl_weight > 0 else None
-    cfg = TrainConfig(**_fields(TrainConfig, args, SFT_SKIP), init=args.student, objective="sft",
-                      data=str(Path(args.out) / "traces.jsonl"), teacher=teacher, kl_weight=args.kl_weight)  # fmt: skip
-    stats = distill(args.teacher, read_problems(args.prompts), task, cfg, samples=args.samples,
-                    temperature=args.teacher_temperature, max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
+    cfg = TrainConfig(
+        **_fields(TrainConfig, args, SFT_SKIP),
+        init=args.student,
+        objective="sft",
+        data=str(Path(args.out) / "traces.jsonl"),
+        teacher=teacher,
+        kl_weight=args.kl_weight,
+    )
+    stats = distill(
+        args.teacher,
+        read_problems(args.prompts),
+        task,
+        cfg,
+        samples=args.samples,
+        temperature=args.teacher_temperature,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
     if os.environ.get("RANK", "0") == "0":  # under torchrun, the first process prints
         print(f"teacher: {stats['kept']} of {stats['prompts']} prompts kept (accuracy {stats['teacher_accuracy']:.3f})")
         print(stats.get("note") or f"student fine-tuned on the teacher's traces -> {cfg.out}/model")

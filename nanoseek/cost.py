@@ -241,9 +241,18 @@ def serving_footprint(
     return Serving(weights, kv, contexts, context_len, gpus_per_node, max(0, int(free // kv["mla"])))
 
 
-def cost_report(cfg: ModelConfig, gpu: GPU, tokens: float = 14.8e12, seq_len: int = 4096, mfu: float | None = None,
-                v3_report: bool = False, price_per_gpu_hour: float = 2.0, weights: str = "fp8",
-                context_len: int = 32768, gpus_per_node: int = 8) -> dict[str, Any]:  # fmt: skip
+def cost_report(
+    cfg: ModelConfig,
+    gpu: GPU,
+    tokens: float = 14.8e12,
+    seq_len: int = 4096,
+    mfu: float | None = None,
+    v3_report: bool = False,
+    price_per_gpu_hour: float = 2.0,
+    weights: str = "fp8",
+    context_len: int = 32768,
+    gpus_per_node: int = 8,
+) -> dict[str, Any]:
     """`nanoseek cost` as data: training GPU-hours and dollars per phase (DeepSeek-V3's own phases with
     v3_report), and serving: weights, KV tokens that fit, and the decode bandwidth bound."""
     stats = model_stats(cfg)
@@ -258,29 +267,51 @@ def cost_report(cfg: ModelConfig, gpu: GPU, tokens: float = 14.8e12, seq_len: in
     for name, phase_tokens, seq in phases:
         per_token = flops_per_token(cfg, seq).total
         hours = gpu_hours(per_token * phase_tokens, gpu, mfu)
-        rows.append({"phase": name, "tokens": phase_tokens, "seq_len": seq, "flops_per_token": per_token,
-                     "gpu_hours": hours, "dollars": hours * price_per_gpu_hour})  # fmt: skip
+        rows.append(
+            {
+                "phase": name,
+                "tokens": phase_tokens,
+                "seq_len": seq,
+                "flops_per_token": per_token,
+                "gpu_hours": hours,
+                "dollars": hours * price_per_gpu_hour,
+            }
+        )
     post = V3_REPORTED_HOURS["post-training"] if v3_report else 0.0
     total_hours = sum(r["gpu_hours"] for r in rows) + post
     per_param = FP8_BYTES_PER_PARAM if weights == "fp8" else 2
     serving = serving_footprint(cfg, gpu, context_len, gpus_per_node, weight_bytes_per_param=per_param)
     bounds = decode_bandwidth_bound(cfg, gpu, gpus_per_node, context_len, weight_bytes_per_param=per_param)
     report = {
-        "params_total": stats.params_total, "params_active": stats.params_active, "params_mtp": stats.params_mtp,
-        "gpu": gpu.name, "gpu_bf16_flops": gpu.bf16_flops, "mfu": mfu, "mfu_implied_by_v3": implied,
-        "price_per_gpu_hour": price_per_gpu_hour, "phases": rows, "post_training_gpu_hours": post,
-        "total_gpu_hours": total_hours, "total_dollars": total_hours * price_per_gpu_hour,
-        "inference": {"flops_per_token": flops_per_token(cfg, context_len, training=False, mtp=False).total,
-                      "weight_bytes": serving.weight_bytes, "kv_bytes_per_token": serving.kv_bytes_per_token,
-                      "context_len": serving.context_len, "gpus_per_node": serving.gpus_per_node,
-                      "contexts_per_node": serving.contexts_per_node, "weights": weights,
-                      "weight_bytes_per_gpu": serving.weight_bytes / serving.gpus_per_node,
-                      "weights_fit": serving.weight_bytes <= serving.gpus_per_node * gpu.memory_bytes,
-                      "kv_tokens_per_node": serving.kv_tokens,
-                      "decode_bound": [{"batch": b.batch, "bytes_per_step": b.bytes_per_step,
-                                        "tokens_per_s": b.tokens_per_s} for b in bounds],
-                      "deepseek_decode_tokens_per_h800_node": V3_DECODE_TOKENS_PER_NODE},
-    }  # fmt: skip
+        "params_total": stats.params_total,
+        "params_active": stats.params_active,
+        "params_mtp": stats.params_mtp,
+        "gpu": gpu.name,
+        "gpu_bf16_flops": gpu.bf16_flops,
+        "mfu": mfu,
+        "mfu_implied_by_v3": implied,
+        "price_per_gpu_hour": price_per_gpu_hour,
+        "phases": rows,
+        "post_training_gpu_hours": post,
+        "total_gpu_hours": total_hours,
+        "total_dollars": total_hours * price_per_gpu_hour,
+        "inference": {
+            "flops_per_token": flops_per_token(cfg, context_len, training=False, mtp=False).total,
+            "weight_bytes": serving.weight_bytes,
+            "kv_bytes_per_token": serving.kv_bytes_per_token,
+            "context_len": serving.context_len,
+            "gpus_per_node": serving.gpus_per_node,
+            "contexts_per_node": serving.contexts_per_node,
+            "weights": weights,
+            "weight_bytes_per_gpu": serving.weight_bytes / serving.gpus_per_node,
+            "weights_fit": serving.weight_bytes <= serving.gpus_per_node * gpu.memory_bytes,
+            "kv_tokens_per_node": serving.kv_tokens,
+            "decode_bound": [
+                {"batch": b.batch, "bytes_per_step": b.bytes_per_step, "tokens_per_s": b.tokens_per_s} for b in bounds
+            ],
+            "deepseek_decode_tokens_per_h800_node": V3_DECODE_TOKENS_PER_NODE,
+        },
+    }
     if v3_report:
         report["reported_gpu_hours"] = V3_REPORTED_HOURS["total"]
     return report
@@ -298,10 +329,12 @@ def format_cost_report(report: dict[str, Any], name: str) -> str:
     """`cost_report` (with its "api" part) as the text `nanoseek cost` prints."""
     r, inf, api = report, report["inference"], report["api"]
     implied = " (DeepSeek-V3's own, implied by its report)" if r["mfu_implied_by_v3"] else ""
-    lines = [f"{name}: {human(r['params_total'])} parameters, {human(r['params_active'])} active per token, MTP "
-             f"{human(r['params_mtp'])}",
-             f"training on {r['gpu']} at {r['mfu']:.1%} MFU of its {r['gpu_bf16_flops'] / 1e12:.0f} TFLOP/s BF16 "
-             f"peak{implied}:"]  # fmt: skip
+    lines = [
+        f"{name}: {human(r['params_total'])} parameters, {human(r['params_active'])} active per token, MTP "
+        f"{human(r['params_mtp'])}",
+        f"training on {r['gpu']} at {r['mfu']:.1%} MFU of its {r['gpu_bf16_flops'] / 1e12:.0f} TFLOP/s BF16 "
+        f"peak{implied}:",
+    ]
     for p in r["phases"]:
         lines.append(
             f"  {p['phase']:<23} {human(p['tokens']):>7} tokens @ {p['seq_len']:>6}: "
@@ -309,12 +342,16 @@ def format_cost_report(report: dict[str, Any], name: str) -> str:
         )
     if r["post_training_gpu_hours"]:
         lines.append(f"  {'post-training':<23} as reported: {human(r['post_training_gpu_hours'])} GPU-h")
-    lines.append(f"  total {human(r['total_gpu_hours'])} GPU-hours, ${human(r['total_dollars'])} at "
-                 f"${r['price_per_gpu_hour']}/GPU-hour")  # fmt: skip
+    lines.append(
+        f"  total {human(r['total_gpu_hours'])} GPU-hours, ${human(r['total_dollars'])} at "
+        f"${r['price_per_gpu_hour']}/GPU-hour"
+    )
     if "reported_gpu_hours" in r:
         reported = r["reported_gpu_hours"]
-        lines.append(f"  DeepSeek-V3 reports {human(reported)} GPU-hours (${human(reported * 2)} at $2): "
-                     f"{r['total_gpu_hours'] / reported - 1:+.1%}")  # fmt: skip
+        lines.append(
+            f"  DeepSeek-V3 reports {human(reported)} GPU-hours (${human(reported * 2)} at $2): "
+            f"{r['total_gpu_hours'] / reported - 1:+.1%}"
+        )
     kv, node = inf["kv_bytes_per_token"], f"{inf['gpus_per_node']} x {r['gpu']}"
     kind = "FP8 + block scales" if inf["weights"] == "fp8" else "bf16"
     lines.append(
@@ -326,14 +363,20 @@ def format_cost_report(report: dict[str, Any], name: str) -> str:
         lines.append(f"  the weights alone exceed {node}: serve across more GPUs (--gpus-per-node)")
     else:
         fits = ", ".join(f"{k.upper()} {v:,}" for k, v in inf["contexts_per_node"].items())
-        lines.append(f"  {inf['context_len']}-token contexts that fit {node} beside the weights: {fits} "
-                     f"({human(inf['kv_tokens_per_node'])} MLA-cached tokens)")  # fmt: skip
+        lines.append(
+            f"  {inf['context_len']}-token contexts that fit {node} beside the weights: {fits} "
+            f"({human(inf['kv_tokens_per_node'])} MLA-cached tokens)"
+        )
         nodes = inf["gpus_per_node"] / 8
         bound = ", ".join(f"b{b['batch']} {human(b['tokens_per_s'] / nodes)}" for b in inf["decode_bound"])
-        lines.append(f"  decode bound (HBM bandwidth, {inf['context_len']}-token contexts, batch per copy of the "
-                     f"model), tokens/s per 8-GPU node: {bound}; DeepSeek reports "
-                     f"{human(V3_DECODE_TOKENS_PER_NODE)} per H800 node in production (expert parallelism over many "
-                     "nodes, MTP, about 1.8 tokens per step)")  # fmt: skip
-    lines.append(f"API: {human(api['input_tokens'])} input tokens at {api['hit_rate']:.0%} cache hits + "
-                 f"{human(api['output_tokens'])} output tokens = {api['price']:.4f} {api['currency']}")  # fmt: skip
+        lines.append(
+            f"  decode bound (HBM bandwidth, {inf['context_len']}-token contexts, batch per copy of the "
+            f"model), tokens/s per 8-GPU node: {bound}; DeepSeek reports "
+            f"{human(V3_DECODE_TOKENS_PER_NODE)} per H800 node in production (expert parallelism over many "
+            "nodes, MTP, about 1.8 tokens per step)"
+        )
+    lines.append(
+        f"API: {human(api['input_tokens'])} input tokens at {api['hit_rate']:.0%} cache hits + "
+        f"{human(api['output_tokens'])} output tokens = {api['price']:.4f} {api['currency']}"
+    )
     return "\n".join(lines)

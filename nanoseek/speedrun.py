@@ -154,9 +154,19 @@ class Speedrun:
                 "speed_ratio": runs["fp8"]["tokens_per_s"] / runs["bf16"]["tokens_per_s"]}  # fmt: skip
 
     def _sft_config(self, out: Path, init: Path, data: Path, steps: int) -> TrainConfig:
-        return self._train_config(out=str(out), init=str(init), data=str(data), objective="sft", steps=steps,
-                                  lr=3e-3, mtp_lambda=0.0, batch_size=32 if self.plan.batch_size >= 16 else 8,
-                                  seq_len=128, warmup_steps=min(10, steps), sample_tokens=0)  # fmt: skip
+        return self._train_config(
+            out=str(out),
+            init=str(init),
+            data=str(data),
+            objective="sft",
+            steps=steps,
+            lr=3e-3,
+            mtp_lambda=0.0,
+            batch_size=32 if self.plan.batch_size >= 16 else 8,
+            seq_len=128,
+            warmup_steps=min(10, steps),
+            sample_tokens=0,
+        )
 
     def pass_at_1(self, model: Path) -> float:
         """Greedy held-out pass@1 of a model folder (the same problems for every stage)."""
@@ -173,21 +183,38 @@ class Speedrun:
         cfg = self._sft_config(self.dir("sft"), self.dir("pretrain") / "model", data, self.plan.sft_steps)
         Trainer(cfg).fit()
         last = read_metrics(cfg.out)[-1]
-        return {"examples": self.plan.sft_examples, "steps": cfg.steps, "tokens": last["tokens"],
-                "loss": last["lm_loss"], "pass_at_1": self.pass_at_1(self.dir("sft") / "model")}  # fmt: skip
+        return {
+            "examples": self.plan.sft_examples,
+            "steps": cfg.steps,
+            "tokens": last["tokens"],
+            "loss": last["lm_loss"],
+            "pass_at_1": self.pass_at_1(self.dir("sft") / "model"),
+        }
 
     def stage_distill(self) -> dict[str, Any]:
         """The SFT model as teacher: verified traces on fresh prompts (R1's rejection sampling), taught to the
         pretrained model (rl/distill.py, the pipeline of `nanoseek distill`)."""
         student = self.dir("distill") / "student"
-        cfg = self._sft_config(student, self.dir("pretrain") / "model", self.dir("distill") / "traces.jsonl",
-                               self.plan.distill_steps)  # fmt: skip
+        cfg = self._sft_config(
+            student, self.dir("pretrain") / "model", self.dir("distill") / "traces.jsonl", self.plan.distill_steps
+        )
         prompts = self.task.problems("train", self.plan.distill_prompts, seed=1)
-        stats = distill(self.dir("sft") / "model", prompts, self.task, cfg, samples=self.plan.teacher_samples,
-                        temperature=self.plan.teacher_temperature, max_tokens=64, min_traces=8)  # fmt: skip
+        stats = distill(
+            self.dir("sft") / "model",
+            prompts,
+            self.task,
+            cfg,
+            samples=self.plan.teacher_samples,
+            temperature=self.plan.teacher_temperature,
+            max_tokens=64,
+            min_traces=8,
+        )
         trained = "note" not in stats
-        return {**stats, "student_steps": cfg.steps if trained else 0,
-                "student_pass_at_1": self.pass_at_1(student / "model") if trained else None}  # fmt: skip
+        return {
+            **stats,
+            "student_steps": cfg.steps if trained else 0,
+            "student_pass_at_1": self.pass_at_1(student / "model") if trained else None,
+        }
 
     def stage_grpo(self) -> dict[str, Any]:
         out = self.dir("grpo")
@@ -203,9 +230,16 @@ class Speedrun:
         evals = [m["eval/pass_at_1"] for m in metrics if "eval/pass_at_1" in m]
         rewards = [m["reward"] for m in metrics if "reward" in m]
         tokens = {kind: sum(m.get(f"tokens/{kind}", 0) for m in metrics) for kind in ("rollout", "trained", "scored")}
-        return {"steps": steps, "pass_at_1_before": evals[0], "pass_at_1_after": evals[-1], "pass_at_1_curve": evals,
-                "reward_first": rewards[0], "reward_last": rewards[-1], "eval_n": self.plan.eval_n,
-                **{f"{kind}_tokens": n for kind, n in tokens.items()}}  # fmt: skip
+        return {
+            "steps": steps,
+            "pass_at_1_before": evals[0],
+            "pass_at_1_after": evals[-1],
+            "pass_at_1_curve": evals,
+            "reward_first": rewards[0],
+            "reward_last": rewards[-1],
+            "eval_n": self.plan.eval_n,
+            **{f"{kind}_tokens": n for kind, n in tokens.items()},
+        }
 
     def stage_inference(self) -> dict[str, Any]:
         """Decode throughput of the final model at a few batch sizes, and sample generations."""

@@ -108,9 +108,13 @@ def test_the_speedrun_cost_follows_each_stages_own_token_counts():
     from nanoseek.report import run_cost
 
     cfg = get_preset("tiny")
-    stages = {"pretrain": {"tokens": 4000}, "fp8": {"tokens": 400}, "sft": {"tokens": 2000},
-              "distill": {"teacher_tokens": 900, "student_tokens": 1500},
-              "grpo": {"rollout_tokens": 700, "scored_tokens": 0, "trained_tokens": 700}}  # fmt: skip
+    stages = {
+        "pretrain": {"tokens": 4000},
+        "fp8": {"tokens": 400},
+        "sft": {"tokens": 2000},
+        "distill": {"teacher_tokens": 900, "student_tokens": 1500},
+        "grpo": {"rollout_tokens": 700, "scored_tokens": 0, "trained_tokens": 700},
+    }
     plan = {"seq_len": 256, "grpo_steps": 30}
     cost = run_cost(cfg, plan, stages)
     train, chat = flops_per_token(cfg, 256).total, flops_per_token(cfg, 128, mtp=False).total

@@ -24,8 +24,13 @@ def loss_and_grads(fn, hidden, weight, targets, **kwargs):
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 70), vocab=st.integers(2, 40), masked=st.floats(0, 1), rows=st.integers(1, 32),
-       seed=st.integers(0, 2**16))  # fmt: skip
+@given(
+    n=st.integers(1, 70),
+    vocab=st.integers(2, 40),
+    masked=st.floats(0, 1),
+    rows=st.integers(1, 32),
+    seed=st.integers(0, 2**16),
+)
 def test_equals_torch_cross_entropy(n, vocab, masked, rows, seed):
     g = torch.Generator().manual_seed(seed)
     hidden, weight = torch.randn(n, 8, generator=g), torch.randn(vocab, 8, generator=g)
@@ -81,10 +86,12 @@ def test_model_losses_equal_cross_entropy_of_its_logits_for_every_mtp_depth():
     targets = torch.randint(0, model.cfg.vocab_size, (3, 24))
     targets[0, :10] = IGNORE  # a masked prompt
     logits, mtp_logits = model(inputs, mtp=True)
-    expected = torch.stack([
-        F.cross_entropy(lg.flatten(0, 1), targets[:, k:].reshape(-1), ignore_index=IGNORE, reduction="sum")
-        for k, lg in enumerate([logits, *mtp_logits])
-    ])  # fmt: skip
+    expected = torch.stack(
+        [
+            F.cross_entropy(lg.flatten(0, 1), targets[:, k:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+            for k, lg in enumerate([logits, *mtp_logits])
+        ]
+    )
     expected.sum().backward()
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()

@@ -146,9 +146,30 @@ def test_task_sft_eval_and_distill_commands(tmp_path, tokenizer, capsys):
     assert result["n"] == 4 and 0 <= result["pass@1"] <= 1
     assert main(["task", "write", "--task", "arithmetic", "--n", "8", "--out", str(tmp_path / "p.jsonl")]) == 0
     # No verifier: every first teacher reply is kept, so the student has traces to learn from.
-    distill = ["distill", "--teacher", str(model), "--student", str(model), "--prompts", str(tmp_path / "p.jsonl"),
-               "--out", str(tmp_path / "d"), "--samples", "1", "--max-tokens", "8", "--batch-size", "4",
-               "--seq-len", "96", "--no-progress", "--sample-tokens", "0", "--kl-weight", "0.5"]  # fmt: skip
+    distill = [
+        "distill",
+        "--teacher",
+        str(model),
+        "--student",
+        str(model),
+        "--prompts",
+        str(tmp_path / "p.jsonl"),
+        "--out",
+        str(tmp_path / "d"),
+        "--samples",
+        "1",
+        "--max-tokens",
+        "8",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "96",
+        "--no-progress",
+        "--sample-tokens",
+        "0",
+        "--kl-weight",
+        "0.5",
+    ]
     assert main([*distill, "--steps", "1"]) == 0
     traces = tmp_path / "d" / "traces.jsonl"
     assert len(lines := traces.read_text().splitlines()) == 8

@@ -21,8 +21,13 @@ CPU_CHUNK_BYTES = 4 << 20  # fp32 logits per chunk on a CPU: its caches hold the
 
 
 @torch.compiler.disable  # data-dependent shapes (the kept rows, the chunk loop): eager under torch.compile
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         dtype: torch.dtype | None = None, rows: int | None = None) -> torch.Tensor:  # fmt: skip
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    rows: int | None = None,
+) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T` against targets (IGNORE rows train nothing).
 
     hidden [N, H], weight [V, H], targets [N]; the matmuls run in `dtype` (default: hidden's; the model

@@ -105,8 +105,9 @@ class _GroupedMM(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, fp8: bool = False,
-               sizes: list[int] | None = None) -> torch.Tensor:  # fmt: skip
+def grouped_mm(
+    x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, fp8: bool = False, sizes: list[int] | None = None
+) -> torch.Tensor:
     """Rows of x [M, in], sorted by group, times their group's weight [G, out, in]^T -> [M, out].
 
     counts [G] says how many consecutive rows belong to each group (sum = M); sizes is counts.tolist(),

@@ -66,8 +66,12 @@ def write_traces(engine: Engine, problems: list[Problem], task: Task | None, out
                     f.write(sft_row([*problem.messages(), {"role": "assistant", "content": right[0]}]))
                     kept += 1
             bar.update(len(chunk))
-    return {"prompts": len(problems), "kept": kept, "teacher_accuracy": total_right / (len(problems) * samples),
-            "teacher_tokens": tokens}  # fmt: skip
+    return {
+        "prompts": len(problems),
+        "kept": kept,
+        "teacher_accuracy": total_right / (len(problems) * samples),
+        "teacher_tokens": tokens,
+    }
 
 
 def distill(
@@ -91,9 +95,15 @@ def distill(
     traces = Path(train.data)
     traces.parent.mkdir(parents=True, exist_ok=True)
     record = traces.with_suffix(".json")
-    settings = {"teacher": str(teacher), "task": task.name if task else None, "samples": samples,
-                "temperature": temperature, "max_tokens": max_tokens, "seed": seed,
-                "prompts": hashlib.sha256(json.dumps([p.question for p in problems]).encode()).hexdigest()}  # fmt: skip
+    settings = {
+        "teacher": str(teacher),
+        "task": task.name if task else None,
+        "samples": samples,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "prompts": hashlib.sha256(json.dumps([p.question for p in problems]).encode()).hexdigest(),
+    }
 
     def written() -> dict[str, Any] | None:
         saved = json.loads(record.read_text()) if record.is_file() and traces.is_file() else {}
@@ -105,8 +115,17 @@ def distill(
             time.sleep(1.0)
     elif stats is None:
         tmp = traces.with_name(traces.name + ".tmp")  # renamed when whole: a killed run leaves no half file
-        stats = write_traces(batch_engine(teacher), problems, task, tmp, samples=samples, temperature=temperature,
-                             max_tokens=max_tokens, seed=seed, progress=train.progress)  # fmt: skip
+        stats = write_traces(
+            batch_engine(teacher),
+            problems,
+            task,
+            tmp,
+            samples=samples,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            seed=seed,
+            progress=train.progress,
+        )
         os.replace(tmp, traces)
         write_atomically(record, json.dumps({"settings": settings, "stats": stats}, indent=2) + "\n")
     if stats["kept"] < min_traces:

@@ -169,8 +169,14 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         entropy = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
         passes = cfg.mu + (cfg.mu > 1) + (self.reference is not None)  # forward passes: trained, old, reference
-        return {"loss": loss.item(), **stats, "entropy": entropy, "grad_norm": grad_norm,
-                "tokens/trained": ids.numel() * cfg.mu, "tokens/scored": ids.numel() * (passes - cfg.mu)}  # fmt: skip
+        return {
+            "loss": loss.item(),
+            **stats,
+            "entropy": entropy,
+            "grad_norm": grad_norm,
+            "tokens/trained": ids.numel() * cfg.mu,
+            "tokens/scored": ids.numel() * (passes - cfg.mu),
+        }
 
     def evaluate(self) -> float:
         self.policy.eval()

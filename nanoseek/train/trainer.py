@@ -189,8 +189,7 @@ class Trainer:
                 sums = self.forward(inputs, mtp=depths > 0, targets=targets)
             else:  # the KL term needs the student's logits
                 logits, mtp_logits = self.forward(inputs, mtp=True) if depths else (self.forward(inputs), [])
-                sums = torch.stack([lm_loss(lg, mtp_targets(targets, k))
-                                    for k, lg in enumerate([logits, *mtp_logits])])  # fmt: skip
+                sums = torch.stack([lm_loss(lg, mtp_targets(targets, k)) for k, lg in enumerate([logits, *mtp_logits])])
         per_head = sums / counts
         lm = per_head[0]
         zero = lm.new_zeros(())
