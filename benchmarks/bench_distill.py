@@ -50,10 +50,22 @@ def main() -> None:
                     + "\n"
                 )
         for name, data in (("student on traces", traces), ("student on answers", answers)):
-            cfg = TrainConfig(init=str(args.student), data=str(data), objective="sft", out=str(Path(tmp) / name),
-                              steps=args.steps, lr=args.lr, batch_size=32, seq_len=128, mtp_lambda=0,
-                              warmup_steps=10, eval_every=args.steps, save_every=args.steps, sample_tokens=0,
-                              progress=False)  # fmt: skip
+            cfg = TrainConfig(
+                init=str(args.student),
+                data=str(data),
+                objective="sft",
+                out=str(Path(tmp) / name),
+                steps=args.steps,
+                lr=args.lr,
+                batch_size=32,
+                seq_len=128,
+                mtp_lambda=0,
+                warmup_steps=10,
+                eval_every=args.steps,
+                save_every=args.steps,
+                sample_tokens=0,
+                progress=False,
+            )
             Trainer(cfg).fit()
             results[name] = evaluate(batch_engine(Path(tmp) / name / "model"), task, test, max_tokens=96).pass_at_1
     print(f"held-out greedy pass@1 on {args.n_test} {args.task} problems ({args.steps} fine-tuning steps each):")

@@ -60,8 +60,16 @@ def main() -> None:
             (data / "tokenizer").mkdir()
             tokenizer.save(data / "tokenizer")
             out = Path(tmp) / f"run-{rate}"
-            cfg = TrainConfig(data=str(data), out=str(out), steps=args.steps, progress=False, sample_tokens=0,
-                              eval_every=args.steps, save_every=args.steps, seed=0)  # fmt: skip
+            cfg = TrainConfig(
+                data=str(data),
+                out=str(out),
+                steps=args.steps,
+                progress=False,
+                sample_tokens=0,
+                eval_every=args.steps,
+                save_every=args.steps,
+                seed=0,
+            )
             Trainer(cfg).fit()
             engine = Engine(out / "model", device="cpu", dtype=torch.float32)
             exact, logprob, example = 0, 0.0, None
@@ -69,13 +77,16 @@ def main() -> None:
                 ids = tokenizer.fim_ids(prefix, suffix)
                 [reply] = engine.generate([ids], SamplingParams(max_tokens=48, temperature=0, stop=["\n"]))
                 exact += reply.text.strip() == middle.strip()
-                scored = engine.generate([ids + tokenizer.encode_text(middle)],
-                                         SamplingParams(max_tokens=0, prompt_logprobs=0))[0]  # fmt: skip
+                scored = engine.generate(
+                    [ids + tokenizer.encode_text(middle)], SamplingParams(max_tokens=0, prompt_logprobs=0)
+                )[0]
                 tail = [lp for lp, _ in scored.prompt_logprobs[len(ids) :]]
                 logprob += sum(tail) / max(len(tail), 1)
                 example = example or (middle.strip(), reply.text.strip())
-            print(f"fim-rate {rate}: exact middle {exact}/{len(cases)}, mean log-prob per middle token "
-                  f"{logprob / len(cases):.3f}; e.g. true {example[0]!r} -> filled {example[1]!r}")  # fmt: skip
+            print(
+                f"fim-rate {rate}: exact middle {exact}/{len(cases)}, mean log-prob per middle token "
+                f"{logprob / len(cases):.3f}; e.g. true {example[0]!r} -> filled {example[1]!r}"
+            )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,16 @@ def main() -> None:
     results = {}
     for name, fp8 in (("baseline", False), ("fp8", True)):
         resume = (out / name / "checkpoints").is_dir()  # a rerun reuses finished runs
-        cfg = TrainConfig(preset=args.preset, steps=args.steps, out=str(out / name), fp8=fp8, eval_every=50,
-                          save_every=args.steps, sample_tokens=0, resume=resume)  # fmt: skip
+        cfg = TrainConfig(
+            preset=args.preset,
+            steps=args.steps,
+            out=str(out / name),
+            fp8=fp8,
+            eval_every=50,
+            save_every=args.steps,
+            sample_tokens=0,
+            resume=resume,
+        )
         trainer = Trainer(cfg)
         history = trainer.fit() if trainer.step < args.steps else []
         results[name] = {"trainer": trainer, "history": history}
@@ -61,17 +69,23 @@ def main() -> None:
     val = {n: [m["val_loss"] for m in ms if m.get("val_loss") is not None][-1] for n, ms in runs.items()}
     speed = {n: statistics.median(m["tokens_per_s"] for m in ms) for n, ms in runs.items()}
     print(f"{args.preset}, {args.steps} steps, same seed and data")
-    print(f"final train loss (mean of last 20 steps): baseline {final['baseline']:.4f}, fp8 {final['fp8']:.4f}, "
-          f"relative difference {100 * (final['fp8'] - final['baseline']) / final['baseline']:+.2f}%")  # fmt: skip
-    print(f"final validation loss: baseline {val['baseline']:.4f}, fp8 {val['fp8']:.4f}, "
-          f"relative difference {100 * (val['fp8'] - val['baseline']) / val['baseline']:+.2f}%")  # fmt: skip
+    print(
+        f"final train loss (mean of last 20 steps): baseline {final['baseline']:.4f}, fp8 {final['fp8']:.4f}, "
+        f"relative difference {100 * (final['fp8'] - final['baseline']) / final['baseline']:+.2f}%"
+    )
+    print(
+        f"final validation loss: baseline {val['baseline']:.4f}, fp8 {val['fp8']:.4f}, "
+        f"relative difference {100 * (val['fp8'] - val['baseline']) / val['baseline']:+.2f}%"
+    )
     print(f"tokens/s: baseline {speed['baseline']:.0f}, fp8 (emulated on CPU) {speed['fp8']:.0f}")
 
     fp32 = saved_activation_bytes(results["baseline"]["trainer"], torch.float32)
     bf16 = saved_activation_bytes(results["baseline"]["trainer"], torch.bfloat16)
     fp8 = saved_activation_bytes(results["fp8"]["trainer"], torch.float32)
-    print(f"activations saved for backward, one step: fp32 {fp32 / 2**20:.1f} MiB, "
-          f"bf16 autocast {bf16 / 2**20:.1f} MiB, fp8 {fp8 / 2**20:.1f} MiB")  # fmt: skip
+    print(
+        f"activations saved for backward, one step: fp32 {fp32 / 2**20:.1f} MiB, "
+        f"bf16 autocast {bf16 / 2**20:.1f} MiB, fp8 {fp8 / 2**20:.1f} MiB"
+    )
 
     import matplotlib
 

@@ -48,8 +48,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_pretrained(tmp)
         engine = Engine(tmp, device="cpu", dtype=dtype, cache_bytes=512 * 2**20, max_batched_tokens=4096)
-        captured = Engine(tmp, device="cpu", dtype=dtype, cache_bytes=512 * 2**20, max_batched_tokens=4096,
-                          enforce_eager=False)  # fmt: skip
+        captured = Engine(
+            tmp, device="cpu", dtype=dtype, cache_bytes=512 * 2**20, max_batched_tokens=4096, enforce_eager=False
+        )
         # The engine's own `auto` decode dtype (a probe where the CPU has AMX), against fp32.
         auto = Engine(tmp, device="cpu", cache_bytes=512 * 2**20)
         fp32 = Engine(tmp, device="cpu", dtype=torch.float32, cache_bytes=512 * 2**20)
@@ -87,24 +88,38 @@ def main() -> None:
         same_captured = captured.generate(prompts[:1], greedy)[0].token_ids
         with torch.no_grad():
             ref = reference.generate(torch.tensor(prompts[:1]), max_new_tokens=n, do_sample=False)[0, 16:].tolist()
-        t_ours, t_cap, t_ref = race([lambda b=batch: ours(fresh(b, 16)), lambda b=batch: ours_captured(fresh(b, 16)),
-                                     lambda b=batch: theirs(fresh(b, 16))])  # fmt: skip
+        t_ours, t_cap, t_ref = race(
+            [
+                lambda b=batch: ours(fresh(b, 16)),
+                lambda b=batch: ours_captured(fresh(b, 16)),
+                lambda b=batch: theirs(fresh(b, 16)),
+            ]
+        )
         ours_tps, cap_tps, ref_tps = batch * n / t_ours, batch * n / t_cap, batch * n / t_ref
-        print(f"batch {batch:2d}, 16-token prompt: nanoseek {ours_tps:7.0f} tok/s, captured {cap_tps:7.0f} | "
-              f"transformers {ref_tps:7.0f} tok/s | {t_ref / t_ours:.2f}x, captured {t_ref / t_cap:.2f}x  "
-              f"(same greedy tokens: {same == ref == same_captured})")  # fmt: skip
+        print(
+            f"batch {batch:2d}, 16-token prompt: nanoseek {ours_tps:7.0f} tok/s, captured {cap_tps:7.0f} | "
+            f"transformers {ref_tps:7.0f} tok/s | {t_ref / t_ours:.2f}x, captured {t_ref / t_cap:.2f}x  "
+            f"(same greedy tokens: {same == ref == same_captured})"
+        )
 
     # Decode-only time = full generation - prefill (one new token), each on a fresh prompt.
     length = args.long_prompt
     prefill_ours, prefill_ref, t_ours, t_cap, t_ref = race(
-        [lambda: ours(fresh(1, length), 1), lambda: theirs(fresh(1, length), 1),
-         lambda: ours(fresh(1, length)), lambda: ours_captured(fresh(1, length)), lambda: theirs(fresh(1, length))]
-    )  # fmt: skip
+        [
+            lambda: ours(fresh(1, length), 1),
+            lambda: theirs(fresh(1, length), 1),
+            lambda: ours(fresh(1, length)),
+            lambda: ours_captured(fresh(1, length)),
+            lambda: theirs(fresh(1, length)),
+        ]
+    )
     decode_ours, decode_ref = (n - 1) / (t_ours - prefill_ours), (n - 1) / (t_ref - prefill_ref)
     decode_cap = (n - 1) / (t_cap - prefill_ours)  # the same eager prefill
-    print(f"batch  1, {length}-token prompt, decode only: nanoseek {decode_ours:7.0f} tok/s, captured "
-          f"{decode_cap:7.0f} | transformers {decode_ref:7.0f} tok/s | {decode_ours / decode_ref:.2f}x, captured "
-          f"{decode_cap / decode_ref:.2f}x  (prefill {prefill_ours:.2f}s vs {prefill_ref:.2f}s)")  # fmt: skip
+    print(
+        f"batch  1, {length}-token prompt, decode only: nanoseek {decode_ours:7.0f} tok/s, captured "
+        f"{decode_cap:7.0f} | transformers {decode_ref:7.0f} tok/s | {decode_ours / decode_ref:.2f}x, captured "
+        f"{decode_cap / decode_ref:.2f}x  (prefill {prefill_ours:.2f}s vs {prefill_ref:.2f}s)"
+    )
 
     auto_dtype = auto.model.embed_tokens.weight.dtype
     decode = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
@@ -113,16 +128,17 @@ def main() -> None:
 
     long = fresh(1, 256)
     with torch.no_grad():
-        out = reference.generate(torch.tensor(long), max_new_tokens=1, do_sample=False,
-                                 return_dict_in_generate=True)  # fmt: skip
+        out = reference.generate(torch.tensor(long), max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values
     seen = cache.get_seq_length()
     hf_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     elem = torch.finfo(dtype).bits // 8
     floor = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * elem
     mha = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers * elem
-    print(f"KV cache bytes per token ({dtype}): nanoseek {engine.kv_cache_bytes_per_token()} | transformers "
-          f"{hf_bytes / seen:.0f} | MLA floor {floor} | expanded MHA would be {mha}")  # fmt: skip
+    print(
+        f"KV cache bytes per token ({dtype}): nanoseek {engine.kv_cache_bytes_per_token()} | transformers "
+        f"{hf_bytes / seen:.0f} | MLA floor {floor} | expanded MHA would be {mha}"
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,10 @@ def main() -> None:
             counts[name] = sum(o.completion_tokens for o in outs)
             rates.setdefault(name, []).append(counts[name] / (time.perf_counter() - start))
         f, j = max(rates["free"]), max(rates["json"])
-        print(f"batch {batch:2d}: free {f:7.0f} tok/s | JSON schema {j:7.0f} tok/s | {j / f:.2f}x  "
-              f"({counts['free']} and {counts['json']} tokens)")  # fmt: skip
+        print(
+            f"batch {batch:2d}: free {f:7.0f} tok/s | JSON schema {j:7.0f} tok/s | {j / f:.2f}x  "
+            f"({counts['free']} and {counts['json']} tokens)"
+        )
     grammars = Grammars(tokenizer, tokenizer.vocab_size)
     matcher, logits = grammars.matcher(grammar), torch.randn(1, tokenizer.vocab_size)
     import llguidance.torch as lgt
@@ -70,8 +72,10 @@ def main() -> None:
         token = int(masked.argmax())
         if token == tokenizer.eos_id or not matcher.consume_token(token):
             matcher.reset()
-    print(f"mask per token: fill {statistics.median(fill) * 1e6:.0f} us, apply {statistics.median(apply) * 1e6:.0f} us"
-          f" (median of 200, vocabulary {tokenizer.vocab_size})")  # fmt: skip
+    print(
+        f"mask per token: fill {statistics.median(fill) * 1e6:.0f} us, apply {statistics.median(apply) * 1e6:.0f} us"
+        f" (median of 200, vocabulary {tokenizer.vocab_size})"
+    )
 
 
 if __name__ == "__main__":

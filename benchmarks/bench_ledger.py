@@ -55,8 +55,10 @@ def main() -> None:
     print(cpu_features())
     median = {n: statistics.median(t[5:]) * 1000 for n, t in times.items()}  # the first few warm up
     small, large = median[3], median[args.accounts]
-    print(f"request latency, median of {args.requests - 5}: 3 accounts {small:.1f} ms | "
-          f"{args.accounts:,} accounts {large:.1f} ms | ratio {large / small:.2f}x")  # fmt: skip
+    print(
+        f"request latency, median of {args.requests - 5}: 3 accounts {small:.1f} ms | "
+        f"{args.accounts:,} accounts {large:.1f} ms | ratio {large / small:.2f}x"
+    )
 
 
 if __name__ == "__main__":

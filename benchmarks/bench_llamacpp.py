@@ -40,8 +40,9 @@ runpy.run_path(source + "/convert_hf_to_gguf.py", run_name="__main__")
 
 
 def save_model(out: Path, preset: str) -> Path:
-    tokenizer = train_tokenizer(iter_texts(stdlib_files()[::50]), vocab_size=get_preset(preset).vocab_size,
-                                show_progress=False)  # fmt: skip
+    tokenizer = train_tokenizer(
+        iter_texts(stdlib_files()[::50]), vocab_size=get_preset(preset).vocab_size, show_progress=False
+    )
     torch.manual_seed(0)
     cfg = get_preset(preset).replace(vocab_size=tokenizer.vocab_size, num_nextn_predict_layers=0)
     Transformer(cfg).save_pretrained(str(out))
@@ -64,8 +65,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(Path(tmp) / "model", args.preset)
         gguf = Path(tmp) / "model.gguf"
-        cmd = [sys.executable, "-c", CONVERT, str(args.llama_cpp_source), str(model_dir), "--outfile", str(gguf),
-               "--outtype", "f32"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-c",
+            CONVERT,
+            str(args.llama_cpp_source),
+            str(model_dir),
+            "--outfile",
+            str(gguf),
+            "--outtype",
+            "f32",
+        ]
         subprocess.run(cmd, check=True, capture_output=True)
         llama = Llama(str(gguf), n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
         engine = Engine(model_dir, device="cpu", dtype=torch.float32)
@@ -91,8 +101,10 @@ def main() -> None:
     rate = {name: n / statistics.median(t) for name, t in times.items()}
     print(cpu_features())
     print(f"preset {args.preset}, fp32, {args.threads} threads, batch 1, {n} greedy tokens after a short prompt:")
-    print(f"  nanoseek {rate['nanoseek']:7.0f} tok/s | llama.cpp {rate['llama.cpp']:7.0f} tok/s | "
-          f"{rate['nanoseek'] / rate['llama.cpp']:.2f}x")  # fmt: skip
+    print(
+        f"  nanoseek {rate['nanoseek']:7.0f} tok/s | llama.cpp {rate['llama.cpp']:7.0f} tok/s | "
+        f"{rate['nanoseek'] / rate['llama.cpp']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

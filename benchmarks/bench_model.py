@@ -74,8 +74,10 @@ def main() -> None:
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
     tokens = args.batch * args.seq
     print(cpu_features())
-    print(f"preset {args.preset}, batch {args.batch} x {args.seq} tokens, {dtype}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
+    print(
+        f"preset {args.preset}, batch {args.batch} x {args.seq} tokens, {dtype}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
 
     with torch.no_grad():
         ours.eval(), reference.eval()
@@ -91,8 +93,10 @@ def main() -> None:
     )
     for label, result in (("forward", fwd), ("train step (fwd+bwd+AdamW)", step)):
         ratio = result["transformers"] / result["nanoseek"]
-        print(f"{label:28s} nanoseek {tokens / result['nanoseek']:9.0f} tok/s | "
-              f"transformers {tokens / result['transformers']:9.0f} tok/s | {ratio:.2f}x")  # fmt: skip
+        print(
+            f"{label:28s} nanoseek {tokens / result['nanoseek']:9.0f} tok/s | "
+            f"transformers {tokens / result['transformers']:9.0f} tok/s | {ratio:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,28 @@ from pathlib import Path
 
 
 def run(launcher: list[str], extra: list[str], out: Path, args: argparse.Namespace, threads: int) -> float:
-    cmd = [*launcher, "train", "--preset", args.preset, "--steps", str(args.steps), "--out", str(out),
-           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--eval-every", "1000",
-           "--save-every", "1000", "--sample-tokens", "0", "--no-progress", *extra]  # fmt: skip
+    cmd = [
+        *launcher,
+        "train",
+        "--preset",
+        args.preset,
+        "--steps",
+        str(args.steps),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--eval-every",
+        "1000",
+        "--save-every",
+        "1000",
+        "--sample-tokens",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

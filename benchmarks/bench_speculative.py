@@ -34,8 +34,10 @@ def main() -> None:
         tps = sum(o.completion_tokens for o in outs) / (time.perf_counter() - start)
         base = base or tps
         stats = engine.stats()
-        print(f"k={k}: acceptance {stats['spec_acceptance']:.1%}, {stats['tokens_per_step']:.2f} tokens/step, "
-              f"{tps:.0f} tok/s ({tps / base:.2f}x)")  # fmt: skip
+        print(
+            f"k={k}: acceptance {stats['spec_acceptance']:.1%}, {stats['tokens_per_step']:.2f} tokens/step, "
+            f"{tps:.0f} tok/s ({tps / base:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,10 @@ def main() -> None:
         window = ours.loader.next_batch()
         tokens = args.batch_size * args.seq_len
         print(cpu_features())
-        print(f"preset {args.preset}, batch {args.batch_size} x {args.seq_len}, {ours.amp_dtype}, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
+        print(
+            f"preset {args.preset}, batch {args.batch_size} x {args.seq_len}, {ours.amp_dtype}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+        )
         times = race(
             {
                 "nanoseek": ours.train_step,

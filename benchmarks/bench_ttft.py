@@ -56,8 +56,10 @@ def main() -> None:
             times["disk hit"].append(seconds)
             assert cached == disk_cached == 64 * (args.prompt_tokens // 64), (cached, disk_cached)
     print(cpu_features())
-    print(f"time to first token, {args.prompt_tokens}-token prompt, preset {args.preset}, "
-          f"{cached} tokens cached on a hit, medians of {args.rounds}:")  # fmt: skip
+    print(
+        f"time to first token, {args.prompt_tokens}-token prompt, preset {args.preset}, "
+        f"{cached} tokens cached on a hit, medians of {args.rounds}:"
+    )
     miss = statistics.median(times["miss"])
     for name, values in times.items():
         median = statistics.median(values)

@@ -59,15 +59,21 @@ def main() -> None:
         save_pretrained(Transformer(get_preset(args.preset)), Path(tmp), fp8=True)
         rows = {}
         for mode in ("fp32", "bf16", "fp8"):
-            out = subprocess.run([sys.executable, "-c", CHILD, tmp, mode, str(args.new_tokens)], capture_output=True,
-                                 text=True, check=True)  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, tmp, mode, str(args.new_tokens)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     bf16 = rows["bf16"]["resident"]
     print(f"preset {args.preset}, greedy batch 1, {args.new_tokens} new tokens")
     for mode, r in rows.items():
-        print(f"{mode:>4}: weights {r['resident'] / 2**20:6.1f} MiB ({r['resident'] / bf16:.2f}x bf16) | RSS while "
-              f"loading: peak {r['peak'] / 2**20:6.1f} MiB, {r['peak'] / r['grown']:.2f}x what stays | "
-              f"decode {r['tok_s']:5.1f} tok/s ({r['tok_s'] / rows['fp32']['tok_s']:.2f}x fp32)")  # fmt: skip
+        print(
+            f"{mode:>4}: weights {r['resident'] / 2**20:6.1f} MiB ({r['resident'] / bf16:.2f}x bf16) | RSS while "
+            f"loading: peak {r['peak'] / 2**20:6.1f} MiB, {r['peak'] / r['grown']:.2f}x what stays | "
+            f"decode {r['tok_s']:5.1f} tok/s ({r['tok_s'] / rows['fp32']['tok_s']:.2f}x fp32)"
+        )
 
 
 if __name__ == "__main__":

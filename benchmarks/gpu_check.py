@@ -84,8 +84,11 @@ def engines_compared(folder: Path, a: dict, b: dict, batches=(1, 16), n: int = 6
         rate_a, tokens_a = decode_rate(first, prompts, n)
         rate_b, tokens_b = decode_rate(second, prompts, n)
         same = sum(x == y for ta, tb in zip(tokens_a, tokens_b, strict=True) for x, y in zip(ta, tb, strict=True))
-        out[f"b{batch}"] = {"tokens_per_s": [rate_a, rate_b], "ratio": rate_b / rate_a,
-                            "greedy_agreement": same / (batch * n)}  # fmt: skip
+        out[f"b{batch}"] = {
+            "tokens_per_s": [rate_a, rate_b],
+            "ratio": rate_b / rate_a,
+            "greedy_agreement": same / (batch * n),
+        }
     return out
 
 
@@ -105,8 +108,11 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check is for a GPU machine")
-    report = {"device": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
-              "torch": torch.__version__}  # fmt: skip
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "capability": list(torch.cuda.get_device_capability()),
+        "torch": torch.__version__,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         model = Transformer(get_preset("small"))
@@ -116,10 +122,11 @@ def main() -> None:
         checks = {
             "fp8_training": fp8_training,
             "fp8_resident_vs_bf16": lambda: engines_compared(fp8_dir, {"weights": "bf16"}, {"weights": "fp8"}),
-            "captured_vs_eager": lambda: engines_compared(bf16_dir, {"dtype": torch.bfloat16},
-                                                          {"dtype": torch.bfloat16, "enforce_eager": False}),
+            "captured_vs_eager": lambda: engines_compared(
+                bf16_dir, {"dtype": torch.bfloat16}, {"dtype": torch.bfloat16, "enforce_eager": False}
+            ),
             "prefill_and_decode": lambda: prefill_and_decode(bf16_dir),
-        }  # fmt: skip
+        }
         for name, check in checks.items():
             start = time.perf_counter()
             try:

@@ -43,8 +43,20 @@ def random_model(out: Path) -> Path:
 
 
 def start_server(model: Path, port: int, clients: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", str(model), "--port", str(port),
-           "--max-seqs", str(max(64, clients)), "--max-pending", str(4 * clients)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "nanoseek",
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--max-seqs",
+        str(max(64, clients)),
+        "--max-pending",
+        str(4 * clients),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     for _ in range(600):
         try:
@@ -57,9 +69,13 @@ def start_server(model: Path, port: int, clients: int) -> subprocess.Popen:
 
 
 async def run_clients(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
-    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600,
-                                http_client=openai.DefaultAsyncHttpxClient(
-                                    limits=httpx.Limits(max_connections=clients + 8)))  # fmt: skip
+    client = openai.AsyncOpenAI(
+        base_url=url,
+        api_key="none",
+        max_retries=0,
+        timeout=600,
+        http_client=openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=clients + 8)),
+    )
     latencies, tokens, errors = [], 0, []
 
     async def one_client(c: int) -> None:
@@ -68,9 +84,12 @@ async def run_clients(url: str, clients: int, per_client: int, max_tokens: int) 
             start = time.perf_counter()
             try:
                 out = await client.chat.completions.create(
-                    model="nanoseek", max_tokens=max_tokens, temperature=0.7, seed=c * per_client + r,
+                    model="nanoseek",
+                    max_tokens=max_tokens,
+                    temperature=0.7,
+                    seed=c * per_client + r,
                     messages=[{"role": "user", "content": f"Client {c}, request {r}: write a function that sorts."}],
-                )  # fmt: skip
+                )
             except openai.OpenAIError as e:
                 errors.append(repr(e))
                 continue
@@ -132,8 +151,10 @@ def main() -> None:
     print(f"load test, {args.max_tokens} tokens per reply, loopback HTTP with the openai client:")
     for name, r in results.items():
         lat = r["latencies"]
-        print(f"  {name:<11} {r['answered']:4d}/{r['sent']} answered  p50 {percentile(lat, 50):6.2f} s  "
-              f"p99 {percentile(lat, 99):6.2f} s  {r['tokens'] / r['wall']:8.1f} tokens/s")  # fmt: skip
+        print(
+            f"  {name:<11} {r['answered']:4d}/{r['sent']} answered  p50 {percentile(lat, 50):6.2f} s  "
+            f"p99 {percentile(lat, 99):6.2f} s  {r['tokens'] / r['wall']:8.1f} tokens/s"
+        )
     one, many = (r["tokens"] / r["wall"] for r in results.values())
     print(f"  aggregate throughput: {many / one:.1f}x one client")
 

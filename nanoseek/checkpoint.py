@@ -32,8 +32,11 @@ SAFE_INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30
 SCALE_SUFFIX = "_scale_inv"  # DeepSeek-V3's FP8 checkpoints: `weight` in E4M3 plus `weight_scale_inv`
 FP8_QUANTIZATION_CONFIG = {
-    "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
-}  # fmt: skip
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
 
 
 class CheckpointError(ValueError):
@@ -112,8 +115,11 @@ def save_pretrained(
     fp8=True writes DeepSeek-V3's FP8 format: projection weights in E4M3 with a `weight_scale_inv` per
     128x128 block, everything else in bf16 (about half the bytes of a bf16 checkpoint)."""
     if model.cfg.scoring_func != "sigmoid":
-        warnings.warn("transformers' DeepseekV3 always scores experts with a sigmoid: this softmax-gated model "
-                      "loads in nanoseek but will not match there", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            "transformers' DeepseekV3 always scores experts with a sigmoid: this softmax-gated model "
+            "loads in nanoseek but will not match there",
+            stacklevel=2,
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors, _ = hf_tensor_map(model)
@@ -189,13 +195,24 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def _safetensors_error(path: Path, e: Exception) -> CheckpointError:
-    return CheckpointError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt; "
-                           "copy or convert it again")  # fmt: skip
+    return CheckpointError(
+        f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt; copy or convert it again"
+    )
 
 
-_STORED = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F8_E4M3": FP8,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}  # fmt: skip
+_STORED = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F8_E4M3": FP8,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def read_checkpoint(model_dir: Path, skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
@@ -323,8 +340,10 @@ def dequantize_fp8(
         del waiting[base], waiting[base + SCALE_SUFFIX]
         blocks = tuple(-(-n // 128) for n in weight.shape)
         if tuple(scale.shape) != blocks:
-            problems.append(f"{base + SCALE_SUFFIX}: checkpoint shape {tuple(scale.shape)} but {base} "
-                            f"{tuple(weight.shape)} needs {blocks} (one scale per 128x128 block)")  # fmt: skip
+            problems.append(
+                f"{base + SCALE_SUFFIX}: checkpoint shape {tuple(scale.shape)} but {base} "
+                f"{tuple(weight.shape)} needs {blocks} (one scale per 128x128 block)"
+            )
             continue
         yield base, dequantize_blocks(weight, scale.float())
     for key in sorted(waiting):

@@ -46,16 +46,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     ratio = stats.kv_bytes_per_token_mha / stats.kv_bytes_per_token
     rows = [
         ("model", args.model or f"preset {args.preset}"),
-        ("layers", f"{cfg.num_hidden_layers} ({cfg.first_k_dense_replace} dense, "
-                   f"{cfg.num_hidden_layers - cfg.first_k_dense_replace} MoE), hidden {cfg.hidden_size}"),
+        (
+            "layers",
+            f"{cfg.num_hidden_layers} ({cfg.first_k_dense_replace} dense, "
+            f"{cfg.num_hidden_layers - cfg.first_k_dense_replace} MoE), hidden {cfg.hidden_size}",
+        ),
         ("experts", f"{cfg.n_routed_experts} routed (top-{cfg.num_experts_per_tok}) + {cfg.n_shared_experts} shared"),
         ("parameters", f"{human(stats.params_total)} ({stats.params_total:,})"),
         ("active per token", f"{human(stats.params_active)} ({stats.params_active:,})"),
         ("MTP modules", f"{human(stats.params_mtp)} ({cfg.num_nextn_predict_layers} depth)"),
-        (f"KV cache / token ({args.kv_bytes} B/elem)",
-         f"MLA {human(stats.kv_bytes_per_token, 'B')} vs MHA {human(stats.kv_bytes_per_token_mha, 'B')} "
-         f"({ratio:.1f}x smaller)"),
-    ]  # fmt: skip
+        (
+            f"KV cache / token ({args.kv_bytes} B/elem)",
+            f"MLA {human(stats.kv_bytes_per_token, 'B')} vs MHA {human(stats.kv_bytes_per_token_mha, 'B')} "
+            f"({ratio:.1f}x smaller)",
+        ),
+    ]
     if a2a is not None:
         rows.append((f"all-to-all / token (EP={args.ep})", f"{human(a2a, 'B')} forward (bf16), as much again backward"))
     from nanoseek.device import cpu_features
@@ -113,8 +118,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from nanoseek.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
-    meta = prepare(expand_inputs(args.input), tokenizer, args.out, seed=args.seed, val_permille=args.val_permille,
-                   fim_rate=args.fim_rate)  # fmt: skip
+    meta = prepare(
+        expand_inputs(args.input),
+        tokenizer,
+        args.out,
+        seed=args.seed,
+        val_permille=args.val_permille,
+        fim_rate=args.fim_rate,
+    )
     tokenizer.save(f"{args.out}/tokenizer")  # the data remembers how it was tokenised
     tokens = {split: sum(s["tokens"] for s in shards) for split, shards in meta.shards.items()}
     print(f"{meta.documents} documents, {tokens} tokens ({meta.dtype}) -> {args.out}")
@@ -130,8 +141,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if history and trainer.par.is_main:
         last = history[-1]
         val = next((m["val_loss"] for m in reversed(history) if m.get("val_loss") is not None), None)
-        print(f"step {last['step']}: loss {last['loss']:.3f}, val loss {val if val is None else round(val, 3)}, "
-              f"{last['tokens_per_s']:.0f} tok/s; model in {cfg.out}/model")  # fmt: skip
+        print(
+            f"step {last['step']}: loss {last['loss']:.3f}, val loss {val if val is None else round(val, 3)}, "
+            f"{last['tokens_per_s']:.0f} tok/s; model in {cfg.out}/model"
+        )
     return 0
 
 
@@ -159,16 +172,23 @@ def _sampling_params(args: argparse.Namespace):
     from nanoseek.serve import SamplingParams
 
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop or [],
-    )  # fmt: skip
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop or [],
+    )
 
 
 def _engine(args: argparse.Namespace):
     from nanoseek.serve import Engine
 
-    return Engine(args.model, fp8_cache=args.fp8_cache, enforce_eager=not args.capture, weights=args.weights,
-                  model_parallel=True)  # fmt: skip
+    return Engine(
+        args.model, fp8_cache=args.fp8_cache, enforce_eager=not args.capture, weights=args.weights, model_parallel=True
+    )
 
 
 def expert_rank(args: argparse.Namespace) -> int | None:
@@ -246,12 +266,19 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", nargs="*", metavar="TEXT", help="stop strings")
     parser.add_argument("--fp8-cache", action="store_true", help="keep the latent KV cache in FP8")
-    parser.add_argument("--weights", default="auto", choices=["auto", "fp8", "bf16", "fp32"],
-                        help="projection weights in memory: fp8 (E4M3 with 128x128 block scales, about 1 byte "
-                        "per parameter), bf16 or fp32 (dequantised); auto: fp8 for an FP8 checkpoint")  # fmt: skip
-    parser.add_argument("--capture", action="store_true",
-                        help="capture decode steps with torch.compile, once per batch bucket (seconds to compile "
-                        "on a CPU, then fewer per-step overheads)")  # fmt: skip
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        choices=["auto", "fp8", "bf16", "fp32"],
+        help="projection weights in memory: fp8 (E4M3 with 128x128 block scales, about 1 byte "
+        "per parameter), bf16 or fp32 (dequantised); auto: fp8 for an FP8 checkpoint",
+    )
+    parser.add_argument(
+        "--capture",
+        action="store_true",
+        help="capture decode steps with torch.compile, once per batch bucket (seconds to compile "
+        "on a CPU, then fewer per-step overheads)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -280,13 +307,18 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
 
     report = Speedrun(args.preset, args.out, plan=args.plan).run()
     grpo = report["stages"]["grpo"]
-    print(f"speedrun done in {report['total_seconds'] / 60:.1f} min: held-out pass@1 {grpo['pass_at_1_before']:.3f} -> "
-          f"{grpo['pass_at_1_after']:.3f}; report card: {args.out}/report.md, {args.out}/report.html")  # fmt: skip
+    print(
+        f"speedrun done in {report['total_seconds'] / 60:.1f} min: held-out pass@1 {grpo['pass_at_1_before']:.3f} -> "
+        f"{grpo['pass_at_1_after']:.3f}; report card: {args.out}/report.md, {args.out}/report.html"
+    )
     if args.serve:
         from nanoseek.serve.api import ServeConfig, serve
 
-        serve(ServeConfig(model=str(Path(args.out) / "grpo" / "model"), port=args.port,
-                          cache_dir=str(Path(args.out) / "kv-cache")))  # fmt: skip
+        serve(
+            ServeConfig(
+                model=str(Path(args.out) / "grpo" / "model"), port=args.port, cache_dir=str(Path(args.out) / "kv-cache")
+            )
+        )
     return 0
 
 
@@ -298,8 +330,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
-                        defaults: dict[str, Any] | None = None) -> None:  # fmt: skip
+def add_dataclass_flags(
+    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None
+) -> None:
     """One kebab-case flag per config field (but `skip`), with its type, default (or `defaults`) and help."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -388,8 +421,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ks = tuple(int(k) for k in args.k.split(","))
     task = get_task(args.task)
     problems = task.problems(args.split, args.n, args.seed)
-    result = evaluate(batch_engine(args.model), task, problems, samples=args.samples, ks=ks,
-                      temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
+    result = evaluate(
+        batch_engine(args.model),
+        task,
+        problems,
+        samples=args.samples,
+        ks=ks,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
     if args.json:
         print(json.dumps({f"pass@{k}": v for k, v in result.pass_at.items()} | {"n": args.n, "task": args.task}))
         return 0
@@ -406,8 +447,13 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     for y in yamls:
         if not y.is_file():
             raise SystemExit(f"no task YAML at {y}")
-    options = dict(model_name=args.served_model_name, limit=args.limit, output=args.output,
-                   concurrency=args.concurrency, api_key=args.api_key)  # fmt: skip
+    options = dict(
+        model_name=args.served_model_name,
+        limit=args.limit,
+        output=args.output,
+        concurrency=args.concurrency,
+        api_key=args.api_key,
+    )
     if args.url:
         return harness.run(args.url, yamls, **options)
     if not args.model:
@@ -464,8 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     speedrun.add_argument("--preset", choices=["tiny", "small"], default="tiny")
     speedrun.add_argument("--out", default="runs/speedrun", metavar="DIR")
-    speedrun.add_argument("--plan", choices=["tiny", "small", "quick"], help="stage sizes (default: the preset's; "
-                          "quick: a smoke test of a minute or two)")  # fmt: skip
+    speedrun.add_argument(
+        "--plan",
+        choices=["tiny", "small", "quick"],
+        help="stage sizes (default: the preset's; quick: a smoke test of a minute or two)",
+    )
     speedrun.add_argument("--serve", action="store_true", help="then serve the final model (chat page at /)")
     speedrun.add_argument("--port", type=int, default=8000)
     speedrun.set_defaults(func=cmd_speedrun)
@@ -486,8 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--gpu", choices=sorted(GPUS), default="h800")
     cost.add_argument("--mfu", type=float, help="model FLOPs utilisation of BF16 peak (default: V3's implied)")
     cost.add_argument("--price-per-gpu-hour", type=float, default=2.0, help="rental, dollars (default: 2, V3's)")
-    cost.add_argument("--v3-report", action="store_true", help="DeepSeek-V3's phases (pre-training, 32K and 128K "
-                      "context extension) against its reported 2,788K GPU-hours")  # fmt: skip
+    cost.add_argument(
+        "--v3-report",
+        action="store_true",
+        help="DeepSeek-V3's phases (pre-training, 32K and 128K "
+        "context extension) against its reported 2,788K GPU-hours",
+    )
     cost.add_argument("--context-len", type=int, default=32768, help="serving context length (default: 32768)")
     cost.add_argument(
         "--gpus",
@@ -530,14 +583,22 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, metavar="DIR")
     prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     prep.add_argument("--val-permille", type=int, default=10, help="documents per 1000 kept for validation")
-    prep.add_argument("--fim-rate", type=float, default=0.1, help="share of training documents turned into "
-                      "fill-in-the-middle examples, prefix-suffix-middle (default: 0.1, DeepSeek-V3's)")  # fmt: skip
+    prep.add_argument(
+        "--fim-rate",
+        type=float,
+        default=0.1,
+        help="share of training documents turned into "
+        "fill-in-the-middle examples, prefix-suffix-middle (default: 0.1, DeepSeek-V3's)",
+    )
     prep.set_defaults(func=cmd_data_prepare)
 
     from nanoseek.train.config import TrainConfig
 
-    train = commands.add_parser("train", help="pretrain a model (default: tiny, on Python's stdlib)",
-                                description="Pretrain with MTP and auxiliary-loss-free balancing.")  # fmt: skip
+    train = commands.add_parser(
+        "train",
+        help="pretrain a model (default: tiny, on Python's stdlib)",
+        description="Pretrain with MTP and auxiliary-loss-free balancing.",
+    )
     add_dataclass_flags(train, TrainConfig)
     train.set_defaults(func=cmd_train)
 
@@ -559,8 +620,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-stream", action="store_true", help="print the result once it is complete")
     gen.set_defaults(func=cmd_generate)
 
-    chat = commands.add_parser("chat", help="an interactive chat in the terminal",
-                               description="Chat with a model, with streaming and the chat template.")  # fmt: skip
+    chat = commands.add_parser(
+        "chat",
+        help="an interactive chat in the terminal",
+        description="Chat with a model, with streaming and the chat template.",
+    )
     add_sampling_flags(chat)
     chat.add_argument("--system", default="", help="a system prompt")
     chat.set_defaults(func=cmd_chat)
@@ -579,33 +643,43 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(server, ServeConfig)
     server.set_defaults(func=cmd_serve)
 
-    ledger = commands.add_parser("ledger", help="per-key usage, cost and balance from a serving ledger",
-                                 description="Print (or export as CSV) every API key's usage, cost, balance and "
-                                 "open reservations, from the SQLite ledger that `nanoseek serve` writes.")  # fmt: skip
+    ledger = commands.add_parser(
+        "ledger",
+        help="per-key usage, cost and balance from a serving ledger",
+        description="Print (or export as CSV) every API key's usage, cost, balance and "
+        "open reservations, from the SQLite ledger that `nanoseek serve` writes.",
+    )
     ledger.add_argument("--ledger", required=True, help="the ledger file (serve's --ledger)")
     ledger.add_argument("--prices", default="0.5,2,8", help="per million tokens: cache-hit,cache-miss,output")
     ledger.add_argument("--currency", default="CNY")
     ledger.add_argument("--csv", action="store_true", help="CSV on stdout instead of a table")
     ledger.set_defaults(func=cmd_ledger)
 
-    sft = commands.add_parser("sft", help="supervised fine-tuning on chat JSONL (loss on assistant tokens)",
-                              description="Fine-tune a model folder on OpenAI-style chat examples with the "
-                              "pretraining trainer: DeepSeek-V3's chat template, loss on assistant tokens only, "
-                              "multi-turn, padded batches (examples never attend to each other).")  # fmt: skip
+    sft = commands.add_parser(
+        "sft",
+        help="supervised fine-tuning on chat JSONL (loss on assistant tokens)",
+        description="Fine-tune a model folder on OpenAI-style chat examples with the "
+        "pretraining trainer: DeepSeek-V3's chat template, loss on assistant tokens only, "
+        "multi-turn, padded batches (examples never attend to each other).",
+    )
     sft.add_argument("--model", required=True, metavar="DIR", help="the model folder to start from")
     sft.add_argument("--data", required=True, metavar="FILE", help='JSONL, one {"messages": [...]} per line')
     add_dataclass_flags(sft, TrainConfig, skip=SFT_SKIP, defaults=SFT_DEFAULTS)
     sft.set_defaults(func=cmd_sft)
 
-    distill = commands.add_parser("distill", help="fine-tune a student on a teacher's verified chain-of-thought",
-                                  description="The teacher samples <think>...</think><answer>...</answer> replies "
-                                  "with the engine, the task's verifier keeps the right ones (rejection sampling), "
-                                  "and the student is fine-tuned on them (plus KL to the teacher's logits with "
-                                  "--kl-weight).")  # fmt: skip
+    distill = commands.add_parser(
+        "distill",
+        help="fine-tune a student on a teacher's verified chain-of-thought",
+        description="The teacher samples <think>...</think><answer>...</answer> replies "
+        "with the engine, the task's verifier keeps the right ones (rejection sampling), "
+        "and the student is fine-tuned on them (plus KL to the teacher's logits with "
+        "--kl-weight).",
+    )
     distill.add_argument("--teacher", required=True, metavar="DIR")
     distill.add_argument("--student", required=True, metavar="DIR")
-    distill.add_argument("--prompts", required=True, metavar="FILE", help="JSONL of prompt/answer/meta "
-                         "(nanoseek task write)")  # fmt: skip
+    distill.add_argument(
+        "--prompts", required=True, metavar="FILE", help="JSONL of prompt/answer/meta (nanoseek task write)"
+    )
     distill.add_argument("--task", help="the verifier that filters the traces (arithmetic, countdown, FILE.jsonl)")
     distill.add_argument("--samples", type=int, default=4, help="teacher replies per prompt (default: 4)")
     distill.add_argument("--teacher-temperature", type=float, default=0.7)
@@ -616,10 +690,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from nanoseek.rl.config import GRPOConfig
 
-    grpo = commands.add_parser("grpo", help="GRPO with rule-based rewards on a verifiable task",
-                               description="Group Relative Policy Optimization (DeepSeekMath, R1): G sampled "
-                               "completions per prompt, rule rewards, group-relative advantages, clipped "
-                               "objective, optional k3 KL to a frozen reference.")  # fmt: skip
+    grpo = commands.add_parser(
+        "grpo",
+        help="GRPO with rule-based rewards on a verifiable task",
+        description="Group Relative Policy Optimization (DeepSeekMath, R1): G sampled "
+        "completions per prompt, rule rewards, group-relative advantages, clipped "
+        "objective, optional k3 KL to a frozen reference.",
+    )
     add_dataclass_flags(grpo, GRPOConfig)
     grpo.set_defaults(func=cmd_grpo)
 
@@ -651,8 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--concurrency", type=int, default=1, help="requests in flight (default: 1)")
     ev.set_defaults(func=cmd_eval)
 
-    task = commands.add_parser("task", help="verifiable tasks").add_subparsers(dest="action", required=True,
-                                                                               metavar="ACTION")  # fmt: skip
+    task = commands.add_parser("task", help="verifiable tasks").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
     about = "Write a task's problems as prompts (prompt/answer/meta, for distill) or as chat examples for sft."
     write = task.add_parser("write", help="problems as JSONL", description=about)
     write.add_argument("--task", required=True, help="arithmetic, countdown or calculator (tool use)")

@@ -129,9 +129,11 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         unsupported = {
-            "hidden_act": ("silu",), "moe_layer_freq": (1,), "topk_method": ("noaux_tc", "greedy"),
+            "hidden_act": ("silu",),
+            "moe_layer_freq": (1,),
+            "topk_method": ("noaux_tc", "greedy"),
             "attention_bias": (False,),
-        }  # fmt: skip
+        }
         for key, allowed in unsupported.items():
             if d.get(key, allowed[0]) not in allowed:
                 raise ValueError(
@@ -153,8 +155,10 @@ class ModelConfig:
             yarn = {k: v for k, v in rope.items() if k in yarn_names and v is not None}
             if "factor" not in yarn:  # transformers' rule: the context extension ratio
                 if "original_max_position_embeddings" not in yarn or "max_position_embeddings" not in d:
-                    raise ValueError("yarn rope scaling needs 'factor' or both max_position_embeddings and "
-                                     "'original_max_position_embeddings'")  # fmt: skip
+                    raise ValueError(
+                        "yarn rope scaling needs 'factor' or both max_position_embeddings and "
+                        "'original_max_position_embeddings'"
+                    )
                 yarn["factor"] = d["max_position_embeddings"] / yarn["original_max_position_embeddings"]
             kwargs["rope_scaling"] = YarnScaling(**yarn)
         elif kind != "default":

@@ -152,8 +152,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True, mtp: 
     depth = cfg.num_nextn_predict_layers if mtp else 0
     mtp_block = layer_params(cfg, cfg.num_hidden_layers)[1] + 2 * h * h + v * h  # block, eh_proj, shared head
     scale = 3 if training else 1
-    return Flops(scale * 2 * matmul_params, scale * cfg.num_hidden_layers * attention,
-                 scale * depth * (2 * mtp_block + attention), training)  # fmt: skip
+    return Flops(
+        scale * 2 * matmul_params,
+        scale * cfg.num_hidden_layers * attention,
+        scale * depth * (2 * mtp_block + attention),
+        training,
+    )
 
 
 def parse_count(text: str | float) -> float:
@@ -174,8 +178,11 @@ def gpu_hours(total_flops: float, gpu: GPU, mfu: float) -> float:
 
 # DeepSeek-V3 technical report, Table 1 and Sec. 4: pretraining on 14.8T tokens at 4K, then two
 # context-extension phases of 1000 steps each (32K x 1920 sequences, 128K x 480 sequences).
-V3_PHASES = (("pre-training", 14.8e12, 4096), ("context extension 32K", 1000 * 1920 * 32768, 32768),
-             ("context extension 128K", 1000 * 480 * 131072, 131072))  # fmt: skip
+V3_PHASES = (
+    ("pre-training", 14.8e12, 4096),
+    ("context extension 32K", 1000 * 1920 * 32768, 32768),
+    ("context extension 128K", 1000 * 480 * 131072, 131072),
+)
 V3_REPORTED_HOURS = {"pre-training": 2664e3, "context extension": 119e3, "post-training": 5e3, "total": 2788e3}
 
 
@@ -208,9 +215,14 @@ class DecodeBound:
 
 
 def decode_bandwidth_bound(
-    cfg: ModelConfig, gpu: GPU, gpus: int, context_len: int, batches: tuple[int, ...] = (1, 8, 32, 64, 128, 256),
-    weight_bytes_per_param: float = FP8_BYTES_PER_PARAM, kv_dtype_bytes: int = 2,
-) -> list[DecodeBound]:  # fmt: skip
+    cfg: ModelConfig,
+    gpu: GPU,
+    gpus: int,
+    context_len: int,
+    batches: tuple[int, ...] = (1, 8, 32, 64, 128, 256),
+    weight_bytes_per_param: float = FP8_BYTES_PER_PARAM,
+    kv_dtype_bytes: int = 2,
+) -> list[DecodeBound]:
     """An upper bound on decode tokens/s for a node of `gpus` GPUs: a decode step reads every weight it
     uses once (attention, dense layers, shared experts, head; of the routed experts, those that at least
     one of the batch's tokens chose: E (1 - (1 - k/E)^B) per MoE layer under balanced routing) and each
@@ -228,9 +240,13 @@ def decode_bandwidth_bound(
 
 
 def serving_footprint(
-    cfg: ModelConfig, gpu: GPU, context_len: int = 32768, gpus_per_node: int = 8,
-    weight_bytes_per_param: float = FP8_BYTES_PER_PARAM, kv_dtype_bytes: int = 2,
-) -> Serving:  # fmt: skip
+    cfg: ModelConfig,
+    gpu: GPU,
+    context_len: int = 32768,
+    gpus_per_node: int = 8,
+    weight_bytes_per_param: float = FP8_BYTES_PER_PARAM,
+    kv_dtype_bytes: int = 2,
+) -> Serving:
     """Weights (default FP8 with one fp32 scale per 128x128 block, as DeepSeek ships V3) and how many
     contexts of context_len fit in the rest of a node's memory, per attention kind."""
     stats = model_stats(cfg)

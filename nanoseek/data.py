@@ -161,15 +161,23 @@ def fim_document(tokenizer: Tokenizer, text: str, rng: random.Random) -> list[in
 
 
 def prepare(
-    files: list[Path], tokenizer: Tokenizer, out_dir: str | Path, seed: int = 0, val_permille: int = 10,
-    batch_docs: int = 256, progress: bool = True, fim_rate: float = FIM_RATE,
-) -> DataMeta:  # fmt: skip
+    files: list[Path],
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    seed: int = 0,
+    val_permille: int = 10,
+    batch_docs: int = 256,
+    progress: bool = True,
+    fim_rate: float = FIM_RATE,
+) -> DataMeta:
     """Tokenise documents into train/val shards under out_dir; returns what meta.json records. A share
     fim_rate of the training documents becomes fill-in-the-middle examples (validation stays plain text,
     so validation losses compare across rates)."""
     if fim_rate and any(tokenizer.tok.token_to_id(t) is None for t in (FIM_BEGIN, FIM_HOLE, FIM_END)):
-        raise ValueError("--fim-rate needs a tokenizer with DeepSeek's fill-in-the-middle tokens (nanoseek's have "
-                         "them); prepare with --fim-rate 0 for this one")  # fmt: skip
+        raise ValueError(
+            "--fim-rate needs a tokenizer with DeepSeek's fill-in-the-middle tokens (nanoseek's have "
+            "them); prepare with --fim-rate 0 for this one"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
@@ -213,9 +221,12 @@ def prepare(
     if n_docs < 2:
         raise ValueError("one document is too few for a train/val split: add more text")
     meta = DataMeta(
-        dtype=np.dtype(dtype).name, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-        shards={s: w.shards for s, w in writers.items()}, documents=counts,
-    )  # fmt: skip
+        dtype=np.dtype(dtype).name,
+        vocab_size=tokenizer.vocab_size,
+        eos_id=tokenizer.eos_id,
+        shards={s: w.shards for s, w in writers.items()},
+        documents=counts,
+    )
     (out / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
     return meta
 
@@ -255,9 +266,16 @@ class PackedLoader:
     """
 
     def __init__(
-        self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, seed: int = 0,
-        rank: int = 0, world_size: int = 1, shuffle: bool = True,
-    ):  # fmt: skip
+        self,
+        data_dir: str | Path,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ):
         meta = DataMeta.load(Path(data_dir))
         if batch_size % world_size:
             raise ValueError(f"batch size {batch_size} must be divisible by the world size {world_size}")
@@ -365,14 +383,25 @@ class ChatLoader:
     ('val', val_permille of the examples by hash, at least one) measures the fine-tuned loss."""
 
     def __init__(
-        self, path: str | Path, tokenizer: Tokenizer, split: str, batch_size: int, seq_len: int, seed: int = 0,
-        rank: int = 0, world_size: int = 1, shuffle: bool = True, val_permille: int = 50,
-    ):  # fmt: skip
+        self,
+        path: str | Path,
+        tokenizer: Tokenizer,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        val_permille: int = 50,
+    ):
         if batch_size % world_size:
             raise ValueError(f"batch size {batch_size} must be divisible by the world size {world_size}")
         examples = read_chat_jsonl(path)
-        keys = [int.from_bytes(hashlib.blake2b(json.dumps(m).encode(), digest_size=4).digest(), "big") % 1000
-                for m, _ in examples]  # fmt: skip
+        keys = [
+            int.from_bytes(hashlib.blake2b(json.dumps(m).encode(), digest_size=4).digest(), "big") % 1000
+            for m, _ in examples
+        ]
         val = {i for i, k in enumerate(keys) if k < val_permille} or {min(range(len(keys)), key=keys.__getitem__)}
         if len(examples) == 1:
             val = set()
@@ -383,8 +412,10 @@ class ChatLoader:
             try:
                 ids, trained = encode_chat(tokenizer, messages, tools)
             except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}: a chat example does not fit the chat format ({type(e).__name__}: {e}): "
-                                 f"{json.dumps(messages)[:200]}") from None  # fmt: skip
+                raise ValueError(
+                    f"{path}: a chat example does not fit the chat format ({type(e).__name__}: {e}): "
+                    f"{json.dumps(messages)[:200]}"
+                ) from None
             ids, trained = ids[: seq_len + 1], trained[: seq_len + 1]
             if any(trained[1:]):
                 self.items.append((ids, [t if keep else IGNORE for t, keep in zip(ids, trained, strict=True)]))
@@ -392,8 +423,10 @@ class ChatLoader:
                 self.prompts.append(messages[:first_reply])
         self.n_windows = len(self.items)
         if self.n_windows < batch_size:
-            raise ValueError(f"the {split} split of {path} holds {self.n_windows} usable chat examples, fewer than "
-                             f"one batch of {batch_size}: add examples or lower --batch-size")  # fmt: skip
+            raise ValueError(
+                f"the {split} split of {path} holds {self.n_windows} usable chat examples, fewer than "
+                f"one batch of {batch_size}: add examples or lower --batch-size"
+            )
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world_size, self.pad_id = rank, world_size, tokenizer.pad_id
         self.epoch, self.cursor = 0, 0

@@ -50,8 +50,18 @@ def served(model_dir: str, concurrency: int):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", model_dir, "--port", str(port),
-           "--max-seqs", str(concurrency)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "nanoseek",
+        "serve",
+        "--model",
+        model_dir,
+        "--port",
+        str(port),
+        "--max-seqs",
+        str(concurrency),
+    ]
     proc = subprocess.Popen(cmd)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 900  # compiling buckets takes a while
     try:
@@ -72,8 +82,15 @@ def served(model_dir: str, concurrency: int):
         proc.wait()
 
 
-def run(url: str, yamls: list[Path], model_name: str = "nanoseek", limit: int | None = None,
-        output: str | None = None, concurrency: int = 1, api_key: str | None = None) -> int:  # fmt: skip
+def run(
+    url: str,
+    yamls: list[Path],
+    model_name: str = "nanoseek",
+    limit: int | None = None,
+    output: str | None = None,
+    concurrency: int = 1,
+    api_key: str | None = None,
+) -> int:
     """lm_eval on the tasks against the server at url; its exit code. Per-item results (log-likelihoods,
     replies) go to OUTPUT/<model>/samples_<task>_<time>.jsonl with --output."""
     try:
@@ -83,13 +100,29 @@ def run(url: str, yamls: list[Path], model_name: str = "nanoseek", limit: int | 
     url = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     context = httpx.get(url + "/tokenizer_info", headers=headers, timeout=30).raise_for_status().json()
-    model_args = (f"base_url={url}/v1/completions,model={model_name},tokenizer_backend=remote,"
-                  f"tokenized_requests=True,max_length={context['model_max_length']},num_concurrent={concurrency},"
-                  "max_retries=3")  # fmt: skip
+    model_args = (
+        f"base_url={url}/v1/completions,model={model_name},tokenizer_backend=remote,"
+        f"tokenized_requests=True,max_length={context['model_max_length']},num_concurrent={concurrency},"
+        "max_retries=3"
+    )
     with tempfile.TemporaryDirectory(prefix="nanoseek-lm-eval-") as include:
         names = prepare_tasks(yamls, Path(include))
-        cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", model_args,
-               "--batch_size", "1", "--include_path", include, "--tasks", *names]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "run",
+            "--model",
+            "local-completions",
+            "--model_args",
+            model_args,
+            "--batch_size",
+            "1",
+            "--include_path",
+            include,
+            "--tasks",
+            *names,
+        ]
         cmd += ["--limit", str(limit)] if limit else []
         cmd += ["--log_samples", "--output_path", output] if output else []
         env = {**os.environ, **OFFLINE, "OPENAI_API_KEY": api_key or ""}

@@ -56,8 +56,14 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         for ax, layer in zip(axes[:, 0], layers, strict=True):
             rows = [m["expert_load"][layer] for m in metrics if layer in m.get("expert_load", {})]
             load = np.array(rows).T * len(rows[0])  # [experts, steps], 1.0 = perfectly balanced
-            image = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0, vmax=max(2.0, load.max()),
-                              extent=(steps[0], steps[-1], load.shape[0] - 0.5, -0.5))  # fmt: skip
+            image = ax.imshow(
+                load,
+                aspect="auto",
+                cmap="viridis",
+                vmin=0,
+                vmax=max(2.0, load.max()),
+                extent=(steps[0], steps[-1], load.shape[0] - 0.5, -0.5),
+            )
             ax.set_ylabel(f"{layer}\nexpert")
             fig.colorbar(image, ax=ax, label="load / mean")
         axes[-1, 0].set_xlabel("step")

@@ -35,8 +35,15 @@ def run_cost(cfg, plan: dict[str, Any], stages: dict[str, Any]) -> dict[str, Any
     mfu, gpu = v3_implied_mfu(get_preset("v3-671b")), GPUS["h100"]
     seconds = {stage: gpu_hours(f, gpu, mfu) * 3600 for stage, f in flops.items()}
     hours = sum(seconds.values()) / 3600
-    return {"flops": flops, "gpu_seconds": seconds, "total_flops": sum(flops.values()), "gpu": gpu.name, "mfu": mfu,
-            "gpu_hours": hours, "dollars": hours * 2.0}  # fmt: skip
+    return {
+        "flops": flops,
+        "gpu_seconds": seconds,
+        "total_flops": sum(flops.values()),
+        "gpu": gpu.name,
+        "mfu": mfu,
+        "gpu_hours": hours,
+        "dollars": hours * 2.0,
+    }
 
 
 def write_report(out: Path, preset: str, cfg, plan: dict[str, Any], stages: dict[str, Any]) -> list[Path]:
@@ -64,18 +71,33 @@ def write_report(out: Path, preset: str, cfg, plan: dict[str, Any], stages: dict
     kinds = [("MLA", "mla"), ("GQA-8", "gqa"), ("MHA", "mha")]
     labels = [f"{name} {label}" for label, model in ((preset, cfg), ("V3", v3)) for name, _ in kinds]
     values = [kv_bytes_per_token(model, 2, kind) for _, model in ((preset, cfg), ("V3", v3)) for _, kind in kinds]
-    plots.append(bar_chart(plots_dir / "kv_bytes.png", labels, values, "KV-cache bytes per token (bf16)", "bytes",
-                            log=True))  # fmt: skip
+    plots.append(
+        bar_chart(plots_dir / "kv_bytes.png", labels, values, "KV-cache bytes per token (bf16)", "bytes", log=True)
+    )
     stats = model_stats(cfg)
-    card = {"preset": preset, "params_total": stats.params_total, "params_active": stats.params_active,
-            "params_mtp": stats.params_mtp, "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
-            "routed_experts": cfg.n_routed_experts, "experts_per_token": cfg.num_experts_per_tok,
-            "kv_bytes_per_token": {label: kv_bytes_per_token(cfg, 2, kind) for label, kind in kinds}}  # fmt: skip
+    card = {
+        "preset": preset,
+        "params_total": stats.params_total,
+        "params_active": stats.params_active,
+        "params_mtp": stats.params_mtp,
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "routed_experts": cfg.n_routed_experts,
+        "experts_per_token": cfg.num_experts_per_tok,
+        "kv_bytes_per_token": {label: kv_bytes_per_token(cfg, 2, kind) for label, kind in kinds},
+    }
     cost = run_cost(cfg, plan, stages)
     stages = dict(stages) | {"report": {"seconds": round(time.perf_counter() - start, 1)}}
     total = sum(s["seconds"] for s in stages.values())
-    report = {"preset": preset, "plan": plan, "total_seconds": round(total, 1), "stages": stages, "model_card": card,
-              "cost": cost, "plots": [str(p.relative_to(out)) for p in plots]}  # fmt: skip
+    report = {
+        "preset": preset,
+        "plan": plan,
+        "total_seconds": round(total, 1),
+        "stages": stages,
+        "model_card": card,
+        "cost": cost,
+        "plots": [str(p.relative_to(out)) for p in plots],
+    }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
     s, grpo, sft, distill = stages, stages["grpo"], stages["sft"], stages["distill"]
@@ -170,9 +192,13 @@ def _markdown_to_html(markdown: str, images: dict[str, str]) -> str:
             continue
         if table:
             head, *rows = table
-            body.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                        + "</table>")  # fmt: skip
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{inline(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                + "</table>"
+            )
             table = []
         if m := re.fullmatch(r"!\[(.*)\]\(plots/(.*)\)", line):
             body.append(f'<img alt="{m[1]}" src="data:image/png;base64,{images[m[2]]}">')
@@ -183,9 +209,11 @@ def _markdown_to_html(markdown: str, images: dict[str, str]) -> str:
             body.append(f"<li>{inline(line[2:])}</li>")
         elif line:
             body.append(f"<p>{inline(line)}</p>")
-    style = ("body{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:.3rem .6rem;text-align:left}"
-             "img{max-width:100%;display:block;margin:1rem 0}code{background:#f4f4f4;padding:0 .2rem}")  # fmt: skip
+    style = (
+        "body{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:.3rem .6rem;text-align:left}"
+        "img{max-width:100%;display:block;margin:1rem 0}code{background:#f4f4f4;padding:0 .2rem}"
+    )
     return f"<!doctype html><meta charset='utf-8'><title>nanoseek report</title><style>{style}</style>\n" + "\n".join(
         body
     )

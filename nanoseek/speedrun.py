@@ -58,20 +58,48 @@ class Plan:
 
 
 PLANS = {
-    "tiny": Plan(pretrain_steps=250, fp8_steps=8, sft_steps=350, sft_examples=4000, distill_prompts=1000,
-                 distill_steps=350, grpo_steps=30, eval_n=400, grpo_lr=4e-5),
-    "small": Plan(pretrain_steps=2000, fp8_steps=50, sft_steps=600, sft_examples=8000, distill_prompts=2000,
-                  distill_steps=400, grpo_steps=100, eval_n=500),
-    "quick": Plan(pretrain_steps=12, fp8_steps=3, sft_steps=6, sft_examples=64, distill_prompts=16,
-                  distill_steps=3, grpo_steps=2, eval_n=16, batch_size=8, seq_len=128),
-}  # fmt: skip
+    "tiny": Plan(
+        pretrain_steps=250,
+        fp8_steps=8,
+        sft_steps=350,
+        sft_examples=4000,
+        distill_prompts=1000,
+        distill_steps=350,
+        grpo_steps=30,
+        eval_n=400,
+        grpo_lr=4e-5,
+    ),
+    "small": Plan(
+        pretrain_steps=2000,
+        fp8_steps=50,
+        sft_steps=600,
+        sft_examples=8000,
+        distill_prompts=2000,
+        distill_steps=400,
+        grpo_steps=100,
+        eval_n=500,
+    ),
+    "quick": Plan(
+        pretrain_steps=12,
+        fp8_steps=3,
+        sft_steps=6,
+        sft_examples=64,
+        distill_prompts=16,
+        distill_steps=3,
+        grpo_steps=2,
+        eval_n=16,
+        batch_size=8,
+        seq_len=128,
+    ),
+}
 STAGES = ("data", "pretrain", "fp8", "sft", "distill", "grpo", "inference")
 TASK = "arithmetic"
 
 
 class Speedrun:
-    def __init__(self, preset: str = "tiny", out: str | Path = "runs/speedrun", plan: str | None = None,
-                 progress: bool = True):  # fmt: skip
+    def __init__(
+        self, preset: str = "tiny", out: str | Path = "runs/speedrun", plan: str | None = None, progress: bool = True
+    ):
         if preset not in ("tiny", "small"):
             raise ValueError("speedrun presets: tiny (15 minutes on a 2-core CPU) or small (a GPU)")
         self.preset, self.out, self.progress = preset, Path(out), progress
@@ -111,8 +139,14 @@ class Speedrun:
     # --- the stages ------------------------------------------------------------------------------
     def _train_config(self, **kwargs) -> TrainConfig:
         plan = self.plan
-        options = dict(preset=self.preset, batch_size=plan.batch_size, seq_len=plan.seq_len, progress=self.progress,
-                       eval_every=max(1, kwargs.get("steps", plan.pretrain_steps) // 5), save_every=50)  # fmt: skip
+        options = dict(
+            preset=self.preset,
+            batch_size=plan.batch_size,
+            seq_len=plan.seq_len,
+            progress=self.progress,
+            eval_every=max(1, kwargs.get("steps", plan.pretrain_steps) // 5),
+            save_every=50,
+        )
         out = Path(kwargs["out"])
         options["resume"] = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*"))
         return TrainConfig(**(options | kwargs))
@@ -130,12 +164,18 @@ class Speedrun:
         metrics = read_metrics(out)
         vals = [m for m in metrics if m.get("val_loss") is not None] or [{}]
         last = metrics[-1]
-        return {"steps": cfg.steps, "tokens": last["tokens"], "fp8": self.fp8, "train_loss": last["lm_loss"],
-                "val_loss": vals[-1].get("val_loss"), "val_bpb": vals[-1].get("val_bpb"),
-                "tokens_per_s": _mean(m["tokens_per_s"] for m in metrics[1:]),
-                "mfu": _mean(m.get("mfu", 0.0) for m in metrics[1:]),
-                "max_over_mean_load": last.get("max_over_mean_load", {}),
-                "samples": next((m["samples"] for m in reversed(metrics) if m.get("samples")), {})}  # fmt: skip
+        return {
+            "steps": cfg.steps,
+            "tokens": last["tokens"],
+            "fp8": self.fp8,
+            "train_loss": last["lm_loss"],
+            "val_loss": vals[-1].get("val_loss"),
+            "val_bpb": vals[-1].get("val_bpb"),
+            "tokens_per_s": _mean(m["tokens_per_s"] for m in metrics[1:]),
+            "mfu": _mean(m.get("mfu", 0.0) for m in metrics[1:]),
+            "max_over_mean_load": last.get("max_over_mean_load", {}),
+            "samples": next((m["samples"] for m in reversed(metrics) if m.get("samples")), {}),
+        }
 
     def stage_fp8(self) -> dict[str, Any]:
         """The same start, data and steps with BF16 autocast, and with FP8 GEMMs on top."""
@@ -143,15 +183,29 @@ class Speedrun:
         for name, fp8 in (("bf16", False), ("fp8", True)):
             out = self.dir("fp8") / name
             steps = self.plan.fp8_steps
-            cfg = self._train_config(out=str(out), steps=steps, fp8=fp8, dtype="bfloat16", sample_tokens=0,
-                                     save_every=steps, eval_every=steps)  # fmt: skip
+            cfg = self._train_config(
+                out=str(out),
+                steps=steps,
+                fp8=fp8,
+                dtype="bfloat16",
+                sample_tokens=0,
+                save_every=steps,
+                eval_every=steps,
+            )
             Trainer(cfg).fit()
             metrics = read_metrics(out)
-            runs[name] = {"loss": [m["lm_loss"] for m in metrics], "tokens": metrics[-1]["tokens"],
-                          "tokens_per_s": _mean(m["tokens_per_s"] for m in metrics[1:] or metrics)}  # fmt: skip
-        return {"steps": self.plan.fp8_steps, **runs, "tokens": sum(r["tokens"] for r in runs.values()),
-                "final_loss_ratio": runs["fp8"]["loss"][-1] / runs["bf16"]["loss"][-1],
-                "speed_ratio": runs["fp8"]["tokens_per_s"] / runs["bf16"]["tokens_per_s"]}  # fmt: skip
+            runs[name] = {
+                "loss": [m["lm_loss"] for m in metrics],
+                "tokens": metrics[-1]["tokens"],
+                "tokens_per_s": _mean(m["tokens_per_s"] for m in metrics[1:] or metrics),
+            }
+        return {
+            "steps": self.plan.fp8_steps,
+            **runs,
+            "tokens": sum(r["tokens"] for r in runs.values()),
+            "final_loss_ratio": runs["fp8"]["loss"][-1] / runs["bf16"]["loss"][-1],
+            "speed_ratio": runs["fp8"]["tokens_per_s"] / runs["bf16"]["tokens_per_s"],
+        }
 
     def _sft_config(self, out: Path, init: Path, data: Path, steps: int) -> TrainConfig:
         return self._train_config(
@@ -220,10 +274,19 @@ class Speedrun:
         out = self.dir("grpo")
         steps = self.plan.grpo_steps
         resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*"))
-        cfg = GRPOConfig(model=str(self.dir("sft") / "model"), task=TASK, out=str(out), steps=steps,
-                         eval_every=max(1, steps // 3), eval_n=self.plan.eval_n, save_every=max(1, steps // 3),
-                         resume=resume, progress=self.progress, lr=self.plan.grpo_lr,
-                         prompts_per_step=16 if self.plan.eval_n >= 100 else 4)  # fmt: skip
+        cfg = GRPOConfig(
+            model=str(self.dir("sft") / "model"),
+            task=TASK,
+            out=str(out),
+            steps=steps,
+            eval_every=max(1, steps // 3),
+            eval_n=self.plan.eval_n,
+            save_every=max(1, steps // 3),
+            resume=resume,
+            progress=self.progress,
+            lr=self.plan.grpo_lr,
+            prompts_per_step=16 if self.plan.eval_n >= 100 else 4,
+        )
         GRPOTrainer(cfg).fit()
         plot_run(out)
         metrics = read_metrics(out)
@@ -255,13 +318,18 @@ class Speedrun:
             engine.generate(prompts, params)
             throughput[str(batch)] = round(batch * 32 / (time.perf_counter() - start), 1)
         code = Engine(self.dir("pretrain") / "model")
-        samples = {p: code.generate([p], SamplingParams(max_tokens=48, temperature=0.7, seed=0))[0].text
-                   for p in ("def ", "class ")}  # fmt: skip
+        samples = {
+            p: code.generate([p], SamplingParams(max_tokens=48, temperature=0.7, seed=0))[0].text
+            for p in ("def ", "class ")
+        }
         problems = self.test_problems()[:3]
         scored = evaluate(engine, self.task, problems, max_tokens=64).samples
         samples |= {p.question: reply for p, reply, _ in scored}
-        return {"decode_tokens_per_s": throughput, "samples": samples,
-                "kv_bytes_per_token": engine.kv_cache_bytes_per_token()}  # fmt: skip
+        return {
+            "decode_tokens_per_s": throughput,
+            "samples": samples,
+            "kv_bytes_per_token": engine.kv_cache_bytes_per_token(),
+        }
 
 
 def _mean(values) -> float:

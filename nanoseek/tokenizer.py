@@ -32,8 +32,17 @@ TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁c
 TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
 TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
-TOOL_TOKENS = [TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP, TOOL_OUTPUTS_BEGIN,
-               TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END]  # fmt: skip
+TOOL_TOKENS = [
+    TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_SEP,
+    TOOL_OUTPUTS_BEGIN,
+    TOOL_OUTPUTS_END,
+    TOOL_OUTPUT_BEGIN,
+    TOOL_OUTPUT_END,
+]
 # bos 0, eos 1 as V3
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK, FIM_BEGIN, FIM_HOLE, FIM_END, *TOOL_TOKENS]
 ROLES = ("system", "user", "assistant", "tool")
@@ -131,9 +140,13 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def chat_parts(
-        self, messages: Sequence[dict], add_generation_prompt: bool = True, thinking: bool | None = None,
-        continue_final_message: bool = False, tools: Sequence[dict] | None = None,
-    ) -> list[tuple[str, str, bool]]:  # fmt: skip
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = True,
+        thinking: bool | None = None,
+        continue_final_message: bool = False,
+        tools: Sequence[dict] | None = None,
+    ) -> list[tuple[str, str, bool]]:
         """DeepSeek-V3's chat format as (text, how it is encoded, is it the model's reply) parts: system
         prompts first (with the tools' descriptions after them), then the turns in order. A SPECIAL part is
         one special token; TEXT is plain text (system, user and tool contents, tool-call names and
@@ -156,8 +169,12 @@ class Tokenizer:
                 parts += [(USER, SPECIAL, False), (content, TEXT, False)]
             elif role == "tool":
                 opening = [(TOOL_OUTPUTS_BEGIN, SPECIAL, False)] if previous != "tool" else [("\n", TEXT, False)]
-                parts += [*opening, (TOOL_OUTPUT_BEGIN, SPECIAL, False), (content, TEXT, False),
-                          (TOOL_OUTPUT_END, SPECIAL, False)]  # fmt: skip
+                parts += [
+                    *opening,
+                    (TOOL_OUTPUT_BEGIN, SPECIAL, False),
+                    (content, TEXT, False),
+                    (TOOL_OUTPUT_END, SPECIAL, False),
+                ]
             elif role == "assistant":
                 marker = TOOL_OUTPUTS_END if previous == "tool" else ASSISTANT
                 parts += [(marker, SPECIAL, False), (content, MARKUP, True)]
@@ -175,9 +192,14 @@ class Tokenizer:
         return parts
 
     def apply_chat_template(
-        self, messages: Sequence[dict], add_generation_prompt: bool = True, tokenize: bool = False,
-        thinking: bool | None = None, continue_final_message: bool = False, tools: Sequence[dict] | None = None,
-    ) -> str | list[int]:  # fmt: skip
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        thinking: bool | None = None,
+        continue_final_message: bool = False,
+        tools: Sequence[dict] | None = None,
+    ) -> str | list[int]:
         """The chat as text, or as token ids (see chat_parts)."""
         parts = self.chat_parts(messages, add_generation_prompt, thinking, continue_final_message, tools)
         if not tokenize:
@@ -201,8 +223,13 @@ class Tokenizer:
         """Fill-in-the-middle in Prefix-Suffix-Middle order, as DeepSeek-V3 pretrains and as
         /v1/completions with `suffix` asks: <｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>, then the
         middle when it is known (a training document). The texts are plain text: only this opens a hole."""
-        ids = [self.special_id(FIM_BEGIN), *self.encode_text(prefix), self.special_id(FIM_HOLE),
-               *self.encode_text(suffix), self.special_id(FIM_END)]  # fmt: skip
+        ids = [
+            self.special_id(FIM_BEGIN),
+            *self.encode_text(prefix),
+            self.special_id(FIM_HOLE),
+            *self.encode_text(suffix),
+            self.special_id(FIM_END),
+        ]
         return ids if middle is None else ids + self.encode_text(middle)
 
     def special_id(self, token: str) -> int:
@@ -237,11 +264,15 @@ def tools_prompt(tools: Sequence[dict]) -> str:
     lines = ["\n\n## Tools\nYou have access to the following tools:\n"]
     for tool in tools:
         f = tool["function"]
-        lines.append(f"### {f['name']}\nDescription: {f.get('description', '')}\n\n"
-                     f"Parameters: {json.dumps(f.get('parameters', {}), ensure_ascii=False)}\n")  # fmt: skip
-    lines.append(f"IMPORTANT: ALWAYS adhere to this exact format for tool use:\n{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}"
-                 f"function{TOOL_SEP}tool_call_name\n```json\ntool_call_arguments\n```{TOOL_CALL_END}"
-                 f"{TOOL_CALLS_END}\n")  # fmt: skip
+        lines.append(
+            f"### {f['name']}\nDescription: {f.get('description', '')}\n\n"
+            f"Parameters: {json.dumps(f.get('parameters', {}), ensure_ascii=False)}\n"
+        )
+    lines.append(
+        f"IMPORTANT: ALWAYS adhere to this exact format for tool use:\n{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}"
+        f"function{TOOL_SEP}tool_call_name\n```json\ntool_call_arguments\n```{TOOL_CALL_END}"
+        f"{TOOL_CALLS_END}\n"
+    )
     return "\n".join(lines)
 
 
@@ -253,8 +284,13 @@ def tool_call_parts(calls: Sequence[dict]) -> list[tuple[str, str]]:
     for i, call in enumerate(calls):
         f = call["function"]
         parts += [("\n", TEXT)] if i else []
-        parts += [(TOOL_CALL_BEGIN, SPECIAL), (call.get("type", "function"), TEXT), (TOOL_SEP, SPECIAL),
-                  (f"{f['name']}\n```json\n{f['arguments']}\n```", TEXT), (TOOL_CALL_END, SPECIAL)]  # fmt: skip
+        parts += [
+            (TOOL_CALL_BEGIN, SPECIAL),
+            (call.get("type", "function"), TEXT),
+            (TOOL_SEP, SPECIAL),
+            (f"{f['name']}\n```json\n{f['arguments']}\n```", TEXT),
+            (TOOL_CALL_END, SPECIAL),
+        ]
     return [*parts, (TOOL_CALLS_END, SPECIAL)]
 
 

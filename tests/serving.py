@@ -38,8 +38,15 @@ def free_port() -> int:
 class Server:
     """`python -m nanoseek serve ...` in a subprocess, stopped with SIGTERM (a graceful shutdown)."""
 
-    def __init__(self, model_dir: Path, *args: str, log: Path | None = None, port: int | None = None,
-                 env: dict[str, str] | None = None, eager: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        model_dir: Path,
+        *args: str,
+        log: Path | None = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        eager: bool = True,
+    ):
         """eager: --enforce-eager, so that a test server starts in a second, not after compiling buckets."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"

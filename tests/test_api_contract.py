@@ -28,8 +28,14 @@ def model_dir(tmp_path_factory, tokenizer):
 def server(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("contract-server")
     (root / "keys.txt").write_text("key-a\nkey-b\n")
-    args = ["--api-keys", str(root / "keys.txt"), "--reasoning-model-name", "deepseek-reasoner",
-            "--max-concurrent-per-key", str(LIMIT)]  # fmt: skip
+    args = [
+        "--api-keys",
+        str(root / "keys.txt"),
+        "--reasoning-model-name",
+        "deepseek-reasoner",
+        "--max-concurrent-per-key",
+        str(LIMIT),
+    ]
     # fp32 whatever the CPU: log-probabilities are compared with a direct fp32 forward pass.
     with Server(model_dir, *args, log=root / "server.log", env={"NANOSEEK_AUTO_DTYPE": "float32"}) as s:
         yield s
@@ -55,11 +61,21 @@ def completion_of(server: Server, ids: list[int], max_tokens: int = GREEDY["max_
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("audio", {"voice": "alloy", "format": "wav"}), ("prediction", {"type": "content", "content": "x"}),
-     ("web_search_options", {}), ("reasoning_effort", "high"), ("functions", [{"name": "f"}]),
-     ("function_call", "auto"), ("store", True), ("metadata", {"a": "b"}), ("verbosity", "low"),
-     ("no_such_field", 1), ("modalities", ["audio"]), ("service_tier", "flex")],
-)  # fmt: skip
+    [
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("prediction", {"type": "content", "content": "x"}),
+        ("web_search_options", {}),
+        ("reasoning_effort", "high"),
+        ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
+        ("store", True),
+        ("metadata", {"a": "b"}),
+        ("verbosity", "low"),
+        ("no_such_field", 1),
+        ("modalities", ["audio"]),
+        ("service_tier", "flex"),
+    ],
+)
 def test_a_field_nanoseek_does_not_serve_is_a_400_that_names_it(server, field, value):
     with pytest.raises(openai.BadRequestError) as e:
         ask(client(server), user("hi"), extra_body={field: value})
@@ -68,8 +84,15 @@ def test_a_field_nanoseek_does_not_serve_is_a_400_that_names_it(server, field, v
 
 
 def test_fields_clients_send_as_defaults_are_accepted(server):
-    reply = ask(client(server), user("hi"), user="someone", store=False, service_tier="auto", modalities=["text"],
-                extra_body={"prompt_cache_key": "k", "safety_identifier": "s"})  # fmt: skip
+    reply = ask(
+        client(server),
+        user("hi"),
+        user="someone",
+        store=False,
+        service_tier="auto",
+        modalities=["text"],
+        extra_body={"prompt_cache_key": "k", "safety_identifier": "s"},
+    )
     assert reply.choices[0].finish_reason == "length"
 
 
@@ -107,8 +130,15 @@ def test_thinking_disabled_closes_think_and_the_reply_is_content(server, tokeniz
 def test_an_earlier_replys_reasoning_is_not_fed_back(server):
     c = client(server)
     plain = [*user("2+2?"), {"role": "assistant", "content": "4"}, *user("and 3+3?")]
-    reasoned = [*user("2+2?"), {"role": "assistant", "content": "<think>two and two make four</think>4",
-                                "reasoning_content": "two and two make four"}, *user("and 3+3?")]  # fmt: skip
+    reasoned = [
+        *user("2+2?"),
+        {
+            "role": "assistant",
+            "content": "<think>two and two make four</think>4",
+            "reasoning_content": "two and two make four",
+        },
+        *user("and 3+3?"),
+    ]
     a, b = ask(c, plain), ask(c, reasoned)
     assert a.usage.prompt_tokens == b.usage.prompt_tokens
     assert a.choices[0].message.content == b.choices[0].message.content
@@ -161,8 +191,9 @@ def test_a_key_over_its_concurrency_limit_gets_429_with_retry_after_and_others_d
     body = {"model": "nanoseek", "messages": user("count"), "max_tokens": 900, "temperature": 0, "stream": True}
     headers = {"Authorization": "Bearer key-b"}
     with httpx.Client(timeout=60) as http:
-        streams = [http.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers)
-                   for _ in range(LIMIT)]  # fmt: skip
+        streams = [
+            http.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers) for _ in range(LIMIT)
+        ]
         lines = []
         for s in streams:
             lines.append(s.__enter__().iter_lines())
@@ -184,8 +215,9 @@ def test_a_key_over_its_concurrency_limit_gets_429_with_retry_after_and_others_d
 
 
 @pytest.mark.parametrize("as_ids", [False, True], ids=["text", "token-ids"])
-def test_echo_logprobs_score_the_prompt_as_a_direct_forward_pass_also_from_the_cache(server, model_dir, tokenizer,
-                                                                                     as_ids):  # fmt: skip
+def test_echo_logprobs_score_the_prompt_as_a_direct_forward_pass_also_from_the_cache(
+    server, model_dir, tokenizer, as_ids
+):
     text = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n" * 3
     ids = tokenizer.encode_text(text)
     model = from_pretrained(model_dir, dtype=torch.float32, device="cpu").eval()
@@ -194,8 +226,14 @@ def test_echo_logprobs_score_the_prompt_as_a_direct_forward_pass_also_from_the_c
     want = expected[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
     c = client(server)
     for max_tokens in (0, 1, 0):  # the third: the prompt's blocks are cached by now
-        r = c.completions.create(model="nanoseek", prompt=ids if as_ids else text, echo=True, logprobs=2,
-                                 max_tokens=max_tokens, temperature=0)  # fmt: skip
+        r = c.completions.create(
+            model="nanoseek",
+            prompt=ids if as_ids else text,
+            echo=True,
+            logprobs=2,
+            max_tokens=max_tokens,
+            temperature=0,
+        )
         lp = r.choices[0].logprobs
         assert r.choices[0].text == text if max_tokens == 0 else r.choices[0].text.startswith(text)
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
@@ -218,12 +256,32 @@ def test_max_tokens_0_without_echo_logprobs_and_streamed_scoring_are_400s(server
 
 
 # --- tool calls and structured output -------------------------------------------------------------------
-ADD = {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
-    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"],
-    "additionalProperties": False}}}  # fmt: skip
-WEATHER = {"type": "function", "function": {"name": "weather", "description": "the weather in a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lima"]}}, "required": ["city"],
-    "additionalProperties": False}}}  # fmt: skip
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "a + b",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        },
+    },
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "the weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Lima"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (ADD, WEATHER)}
 TOOL_TURN = dict(max_tokens=120, temperature=0)
 
@@ -257,8 +315,14 @@ def test_required_and_named_tool_choice_give_a_call_that_validates_streamed_or_n
 
 
 def test_parallel_tool_calls_may_call_several_tools_each_well_formed(server):
-    reply = ask(client(server), user("2 + 3 and the weather in Lima"), tools=[ADD, WEATHER], tool_choice="required",
-                max_tokens=200, temperature=0)  # fmt: skip
+    reply = ask(
+        client(server),
+        user("2 + 3 and the weather in Lima"),
+        tools=[ADD, WEATHER],
+        tool_choice="required",
+        max_tokens=200,
+        temperature=0,
+    )
     assert len(validate_calls(reply.choices[0].message.tool_calls)) > 1  # an untrained model calls again and again
 
 
@@ -279,14 +343,19 @@ def test_auto_with_a_strict_function_calls_it_well_formed_or_answers_in_text(ser
 
 def test_a_tool_conversation_renders_the_calls_and_their_results(server, tokenizer):
     call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
-    messages = [*user("2 + 3?"), {"role": "assistant", "content": "", "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": "call_1", "content": "5"}]  # fmt: skip
+    messages = [
+        *user("2 + 3?"),
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+    ]
     reply = ask(client(server), messages, tools=[ADD], max_tokens=4, temperature=0)
     ids = tokenizer.apply_chat_template(messages, tokenize=True, tools=[ADD])
     assert reply.usage.prompt_tokens == len(ids)
-    assert tokenizer.decode(ids).endswith('add\n```json\n{"a": 2, "b": 3}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
-                                          "<｜end▁of▁sentence｜><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>5"
-                                          "<｜tool▁output▁end｜><｜tool▁outputs▁end｜>")  # fmt: skip
+    assert tokenizer.decode(ids).endswith(
+        'add\n```json\n{"a": 2, "b": 3}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
+        "<｜end▁of▁sentence｜><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>5"
+        "<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"
+    )
 
 
 def test_tool_requests_that_cannot_hold_are_400s(server):
@@ -307,9 +376,15 @@ def test_tool_requests_that_cannot_hold_are_400s(server):
     assert e.value.body["param"] == "messages"
 
 
-PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-          "age": {"type": "integer", "minimum": 0, "maximum": 150}}, "required": ["name", "age"],
-          "additionalProperties": False}  # fmt: skip
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
 
 
 def test_json_schema_output_from_an_untrained_model_validates_streamed_or_not(server):
@@ -330,14 +405,22 @@ def test_json_object_output_parses_and_a_reasoning_reply_is_constrained_after_it
     reply = ask(c, user("json please"), response_format={"type": "json_object"}, max_tokens=300, temperature=0)
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
     end_think = str(tokenizer.special_id(END_THINK))
-    thought = ask(c, user("json please"), model="deepseek-reasoner", response_format={"type": "json_object"},
-                  max_tokens=300, temperature=0, logit_bias={end_think: 30})  # fmt: skip
+    thought = ask(
+        c,
+        user("json please"),
+        model="deepseek-reasoner",
+        response_format={"type": "json_object"},
+        max_tokens=300,
+        temperature=0,
+        logit_bias={end_think: 30},
+    )
     message = thought.choices[0].message
     assert isinstance(json.loads(message.content), dict) and thought.usage.completion_tokens_details.reasoning_tokens
 
 
-@pytest.mark.parametrize("schema", [{"if": {"type": "string"}, "then": {"maxLength": 2}, "else": {}},
-                                    {"type": "string", "pattern": "(?=x)"}])  # fmt: skip
+@pytest.mark.parametrize(
+    "schema", [{"if": {"type": "string"}, "then": {"maxLength": 2}, "else": {}}, {"type": "string", "pattern": "(?=x)"}]
+)
 def test_a_schema_feature_that_cannot_be_enforced_is_a_400_naming_it(server, schema):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
     with pytest.raises(openai.BadRequestError) as e:
@@ -364,6 +447,7 @@ def test_vllm_tokenizer_routes_tokenise_with_the_servers_tokenizer(server, token
         r = httpx.post(server.url + path, json=body, headers=headers)
         assert r.status_code == 400 and "error" in r.json(), (path, r.text)
     assert httpx.post(server.url + "/tokenize", json={"prompt": "x"}).status_code == 401
-    r = httpx.post(server.url + "/tokenize", json={"messages": user("hi"), "continue_final_message": True},
-                   headers=headers)  # fmt: skip
+    r = httpx.post(
+        server.url + "/tokenize", json={"messages": user("hi"), "continue_final_message": True}, headers=headers
+    )
     assert r.status_code == 400 and "assistant" in r.json()["error"]["message"]

@@ -35,8 +35,9 @@ def test_no_request_yields_a_server_error(server):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None,
-                  derandomize=True)  # fmt: skip
+        @settings(
+            max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True
+        )
         def check(case):
             aim_at_the_engine(case)
             response = case.call_and_validate(base_url=server.url, checks=[not_a_server_error], timeout=60)

@@ -76,9 +76,12 @@ def test_poison_parameters_from_one_key_change_no_other_keys_tokens(server):
     greedy = dict(max_tokens=24, temperature=0)
     with ThreadPoolExecutor(8) as pool:
         clean = list(pool.map(lambda p: stream_text(server, "key-a", p, **greedy), prompts))
-        poison = [dict(top_p=1e-300), dict(temperature=2, top_p=1e-300, max_tokens=2),
-                  dict(top_p=1e-45, logprobs=True, top_logprobs=20, frequency_penalty=2, presence_penalty=-2),
-                  dict(temperature=1e-300, n=3, seed=7)]  # fmt: skip
+        poison = [
+            dict(top_p=1e-300),
+            dict(temperature=2, top_p=1e-300, max_tokens=2),
+            dict(top_p=1e-45, logprobs=True, top_logprobs=20, frequency_penalty=2, presence_penalty=-2),
+            dict(temperature=1e-300, n=3, seed=7),
+        ]
         poisoned = [pool.submit(stream_text, server, "key-c", "poison", **({"max_tokens": 4} | p)) for p in poison]
         again = list(pool.map(lambda p: stream_text(server, "key-a", p, **greedy), prompts))
         assert all(isinstance(f.result(), str) for f in poisoned)  # each a 200, not an error
@@ -86,16 +89,23 @@ def test_poison_parameters_from_one_key_change_no_other_keys_tokens(server):
 
 
 def test_a_concurrent_burst_never_spends_more_than_the_balance(server):
-    body = {"model": "nanoseek", "messages": [{"role": "user", "content": "spend"}], "max_tokens": 900,
-            "temperature": 0}  # fmt: skip
+    body = {
+        "model": "nanoseek",
+        "messages": [{"role": "user", "content": "spend"}],
+        "max_tokens": 900,
+        "temperature": 0,
+    }
     before = httpx.get(server.url + "/v1/billing", headers={"Authorization": "Bearer burst"}).json()
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda _: post(server, "/v1/chat/completions", body, "burst"), range(8)))
     statuses = sorted(r.status_code for r in replies)
     assert set(statuses) == {200, 402} and statuses.count(200) <= 2  # 0.02 holds two worst cases of 0.0072+
     after = httpx.get(server.url + "/v1/billing", headers={"Authorization": "Bearer burst"}).json()
-    prices = {"prompt_cache_hit_tokens": Decimal("0.5"), "prompt_cache_miss_tokens": Decimal("2"),
-              "completion_tokens": Decimal("8")}  # fmt: skip
+    prices = {
+        "prompt_cache_hit_tokens": Decimal("0.5"),
+        "prompt_cache_miss_tokens": Decimal("2"),
+        "completion_tokens": Decimal("8"),
+    }
     told = sum(sum(r.json()["usage"][k] * p for k, p in prices.items()) for r in replies if r.status_code == 200)
     assert after["cost"] - before["cost"] == pytest.approx(float(told / 1_000_000), abs=1e-12)
     assert after["cost"] <= 0.02 and after["balance"] >= 0 and after["reserved"] == 0
@@ -105,8 +115,13 @@ def test_a_concurrent_burst_never_spends_more_than_the_balance(server):
 
 def test_lax_types_lone_surrogates_and_impossible_sizes_are_400s(server):
     chat = {"model": "nanoseek", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    for field, value in (("max_tokens", "5"), ("max_tokens", True), ("stream", "yes"), ("temperature", "0.5"),
-                         ("n", 1.5)):  # fmt: skip
+    for field, value in (
+        ("max_tokens", "5"),
+        ("max_tokens", True),
+        ("stream", "yes"),
+        ("temperature", "0.5"),
+        ("n", 1.5),
+    ):
         r = post(server, "/v1/chat/completions", chat | {field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
     raw = b'{"model": "nanoseek", "messages": [{"role": "user", "content": "\\ud800"}]}'
@@ -136,8 +151,9 @@ def test_a_huge_body_is_413_unread_and_health_stays_fast_while_big_ones_parse(se
     assert time.monotonic() - started < 5
     big = json.dumps({"model": "nanoseek", "messages": [{"role": "user", "content": "word " * 700_000}]}).encode()
     results, latencies = [], []
-    workers = [threading.Thread(target=lambda: results.append(post(server, "/v1/chat/completions", big)))
-               for _ in range(3)]  # fmt: skip
+    workers = [
+        threading.Thread(target=lambda: results.append(post(server, "/v1/chat/completions", big))) for _ in range(3)
+    ]
     for w in workers:
         w.start()
     while any(w.is_alive() for w in workers):
@@ -163,8 +179,12 @@ def test_two_servers_on_one_ledger_record_every_request(model_dir, tmp_path):
 
 def test_kill_9_mid_stream_loses_at_most_the_last_moments_of_usage(model_dir, tmp_path):
     ledger = ["--ledger", str(tmp_path / "ledger.db")]
-    body = {"model": "nanoseek", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 800,
-            "temperature": 0}  # fmt: skip
+    body = {
+        "model": "nanoseek",
+        "messages": [{"role": "user", "content": "go on"}],
+        "max_tokens": 800,
+        "temperature": 0,
+    }
     delivered = kill_mid_stream(Server(model_dir, *ledger, env=FP32), body)
     with Server(model_dir, *ledger, env=FP32) as restarted:
         billed = httpx.get(restarted.url + "/v1/billing").json()["usage"]["completion_tokens"]
@@ -207,8 +227,9 @@ def test_chaos_mixed_traffic_changes_no_answer_and_the_ledger_matches_the_client
 
     def cancel(s: Server) -> int:
         body = chat | {"messages": [{"role": "user", "content": "long"}], "max_tokens": 300, "stream": True}
-        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer c"},
-                          timeout=120) as r:  # fmt: skip
+        with httpx.stream(
+            "POST", s.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer c"}, timeout=120
+        ) as r:
             for i, _ in enumerate(r.iter_lines()):
                 if i == 6:
                     break
@@ -217,10 +238,12 @@ def test_chaos_mixed_traffic_changes_no_answer_and_the_ledger_matches_the_client
     with Server(model_dir, *args, env=FP32) as s:
         clean = {p: ask(s, "c", p, False)[1] for p in prompts}
     poison = chat | {"messages": [{"role": "user", "content": "p"}], "top_p": 1e-300, "temperature": 1.5}
-    mischief = [lambda s: post(s, "/v1/completions", b'{"prompt": "' + b"x" * (5 * 2**20) + b'"}', "c").status_code,
-                lambda s: post(s, "/v1/chat/completions", chat | {"messages": [], "n": "2"}, "c").status_code,
-                lambda s: post(s, "/v1/chat/completions", poison, "c").status_code,
-                cancel]  # fmt: skip
+    mischief = [
+        lambda s: post(s, "/v1/completions", b'{"prompt": "' + b"x" * (5 * 2**20) + b'"}', "c").status_code,
+        lambda s: post(s, "/v1/chat/completions", chat | {"messages": [], "n": "2"}, "c").status_code,
+        lambda s: post(s, "/v1/chat/completions", poison, "c").status_code,
+        cancel,
+    ]
     answers, statuses = [], []
     with Server(model_dir, *args, env=FP32) as s, ThreadPoolExecutor(8) as pool:
         for _ in range(rounds):
@@ -231,18 +254,28 @@ def test_chaos_mixed_traffic_changes_no_answer_and_the_ledger_matches_the_client
                 (answers if isinstance(result, tuple) else statuses).append(result)
     assert {status for status, _, _ in answers} == {200} and set(statuses) <= {200, 400, 413}
     assert {400, 413} <= set(statuses)
-    for (_, text, _), (prompt, key) in zip(answers, [(p, k) for _ in range(rounds) for p in prompts
-                                                     for k in ("a", "b")], strict=True):  # fmt: skip
+    for (_, text, _), (prompt, key) in zip(
+        answers, [(p, k) for _ in range(rounds) for p in prompts for k in ("a", "b")], strict=True
+    ):
         assert text == clean[prompt], (key, prompt)
     # A kill -9 mid-stream, and a restart on the same ledger.
     body = chat | {"messages": [{"role": "user", "content": "go"}], "max_tokens": 600}
     delivered = kill_mid_stream(Server(model_dir, *args, env=FP32), body, key="b")
     with Server(model_dir, *args, env=FP32) as s:
-        billed = {key: httpx.get(s.url + "/v1/billing", headers={"Authorization": f"Bearer {key}"}).json()["usage"]
-                  for key in ("a", "b")}  # fmt: skip
-    told = {key: [u for (_, _, u), (_, k) in zip(answers, [(p, k) for _ in range(rounds) for p in prompts
-                                                          for k in ("a", "b")], strict=True) if k == key]
-            for key in ("a", "b")}  # fmt: skip
+        billed = {
+            key: httpx.get(s.url + "/v1/billing", headers={"Authorization": f"Bearer {key}"}).json()["usage"]
+            for key in ("a", "b")
+        }
+    told = {
+        key: [
+            u
+            for (_, _, u), (_, k) in zip(
+                answers, [(p, k) for _ in range(rounds) for p in prompts for k in ("a", "b")], strict=True
+            )
+            if k == key
+        ]
+        for key in ("a", "b")
+    }
     for name in ("prompt_cache_hit_tokens", "prompt_cache_miss_tokens"):
         assert billed["a"][name] == sum(u[name] for u in told["a"])
     assert billed["a"]["completion_tokens"] == sum(u["completion_tokens"] for u in told["a"])

@@ -89,8 +89,17 @@ def test_a_killed_processes_reservations_are_dropped(tmp_path):
 
 
 def test_a_json_ledger_is_imported_once(tmp_path):
-    old = {"accounts": {"a": {"requests": 2, "prompt_cache_hit_tokens": 64, "prompt_cache_miss_tokens": 10,
-                              "completion_tokens": 7, "granted": "1.5"}}}  # fmt: skip
+    old = {
+        "accounts": {
+            "a": {
+                "requests": 2,
+                "prompt_cache_hit_tokens": 64,
+                "prompt_cache_miss_tokens": 10,
+                "completion_tokens": 7,
+                "granted": "1.5",
+            }
+        }
+    }
     (tmp_path / "ledger.json").write_text(json.dumps(old))
     ledger = Ledger(tmp_path / "l.db", PRICES)
     assert ledger.import_json(tmp_path / "ledger.json") and not ledger.import_json(tmp_path / "ledger.json")
@@ -107,10 +116,17 @@ def test_not_a_ledger_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "error"),
-    [("alpha nan\n", "finite"), ("alpha sNaN\n", "finite"), ("alpha -1\n", "finite"), ("alpha lots\n", "number"),
-     ("alpha\n\n# c\nalpha 2\n", "line 1 appears again"), ("a b c\n", "KEY"), ("# nothing\n", "no API keys"),
-     ("caf\u00e9\n", "printable ASCII")],
-)  # fmt: skip
+    [
+        ("alpha nan\n", "finite"),
+        ("alpha sNaN\n", "finite"),
+        ("alpha -1\n", "finite"),
+        ("alpha lots\n", "number"),
+        ("alpha\n\n# c\nalpha 2\n", "line 1 appears again"),
+        ("a b c\n", "KEY"),
+        ("# nothing\n", "no API keys"),
+        ("caf\u00e9\n", "printable ASCII"),
+    ],
+)
 def test_a_bad_keys_file_is_refused_at_startup_naming_the_line(tmp_path, text, error):
     (tmp_path / "keys").write_text(text)
     with pytest.raises(ValueError, match=error) as e:

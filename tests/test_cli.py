@@ -69,18 +69,27 @@ def test_generate_and_chat_run_on_a_model_folder(tmp_path, tokenizer):
     assert result.returncode == 0, result.stderr
     streamed = run("generate", *args, "--prompt", "def add(a, b):")
     assert streamed.stdout == result.stdout
-    chat = subprocess.run([NANOSEEK, "chat", *args], input="hello\nhow are you?\n\n", capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    chat = subprocess.run(
+        [NANOSEEK, "chat", *args], input="hello\nhow are you?\n\n", capture_output=True, text=True, timeout=120
+    )
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count("assistant> ") == 2
 
 
 @pytest.mark.parametrize(
     ("command", "mentions"),
-    [(["serve"], "--cache-dir"), (["sft"], "--data"), (["distill"], "--teacher"), (["grpo"], "--epsilon-high"),
-     (["eval"], "pass@k"), (["cost"], "--v3-report"), (["speedrun"], "--serve"), (["task", "write"], "--solutions"),
-     (["ledger"], "--csv")],
-)  # fmt: skip
+    [
+        (["serve"], "--cache-dir"),
+        (["sft"], "--data"),
+        (["distill"], "--teacher"),
+        (["grpo"], "--epsilon-high"),
+        (["eval"], "pass@k"),
+        (["cost"], "--v3-report"),
+        (["speedrun"], "--serve"),
+        (["task", "write"], "--solutions"),
+        (["ledger"], "--csv"),
+    ],
+)
 def test_every_command_has_help(command, mentions, capsys):
     from nanoseek.cli import main
 
@@ -94,8 +103,9 @@ def test_every_command_has_help(command, mentions, capsys):
 )
 def test_info_and_help_import_no_server_trainer_or_grpo(command):
     """Building the CLI reads the settings from light modules: `nanoseek info` and any --help stay quick."""
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "nanoseek", *command], capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "nanoseek", *command], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert not imported & {"fastapi", "uvicorn", "nanoseek.train.trainer", "nanoseek.rl.grpo", "nanoseek.serve.api"}

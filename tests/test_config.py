@@ -12,20 +12,59 @@ from nanoseek import PRESETS, ModelConfig, YarnScaling, get_preset
 
 # deepseek-ai/DeepSeek-V3 config.json as released (rope_theta top level, rope_scaling with "type").
 DEEPSEEK_V3_RELEASE = {
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
-    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
-    "num_nextn_predict_layers": 1, "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
-    "n_routed_experts": 256, "ep_size": 1, "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536,
-    "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8,
-    "topk_group": 4, "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3,
-    "norm_topk_prob": True, "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840,
-    "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "bos_token_id": 0, "eos_token_id": 1,
-    "rope_theta": 10000, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
-    "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-    "weight_block_size": [128, 128]},
-}  # fmt: skip
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_nextn_predict_layers": 1,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_shared_experts": 1,
+    "n_routed_experts": 256,
+    "ep_size": 1,
+    "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "qk_nope_head_dim": 128,
+    "topk_method": "noaux_tc",
+    "n_group": 8,
+    "topk_group": 4,
+    "num_experts_per_tok": 8,
+    "moe_layer_freq": 1,
+    "first_k_dense_replace": 3,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "hidden_act": "silu",
+    "max_position_embeddings": 163840,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-06,
+    "use_cache": True,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "rope_theta": 10000,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "quantization_config": {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    },
+}
 
 
 def test_reads_the_deepseek_v3_release_config():
@@ -34,14 +73,23 @@ def test_reads_the_deepseek_v3_release_config():
 
 def test_reads_a_transformers_5_config():
     hf = hf_config(
-        rope_parameters={"rope_type": "yarn", "rope_theta": 5000.0, "factor": 8.0,
-                         "original_max_position_embeddings": 32, "mscale": 0.5, "mscale_all_dim": 0.25},
-        eos_token_id=[7, 8], num_nextn_predict_layers=2, max_position_embeddings=256,
-    )  # fmt: skip
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 5000.0,
+            "factor": 8.0,
+            "original_max_position_embeddings": 32,
+            "mscale": 0.5,
+            "mscale_all_dim": 0.25,
+        },
+        eos_token_id=[7, 8],
+        num_nextn_predict_layers=2,
+        max_position_embeddings=256,
+    )
     cfg = ModelConfig.from_hf_dict(hf.to_dict())
     assert cfg.rope_theta == 5000.0 and cfg.eos_token_id == 7 and cfg.num_nextn_predict_layers == 2
-    assert cfg.rope_scaling == YarnScaling(factor=8.0, original_max_position_embeddings=32, mscale=0.5,
-                                           mscale_all_dim=0.25)  # fmt: skip
+    assert cfg.rope_scaling == YarnScaling(
+        factor=8.0, original_max_position_embeddings=32, mscale=0.5, mscale_all_dim=0.25
+    )
     assert (cfg.hidden_size, cfg.n_group, cfg.q_lora_rank) == (hf.hidden_size, hf.n_group, hf.q_lora_rank)
 
 
@@ -61,17 +109,27 @@ def test_written_config_is_read_back_by_transformers_and_by_us(tmp_path, name):
 
 
 @given(
-    layers=st.integers(1, 6), dense=st.integers(0, 6), groups=st.sampled_from([1, 2, 4]),
-    topk_group=st.integers(1, 4), k=st.integers(1, 8), q_lora=st.sampled_from([None, 16]),
-    yarn=st.booleans(), tie=st.booleans(),
-)  # fmt: skip
+    layers=st.integers(1, 6),
+    dense=st.integers(0, 6),
+    groups=st.sampled_from([1, 2, 4]),
+    topk_group=st.integers(1, 4),
+    k=st.integers(1, 8),
+    q_lora=st.sampled_from([None, 16]),
+    yarn=st.booleans(),
+    tie=st.booleans(),
+)
 def test_hf_dict_round_trip(layers, dense, groups, topk_group, k, q_lora, yarn, tie):
     try:
         cfg = get_preset("tiny").replace(
-            num_hidden_layers=layers, first_k_dense_replace=dense, n_group=groups, topk_group=topk_group,
-            num_experts_per_tok=k, q_lora_rank=q_lora, tie_word_embeddings=tie,
+            num_hidden_layers=layers,
+            first_k_dense_replace=dense,
+            n_group=groups,
+            topk_group=topk_group,
+            num_experts_per_tok=k,
+            q_lora_rank=q_lora,
+            tie_word_embeddings=tie,
             rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=64) if yarn else None,
-        )  # fmt: skip
+        )
     except ValueError:
         return  # invalid combinations are rejected up front (tested below)
     assert ModelConfig.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict()))) == cfg

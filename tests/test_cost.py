@@ -18,9 +18,15 @@ def test_v3_671b_matches_the_paper():
 
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"q_lora_rank": None}, {"tie_word_embeddings": True}, {"first_k_dense_replace": 0},
-     {"n_shared_experts": 0, "num_nextn_predict_layers": 2}, {"n_routed_experts": 0}],
-)  # fmt: skip
+    [
+        {},
+        {"q_lora_rank": None},
+        {"tie_word_embeddings": True},
+        {"first_k_dense_replace": 0},
+        {"n_shared_experts": 0, "num_nextn_predict_layers": 2},
+        {"n_routed_experts": 0},
+    ],
+)
 def test_counts_equal_an_instantiated_model(changes):
     cfg = get_preset("tiny").replace(**changes)
     with torch.device("meta"):

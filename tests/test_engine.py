@@ -53,8 +53,9 @@ def test_prompt_logprobs_equal_a_full_forward_pass_with_chunked_prefill_and_afte
         [out] = eng.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=3))
         assert out.token_ids == [] and out.finish_reason == "length" and out.prompt_logprobs[0] is None
         scored = torch.tensor([lp for lp, _ in out.prompt_logprobs[1:]])
-        torch.testing.assert_close(scored, expected[:-1].gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0],
-                                   rtol=0, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            scored, expected[:-1].gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0], rtol=0, atol=1e-5
+        )
         top = expected[:-1].topk(3, dim=-1)
         assert [list(alt) for _, alt in out.prompt_logprobs[1:]] == top.indices.tolist()
     [out] = eng.generate([prompt], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=0))
@@ -245,8 +246,10 @@ def test_constrained_decoding_with_mtp_drafts_stays_in_the_grammar_and_greedy_eq
 def test_logit_bias_holds_with_speculative_decoding():
     """A biased request is never drafted (the drafter and verifier sample without biases): the bias wins."""
     spec = engine(mtp_model(), speculative_tokens=2)
-    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logit_bias={7: 100.0}),
-              SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)]  # fmt: skip
+    params = [
+        SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logit_bias={7: 100.0}),
+        SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+    ]
     biased, plain = spec.generate(PROMPTS[:2], params)
     assert biased.token_ids == [7] * 6 and plain.token_ids != [7] * 6
 

@@ -106,23 +106,43 @@ def test_beta_zero_builds_no_reference_and_a_short_run_raises_the_reward(tmp_pat
     from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
 
     model = make_model_dir(tmp_path / "model", tokenizer)
-    cfg = GRPOConfig(model=str(model), out=str(tmp_path / "run"), steps=20, prompts_per_step=4, group_size=8,
-                     max_tokens=8, lr=3e-3, warmup_steps=0, rewards="test_grpo.digit_reward", eval_n=0,
-                     save_every=20, progress=False)  # fmt: skip
+    cfg = GRPOConfig(
+        model=str(model),
+        out=str(tmp_path / "run"),
+        steps=20,
+        prompts_per_step=4,
+        group_size=8,
+        max_tokens=8,
+        lr=3e-3,
+        warmup_steps=0,
+        rewards="test_grpo.digit_reward",
+        eval_n=0,
+        save_every=20,
+        progress=False,
+    )
     trainer = GRPOTrainer(cfg)
     assert trainer.reference is None
     history = trainer.fit()
     first, last = (sum(m["reward"] for m in part) / len(part) for part in (history[:3], history[-3:]))
     assert last > 3 * first and last > first + 0.1, (first, last)
-    for name in ("reward_std", "rewards/digit_reward/mean", "frac_reward_zero_std", "kl", "clip_ratio",
-                 "completions/mean_length", "entropy", "rollout_tokens_per_s"):  # fmt: skip
+    for name in (
+        "reward_std",
+        "rewards/digit_reward/mean",
+        "frac_reward_zero_std",
+        "kl",
+        "clip_ratio",
+        "completions/mean_length",
+        "entropy",
+        "rollout_tokens_per_s",
+    ):
         assert name in history[-1]
     assert (tmp_path / "run" / "model" / "config.json").is_file()
     from nanoseek.plots import plot_run
 
     assert [p.name for p in plot_run(tmp_path / "run")] == ["reward.png"]
-    with_kl = GRPOTrainer(GRPOConfig(model=str(model), out=str(tmp_path / "kl"), beta=0.04, steps=1, eval_n=0,
-                                     progress=False))  # fmt: skip
+    with_kl = GRPOTrainer(
+        GRPOConfig(model=str(model), out=str(tmp_path / "kl"), beta=0.04, steps=1, eval_n=0, progress=False)
+    )
     assert with_kl.reference is not None and not any(p.requires_grad for p in with_kl.reference.parameters())
 
 
@@ -131,8 +151,17 @@ def test_a_grpo_run_resumes_from_its_last_checkpoint(tmp_path, tokenizer):
     from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
 
     model = make_model_dir(tmp_path / "model", tokenizer)
-    options = dict(model=str(model), out=str(tmp_path / "run"), prompts_per_step=2, group_size=2, max_tokens=4,
-                   eval_n=0, save_every=1, progress=False, rewards="test_grpo.digit_reward")  # fmt: skip
+    options = dict(
+        model=str(model),
+        out=str(tmp_path / "run"),
+        prompts_per_step=2,
+        group_size=2,
+        max_tokens=4,
+        eval_n=0,
+        save_every=1,
+        progress=False,
+        rewards="test_grpo.digit_reward",
+    )
     GRPOTrainer(GRPOConfig(steps=2, **options)).fit()
     with pytest.raises(CheckpointError, match="--resume"):
         GRPOTrainer(GRPOConfig(steps=3, **options)).fit()

@@ -73,7 +73,7 @@ def _train(args: list[str], out: Path, data_dir: Path, launcher: list[str], step
         "--dtype",
         "float32",
         *args,
-    ]  # fmt: skip  (a later --dtype in args wins)
+    ]  # (a later --dtype in args wins)
     if resume:
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -141,14 +141,36 @@ def test_sft_on_two_ranks_matches_one_process(tmp_path, tokenizer):
                 {"role": "assistant", "content": f"{i} " * (1 + i % 5)},
             ]
             f.write(json.dumps({"messages": messages}) + "\n")
-    args = ["sft", "--model", str(model), "--data", str(tmp_path / "chat.jsonl"), "--steps", "2", "--batch-size", "4",
-            "--seq-len", "48", "--no-progress", "--sample-tokens", "0", "--dtype", "float32", "--eval-every", "100",
-            "--save-every", "100", "--balance-alpha", "0"]  # fmt: skip
+    args = [
+        "sft",
+        "--model",
+        str(model),
+        "--data",
+        str(tmp_path / "chat.jsonl"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "48",
+        "--no-progress",
+        "--sample-tokens",
+        "0",
+        "--dtype",
+        "float32",
+        "--eval-every",
+        "100",
+        "--save-every",
+        "100",
+        "--balance-alpha",
+        "0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = []
     for launcher, out in ((NANOSEEK, "one"), (TORCHRUN, "two")):
-        result = subprocess.run([*launcher, *args, "--out", str(tmp_path / out)], capture_output=True, text=True,
-                                timeout=300, env=env)  # fmt: skip
+        result = subprocess.run(
+            [*launcher, *args, "--out", str(tmp_path / out)], capture_output=True, text=True, timeout=300, env=env
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append([json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()])
     for a, b in zip(*runs, strict=True):

@@ -58,11 +58,18 @@ def test_two_ranks_decode_as_one_process_with_half_the_experts_each(tmp_path, to
     folder = make_model_dir(tmp_path / "model", tokenizer)
     alone, split = run(folder, "fp32", 1)[0], run(folder, "fp32", 2)
     assert split[0]["tokens"] == alone["tokens"]
-    worst = max(abs(a - b) for x, y in zip(alone["logprobs"], split[0]["logprobs"], strict=True)
-                for a, b in zip(x, y, strict=True))  # fmt: skip
+    worst = max(
+        abs(a - b)
+        for x, y in zip(alone["logprobs"], split[0]["logprobs"], strict=True)
+        for a, b in zip(x, y, strict=True)
+    )
     assert worst < 1e-5, worst
-    assert all(abs(a - b) < 1e-5 for x, y in zip(alone["top"], split[0]["top"], strict=True)
-               for p, q in zip(x, y, strict=True) for a, b in zip(p, q, strict=True))  # fmt: skip
+    assert all(
+        abs(a - b) < 1e-5
+        for x, y in zip(alone["top"], split[0]["top"], strict=True)
+        for p, q in zip(x, y, strict=True)
+        for a, b in zip(p, q, strict=True)
+    )
     # Each rank holds half of the routed experts; rank 0 also everything else, ranks > 0 nothing else.
     assert split[0]["experts"] * 2 == alone["experts"] and split[1]["resident"] == split[0]["experts"]
     assert split[0]["resident"] == alone["resident"] - alone["experts"] // 2
@@ -122,11 +129,19 @@ def test_a_torchrun_launched_server_answers_as_a_lone_server(tmp_path, tokenizer
 def test_an_engine_joins_a_torchrun_launch_only_when_asked(tmp_path, tokenizer):
     """distill, eval and the speedrun build engines too: under torchrun they must not join the launch."""
     folder = make_model_dir(tmp_path / "model", tokenizer)
-    code = ("import torch; from nanoseek import Engine, SamplingParams; "
-            f"e = Engine({str(folder)!r}, device='cpu', dtype=torch.float32); "
-            "out = e.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0)); "
-            "print(len(out[0].token_ids))")  # fmt: skip
-    env = {**ENV, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}  # fmt: skip
+    code = (
+        "import torch; from nanoseek import Engine, SamplingParams; "
+        f"e = Engine({str(folder)!r}, device='cpu', dtype=torch.float32); "
+        "out = e.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0)); "
+        "print(len(out[0].token_ids))"
+    )
+    env = {
+        **ENV,
+        "WORLD_SIZE": "2",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "2", result.stderr[-2000:]

@@ -9,9 +9,15 @@ from nanoseek import ModelConfig, Transformer
 
 ATOL = 1e-4
 YARN = {
-    "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
-    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.9, "mscale_all_dim": 0.7,
-}  # fmt: skip
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 0.9,
+    "mscale_all_dim": 0.7,
+}
 SEQ = 48  # longer than YARN's original 16 positions
 
 CASES = {

@@ -33,8 +33,16 @@ def model_dir(tmp_path_factory, tokenizer):
 def server(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     (root / "keys.txt").write_text("key-a\nkey-b  # no balance: unlimited\nkey-poor 0.0000001\n")
-    args = ["--api-keys", str(root / "keys.txt"), "--cache-dir", str(root / "kv"), "--max-pending", "8",
-            "--admin-key", ADMIN_KEY]  # fmt: skip
+    args = [
+        "--api-keys",
+        str(root / "keys.txt"),
+        "--cache-dir",
+        str(root / "kv"),
+        "--max-pending",
+        "8",
+        "--admin-key",
+        ADMIN_KEY,
+    ]
     with Server(model_dir, *args, log=root / "server.log") as s:
         yield s
 
@@ -44,8 +52,9 @@ def client(server: Server, key: str = "key-a") -> openai.OpenAI:
 
 
 def chat(c: openai.OpenAI, content: str = LONG, **kwargs):
-    return c.chat.completions.create(model="nanoseek", messages=[{"role": "user", "content": content}],
-                                     **(GREEDY | kwargs))  # fmt: skip
+    return c.chat.completions.create(
+        model="nanoseek", messages=[{"role": "user", "content": content}], **(GREEDY | kwargs)
+    )
 
 
 def test_chat_streamed_and_not_give_the_same_greedy_reply_and_usage(server):
@@ -127,9 +136,14 @@ def test_billing_sums_the_requests_usage_at_the_price_table(server):
     assert usages[2].prompt_cache_hit_tokens > 0  # the third request was billed at the cache-hit price
     price = {"hit": Decimal("0.5"), "miss": Decimal("2"), "out": Decimal("8")}  # yuan per million tokens
     expected = sum(
-        (u.prompt_cache_hit_tokens * price["hit"] + u.prompt_cache_miss_tokens * price["miss"]
-         + u.completion_tokens * price["out"]) / 1_000_000 for u in usages
-    )  # fmt: skip
+        (
+            u.prompt_cache_hit_tokens * price["hit"]
+            + u.prompt_cache_miss_tokens * price["miss"]
+            + u.completion_tokens * price["out"]
+        )
+        / 1_000_000
+        for u in usages
+    )
     assert after["cost"] - before["cost"] == pytest.approx(float(expected), rel=1e-9)
     assert after["currency"] == "CNY" and after["balance"] is None
 
@@ -165,8 +179,13 @@ def test_bad_requests_are_400_in_the_openai_envelope_and_unknown_models_404(serv
 
 
 def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server):
-    body = {"model": "nanoseek", "messages": [{"role": "user", "content": "count"}], "max_tokens": 900,
-            "temperature": 0, "stream": True}  # fmt: skip
+    body = {
+        "model": "nanoseek",
+        "messages": [{"role": "user", "content": "count"}],
+        "max_tokens": 900,
+        "temperature": 0,
+        "stream": True,
+    }
     headers = {"Authorization": "Bearer key-a"}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
         lines = r.iter_lines()
@@ -178,8 +197,9 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server):
         time.sleep(0.1)
     assert server.health() | {"status": "ok"} == {"status": "ok", "running": 0, "waiting": 0, "pending": 0}
     metrics = httpx.get(server.url + "/metrics", headers=ADMIN).text
-    generated = next(float(line.split()[-1]) for line in metrics.splitlines()
-                     if line.startswith("nanoseek_generation_tokens_total"))  # fmt: skip
+    generated = next(
+        float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("nanoseek_generation_tokens_total")
+    )
     assert generated < 900  # far fewer than the request asked for: it was stopped
 
 
@@ -194,8 +214,13 @@ def test_a_server_captures_its_decode_buckets_before_it_serves_and_replies_as_ea
 
 
 def test_a_full_server_answers_429_with_retry_after(model_dir, tmp_path):
-    body = {"model": "nanoseek", "messages": [{"role": "user", "content": "count"}], "max_tokens": 600,
-            "temperature": 0, "stream": True}  # fmt: skip
+    body = {
+        "model": "nanoseek",
+        "messages": [{"role": "user", "content": "count"}],
+        "max_tokens": 600,
+        "temperature": 0,
+        "stream": True,
+    }
     with (
         Server(model_dir, "--max-pending", "1") as s,
         httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r,
@@ -241,9 +266,15 @@ def test_metrics_expose_latencies_tokens_cache_hits_and_load(server):
     for headers in ({}, {"Authorization": "Bearer key-a"}):  # every tenant's traffic: the admin's alone
         assert httpx.get(server.url + "/metrics", headers=headers).status_code == 401
     text = httpx.get(server.url + "/metrics", headers=ADMIN).text
-    for name in ("nanoseek_time_to_first_token_seconds_bucket", "nanoseek_inter_token_latency_seconds_count",
-                 "nanoseek_e2e_request_latency_seconds_sum", "nanoseek_prompt_tokens_total",
-                 "nanoseek_generation_tokens_total", 'nanoseek_prefix_cache_hit_tokens_total{tier="memory"}',
-                 "nanoseek_requests_running", "nanoseek_requests_waiting",
-                 "nanoseek_spec_decode_acceptance_rate"):  # fmt: skip
+    for name in (
+        "nanoseek_time_to_first_token_seconds_bucket",
+        "nanoseek_inter_token_latency_seconds_count",
+        "nanoseek_e2e_request_latency_seconds_sum",
+        "nanoseek_prompt_tokens_total",
+        "nanoseek_generation_tokens_total",
+        'nanoseek_prefix_cache_hit_tokens_total{tier="memory"}',
+        "nanoseek_requests_running",
+        "nanoseek_requests_waiting",
+        "nanoseek_spec_decode_acceptance_rate",
+    ):
         assert name in text, name

@@ -42,8 +42,9 @@ def test_tool_use_conversations_train_the_calls_and_the_answer_not_the_tool_resu
     assert row["tools"][0]["function"]["name"] == "calculator" == call["function"]["name"]
     assert row["messages"][2] == {"role": "tool", "tool_call_id": "call_0", "content": str(eval(expression))}
     ids, trained = encode_chat(tokenizer, row["messages"], row["tools"])
-    assert ids == tokenizer.apply_chat_template(row["messages"], add_generation_prompt=False, tokenize=True,
-                                                tools=row["tools"])  # fmt: skip
+    assert ids == tokenizer.apply_chat_template(
+        row["messages"], add_generation_prompt=False, tokenize=True, tools=row["tools"]
+    )
     learnt = tokenizer.decode([i for i, t in zip(ids, trained, strict=True) if t])
     assert learnt.startswith("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>calculator\n```json\n")
     assert f"<answer>{eval(expression)}</answer>" in learnt and "<｜tool▁output▁begin｜>" not in learnt
@@ -85,9 +86,22 @@ def test_chat_batches_pad_mask_split_and_resume(tmp_path, tokenizer):
 def test_sft_from_a_model_folder_learns_the_replies(tmp_path, tokenizer):
     model = make_model_dir(tmp_path / "base", tokenizer)
     write_chats(tmp_path / "chat.jsonl", 64)
-    cfg = TrainConfig(init=str(model), data=str(tmp_path / "chat.jsonl"), objective="sft", out=str(tmp_path / "run"),
-                      steps=30, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=2, eval_every=30, save_every=30,
-                      sample_tokens=4, progress=False, mtp_lambda=0)  # fmt: skip
+    cfg = TrainConfig(
+        init=str(model),
+        data=str(tmp_path / "chat.jsonl"),
+        objective="sft",
+        out=str(tmp_path / "run"),
+        steps=30,
+        batch_size=8,
+        seq_len=64,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=30,
+        save_every=30,
+        sample_tokens=4,
+        progress=False,
+        mtp_lambda=0,
+    )
     history = Trainer(cfg).fit()
     assert history[-1]["lm_loss"] < 0.6 * history[0]["lm_loss"]
     assert history[-1]["val_loss"] is not None and (tmp_path / "run" / "model" / "tokenizer.json").is_file()
@@ -98,9 +112,20 @@ def test_sft_from_a_model_folder_learns_the_replies(tmp_path, tokenizer):
 def sft_step(model_dir, data, out, **changes) -> tuple[dict, torch.Tensor]:
     """The metrics and flattened gradients of one SFT step in fp32, the optimizer left untouched."""
     torch.manual_seed(0)
-    cfg = TrainConfig(init=str(model_dir), data=str(data), objective="sft", out=str(out), steps=1, batch_size=4,
-                      seq_len=48, progress=False, sample_tokens=0, balance_alpha=0.0, dtype="float32",
-                      **changes)  # fmt: skip
+    cfg = TrainConfig(
+        init=str(model_dir),
+        data=str(data),
+        objective="sft",
+        out=str(out),
+        steps=1,
+        batch_size=4,
+        seq_len=48,
+        progress=False,
+        sample_tokens=0,
+        balance_alpha=0.0,
+        dtype="float32",
+        **changes,
+    )
     trainer = Trainer(cfg)
     grads = []
     trainer.optimizer.step = lambda: grads.extend(p.grad.flatten().clone() for p in trainer.model.parameters())
@@ -140,8 +165,23 @@ def test_task_sft_eval_and_distill_commands(tmp_path, tokenizer, capsys):
         main([*sft, "--steps", "2", "--batch-size", "4", "--seq-len", "96", "--no-progress", "--sample-tokens", "0"])
         == 0
     )
-    assert main(["eval", "--model", str(tmp_path / "sft" / "model"), "--task", "arithmetic", "--n", "4",
-                 "--max-tokens", "8", "--json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "sft" / "model"),
+                "--task",
+                "arithmetic",
+                "--n",
+                "4",
+                "--max-tokens",
+                "8",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 4 and 0 <= result["pass@1"] <= 1
     assert main(["task", "write", "--task", "arithmetic", "--n", "8", "--out", str(tmp_path / "p.jsonl")]) == 0

@@ -27,9 +27,17 @@ SMALL = get_preset("tiny").replace(num_hidden_layers=2, num_nextn_predict_layers
 
 def make_trainer(data_dir, out, **changes) -> Trainer:
     defaults = dict(
-        out=str(out), data=str(data_dir), steps=4, batch_size=4, seq_len=32, warmup_steps=2, eval_every=2,
-        save_every=2, sample_tokens=4, progress=False,
-    )  # fmt: skip
+        out=str(out),
+        data=str(data_dir),
+        steps=4,
+        batch_size=4,
+        seq_len=32,
+        warmup_steps=2,
+        eval_every=2,
+        save_every=2,
+        sample_tokens=4,
+        progress=False,
+    )
     return Trainer(TrainConfig(**(defaults | changes)), model_cfg=SMALL)
 
 
@@ -165,9 +173,27 @@ def test_missing_checkpoint_and_clobbering_are_clear_errors(data_dir, tmp_path):
 
 def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(data_dir, tmp_path):
     nanoseek_cli = str(Path(sys.executable).parent / "nanoseek")
-    args = [nanoseek_cli, "train", "--data", str(data_dir), "--out", str(tmp_path), "--steps", "40",
-            "--batch-size", "2", "--seq-len", "32", "--save-every", "2", "--eval-every", "100",
-            "--sample-tokens", "0", "--no-progress"]  # fmt: skip
+    args = [
+        nanoseek_cli,
+        "train",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "40",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "100",
+        "--sample-tokens",
+        "0",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     deadline = time.time() + 120
     while not (tmp_path / "checkpoints" / "step_000004").is_dir():

@@ -21,9 +21,18 @@ def browser(tmp_path_factory):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-quic",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -51,8 +60,12 @@ def test_the_chat_page_streams_a_reply_and_shows_usage_with_cache_hits_and_price
         message = "Explain in two sentences what a Python generator is and when to use one " * 2
         for turn in (1, 2):
             browser.find_element(By.ID, "input").send_keys(message, Keys.ENTER)
-            wait.until(lambda d, n=turn: len(d.find_elements(By.CSS_SELECTOR, ".turn .usage")) == n
-                       and d.find_elements(By.CSS_SELECTOR, ".turn .usage")[-1].text)  # fmt: skip
+            wait.until(
+                lambda d, n=turn: (
+                    len(d.find_elements(By.CSS_SELECTOR, ".turn .usage")) == n
+                    and d.find_elements(By.CSS_SELECTOR, ".turn .usage")[-1].text
+                )
+            )
         turns = browser.find_elements(By.CSS_SELECTOR, ".turn")
         assert [t.find_element(By.CSS_SELECTOR, ".user").text for t in turns] == [message.strip()] * 2
         assert all(t.find_element(By.CSS_SELECTOR, ".content").text for t in turns)

@@ -166,8 +166,13 @@ class RoutedExperts(nn.Module):
         """Hold only experts [first, first + count) (call it on the meta device, before loading)."""
         for name in ("gate_up_proj", "down_proj"):
             old = getattr(self, name)
-            setattr(self, name, nn.Parameter(torch.empty(count, *old.shape[1:], dtype=old.dtype, device=old.device),
-                                             requires_grad=False))  # fmt: skip
+            setattr(
+                self,
+                name,
+                nn.Parameter(
+                    torch.empty(count, *old.shape[1:], dtype=old.dtype, device=old.device), requires_grad=False
+                ),
+            )
         self.first_expert, self.n_experts = first, count
 
     def make_fp8_resident(self) -> None:

@@ -36,8 +36,14 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_idx)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None = None,
+    ) -> torch.Tensor:
         """embeds, hidden [B, T', hidden] -> this depth's normed hidden state [B, T', hidden]."""
         x = self.eh_proj(torch.cat((self.enorm(embeds), self.hnorm(hidden)), dim=-1))
         return self.shared_head.norm(self.block(x, cos, sin, cache))

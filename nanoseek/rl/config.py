@@ -35,8 +35,10 @@ class GRPOConfig(RunConfig):
     mu: int = flag("optimizer steps per batch of rollouts (old log-probs kept for the ratio)", default=1)
     dynamic_sampling: bool = flag("drop groups whose rewards are all equal (DAPO)", default=False)
     overlong_buffer: int = flag("DAPO's soft overlong penalty over the last N tokens; 0: off", default=0)
-    rewards: str = flag("reward functions by dotted path, comma-separated",
-                         default="nanoseek.rl.rewards.accuracy_reward,nanoseek.rl.rewards.format_reward")  # fmt: skip
+    rewards: str = flag(
+        "reward functions by dotted path, comma-separated",
+        default="nanoseek.rl.rewards.accuracy_reward,nanoseek.rl.rewards.format_reward",
+    )
     reward_weights: str | None = flag("weights of the reward functions, comma-separated (default: all 1)", default=None)
     eval_n: int = flag("held-out problems per evaluation", default=200)
 

@@ -43,9 +43,18 @@ def read_problems(path: str | Path) -> list[Problem]:
     return problems
 
 
-def write_traces(engine: Engine, problems: list[Problem], task: Task | None, out: str | Path, samples: int = 4,
-                 temperature: float = 0.7, max_tokens: int = 128, seed: int = 0, batch: int = 256,
-                 progress: bool = True) -> dict[str, float]:  # fmt: skip
+def write_traces(
+    engine: Engine,
+    problems: list[Problem],
+    task: Task | None,
+    out: str | Path,
+    samples: int = 4,
+    temperature: float = 0.7,
+    max_tokens: int = 128,
+    seed: int = 0,
+    batch: int = 256,
+    progress: bool = True,
+) -> dict[str, float]:
     """Sample `samples` replies per prompt; keep, per prompt, the first one the verifier accepts (every
     first reply when there is no verifier). Writes chat JSONL for `nanoseek sft`; returns counts (teacher_tokens:
     prompt and generated tokens, what the sampling cost)."""

@@ -46,8 +46,16 @@ class EvalResult:
         return self.pass_at[1]
 
 
-def evaluate(engine: Engine, task: Task, problems: list[Problem], samples: int = 1, ks: tuple[int, ...] = (1,),
-             temperature: float = 0.0, max_tokens: int = 128, seed: int = 0) -> EvalResult:  # fmt: skip
+def evaluate(
+    engine: Engine,
+    task: Task,
+    problems: list[Problem],
+    samples: int = 1,
+    ks: tuple[int, ...] = (1,),
+    temperature: float = 0.0,
+    max_tokens: int = 128,
+    seed: int = 0,
+) -> EvalResult:
     """Sample `samples` replies per problem (greedy if temperature is 0) and score them."""
     if any(k > samples for k in ks):
         raise ValueError(f"pass@k needs k <= samples, got k={max(ks)} with {samples} samples")

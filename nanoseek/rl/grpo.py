@@ -65,8 +65,15 @@ class GRPOTrainer:
         # The reference is a frozen copy of the starting policy, and only exists when the KL term does.
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False) if cfg.beta > 0 else None
         rows = cfg.prompts_per_step * cfg.group_size
-        self.engine = Engine(self.policy, self.tokenizer, device=self.device, dtype=torch.float32,
-                             max_seqs=rows, max_batched_tokens=max(512, rows * 8), cache_bytes=128 * 2**20)  # fmt: skip
+        self.engine = Engine(
+            self.policy,
+            self.tokenizer,
+            device=self.device,
+            dtype=torch.float32,
+            max_seqs=rows,
+            max_batched_tokens=max(512, rows * 8),
+            cache_bytes=128 * 2**20,
+        )
         self.optimizer = build_optimizer(self.policy, cfg.lr, 0.0, (0.9, 0.99))
         self.par = parallel.Parallel()  # one process; checkpoints in the trainer's format
         self.reward_paths = [p.strip() for p in cfg.rewards.split(",") if p.strip()]
@@ -97,7 +104,7 @@ class GRPOTrainer:
         cfg, g = self.cfg, self.cfg.group_size
         parts = torch.tensor(
             [[fn(text, problems[i // g], self.task) for fn in self.reward_fns] for i, text in enumerate(texts)]
-        )  # fmt: skip  [P*G, F]
+        )  # [P*G, F]
         total = parts @ torch.tensor(self.reward_weights)
         if cfg.overlong_buffer:
             total += torch.tensor([overlong_penalty(len(c), cfg.max_tokens, cfg.overlong_buffer) for c in completions])
@@ -133,14 +140,16 @@ class GRPOTrainer:
         rows = keep.nonzero().flatten().tolist()
         lr = lr_at(self.step, cfg.steps, cfg.lr, cfg.warmup_steps, "wsd", 1.0)
         if rows:
-            metrics |= self.update([prompts[i] for i in rows], [completions[i] for i in rows],
-                                   advantages.flatten()[rows], lr)  # fmt: skip
+            metrics |= self.update(
+                [prompts[i] for i in rows], [completions[i] for i in rows], advantages.flatten()[rows], lr
+            )
         self.step += 1
         metrics |= {"lr": lr, "seconds": time.perf_counter() - start, "samples": {"completion": texts[0][:200]}}
         return metrics
 
-    def update(self, prompts: list[list[int]], completions: list[list[int]], advantages: torch.Tensor,
-               lr: float) -> dict[str, float]:  # fmt: skip
+    def update(
+        self, prompts: list[list[int]], completions: list[list[int]], advantages: torch.Tensor, lr: float
+    ) -> dict[str, float]:
         cfg = self.cfg
         width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
         ids = torch.full((len(prompts), width), self.tokenizer.pad_id, dtype=torch.long)
@@ -160,9 +169,17 @@ class GRPOTrainer:
         for _ in range(cfg.mu):
             logp, entropy = token_logprobs(self.policy, ids, start, cfg.temperature)
             loss, stats = grpo_loss(
-                logp, logp.detach() if old is None else old, advantages, mask, ref_logp=ref, beta=cfg.beta,
-                epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type, max_tokens=cfg.max_tokens,
-            )  # fmt: skip
+                logp,
+                logp.detach() if old is None else old,
+                advantages,
+                mask,
+                ref_logp=ref,
+                beta=cfg.beta,
+                epsilon=cfg.epsilon,
+                epsilon_high=cfg.epsilon_high,
+                loss_type=cfg.loss_type,
+                max_tokens=cfg.max_tokens,
+            )
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip).item()
             self.optimizer.step()

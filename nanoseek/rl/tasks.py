@@ -169,11 +169,15 @@ class Countdown(Task):
             expr, value = str(numbers[0]), numbers[0]
             for x in numbers[1:]:  # a random left-to-right expression gives a reachable target
                 op = rng.choice("+-*/" if x and value % x == 0 else "+-*")
-                expr, value = f"({expr} {op} {x})", {"+": value + x, "-": value - x, "*": value * x,
-                                                     "/": value // x if x else value}[op]  # fmt: skip
+                expr, value = (
+                    f"({expr} {op} {x})",
+                    {"+": value + x, "-": value - x, "*": value * x, "/": value // x if x else value}[op],
+                )
             if 1 <= value <= 100:
-                question = f"Using the numbers {numbers}, create an equation that equals {value}. " \
-                           "Use + - * / and each number exactly once."  # fmt: skip
+                question = (
+                    f"Using the numbers {numbers}, create an equation that equals {value}. "
+                    "Use + - * / and each number exactly once."
+                )
                 return Problem(question, expr, {"numbers": numbers, "target": value})
 
     def verify(self, problem: Problem, completion: str) -> float:
@@ -191,10 +195,19 @@ class Countdown(Task):
         return f"<think>Combine the numbers step by step.</think><answer>{problem.answer}</answer>"
 
 
-CALCULATOR = {"type": "function", "function": {
-    "name": "calculator", "description": "Evaluate an arithmetic expression of integers: + - * / and parentheses.",
-    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"],
-                   "additionalProperties": False}}}  # fmt: skip
+CALCULATOR = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression of integers: + - * / and parentheses.",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string"}},
+            "required": ["expression"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 @dataclass
@@ -220,9 +233,12 @@ class Calculator(Task):
     def conversation(self, problem: Problem) -> list[dict]:
         arguments = json.dumps({"expression": problem.meta["expression"]})
         call = {"id": "call_0", "type": "function", "function": {"name": "calculator", "arguments": arguments}}
-        return [*problem.messages(), {"role": "assistant", "content": "", "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": "call_0", "content": calculate(problem.meta["expression"])},
-                {"role": "assistant", "content": self.solution(problem)}]  # fmt: skip
+        return [
+            *problem.messages(),
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_0", "content": calculate(problem.meta["expression"])},
+            {"role": "assistant", "content": self.solution(problem)},
+        ]
 
 
 def calculate(expression: str) -> str:

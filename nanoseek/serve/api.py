@@ -67,8 +67,12 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
         yield
         service.close()
 
-    app = FastAPI(title="nanoseek", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI/DeepSeek-compatible API with context caching on disk")  # fmt: skip
+    app = FastAPI(
+        title="nanoseek",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI/DeepSeek-compatible API with context caching on disk",
+    )
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
 
@@ -97,8 +101,12 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         stats = engine.stats()
-        return {"status": "ok", "running": stats["running"], "waiting": stats["waiting"],
-                "pending": service.runner.pending}  # fmt: skip
+        return {
+            "status": "ok",
+            "running": stats["running"],
+            "waiting": stats["waiting"],
+            "pending": service.runner.pending,
+        }
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus(request: Request) -> Response:
@@ -107,8 +115,9 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(key: str = Depends(account)) -> dict:
-        data = [{"id": name, "object": "model", "created": service.created, "owned_by": "nanoseek"}
-                for name in cfg.names]  # fmt: skip
+        data = [
+            {"id": name, "object": "model", "created": service.created, "owned_by": "nanoseek"} for name in cfg.names
+        ]
         return {"object": "list", "data": data}
 
     @app.get("/v1/billing")
@@ -122,8 +131,12 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
         account_now = await asyncio.to_thread(ledger.account, key, True)
         left = account_now.balance(ledger.prices)
         amount = f"{left:.2f}" if left is not None else "inf"
-        info = {"currency": ledger.prices.currency, "total_balance": amount, "granted_balance": amount,
-                "topped_up_balance": "0.00"}  # fmt: skip
+        info = {
+            "currency": ledger.prices.currency,
+            "total_balance": amount,
+            "granted_balance": amount,
+            "topped_up_balance": "0.00",
+        }
         return {"is_available": account_now.can_afford(ledger.prices, ledger.minimal_cost()), "balance_infos": [info]}
 
     # --- vLLM's tokenizer routes: clients tokenise with the server's own tokenizer (lm-eval does) ----------
@@ -132,9 +145,12 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "send a prompt or messages (one of them)", param="prompt")
         if body.messages is not None:
-            ids = await service.chat_prompt([m.template_dict() for m in body.messages], None,
-                                            body.continue_final_message,
-                                            add_generation_prompt=body.add_generation_prompt)  # fmt: skip
+            ids = await service.chat_prompt(
+                [m.template_dict() for m in body.messages],
+                None,
+                body.continue_final_message,
+                add_generation_prompt=body.add_generation_prompt,
+            )
         else:
             service.check_text_length([body.prompt], "prompt")
             ids = await asyncio.to_thread(tokenizer.encode, body.prompt)
@@ -150,9 +166,15 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
 
     @app.get("/tokenizer_info")
     async def tokenizer_info(key: str = Depends(account)) -> dict:
-        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.bos_token,
-                "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token, "chat_template": CHAT_TEMPLATE,
-                "model_max_length": service.context, "vocab_size": tokenizer.vocab_size}  # fmt: skip
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+            "pad_token": tokenizer.pad_token,
+            "chat_template": CHAT_TEMPLATE,
+            "model_max_length": service.context,
+            "vocab_size": tokenizer.vocab_size,
+        }
 
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
@@ -165,20 +187,28 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
     async def chat(body: ChatCompletionRequest, request: Request, key: str, ticket: Ticket):
         prefix = body.messages[-1].prefix
         if any(m.prefix for m in body.messages[:-1]) or (prefix and body.messages[-1].role != "assistant"):
-            raise ApiError(400, "prefix: true goes on the last message, an assistant's, whose text the reply "
-                           "continues", param="messages")  # fmt: skip
+            raise ApiError(
+                400,
+                "prefix: true goes on the last message, an assistant's, whose text the reply continues",
+                param="messages",
+            )
         tools = service.check_tools(body)
         thinking = cfg.thinks(body.model, body.thinking and body.thinking.type)
-        prompt = await service.chat_prompt([m.template_dict() for m in body.messages], None if prefix else thinking,
-                                           prefix, tools)  # fmt: skip
+        prompt = await service.chat_prompt(
+            [m.template_dict() for m in body.messages], None if prefix else thinking, prefix, tools
+        )
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = service.sampling_params(body, prompt, body.max_completion_tokens or body.max_tokens, top, "messages")
         await service.steer(body, prompt, params)
         [meter] = await service.reserve(key, [(prompt, params)])
         generation = service.start(prompt, params, key, meter, ticket)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        head = {"id": request_id, "created": int(time.time()), "model": body.model,
-                "system_fingerprint": service.fingerprint}  # fmt: skip
+        head = {
+            "id": request_id,
+            "created": int(time.time()),
+            "model": body.model,
+            "system_fingerprint": service.fingerprint,
+        }
 
         def logprobs_of(out: RequestOutput, new: slice = slice(None)) -> dict | None:
             return None if top is None else chat_logprobs(tokenizer, out.token_ids[new], out.logprobs[new], top)
@@ -205,8 +235,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
                     message["reasoning_content"] = out.reasoning_content
                 if calls:
                     message["tool_calls"] = [call.to_openai(j, f"{request_id}/{i}") for j, call in enumerate(calls)]
-                choices.append({"index": i, "message": message, "logprobs": logprobs_of(out),
-                                "finish_reason": finish})  # fmt: skip
+                choices.append({"index": i, "message": message, "logprobs": logprobs_of(out), "finish_reason": finish})
             return head | {"object": "chat.completion", "choices": choices, "usage": usage_now()}
 
         base = head | {"object": "chat.completion.chunk"} | ({"usage": None} if body.include_usage else {})
@@ -227,8 +256,11 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
                 yield chunk(i, {name: piece}, logprobs)
                 logprobs, sent_logprobs[i] = None, len(out.logprobs)
             if len(calls) > sent_calls[i]:  # each call goes out whole, once its <｜tool▁call▁end｜> came
-                new = [call.to_openai(j, f"{request_id}/{i}", with_index=True)
-                       for j, call in enumerate(calls) if j >= sent_calls[i]]  # fmt: skip
+                new = [
+                    call.to_openai(j, f"{request_id}/{i}", with_index=True)
+                    for j, call in enumerate(calls)
+                    if j >= sent_calls[i]
+                ]
                 yield chunk(i, {"tool_calls": new}, logprobs)
                 logprobs, sent_logprobs[i], sent_calls[i] = None, len(out.logprobs), len(calls)
             if finished:
@@ -251,32 +283,53 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
             if tokenizer.tok.token_to_id(FIM_HOLE) is None:
                 raise ApiError(400, "this model's tokenizer has no fill-in-the-middle tokens", param="suffix")
         if body.max_tokens == 0 and not body.scoring:
-            raise ApiError(400, "max_tokens 0 generates nothing: it takes echo with logprobs, to score the prompt",
-                           param="max_tokens")  # fmt: skip
+            raise ApiError(
+                400,
+                "max_tokens 0 generates nothing: it takes echo with logprobs, to score the prompt",
+                param="max_tokens",
+            )
         if body.scoring and body.stream:
-            raise ApiError(400, "echo with logprobs (scoring the prompt) is answered whole: send it without stream",
-                           param="stream")  # fmt: skip
+            raise ApiError(
+                400, "echo with logprobs (scoring the prompt) is answered whole: send it without stream", param="stream"
+            )
         if len(prompts) > 1 and body.stream:
             raise ApiError(400, "stream takes one prompt: send several prompts without stream", param="stream")
         if body.best_of is not None and body.best_of != body.n:
-            raise ApiError(400, "best_of must equal n: nanoseek returns every choice it generates, unranked",
-                           param="best_of")  # fmt: skip
+            raise ApiError(
+                400, "best_of must equal n: nanoseek returns every choice it generates, unranked", param="best_of"
+            )
         ticket = service.admit(body, body.n * len(prompts), key)
         with ticket.released_on_error():
             return await complete(body, request, key, ticket, prompts)
 
     async def complete(body: CompletionRequest, request: Request, key: str, ticket: Ticket, prompts: list):
         encoded = await service.completion_prompts(prompts, body.suffix)
-        jobs = [(ids, service.sampling_params(body, ids, body.max_tokens, body.logprobs, "prompt",
-                                              prompt_logprobs=body.logprobs if body.scoring else None))
-                for ids in encoded]  # fmt: skip
+        jobs = [
+            (
+                ids,
+                service.sampling_params(
+                    body,
+                    ids,
+                    body.max_tokens,
+                    body.logprobs,
+                    "prompt",
+                    prompt_logprobs=body.logprobs if body.scoring else None,
+                ),
+            )
+            for ids in encoded
+        ]
         meters = await service.reserve(key, jobs)
         # Every prompt goes to the engine before any is awaited, so they batch.
         generations = [
             service.start(ids, params, key, meter, ticket) for (ids, params), meter in zip(jobs, meters, strict=True)
         ]
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": body.model, "system_fingerprint": service.fingerprint}  # fmt: skip
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body.model,
+            "system_fingerprint": service.fingerprint,
+        }
 
         def echoed(p: int) -> str:
             return "" if not body.echo else prompts[p] if isinstance(prompts[p], str) else tokenizer.decode(encoded[p])
@@ -290,8 +343,11 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
             return completion_logprobs(tokenizer, out.token_ids[new], out.logprobs[new])
 
         def usage_now() -> dict:
-            return usage(sum(len(ids) for ids, _ in jobs), sum(g.cached for g in generations),
-                         sum(g.completion for g in generations))  # fmt: skip
+            return usage(
+                sum(len(ids) for ids, _ in jobs),
+                sum(g.cached for g in generations),
+                sum(g.completion for g in generations),
+            )
 
         if not body.stream:
             try:
@@ -299,9 +355,16 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
             finally:
                 for g in generations:
                     g.close()
-            choices = [{"index": p * body.n + j, "text": echoed(p) + out.text, "logprobs": logprobs_of(out),
-                        "finish_reason": out.finish_reason}
-                       for p, outs in enumerate(results) for j, out in enumerate(outs)]  # fmt: skip
+            choices = [
+                {
+                    "index": p * body.n + j,
+                    "text": echoed(p) + out.text,
+                    "logprobs": logprobs_of(out),
+                    "finish_reason": out.finish_reason,
+                }
+                for p, outs in enumerate(results)
+                for j, out in enumerate(outs)
+            ]
             return head | {"choices": choices, "usage": usage_now()}
 
         base = head | ({"usage": None} if body.include_usage else {})

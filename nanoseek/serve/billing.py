@@ -139,8 +139,9 @@ class Ledger:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.host, self.pid = socket.gethostname(), os.getpid()
-        self._db = sqlite3.connect(":memory:" if self.path is None else self.path, isolation_level=None,
-                                   check_same_thread=False, timeout=30)  # fmt: skip
+        self._db = sqlite3.connect(
+            ":memory:" if self.path is None else self.path, isolation_level=None, check_same_thread=False, timeout=30
+        )
         self._lock = threading.RLock()
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -190,8 +191,9 @@ class Ledger:
     def _drop_dead_reservations(self) -> None:
         """Reservations of this host's processes that no longer run (a server killed mid-request)."""
         with self._lock:
-            pids = [p for (p,) in self._db.execute("SELECT DISTINCT pid FROM reservations WHERE host = ?",
-                                                   (self.host,))]  # fmt: skip
+            pids = [
+                p for (p,) in self._db.execute("SELECT DISTINCT pid FROM reservations WHERE host = ?", (self.host,))
+            ]
         dead = [p for p in pids if p != self.pid and not _alive(p)]
         if dead:
             with self._transaction() as db:
@@ -202,9 +204,11 @@ class Ledger:
         """Set keys' balances (from the keys file); accounts keep their spending."""
 
         def upsert(db):
-            db.executemany("INSERT INTO accounts (key, granted) VALUES (?, ?) "
-                           "ON CONFLICT (key) DO UPDATE SET granted = excluded.granted",
-                           [(k, None if b is None else str(b)) for k, b in balances.items()])  # fmt: skip
+            db.executemany(
+                "INSERT INTO accounts (key, granted) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET granted = excluded.granted",
+                [(k, None if b is None else str(b)) for k, b in balances.items()],
+            )
 
         self._write(upsert)
 
@@ -227,8 +231,12 @@ class Ledger:
     def summary(self, key: str) -> dict:
         account = self.account(key, settled=True)
         balance = account.balance(self.prices)
-        usage = {"requests": account.requests, "prompt_cache_hit_tokens": account.hit,
-                 "prompt_cache_miss_tokens": account.miss, "completion_tokens": account.output}  # fmt: skip
+        usage = {
+            "requests": account.requests,
+            "prompt_cache_hit_tokens": account.hit,
+            "prompt_cache_miss_tokens": account.miss,
+            "completion_tokens": account.output,
+        }
         return {
             "object": "billing.summary",
             **self.prices.as_dict(),
@@ -257,8 +265,10 @@ class Ledger:
                     f"{max_output_tokens} output tokens): top it up, or lower max_tokens"
                 )
             reservation = uuid.uuid4().hex
-            db.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?)",
-                       (reservation, key, str(worst), self.host, self.pid, time.time()))  # fmt: skip
+            db.execute(
+                "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?)",
+                (reservation, key, str(worst), self.host, self.pid, time.time()),
+            )
             return reservation
 
         return Meter(self, key, self._write(reserve))
@@ -330,11 +340,16 @@ class Ledger:
             hit, miss, out = (a - b for a, b in zip(delivered, m.recorded, strict=True))
             if hit or miss or out:
                 first = m.recorded == (0, 0, 0)
-                db.execute("INSERT INTO usage (key, request, time, hit, miss, output) VALUES (?, ?, ?, ?, ?, ?)",
-                           (m.key, m.request, now, hit, miss, out))  # fmt: skip
+                db.execute(
+                    "INSERT INTO usage (key, request, time, hit, miss, output) VALUES (?, ?, ?, ?, ?, ?)",
+                    (m.key, m.request, now, hit, miss, out),
+                )
                 db.execute("INSERT INTO accounts (key) VALUES (?) ON CONFLICT (key) DO NOTHING", (m.key,))
-                db.execute("UPDATE accounts SET requests = requests + ?, hit = hit + ?, miss = miss + ?, "
-                           "output = output + ? WHERE key = ?", (int(first), hit, miss, out, m.key))  # fmt: skip
+                db.execute(
+                    "UPDATE accounts SET requests = requests + ?, hit = hit + ?, miss = miss + ?, "
+                    "output = output + ? WHERE key = ?",
+                    (int(first), hit, miss, out, m.key),
+                )
             if closed and m.reservation is not None:
                 db.execute("DELETE FROM reservations WHERE id = ?", (m.reservation,))
 
@@ -346,9 +361,17 @@ class Ledger:
             return False
         try:
             accounts = json.loads(path.read_text())["accounts"]
-            rows = [(k, a.get("granted"), int(a["requests"]), int(a["prompt_cache_hit_tokens"]),
-                     int(a["prompt_cache_miss_tokens"]), int(a["completion_tokens"]))
-                    for k, a in accounts.items()]  # fmt: skip
+            rows = [
+                (
+                    k,
+                    a.get("granted"),
+                    int(a["requests"]),
+                    int(a["prompt_cache_hit_tokens"]),
+                    int(a["prompt_cache_miss_tokens"]),
+                    int(a["completion_tokens"]),
+                )
+                for k, a in accounts.items()
+            ]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path} is not a nanoseek JSON ledger ({e}); move it aside") from e
 
@@ -356,12 +379,18 @@ class Ledger:
             if db.execute("SELECT 1 FROM meta WHERE name = ?", (f"imported:{path.resolve()}",)).fetchone():
                 return
             for key, granted, requests, hit, miss, out in rows:
-                db.execute("INSERT INTO accounts (key, granted) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
-                           (key, granted))  # fmt: skip
-                db.execute("UPDATE accounts SET requests = requests + ?, hit = hit + ?, miss = miss + ?, "
-                           "output = output + ? WHERE key = ?", (requests, hit, miss, out, key))  # fmt: skip
-                db.execute("INSERT INTO usage (key, request, time, hit, miss, output) VALUES (?, ?, ?, ?, ?, ?)",
-                           (key, f"imported:{path.name}", time.time(), hit, miss, out))  # fmt: skip
+                db.execute(
+                    "INSERT INTO accounts (key, granted) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, granted)
+                )
+                db.execute(
+                    "UPDATE accounts SET requests = requests + ?, hit = hit + ?, miss = miss + ?, "
+                    "output = output + ? WHERE key = ?",
+                    (requests, hit, miss, out, key),
+                )
+                db.execute(
+                    "INSERT INTO usage (key, request, time, hit, miss, output) VALUES (?, ?, ?, ?, ?, ?)",
+                    (key, f"imported:{path.name}", time.time(), hit, miss, out),
+                )
             db.execute("INSERT INTO meta VALUES (?, ?)", (f"imported:{path.resolve()}", str(time.time())))
 
         self._write(take)
@@ -374,20 +403,40 @@ def usage_report(ledger: Ledger, as_csv: bool = False) -> str:
     import csv
     import io
 
-    head = ["key", "requests", "cache_hit_tokens", "cache_miss_tokens", "output_tokens",
-            f"cost_{ledger.prices.currency}", "balance", "reserved"]  # fmt: skip
+    head = [
+        "key",
+        "requests",
+        "cache_hit_tokens",
+        "cache_miss_tokens",
+        "output_tokens",
+        f"cost_{ledger.prices.currency}",
+        "balance",
+        "reserved",
+    ]
     rows = []
     for a in ledger.accounts():
         balance = a.balance(ledger.prices)
-        rows.append([a.key, a.requests, a.hit, a.miss, a.output, f"{a.cost(ledger.prices):.6f}",
-                     "unlimited" if balance is None else f"{balance:.6f}", f"{a.reserved:.6f}"])  # fmt: skip
+        rows.append(
+            [
+                a.key,
+                a.requests,
+                a.hit,
+                a.miss,
+                a.output,
+                f"{a.cost(ledger.prices):.6f}",
+                "unlimited" if balance is None else f"{balance:.6f}",
+                f"{a.reserved:.6f}",
+            ]
+        )
     if as_csv:
         out = io.StringIO()
         csv.writer(out, lineterminator="\n").writerows([head, *rows])
         return out.getvalue()
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
-                     for r in [head, *rows]) + "\n"  # fmt: skip
+    return (
+        "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows])
+        + "\n"
+    )
 
 
 def _alive(pid: int) -> bool:

@@ -26,8 +26,11 @@ class ServeConfig:
     cache_memory_mb: int = flag("memory for the latent KV cache", default=256)
     prices: str = flag("per million tokens: cache-hit,cache-miss,output", default="0.5,2,8")
     currency: str = flag("currency of the prices", default="CNY")
-    ledger: str | None = flag("SQLite billing ledger, shareable by servers (default: KEYS.ledger.db beside "
-                              "--api-keys, else ~/.local/share/nanoseek/ledger.db)", default=None)  # fmt: skip
+    ledger: str | None = flag(
+        "SQLite billing ledger, shareable by servers (default: KEYS.ledger.db beside "
+        "--api-keys, else ~/.local/share/nanoseek/ledger.db)",
+        default=None,
+    )
     admin_key: str | None = flag("bearer key for /metrics (required for it when --api-keys is set)", default=None)
     max_body_bytes: int = flag("larger request bodies get a 413 unread", default=4 * 2**20)
     max_pending: int = flag("requests in flight before 429", default=256)
@@ -36,11 +39,16 @@ class ServeConfig:
     max_seqs: int = flag("sequences per engine step", default=64)
     speculative_tokens: int = flag("MTP draft tokens per step (0: off)", default=0)
     fp8_cache: bool = flag("keep the latent KV cache in FP8", default=False)
-    weights: str = flag("projection weights in memory: fp8 (E4M3 with 128x128 block scales), bf16 or fp32; auto: "
-                        "fp8 for an FP8 checkpoint", default="auto")  # fmt: skip
-    enforce_eager: bool = flag("run decode steps eagerly; by default each batch bucket up to --max-seqs is "
-                               "captured with torch.compile at start-up (seconds each on a CPU)",
-                               default=False)  # fmt: skip
+    weights: str = flag(
+        "projection weights in memory: fp8 (E4M3 with 128x128 block scales), bf16 or fp32; auto: "
+        "fp8 for an FP8 checkpoint",
+        default="auto",
+    )
+    enforce_eager: bool = flag(
+        "run decode steps eagerly; by default each batch bucket up to --max-seqs is "
+        "captured with torch.compile at start-up (seconds each on a CPU)",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         if not self.model:

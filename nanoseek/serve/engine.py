@@ -134,8 +134,9 @@ class Engine:
                 parallel.claim()
                 dtype = parallel.share_dtype(self.ranks, dtype)
             shard = (0, self.ranks.world) if self.ranks is not None else None
-            self.model = from_pretrained(model_dir, dtype=dtype, device=self.device, weights=weights,
-                                         expert_shard=shard)  # fmt: skip
+            self.model = from_pretrained(
+                model_dir, dtype=dtype, device=self.device, weights=weights, expert_shard=shard
+            )
             if self.ranks is not None:
                 parallel.attach(self.model, self.ranks)
                 enforce_eager = True  # a captured graph cannot hold the per-layer collectives
@@ -230,8 +231,10 @@ class Engine:
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) + params.max_tokens > self.model.cfg.max_position_embeddings:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                             f"{self.model.cfg.max_position_embeddings} positions")  # fmt: skip
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                f"{self.model.cfg.max_position_embeddings} positions"
+            )
         if min(ids) < 0 or max(ids) >= self.model.cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.model.cfg.vocab_size})")
         if any(not 0 <= t < self.model.cfg.vocab_size for t in params.logit_bias):
@@ -240,15 +243,22 @@ class Engine:
             raise ValueError("a grammar constrains text: this engine has no tokenizer")
         size = self.block_manager.block_size
         if -(-(len(ids) + params.max_tokens + self.speculative_tokens) // size) > self.block_manager.num_blocks:
-            raise ValueError(f"prompt + max_tokens needs more KV cache than this engine holds "
-                             f"({self.block_manager.num_blocks * size} tokens): raise cache_bytes")  # fmt: skip
+            raise ValueError(
+                f"prompt + max_tokens needs more KV cache than this engine holds "
+                f"({self.block_manager.num_blocks * size} tokens): raise cache_bytes"
+            )
 
     def capture(self) -> None:
         """Compile the captured decode step of every batch bucket now, up to max_seqs (eager: nothing)."""
         self.runner.capture(self.scheduler.max_seqs)
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, cache_salt: str | bytes | None = None) -> str:  # fmt: skip
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        cache_salt: str | bytes | None = None,
+    ) -> str:
         params = params or SamplingParams()
         ids = self._encode(prompt)
         self.check_request(ids, params)
@@ -257,8 +267,15 @@ class Engine:
         think = self.tokenizer.tok.token_to_id(THINK) if self.tokenizer else None
         text = TextOutput(self.tokenizer, params.stop, reasoning=think is not None and ids[-1] == think)
         matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
-        seq = Sequence(request_id, list(ids), params, text, generator=generator, matcher=matcher,
-                       cache_root=self.cache_root(cache_salt))  # fmt: skip
+        seq = Sequence(
+            request_id,
+            list(ids),
+            params,
+            text,
+            generator=generator,
+            matcher=matcher,
+            cache_root=self.cache_root(cache_salt),
+        )
         if needs_history(params):
             self._histories[request_id] = History(ids, self.model.cfg.vocab_size, self.device)
         self.sequences[request_id] = seq
@@ -296,9 +313,21 @@ class Engine:
         if text.tool_calls_at is not None:  # in content's characters
             chars, token = text.tool_calls_at
             calls = (chars - (text.reasoning_end or 0) - (len(text.content) - len(content)), token)
-        return RequestOutput(seq.id, seq.prompt, seq.output, text.text, seq.finish_reason, seq.cached_prompt_tokens,
-                             list(seq.logprobs), seq.error, text.reasoning_text.removeprefix(THINK), content,
-                             text.reasoning_tokens, list(seq.prompt_logprobs), calls)  # fmt: skip
+        return RequestOutput(
+            seq.id,
+            seq.prompt,
+            seq.output,
+            text.text,
+            seq.finish_reason,
+            seq.cached_prompt_tokens,
+            list(seq.logprobs),
+            seq.error,
+            text.reasoning_text.removeprefix(THINK),
+            content,
+            text.reasoning_tokens,
+            list(seq.prompt_logprobs),
+            calls,
+        )
 
     def _retire(self, seq: Sequence) -> RequestOutput:
         self.sequences.pop(seq.id, None)
@@ -320,9 +349,11 @@ class Engine:
             rows.append((seq, seq.num_computed, feed + drafts))
         hidden = self.runner.forward(rows)  # [B, t, hidden]
         # The logits of a sequence's last fed token and each draft, for sequences whose prompt is done.
-        wanted = [(row, n - 1, len(feed) - n + 1)
-                  for row, ((seq, n), (_, start, feed)) in enumerate(zip(batch, rows, strict=True))
-                  if start + n >= len(seq)]  # fmt: skip
+        wanted = [
+            (row, n - 1, len(feed) - n + 1)
+            for row, ((seq, n), (_, start, feed)) in enumerate(zip(batch, rows, strict=True))
+            if start + n >= len(seq)
+        ]
         logits = self.runner.logits(hidden, [(row, n0 + j) for row, n0, count in wanted for j in range(count)])
         offsets = itertools.accumulate([0] + [count for *_, count in wanted])  # each row's first logits row
         first = dict(zip((row for row, _, _ in wanted), offsets, strict=False))
@@ -366,8 +397,18 @@ class Engine:
                     picked.append(e)
         return dict(zip(rows, picked, strict=True))
 
-    def _advance(self, seq: Sequence, n: int, start: int, drafts: list[int], hidden: torch.Tensor,
-                 logits: torch.Tensor | None, first: int | None, sampled, now: float) -> bool:  # fmt: skip
+    def _advance(
+        self,
+        seq: Sequence,
+        n: int,
+        start: int,
+        drafts: list[int],
+        hidden: torch.Tensor,
+        logits: torch.Tensor | None,
+        first: int | None,
+        sampled,
+        now: float,
+    ) -> bool:
         """Take one row's forward-pass results into its sequence; True when it emitted tokens."""
         if seq.params.prompt_logprobs is not None and start < seq.num_prompt:
             self._score_prompt(seq, start, hidden[: min(n, seq.num_prompt - start)])
@@ -478,8 +519,12 @@ class Engine:
                 seq.spec.drafts, seq.spec.draft_probs = seq.spec.drafts[:valid], seq.spec.draft_probs[:valid]
 
     # --- convenience -----------------------------------------------------------------------------
-    def generate(self, prompts: Seq[str | list[int]] | str, params: SamplingParams | Seq[SamplingParams] | None = None,
-                 cache_salt: str | bytes | None = None) -> list[RequestOutput]:  # fmt: skip
+    def generate(
+        self,
+        prompts: Seq[str | list[int]] | str,
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        cache_salt: str | bytes | None = None,
+    ) -> list[RequestOutput]:
         """Run prompts to completion together (continuous batching); results in the prompts' order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]

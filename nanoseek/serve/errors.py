@@ -9,8 +9,15 @@ from fastapi.responses import JSONResponse
 class ApiError(Exception):
     """An error in OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -30,9 +37,13 @@ def validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
     param = ".".join(loc) or None
     if first.get("type") == "extra_forbidden":
-        return ApiError(400, f"unrecognized request argument supplied: {param} (nanoseek serves the fields of "
-                        "OpenAI's and DeepSeek's API; the README lists them)", param=param,
-                        code="unrecognized_argument")  # fmt: skip
+        return ApiError(
+            400,
+            f"unrecognized request argument supplied: {param} (nanoseek serves the fields of "
+            "OpenAI's and DeepSeek's API; the README lists them)",
+            param=param,
+            code="unrecognized_argument",
+        )
     if first.get("type") == "unsupported_parameter":
         return ApiError(400, str(first.get("msg")), param=param, code="unsupported_parameter")
     where = f"{param}: " if param else ""

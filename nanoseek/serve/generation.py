@@ -49,8 +49,16 @@ class Generation:
     """The n choices of one prompt in the engine: submitted at once (so admission counts them), read as
     (choice, output so far) pairs, cancelled if the reader goes away before they finish."""
 
-    def __init__(self, runner: AsyncEngine, metrics: ServerMetrics, prompt: list[int], params: list[SamplingParams],
-                 salt: str | None, meter: Meter, on_close: Callable[[], None] = lambda: None):  # fmt: skip
+    def __init__(
+        self,
+        runner: AsyncEngine,
+        metrics: ServerMetrics,
+        prompt: list[int],
+        params: list[SamplingParams],
+        salt: str | None,
+        meter: Meter,
+        on_close: Callable[[], None] = lambda: None,
+    ):
         self.runner, self.metrics, self.prompt, self.meter, self.on_close = runner, metrics, prompt, meter, on_close
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ids = [runner.submit(prompt, p, salt, self.queue) for p in params]
@@ -111,9 +119,12 @@ class Generation:
         self.meter.close()
 
 
-async def stream_events(generation: Generation, opening: Iterable[str],
-                        chunks: Callable[[int, RequestOutput, bool], Iterable[str]],
-                        closing: Callable[[], Iterable[str]]) -> AsyncIterator[str]:  # fmt: skip
+async def stream_events(
+    generation: Generation,
+    opening: Iterable[str],
+    chunks: Callable[[int, RequestOutput, bool], Iterable[str]],
+    closing: Callable[[], Iterable[str]],
+) -> AsyncIterator[str]:
     """Server-sent events for a generation: the opening chunks, then each choice's chunks as its output
     grows (billed once they are out), the closing chunks and [DONE]; an engine error as an error event.
     However it ends (also when the client disconnects), the generation stops and its bill is settled."""

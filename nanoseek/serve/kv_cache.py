@@ -197,8 +197,14 @@ class LatentPool:
 class StepCache:
     """The LatentCache one batched forward pass sees: where each new token goes, what each row reads."""
 
-    def __init__(self, pool: LatentPool, write_slots: torch.Tensor, valid: torch.Tensor | None,
-                 read_slots: torch.Tensor, mask: torch.Tensor):  # fmt: skip
+    def __init__(
+        self,
+        pool: LatentPool,
+        write_slots: torch.Tensor,
+        valid: torch.Tensor | None,
+        read_slots: torch.Tensor,
+        mask: torch.Tensor,
+    ):
         # [B, t] slots, [B, t] real tokens (None: all are, as in a captured decode step whose idle rows
         # write to a scratch slot): checked here once, not per layer.
         self.pool, self.write_slots, self.valid = pool, write_slots, valid

@@ -27,12 +27,15 @@ class EngineCollector:
             "spec_decode_accepted_tokens": ("MTP draft tokens accepted", m.accepted_tokens),
         }
         if e.disk_cache is not None:
-            counters["disk_cache_corrupt_files"] = ("disk-cache files that failed their checksum (served as misses)",
-                                                    e.disk_cache.corrupt)  # fmt: skip
+            counters["disk_cache_corrupt_files"] = (
+                "disk-cache files that failed their checksum (served as misses)",
+                e.disk_cache.corrupt,
+            )
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"nanoseek_{name}", doc, value=value)
-        hits = CounterMetricFamily("nanoseek_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache",
-                                   labels=["tier"])  # fmt: skip
+        hits = CounterMetricFamily(
+            "nanoseek_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache", labels=["tier"]
+        )
         hits.add_metric(["memory"], m.prefix_hit_tokens - m.disk_hit_tokens)
         hits.add_metric(["disk"], m.disk_hit_tokens)
         yield hits

@@ -97,8 +97,9 @@ def claim() -> None:
     """Rank 0's engine takes the launch: the other ranks serve one model's experts, so one engine."""
     global _attached
     if _attached:
-        raise RuntimeError("this torchrun launch already serves one model's experts: one model-parallel Engine "
-                           "per process")  # fmt: skip
+        raise RuntimeError(
+            "this torchrun launch already serves one model's experts: one model-parallel Engine per process"
+        )
     _attached = True
 
 
@@ -145,8 +146,14 @@ def run_worker(model_dir: str, ranks: Ranks, weights: str = "auto") -> int:
     from nanoseek.checkpoint import from_pretrained
 
     dtype = share_dtype(ranks, None)
-    model = from_pretrained(model_dir, dtype=dtype, device=ranks.device, weights=weights,
-                            expert_shard=(ranks.rank, ranks.world), experts_only=True)  # fmt: skip
+    model = from_pretrained(
+        model_dir,
+        dtype=dtype,
+        device=ranks.device,
+        weights=weights,
+        expert_shard=(ranks.rank, ranks.world),
+        experts_only=True,
+    )
     serve_experts(model, ranks, dtype)
     leave()
     return 0

@@ -182,8 +182,9 @@ class ChatCompletionRequest(SamplingRequest):
     audio: refused("audio: nanoseek generates text only") = None
     prediction: refused("prediction (predicted outputs) is not served: send the text as a prefix instead") = None
     web_search_options: refused("web_search_options: nanoseek has no web search") = None
-    reasoning_effort: refused("reasoning_effort: reasoning is on or off here, with thinking or a reasoning "
-                              "model name") = None  # fmt: skip
+    reasoning_effort: refused(
+        "reasoning_effort: reasoning is on or off here, with thinking or a reasoning model name"
+    ) = None
     verbosity: refused("verbosity is not served: ask for the length you want in the prompt") = None
     functions: refused("functions (deprecated by OpenAI) is not served: send tools") = None
     function_call: refused("function_call (deprecated by OpenAI) is not served: send tool_choice") = None

@@ -30,8 +30,9 @@ def bucket(batch: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, pool: LatentPool, block_size: int, device: torch.device,
-                 enforce_eager: bool = True):  # fmt: skip
+    def __init__(
+        self, model: Transformer, pool: LatentPool, block_size: int, device: torch.device, enforce_eager: bool = True
+    ):
         self.model, self.pool, self.block_size, self.device = model, pool, block_size, device
         self.scratch_slot = pool.num_slots - 1  # idle rows of a padded batch write here; no block holds it
         self.captured = not enforce_eager and not pool.spec.fp8  # the FP8 cache writes eagerly
@@ -95,8 +96,11 @@ class ModelRunner:
         hidden = self._compiled()(self.pool.kv, ids, positions, cache.write_slots, cache.read_slots, cache.mask)
         if size not in self._buckets:
             self._buckets.add(size)
-            print(f"nanoseek: decode step for batch {size} captured in {time.perf_counter() - start:.1f} s",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"nanoseek: decode step for batch {size} captured in {time.perf_counter() - start:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
         return hidden
 
     def _compiled(self):
@@ -135,8 +139,9 @@ class ModelRunner:
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         for _ in range(k):
             ids, positions, cache = self.prepare(rows)
-            h_in = torch.zeros(len(rows), ids.shape[1], self.model.cfg.hidden_size, dtype=hiddens[0].dtype,
-                               device=self.device)  # fmt: skip
+            h_in = torch.zeros(
+                len(rows), ids.shape[1], self.model.cfg.hidden_size, dtype=hiddens[0].dtype, device=self.device
+            )
             for i, h in enumerate(hiddens):
                 h_in[i, : h.shape[0]] = h
             out = self.model.mtp_forward_cached(ids, h_in, positions, cache)

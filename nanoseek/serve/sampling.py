@@ -99,9 +99,11 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
 
 
 def sample_batch(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
     histories: list[History | None],
-) -> list[Sampled]:  # fmt: skip
+) -> list[Sampled]:
     """One token for every row of logits [B, V] (float32), in one pass over the batch: penalties, greedy,
     temperature, top-k, top-p and min-p, then inverse-CDF sampling with one uniform number per row. A
     seeded row draws its number from its own generator, so a seed gives the same tokens whatever else is
@@ -157,9 +159,12 @@ def sample_batch(
 
 
 def sample_token(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, prompt: list[int],
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    prompt: list[int],
     output: list[int],
-) -> Sampled:  # fmt: skip
+) -> Sampled:
     """Pick the next token for one request from its logits [V] (float32): `sample_batch` on one row."""
     history = None
     if needs_history(params):

@@ -17,9 +17,14 @@ from nanoseek.serve.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batched_tokens: int = 512, max_seqs: int = 64,
-                 load_block: Callable[[bytes, int], bool] | None = None,
-                 copy_block: Callable[[int, int], None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_batched_tokens: int = 512,
+        max_seqs: int = 64,
+        load_block: Callable[[bytes, int], bool] | None = None,
+        copy_block: Callable[[int, int], None] | None = None,
+    ):
         self.blocks = blocks
         self.load_block = load_block  # the disk tier, asked for prefix blocks memory lacks
         self.copy_block = copy_block  # copies a block's cache entries (copy-on-write of a shared block)

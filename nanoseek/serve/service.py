@@ -97,20 +97,32 @@ def open_ledger(cfg: ServeConfig) -> Ledger:
 
 
 def ledger_unavailable(reason: str) -> ApiError:
-    return ApiError(503, f"{reason}: no billed request is admitted until it can be; retry later",
-                    type="server_error", code="ledger_unavailable", headers={"Retry-After": "5"})  # fmt: skip
+    return ApiError(
+        503,
+        f"{reason}: no billed request is admitted until it can be; retry later",
+        type="server_error",
+        code="ledger_unavailable",
+        headers={"Retry-After": "5"},
+    )
 
 
 class Service:
     def __init__(self, cfg: ServeConfig, engine: Engine | None = None):
         self.cfg = cfg
         self.engine = engine or Engine(
-            cfg.model, block_size=CACHE_UNIT, cache_bytes=cfg.cache_memory_mb * 2**20,
-            max_batched_tokens=cfg.max_batched_tokens, max_seqs=cfg.max_seqs, fp8_cache=cfg.fp8_cache,
-            speculative_tokens=cfg.speculative_tokens, cache_dir=cfg.cache_dir,
-            disk_cache_bytes=int(cfg.disk_cache_gb * 2**30), enforce_eager=cfg.enforce_eager, weights=cfg.weights,
+            cfg.model,
+            block_size=CACHE_UNIT,
+            cache_bytes=cfg.cache_memory_mb * 2**20,
+            max_batched_tokens=cfg.max_batched_tokens,
+            max_seqs=cfg.max_seqs,
+            fp8_cache=cfg.fp8_cache,
+            speculative_tokens=cfg.speculative_tokens,
+            cache_dir=cfg.cache_dir,
+            disk_cache_bytes=int(cfg.disk_cache_gb * 2**30),
+            enforce_eager=cfg.enforce_eager,
+            weights=cfg.weights,
             model_parallel=True,  # under torchrun, the other ranks hold shares of the experts
-        )  # fmt: skip
+        )
         try:
             self.engine.capture()
             if self.engine.tokenizer is None:
@@ -140,8 +152,12 @@ class Service:
             return ANONYMOUS
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or token.strip() not in self.keys:
-            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
-                           type="authentication_error", code="invalid_api_key")  # fmt: skip
+            raise ApiError(
+                401,
+                "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
         return token.strip()
 
     def authorize_admin(self, request: Request) -> None:
@@ -149,34 +165,62 @@ class Service:
         if self.keys is None:
             return
         if self.cfg.admin_key is None:
-            raise ApiError(403, "/metrics shows every key's traffic: start the server with --admin-key KEY "
-                           "and send it as a bearer token", type="permission_error", code="admin_only")  # fmt: skip
+            raise ApiError(
+                403,
+                "/metrics shows every key's traffic: start the server with --admin-key KEY "
+                "and send it as a bearer token",
+                type="permission_error",
+                code="admin_only",
+            )
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.cfg.admin_key.encode()):
-            raise ApiError(401, "/metrics needs the admin key: send 'Authorization: Bearer ADMIN_KEY'",
-                           type="authentication_error", code="invalid_api_key")  # fmt: skip
+            raise ApiError(
+                401,
+                "/metrics needs the admin key: send 'Authorization: Bearer ADMIN_KEY'",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
 
     def admit(self, body: SamplingRequest, requests: int, key: str) -> Ticket:
         """The checks that need no tokens and no database: model, size, the ledger's health, load. The ticket
         goes to the request's generations (`start`); a request that fails before them releases it."""
         cfg = self.cfg
         if body.model not in cfg.names:
-            raise ApiError(404, f"the model {body.model!r} does not exist; this server has {cfg.names}",
-                           type="not_found_error", param="model", code="model_not_found")  # fmt: skip
+            raise ApiError(
+                404,
+                f"the model {body.model!r} does not exist; this server has {cfg.names}",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
         if requests > cfg.max_pending:
-            raise ApiError(400, f"this request asks for {requests} generations (n x prompts); this server runs at "
-                           f"most {cfg.max_pending} at once (--max-pending): split it", param="n",
-                           code="too_many_generations")  # fmt: skip
+            raise ApiError(
+                400,
+                f"this request asks for {requests} generations (n x prompts); this server runs at "
+                f"most {cfg.max_pending} at once (--max-pending): split it",
+                param="n",
+                code="too_many_generations",
+            )
         if self.ledger.unavailable is not None:
             raise ledger_unavailable(self.ledger.unavailable)
         if self.runner.pending + requests > cfg.max_pending:
-            raise ApiError(429, f"the server is at its limit of {cfg.max_pending} requests in flight; retry shortly",
-                           type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})  # fmt: skip
+            raise ApiError(
+                429,
+                f"the server is at its limit of {cfg.max_pending} requests in flight; retry shortly",
+                type="rate_limit_error",
+                code="server_busy",
+                headers={"Retry-After": "1"},
+            )
         limit = cfg.max_concurrent_per_key
         if limit and key != ANONYMOUS and self.in_flight.get(key, 0) >= limit:
-            raise ApiError(429, f"this API key has {limit} requests in flight, its limit (--max-concurrent-per-key): "
-                           "retry when one finishes", type="rate_limit_error", code="concurrency_limit",
-                           headers={"Retry-After": "1"})  # fmt: skip
+            raise ApiError(
+                429,
+                f"this API key has {limit} requests in flight, its limit (--max-concurrent-per-key): "
+                "retry when one finishes",
+                type="rate_limit_error",
+                code="concurrency_limit",
+                headers={"Retry-After": "1"},
+            )
         return Ticket(self.in_flight, key)
 
     async def reserve(self, key: str, jobs: list[tuple[list[int], list[SamplingParams]]]) -> list[Meter]:
@@ -203,26 +247,43 @@ class Service:
         longest = self.tokenizer.longest_token_bytes
         size = sum(len(t.encode()) for t in texts)
         if size > self.context * longest:
-            raise ApiError(400, f"This model's maximum context length is {self.context} tokens, and {size} bytes "
-                           f"of text hold more than that (a token spans at most {longest} bytes): shorten the "
-                           "prompt", param=param, code="context_length_exceeded")  # fmt: skip
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {self.context} tokens, and {size} bytes "
+                f"of text hold more than that (a token spans at most {longest} bytes): shorten the "
+                "prompt",
+                param=param,
+                code="context_length_exceeded",
+            )
 
-    async def chat_prompt(self, messages: list[dict], thinking: bool | None, prefix: bool,
-                          tools: list[dict] | None = None,
-                          add_generation_prompt: bool = True) -> list[int]:  # fmt: skip
+    async def chat_prompt(
+        self,
+        messages: list[dict],
+        thinking: bool | None,
+        prefix: bool,
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
         """The chat template's ids. An earlier reply's reasoning (before its </think>) is not fed back, as
         DeepSeek's multi-turn rule; a prefix message (the last, an assistant's) is continued."""
         self.check_text_length([m["content"] for m in messages], "messages")
         if thinking is not None and self.tokenizer.tok.token_to_id(END_THINK) is None:
-            raise ApiError(400, "this model's tokenizer has no <think> tokens: it cannot switch thinking",
-                           param="thinking")  # fmt: skip
+            raise ApiError(
+                400, "this model's tokenizer has no <think> tokens: it cannot switch thinking", param="thinking"
+            )
         for i, m in enumerate(messages):
             if m["role"] == "assistant" and not (prefix and i == len(messages) - 1):
                 m["content"] = m["content"].rpartition(END_THINK)[2]
         try:
-            return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, tokenize=True,
-                                           thinking=thinking, continue_final_message=prefix, tools=tools,
-                                           add_generation_prompt=add_generation_prompt)  # fmt: skip
+            return await asyncio.to_thread(
+                self.tokenizer.apply_chat_template,
+                messages,
+                tokenize=True,
+                thinking=thinking,
+                continue_final_message=prefix,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+            )
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
 
@@ -234,14 +295,19 @@ class Service:
                 raise ApiError(400, "tool_choice needs tools to choose from", param="tool_choice")
             return None
         if any(self.tokenizer.tok.token_to_id(t) is None for t in TOOL_TOKENS):
-            raise ApiError(400, "this model's tokenizer has no tool-call tokens (train a tokenizer with nanoseek "
-                           "to get them): it cannot call tools", param="tools")  # fmt: skip
+            raise ApiError(
+                400,
+                "this model's tokenizer has no tool-call tokens (train a tokenizer with nanoseek "
+                "to get them): it cannot call tools",
+                param="tools",
+            )
         names = [t.function.name for t in body.tools]
         if len(set(names)) < len(names):
             raise ApiError(400, "two tools have the same name", param="tools")
         if body.tool_mode not in (*names, "none", "auto", "required"):
-            raise ApiError(400, f"tool_choice names {body.tool_mode!r}, which is not among the tools {names}",
-                           param="tool_choice")  # fmt: skip
+            raise ApiError(
+                400, f"tool_choice names {body.tool_mode!r}, which is not among the tools {names}", param="tool_choice"
+            )
         return [t.model_dump(exclude_none=True) for t in body.tools]
 
     async def steer(self, body: ChatCompletionRequest, prompt: list[int], params: list[SamplingParams]) -> None:
@@ -266,16 +332,24 @@ class Service:
         # Constrained calls: required, a named function, or auto when some function is strict.
         calls = mode not in (None, "none", "auto") or (mode == "auto" and any(t.function.strict for t in body.tools))
         if json_out and calls:
-            raise ApiError(400, "response_format and tool calls both constrain the reply: send one (or tool_choice "
-                           "none)", param="response_format")  # fmt: skip
+            raise ApiError(
+                400,
+                "response_format and tool calls both constrain the reply: send one (or tool_choice none)",
+                param="response_format",
+            )
         if (json_out or calls) and body.messages[-1].prefix:
-            raise ApiError(400, "a prefix message with response_format or constrained tool calls: the grammar would "
-                           "start after text it does not see; send one of them", param="messages")  # fmt: skip
+            raise ApiError(
+                400,
+                "a prefix message with response_format or constrained tool calls: the grammar would "
+                "start after text it does not see; send one of them",
+                param="messages",
+            )
         if json_out:
             schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema else None
             if fmt.type == "json_schema" and fmt.json_schema is None:
-                raise ApiError(400, "response_format json_schema needs its json_schema: {name, schema}",
-                               param="response_format")  # fmt: skip
+                raise ApiError(
+                    400, "response_format json_schema needs its json_schema: {name, schema}", param="response_format"
+                )
             grammar, param = json_grammar(self.tokenizer, schema, reasoning), "response_format"
         elif calls:
             tools = [t.model_dump(exclude_none=True) for t in body.tools]
@@ -286,8 +360,9 @@ class Service:
             self.engine.grammars.matcher(grammar)
         except ValueError as e:
             reason = grammar_error(str(e))
-            raise ApiError(400, f"{param}: the JSON Schema cannot be enforced: {reason}", param=param,
-                           code="unsupported_schema") from None  # fmt: skip
+            raise ApiError(
+                400, f"{param}: the JSON Schema cannot be enforced: {reason}", param=param, code="unsupported_schema"
+            ) from None
         return grammar
 
     async def completion_prompts(self, prompts: list, suffix: str | None) -> list[list[int]]:
@@ -303,16 +378,26 @@ class Service:
             return [tok.fim_ids(prompts[0], suffix)]
         return [tok.encode_text(p) if isinstance(p, str) else list(p) for p in prompts]
 
-    def sampling_params(self, body: SamplingRequest, prompt: list[int], max_tokens: int | None,
-                        logprobs: int | None, param: str, prompt_logprobs: int | None = None,
-                        ) -> list[SamplingParams]:  # fmt: skip
+    def sampling_params(
+        self,
+        body: SamplingRequest,
+        prompt: list[int],
+        max_tokens: int | None,
+        logprobs: int | None,
+        param: str,
+        prompt_logprobs: int | None = None,
+    ) -> list[SamplingParams]:
         context = self.context
         wanted = max_tokens if max_tokens is not None else max(1, min(DEFAULT_MAX_TOKENS, context - len(prompt)))
         if len(prompt) + wanted > context:
-            raise ApiError(400, f"This model's maximum context length is {context} tokens; the prompt has "
-                           f"{len(prompt)} tokens and max_tokens asks for {wanted} more ({len(prompt) + wanted} "
-                           "in all). Shorten the prompt or lower max_tokens.", param=param,
-                           code="context_length_exceeded")  # fmt: skip
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {context} tokens; the prompt has "
+                f"{len(prompt)} tokens and max_tokens asks for {wanted} more ({len(prompt) + wanted} "
+                "in all). Shorten the prompt or lower max_tokens.",
+                param=param,
+                code="context_length_exceeded",
+            )
         greedy = body.temperature == 0 or body.top_p == 0
         try:
             params = [
@@ -345,8 +430,9 @@ class Service:
             ) from None
 
     # --- generations ---------------------------------------------------------------------------------
-    def start(self, prompt: list[int], params: list[SamplingParams], key: str, meter: Meter,
-              ticket: Ticket) -> Generation:  # fmt: skip
+    def start(
+        self, prompt: list[int], params: list[SamplingParams], key: str, meter: Meter, ticket: Ticket
+    ) -> Generation:
         salt = None if key == ANONYMOUS else key
         return Generation(self.runner, self.metrics, prompt, params, salt, meter, ticket.hold().release)
 

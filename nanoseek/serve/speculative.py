@@ -30,9 +30,12 @@ def draft_token(probs: torch.Tensor, params: SamplingParams, generator: torch.Ge
 
 
 def verify(
-    target_logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor, params: SamplingParams,
+    target_logits: torch.Tensor,
+    drafts: list[int],
+    draft_probs: torch.Tensor,
+    params: SamplingParams,
     generator: torch.Generator | None,
-) -> list[int]:  # fmt: skip
+) -> list[int]:
     """target_logits [k+1, V] at the positions that fed the last token and each draft; draft_probs [k, V].
 
     Returns the emitted tokens: the accepted drafts and one token from the main model (1 to k+1)."""

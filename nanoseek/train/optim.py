@@ -26,9 +26,14 @@ def build_optimizer(
 
 
 def lr_at(
-    step: int, total_steps: int, lr: float, warmup_steps: int, schedule: str = "cosine",
-    min_lr_ratio: float = 0.1, decay_fraction: float = 0.2,
-) -> float:  # fmt: skip
+    step: int,
+    total_steps: int,
+    lr: float,
+    warmup_steps: int,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.1,
+    decay_fraction: float = 0.2,
+) -> float:
     """The learning rate for optimizer step `step` (0-based)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps

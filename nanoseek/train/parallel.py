@@ -227,14 +227,17 @@ def load_full_state(
     if missing or unexpected:
         from nanoseek.checkpoint import CheckpointError
 
-        raise CheckpointError(f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, "
-                              f"unexpected {sorted(unexpected)[:5]}")  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
     for name, p in params.items():
         if model_state[name].shape != _full_shape(p, name, par):
             from nanoseek.checkpoint import CheckpointError
 
-            raise CheckpointError(f"{name}: checkpoint shape {tuple(model_state[name].shape)} but the model "
-                                  f"expects {tuple(_full_shape(p, name, par))}")  # fmt: skip
+            raise CheckpointError(
+                f"{name}: checkpoint shape {tuple(model_state[name].shape)} but the model "
+                f"expects {tuple(_full_shape(p, name, par))}"
+            )
         _local(p).copy_(_local(_shard_like(model_state[name], p, is_expert(name), par)))
         state = {}  # every per-parameter optimizer tensor saved for it (exp_avg, exp_avg_sq, ...)
         for key, value in optim_state.items():

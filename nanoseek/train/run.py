@@ -77,8 +77,9 @@ class RunFolder:
         write_atomically(path, "".join(json.dumps(m) + "\n" for m in kept))
         return open(path, "a")
 
-    def save(self, step: int, model_state: dict[str, torch.Tensor], optim_state: dict, extra: dict[str, Any],
-             keep: int) -> None:  # fmt: skip
+    def save(
+        self, step: int, model_state: dict[str, torch.Tensor], optim_state: dict, extra: dict[str, Any], keep: int
+    ) -> None:
         """A checkpoint of the run, its settings recorded for the resume check."""
         extra = {**extra, f"{self.name}_config": self.config}
         state.save_checkpoint(self.checkpoints, step, model_state, optim_state, extra, keep)

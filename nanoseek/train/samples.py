@@ -15,9 +15,14 @@ from nanoseek.tokenizer import Tokenizer
 
 @torch.no_grad()
 def sample_text(
-    model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 48, temperature: float = 0.8,
-    seed: int = 0, max_context: int = 256,
-) -> str:  # fmt: skip
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int = 48,
+    temperature: float = 0.8,
+    seed: int = 0,
+    max_context: int = 256,
+) -> str:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

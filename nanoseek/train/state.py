@@ -60,9 +60,13 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    root: Path, step: int, model_state: dict[str, torch.Tensor], optim_state: dict[str, torch.Tensor],
-    extra: dict[str, Any], keep: int,
-) -> Path:  # fmt: skip
+    root: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optim_state: dict[str, torch.Tensor],
+    extra: dict[str, Any],
+    keep: int,
+) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.tmp"
@@ -90,13 +94,16 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
     try:
         state = json.loads(state_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({state_file.name}: {e}); delete it to resume "
-                              "from an earlier one") from None  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({state_file.name}: {e}); delete it to resume from an earlier one"
+        ) from None
     for name, digest in state.get("sha256", {}).items():
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}; delete it to resume from an earlier one")
         if _sha256(path / name) != digest:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its checksum; "
-                                  "delete it to resume from an earlier one")  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: {name} does not match its checksum; "
+                "delete it to resume from an earlier one"
+            )
     set_rng_state(load_file(path / "rng.safetensors"))
     return load_file(path / "model.safetensors"), load_file(path / "optimizer.safetensors"), state

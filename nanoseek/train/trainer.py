@@ -49,8 +49,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
-                    reduction: str = "mean") -> torch.Tensor:  # fmt: skip
+def distillation_kl(
+    student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     """KL(teacher || student) over trained positions (targets != IGNORE), their mean or sum; logits [B, T, V]."""
     keep = targets != IGNORE
     s, t = student[keep].float().log_softmax(-1), teacher[keep].float().log_softmax(-1)
@@ -78,8 +79,10 @@ class Trainer:
             self.device = torch.device("cuda", self.par.local_rank)
             torch.cuda.set_device(self.device)
         if cfg.batch_size % (self.par.world * max(1, cfg.micro_batch_size)):
-            raise ValueError(f"--batch-size {cfg.batch_size} must split evenly over {self.par.world} process(es) "
-                             f"and --micro-batch-size {cfg.micro_batch_size}")  # fmt: skip
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} must split evenly over {self.par.world} process(es) "
+                f"and --micro-batch-size {cfg.micro_batch_size}"
+            )
         self.amp_dtype = default_dtype(self.device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         self.data_dir = Path(cfg.data) if cfg.data else None
         initial = None
@@ -97,11 +100,16 @@ class Trainer:
         self.tokenizer = tokenizer or load_tokenizer(self.data_dir / "tokenizer")
         model_cfg = model_cfg or get_preset(cfg.preset)
         if initial is None:
-            model_cfg = model_cfg.replace(vocab_size=self.tokenizer.vocab_size, bos_token_id=self.tokenizer.bos_id,
-                                          eos_token_id=self.tokenizer.eos_id)  # fmt: skip
+            model_cfg = model_cfg.replace(
+                vocab_size=self.tokenizer.vocab_size,
+                bos_token_id=self.tokenizer.bos_id,
+                eos_token_id=self.tokenizer.eos_id,
+            )
         if not model_cfg.num_nextn_predict_layers < cfg.seq_len <= model_cfg.max_position_embeddings:
-            raise ValueError(f"--seq-len must lie in ({model_cfg.num_nextn_predict_layers}, "
-                             f"{model_cfg.max_position_embeddings}] for this model")  # fmt: skip
+            raise ValueError(
+                f"--seq-len must lie in ({model_cfg.num_nextn_predict_layers}, "
+                f"{model_cfg.max_position_embeddings}] for this model"
+            )
         torch.manual_seed(cfg.seed)  # every rank builds the same initial model, then keeps its shards
         self.model = (initial or Transformer(model_cfg)).to(self.device)
         if cfg.fp8:
@@ -169,8 +177,14 @@ class Trainer:
     def mtp_depths(self) -> int:
         return len(self.model.mtp) if self.model.mtp and self.cfg.mtp_lambda > 0 else 0
 
-    def compute_loss(self, inputs: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor | None = None,
-                     chunks: int = 1, world: int = 1) -> dict[str, torch.Tensor]:  # fmt: skip
+    def compute_loss(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        counts: torch.Tensor | None = None,
+        chunks: int = 1,
+        world: int = 1,
+    ) -> dict[str, torch.Tensor]:
         """inputs, targets [B, T] (targets IGNORE where nothing is learnt) -> the loss and its parts.
 
         counts: the trained tokens of the whole step (every micro-batch, every rank) for the main head and
@@ -357,8 +371,12 @@ class Trainer:
                     self._tensorboard(metrics)
                 history.append(metrics)
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                                mfu=f"{metrics['mfu']:.1%}", lr=f"{metrics['lr']:.2e}")  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.3f}",
+                    tok_s=f"{metrics['tokens_per_s']:.0f}",
+                    mfu=f"{metrics['mfu']:.1%}",
+                    lr=f"{metrics['lr']:.2e}",
+                )
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save()
         bar.close()
