@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from nanoseek import Engine, SamplingParams, Transformer, get_preset
+from nanoseek import Engine, SamplingParams, Transformer, get_preset, save_pretrained
 from nanoseek.data import iter_texts, stdlib_files
 from nanoseek.device import cpu_features
 from nanoseek.tokenizer import train_tokenizer
@@ -45,7 +45,7 @@ def save_model(out: Path, preset: str) -> Path:
     )
     torch.manual_seed(0)
     cfg = get_preset(preset).replace(vocab_size=tokenizer.vocab_size, num_nextn_predict_layers=0)
-    Transformer(cfg).save_pretrained(str(out))
+    save_pretrained(Transformer(cfg), str(out))
     tokenizer.save(out)
     return out
 

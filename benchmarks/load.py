@@ -26,7 +26,7 @@ import httpx
 import openai
 import torch
 
-from nanoseek import Transformer, get_preset
+from nanoseek import Transformer, get_preset, save_pretrained
 from nanoseek.data import iter_texts, stdlib_files
 from nanoseek.tokenizer import train_tokenizer
 
@@ -37,7 +37,7 @@ def random_model(out: Path) -> Path:
     model = Transformer(get_preset("tiny").replace(vocab_size=tokenizer.vocab_size))
     with torch.no_grad():
         model.lm_head.weight[tokenizer.eos_id] = 0
-    model.save_pretrained(out)
+    save_pretrained(model, out)
     tokenizer.save(out)
     return out
 

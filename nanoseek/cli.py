@@ -154,12 +154,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     import torch
 
-    from nanoseek.checkpoint import from_pretrained
+    from nanoseek.checkpoint import from_pretrained, save_pretrained
 
     model = from_pretrained(args.model, dtype=torch.float32)  # dequantizes an FP8 source
     if args.to == "bf16":
         model = model.to(torch.bfloat16)
-    model.save_pretrained(args.out, fp8=args.to == "fp8")
+    save_pretrained(model, args.out, fp8=args.to == "fp8")
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (Path(args.model) / name).is_file():
             shutil.copy(Path(args.model) / name, Path(args.out) / name)

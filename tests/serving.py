@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from nanoseek import Transformer, get_preset
+from nanoseek import Transformer, get_preset, save_pretrained
 
 
 def make_model_dir(out: Path, tokenizer, layers: int = 2) -> Path:
@@ -24,7 +24,7 @@ def make_model_dir(out: Path, tokenizer, layers: int = 2) -> Path:
     model = Transformer(get_preset("tiny").replace(vocab_size=tokenizer.vocab_size, num_hidden_layers=layers))
     with torch.no_grad():
         model.lm_head.weight[tokenizer.eos_id] = 0
-    model.save_pretrained(out)
+    save_pretrained(model, out)
     tokenizer.save(out)
     return out
 

@@ -8,7 +8,7 @@ from hf_reference import make_hf_model, perturb_
 from safetensors.torch import load_file, save_file
 
 import nanoseek
-from nanoseek import CheckpointError, Transformer, get_preset
+from nanoseek import CheckpointError, Transformer, get_preset, save_pretrained
 from nanoseek.checkpoint import FINGERPRINT_FILE, weights_fingerprint
 
 
@@ -19,7 +19,7 @@ def _tiny_model(**changes) -> Transformer:
 
 def test_round_trip_keeps_logits_and_mtp_logits(tmp_path):
     model = _tiny_model()
-    model.save_pretrained(str(tmp_path))
+    save_pretrained(model, str(tmp_path))
     loaded = nanoseek.from_pretrained(tmp_path)
     x = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
@@ -31,7 +31,7 @@ def test_round_trip_keeps_logits_and_mtp_logits(tmp_path):
 
 def test_checkpoint_uses_deepseek_layout(tmp_path):
     model = _tiny_model()
-    model.save_pretrained(str(tmp_path))
+    save_pretrained(model, str(tmp_path))
     keys = set(load_file(tmp_path / "model.safetensors"))
     assert "model.layers.1.mlp.experts.7.gate_proj.weight" in keys
     assert "model.layers.1.mlp.gate.e_score_correction_bias" in keys
@@ -44,7 +44,7 @@ def test_checkpoint_uses_deepseek_layout(tmp_path):
 
 
 def test_bf16_load_keeps_gate_bias_fp32(tmp_path):
-    _tiny_model().save_pretrained(str(tmp_path))
+    save_pretrained(_tiny_model(), str(tmp_path))
     model = nanoseek.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     assert model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
@@ -58,21 +58,21 @@ def _rewrite(path, edit):
 
 
 def test_missing_tensor_is_named(tmp_path):
-    _tiny_model().save_pretrained(str(tmp_path))
+    save_pretrained(_tiny_model(), str(tmp_path))
     _rewrite(tmp_path, lambda t: t.pop("model.layers.0.self_attn.kv_b_proj.weight"))
     with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.0\.self_attn\.kv_b_proj\.weight"):
         nanoseek.from_pretrained(tmp_path)
 
 
 def test_unexpected_tensor_is_named(tmp_path):
-    _tiny_model().save_pretrained(str(tmp_path))
+    save_pretrained(_tiny_model(), str(tmp_path))
     _rewrite(tmp_path, lambda t: t.update({"model.layers.0.mystery.weight": torch.zeros(3)}))
     with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.0\.mystery\.weight"):
         nanoseek.from_pretrained(tmp_path)
 
 
 def test_misshaped_tensor_names_both_shapes(tmp_path):
-    _tiny_model().save_pretrained(str(tmp_path))
+    save_pretrained(_tiny_model(), str(tmp_path))
     _rewrite(tmp_path, lambda t: t.update({"model.norm.weight": torch.ones(7)}))
     expected = r"model\.norm\.weight: checkpoint shape \(7,\) but the model expects \(128,\)"
     with pytest.raises(CheckpointError, match=expected):
@@ -80,7 +80,7 @@ def test_misshaped_tensor_names_both_shapes(tmp_path):
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
-    _tiny_model().save_pretrained(str(tmp_path))
+    save_pretrained(_tiny_model(), str(tmp_path))
     (tmp_path / "model.safetensors").unlink()
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(FileNotFoundError, match="never unpickles"):
@@ -88,7 +88,7 @@ def test_pickle_checkpoints_are_refused(tmp_path):
 
 
 def test_missing_shard_is_reported(tmp_path):
-    _tiny_model().save_pretrained(str(tmp_path), max_shard_bytes=200_000)
+    save_pretrained(_tiny_model(), str(tmp_path), max_shard_bytes=200_000)
     shards = sorted(tmp_path.glob("model-*.safetensors"))
     assert len(shards) > 1
     shards[-1].unlink()
@@ -109,7 +109,7 @@ def test_not_a_folder_says_what_to_pass(tmp_path):
 
 
 def test_a_truncated_weight_file_names_the_file_and_what_is_wrong(tmp_path):
-    _tiny_model().save_pretrained(str(tmp_path))
+    save_pretrained(_tiny_model(), str(tmp_path))
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable safetensors file"):
@@ -117,7 +117,7 @@ def test_a_truncated_weight_file_names_the_file_and_what_is_wrong(tmp_path):
 
 
 def test_the_fingerprint_covers_every_weight_byte_and_is_remembered(tmp_path):
-    _tiny_model().save_pretrained(str(tmp_path))
+    save_pretrained(_tiny_model(), str(tmp_path))
     healthy = weights_fingerprint(tmp_path)
     assert (tmp_path / FINGERPRINT_FILE).is_file() and weights_fingerprint(tmp_path) == healthy
     weights = tmp_path / "model.safetensors"
@@ -128,7 +128,7 @@ def test_the_fingerprint_covers_every_weight_byte_and_is_remembered(tmp_path):
 
 
 def test_a_config_too_big_for_the_machine_is_refused_before_allocating(tmp_path):
-    _tiny_model().save_pretrained(str(tmp_path))
+    save_pretrained(_tiny_model(), str(tmp_path))
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | {"hidden_size": 10**9}))
     with pytest.raises(CheckpointError, match=r"need about [\d,.]+ GiB .* GiB available: check config\.json"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoseek import Transformer, get_preset, model_stats
+from nanoseek import Transformer, get_preset, model_stats, save_pretrained
 
 pytestmark = pytest.mark.auto_dtype  # CI runs this module again with the other CPU kind's auto dtype
 
@@ -27,7 +27,7 @@ def test_info_json_for_v3_reports_the_paper_figures():
 
 
 def test_info_reads_a_model_folder(tmp_path):
-    Transformer(get_preset("tiny")).save_pretrained(str(tmp_path))
+    save_pretrained(Transformer(get_preset("tiny")), str(tmp_path))
     result = run("info", "--model", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert f"{model_stats(get_preset('tiny')).params_total:,}" in result.stdout
@@ -50,7 +50,7 @@ def test_help_explains_the_commands(args):
 def test_convert_to_fp8_and_back(tmp_path):
     import torch
 
-    Transformer(get_preset("tiny").replace(vocab_size=300)).to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
+    save_pretrained(Transformer(get_preset("tiny").replace(vocab_size=300)).to(torch.bfloat16), str(tmp_path / "bf16"))
     for source, to, target in (("bf16", "fp8", "fp8"), ("fp8", "bf16", "back")):
         result = run("convert", "--model", str(tmp_path / source), "--to", to, "--out", str(tmp_path / target))
         assert result.returncode == 0, result.stderr
@@ -62,7 +62,7 @@ def test_convert_to_fp8_and_back(tmp_path):
 
 
 def test_generate_and_chat_run_on_a_model_folder(tmp_path, tokenizer):
-    Transformer(get_preset("tiny").replace(vocab_size=tokenizer.vocab_size)).save_pretrained(str(tmp_path))
+    save_pretrained(Transformer(get_preset("tiny").replace(vocab_size=tokenizer.vocab_size)), str(tmp_path))
     tokenizer.save(tmp_path)
     args = ["--model", str(tmp_path), "--max-tokens", "6", "--temperature", "0"]
     result = run("generate", *args, "--prompt", "def add(a, b):", "--no-stream")

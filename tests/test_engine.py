@@ -6,7 +6,7 @@ import pytest
 import torch
 from hf_reference import make_hf_model, perturb_
 
-from nanoseek import Engine, SamplingParams, Transformer, get_preset
+from nanoseek import Engine, SamplingParams, Transformer, get_preset, save_pretrained
 from nanoseek.serve.kv_cache import CacheSpec, LatentPool
 from nanoseek.serve.sampling import sample_token
 
@@ -187,7 +187,7 @@ def test_prompts_that_cannot_fit_are_refused(model):
 
 def test_engine_loads_a_model_folder_with_its_tokenizer(tmp_path, tokenizer):
     model = Transformer(get_preset("tiny").replace(vocab_size=tokenizer.vocab_size))
-    model.save_pretrained(str(tmp_path))
+    save_pretrained(model, str(tmp_path))
     tokenizer.save(tmp_path)
     eng = Engine(tmp_path, device="cpu", dtype=torch.float32)
     [out] = eng.generate(["def add(a, b):"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))

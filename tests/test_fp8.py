@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nanoseek
-from nanoseek import Transformer, get_preset
+from nanoseek import Transformer, get_preset, save_pretrained
 from nanoseek.fp8 import (
     FP8,
     FP8_MAX,
@@ -157,8 +157,8 @@ def test_fp8_checkpoint_round_trip_is_deepseek_format_and_close_to_bf16(tmp_path
     from safetensors import safe_open
 
     model = Transformer(get_preset("tiny").replace(vocab_size=300)).to(torch.bfloat16)
-    model.save_pretrained(str(tmp_path / "bf16"))
-    model.save_pretrained(str(tmp_path / "fp8"), fp8=True)
+    save_pretrained(model, str(tmp_path / "bf16"))
+    save_pretrained(model, str(tmp_path / "fp8"), fp8=True)
     with safe_open(str(tmp_path / "fp8" / "model.safetensors"), "pt") as f:
         w = f.get_tensor("model.layers.1.mlp.experts.3.down_proj.weight")
         s = f.get_tensor("model.layers.1.mlp.experts.3.down_proj.weight_scale_inv")
@@ -184,7 +184,7 @@ def test_fp8_checkpoint_round_trip_is_deepseek_format_and_close_to_bf16(tmp_path
 def test_fp8_checkpoint_with_a_wrong_scale_names_the_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    Transformer(get_preset("tiny").replace(vocab_size=300)).save_pretrained(str(tmp_path), fp8=True)
+    save_pretrained(Transformer(get_preset("tiny").replace(vocab_size=300)), str(tmp_path), fp8=True)
     tensors = load_file(tmp_path / "model.safetensors")
     tensors["model.layers.0.self_attn.o_proj.weight_scale_inv"] = torch.ones(2, 2)
     del tensors["model.layers.0.mlp.up_proj.weight_scale_inv"]

@@ -5,7 +5,7 @@ import torch
 from hf_reference import TINY_HF, load_hf_model, make_hf_model, perturb_
 
 import nanoseek
-from nanoseek import ModelConfig, Transformer
+from nanoseek import ModelConfig, Transformer, save_pretrained
 
 ATOL = 1e-4
 YARN = {
@@ -58,7 +58,7 @@ REVERSE = {k: CASES[k] for k in ("q_lora-groups-norm", "plain_q_proj", "yarn-lon
 def test_saved_model_loads_in_transformers_with_matching_logits(tmp_path, overrides):
     hf_dict = {**TINY_HF, **overrides, "num_nextn_predict_layers": 1}  # MTP weights must not upset transformers
     model = perturb_(Transformer(ModelConfig.from_hf_dict(hf_dict)), seed=3).eval()
-    model.save_pretrained(str(tmp_path), max_shard_bytes=100_000)  # also exercises the sharded index
+    save_pretrained(model, str(tmp_path), max_shard_bytes=100_000)  # also exercises the sharded index
     assert (tmp_path / "model.safetensors.index.json").is_file()
     reference = load_hf_model(tmp_path)
     x = _tokens(2)

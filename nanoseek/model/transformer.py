@@ -109,14 +109,6 @@ class Transformer(nn.Module):
         cos, sin = self.rotary_emb(positions, embeds.dtype)
         return self.mtp[0](embeds, hidden, cos, sin, cache)
 
-    def save_pretrained(self, out_dir: str, max_shard_bytes: int | None = None, fp8: bool = False) -> None:
-        """Write a Hugging Face DeepSeek-V3 folder (config.json + safetensors) that transformers loads;
-        fp8=True writes DeepSeek-V3's FP8 checkpoint format."""
-        from nanoseek import checkpoint  # checkpoint.py builds on this module, not the reverse
-
-        kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-        checkpoint.save_pretrained(self, out_dir, fp8=fp8, **kwargs)
-
     def moe_layers(self) -> list[tuple[str, MoE]]:
         """(name, MoE) for every MoE block, the MTP modules' included, in checkpoint order."""
         return [(name.removesuffix(".mlp"), m) for name, m in self.named_modules() if isinstance(m, MoE)]

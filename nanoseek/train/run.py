@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import torch
 
-from nanoseek.checkpoint import CheckpointError
+from nanoseek.checkpoint import CheckpointError, save_pretrained
 from nanoseek.train import state
 
 
@@ -89,7 +89,7 @@ class RunFolder:
         target = self.out / "model"
         tmp, old = target.with_name("model.tmp"), target.with_name("model.old")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp))
+        save_pretrained(model, str(tmp))
         tokenizer.save(tmp)
         shutil.rmtree(old, ignore_errors=True)  # left over if a run died mid-swap
         if target.exists():
