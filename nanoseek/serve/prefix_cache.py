@@ -26,6 +26,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from nanoseek.atomic import atomic_write
+
 MAGIC = b"NSKV0002"
 DIGEST, FINGERPRINT, CHECKSUM = 16, 16, 32
 HEADER = len(MAGIC) + DIGEST + FINGERPRINT + CHECKSUM
@@ -134,14 +136,9 @@ class DiskCache:
         payload = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
         path = self._path(name)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(f".tmp{threading.get_ident()}")
-        try:
-            header = MAGIC + bytes.fromhex(name) + self.fingerprint + hashlib.sha256(payload).digest()
-            tmp.write_bytes(header + payload)
-            tmp.replace(path)
-        except OSError:
-            tmp.unlink(missing_ok=True)  # a full disk must not fill up further with half files
-            raise
+        header = MAGIC + bytes.fromhex(name) + self.fingerprint + hashlib.sha256(payload).digest()
+        # No fsync: a block torn by a power loss fails its checksum, a miss; a failed write leaves no half file.
+        atomic_write(path, header + payload, fsync=False)
         with self._lock:
             self._index[name] = path.stat().st_size
             self.bytes += self._index[name]

@@ -12,13 +12,12 @@ change the data stream its checkpoint stands in (the saved position would then m
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
+from nanoseek.atomic import atomic_dir, atomic_write
 from nanoseek.checkpoint import CheckpointError, save_pretrained
 from nanoseek.train import state
 
@@ -35,12 +34,6 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:  # a line cut short by a killed run
             continue
     return metrics
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class RunFolder:
@@ -66,7 +59,7 @@ class RunFolder:
         elif found:
             raise CheckpointError(f"{self.out} already holds checkpoints: pass --resume, or pick a new --out")
         if write:
-            write_atomically(self.out / f"{self.name}_config.json", json.dumps(self.config, indent=2) + "\n")
+            atomic_write(self.out / f"{self.name}_config.json", json.dumps(self.config, indent=2) + "\n")
         return saved
 
     def open_metrics(self, step: int, resume: bool) -> IO[str]:
@@ -74,7 +67,7 @@ class RunFolder:
         (rewritten atomically: a run killed here loses no line)."""
         path = self.out / "metrics.jsonl"
         kept = [m for m in read_metrics(self.out) if m["step"] <= step] if resume and path.is_file() else []
-        write_atomically(path, "".join(json.dumps(m) + "\n" for m in kept))
+        atomic_write(path, "".join(json.dumps(m) + "\n" for m in kept))
         return open(path, "a")
 
     def save(
@@ -86,13 +79,6 @@ class RunFolder:
 
     def export(self, model, tokenizer) -> None:
         """The model folder (weights, config, tokenizer) built beside and swapped in whole."""
-        target = self.out / "model"
-        tmp, old = target.with_name("model.tmp"), target.with_name("model.old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(model, str(tmp))
-        tokenizer.save(tmp)
-        shutil.rmtree(old, ignore_errors=True)  # left over if a run died mid-swap
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(self.out / "model") as tmp:
+            save_pretrained(model, str(tmp))
+            tokenizer.save(tmp)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanoseek.atomic import atomic_dir
 from nanoseek.checkpoint import CheckpointError
 
 STATE = "state.json"
@@ -30,14 +30,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -69,19 +61,13 @@ def save_checkpoint(
 ) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
-    save_file({k: v.contiguous() for k, v in optim_state.items()}, tmp / "optimizer.safetensors")
-    save_file({k: v.contiguous() for k, v in rng_state().items()}, tmp / "rng.safetensors")
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-    (tmp / STATE).write_text(json.dumps({"step": step, **extra, "sha256": files}, indent=2) + "\n")
-    for p in tmp.iterdir():
-        _fsync(p)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _fsync(root)
+    final = root / f"step_{step:06d}"
+    with atomic_dir(final) as tmp:  # a hidden name until whole: list_checkpoints never sees it
+        save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
+        save_file({k: v.contiguous() for k, v in optim_state.items()}, tmp / "optimizer.safetensors")
+        save_file({k: v.contiguous() for k, v in rng_state().items()}, tmp / "rng.safetensors")
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / STATE).write_text(json.dumps({"step": step, **extra, "sha256": files}, indent=2) + "\n")
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
