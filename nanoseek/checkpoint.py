@@ -13,16 +13,19 @@ import contextlib
 import hashlib
 import itertools
 import json
-import os
+import shutil
 import warnings
 from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from nanoseek.atomic import atomic_file, atomic_write
 from nanoseek.config import ModelConfig
+from nanoseek.flags import flag
 from nanoseek.fp8 import FP8, dequantize_blocks, quantize_blocks
 from nanoseek.model import Transformer
 from nanoseek.model.fp8_weights import cast_except_fp8, make_fp8_resident, resident_bytes
@@ -145,12 +148,13 @@ def save_pretrained(
     for fname, keys in zip(names, shards, strict=True):
         # clone: the expert views share storage, which safetensors refuses to write.
         shard = {k: tensors[k].detach().to("cpu", copy=True).contiguous() for k in keys}
-        _atomic(out / fname, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+        with atomic_file(out / fname) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(keys, fname))
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic(out / SAFE_INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
+        atomic_write(out / SAFE_INDEX, json.dumps(index, indent=2) + "\n")
     if fp8:
         model.cfg.save_json(out / "config.json", dtype="bfloat16", quantization_config=FP8_QUANTIZATION_CONFIG)
     else:
@@ -167,15 +171,6 @@ def _to_fp8_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             out[key] = t
     return out
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file, fsync, rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -434,3 +429,27 @@ def from_pretrained(
     load_weights(model, read_checkpoint(path, skip=hf_tensor_map(model)[1]))
     model.rotary_emb.reset_parameters()  # a non-persistent buffer: recomputed, not loaded
     return model.eval()
+
+
+# --- the command: `nanoseek convert` ------------------------------------------------------------------------
+@dataclass(slots=True)
+class ConvertConfig:
+    """Convert a DeepSeek-V3 model folder to DeepSeek's FP8 format (E4M3 weights with a weight_scale_inv per
+    128x128 block) or back to bf16."""
+
+    model: str = flag("the model folder to read", default="", required=True, metavar="DIR")
+    to: str = flag("the format to write", default="", required=True, choices=["fp8", "bf16"])
+    out: str = flag("the model folder to write", default="", required=True, metavar="DIR")
+
+
+def convert(cfg: ConvertConfig) -> int:
+    model = from_pretrained(cfg.model, dtype=torch.float32)  # dequantizes an FP8 source
+    if cfg.to == "bf16":
+        model = model.to(torch.bfloat16)
+    save_pretrained(model, cfg.out, fp8=cfg.to == "fp8")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (Path(cfg.model) / name).is_file():
+            shutil.copy(Path(cfg.model) / name, Path(cfg.out) / name)
+    size = sum(p.stat().st_size for p in Path(cfg.out).glob("*.safetensors"))
+    print(f"{cfg.model} -> {cfg.out} ({cfg.to}, {size / 2**20:.1f} MiB of weights)")
+    return 0

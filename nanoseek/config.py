@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nanoseek.flags import flag
+
 IGNORE = -100  # the label of a token that trains nothing (torch's and transformers' ignore_index)
-
-
-def flag(help_text: str, **kwargs: Any) -> Any:
-    """A config field that is also a command-line flag: `add_dataclass_flags` shows help_text."""
-    return field(metadata={"help": help_text}, **kwargs)
 
 
 @dataclass(slots=True)
@@ -288,3 +285,25 @@ def get_preset(name: str) -> ModelConfig:
 
 
 __all__ = ["PRESETS", "ModelConfig", "YarnScaling", "get_preset"]
+
+
+@dataclass(slots=True)
+class ModelSource:
+    """A model's config from a built-in preset or a model folder (for commands that need no weights)."""
+
+    preset: str | None = flag("a built-in config (default: tiny)", default=None, choices=sorted(PRESETS))
+    model: str | None = flag(
+        "a folder with a DeepSeek-V3 config.json (instead of --preset)", default=None, metavar="DIR"
+    )
+    default_preset = "tiny"
+
+    def __post_init__(self) -> None:
+        if self.preset and self.model:
+            raise ValueError("pass --preset or --model, not both")
+
+    @property
+    def name(self) -> str:
+        return self.model or self.preset or self.default_preset
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_json(self.model) if self.model else get_preset(self.preset or self.default_preset)

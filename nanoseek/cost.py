@@ -14,10 +14,13 @@ usual convention, whatever precision the GEMMs run in.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from nanoseek.config import ModelConfig, get_preset
+from nanoseek.config import PRESETS, ModelConfig, ModelSource, get_preset
+from nanoseek.flags import flag
+from nanoseek.serve.config import currency_flag, prices_flag
 
 
 def attention_params(cfg: ModelConfig) -> int:
@@ -396,3 +399,107 @@ def format_cost_report(report: dict[str, Any], name: str) -> str:
         f"{human(api['output_tokens'])} output tokens = {api['price']:.4f} {api['currency']}"
     )
     return "\n".join(lines)
+
+
+# --- the commands: `nanoseek info` and `nanoseek cost` ----------------------------------------------------
+@dataclass(slots=True)
+class InfoConfig(ModelSource):
+    """Print model arithmetic for a preset or a Hugging Face model folder: parameters, active parameters,
+    MTP modules, and KV-cache bytes per token (MLA's latent against full multi-head attention)."""
+
+    kv_bytes: int = flag("bytes per cached element (bf16: 2)", default=2, metavar="N")
+    ep: int = flag("also the all-to-all bytes per token at expert parallelism E", default=1, metavar="E")
+    json: bool = flag("print one JSON object", default=False)
+
+
+def print_info(cfg: InfoConfig) -> int:
+    from nanoseek.device import cpu_features
+
+    model = cfg.model_config()
+    stats = model_stats(model, dtype_bytes=cfg.kv_bytes)
+    a2a = all_to_all_bytes_per_token(model, cfg.ep) if cfg.ep > 1 else None
+    if cfg.json:
+        extra = {} if a2a is None else {"ep": cfg.ep, "all_to_all_bytes_per_token": a2a}
+        print(json.dumps({"source": cfg.name, **stats.as_dict(), **extra}))
+        return 0
+    dense, moe = model.first_k_dense_replace, model.num_hidden_layers - model.first_k_dense_replace
+    mla, mha = human(stats.kv_bytes_per_token, "B"), human(stats.kv_bytes_per_token_mha, "B")
+    smaller = stats.kv_bytes_per_token_mha / stats.kv_bytes_per_token
+    rows = [
+        ("model", cfg.model or f"preset {cfg.name}"),
+        ("layers", f"{model.num_hidden_layers} ({dense} dense, {moe} MoE), hidden {model.hidden_size}"),
+        (
+            "experts",
+            f"{model.n_routed_experts} routed (top-{model.num_experts_per_tok}) + {model.n_shared_experts} shared",
+        ),
+        ("parameters", f"{human(stats.params_total)} ({stats.params_total:,})"),
+        ("active per token", f"{human(stats.params_active)} ({stats.params_active:,})"),
+        ("MTP modules", f"{human(stats.params_mtp)} ({model.num_nextn_predict_layers} depth)"),
+        (f"KV cache / token ({cfg.kv_bytes} B/elem)", f"MLA {mla} vs MHA {mha} ({smaller:.1f}x smaller)"),
+    ]
+    if a2a is not None:
+        rows.append((f"all-to-all / token (EP={cfg.ep})", f"{human(a2a, 'B')} forward (bf16), as much again backward"))
+    rows.append(("this CPU", cpu_features()))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{key:<{width}}  {value}" for key, value in rows))
+    return 0
+
+
+@dataclass(slots=True)
+class CostConfig(ModelSource):
+    """Training cost from a config: FLOPs per token (MLA attention, activated MoE weights, MTP), GPU-hours
+    and money at an MFU; serving: weight bytes, latent KV bytes per token, contexts per node; and the API
+    price of a workload at a cache-hit rate."""
+
+    preset: str | None = flag("a built-in config (default: v3-671b)", default=None, choices=sorted(PRESETS))
+    default_preset = "v3-671b"
+    tokens: str = flag("training tokens", default="14.8T")
+    seq_len: int = flag("training sequence length", default=4096)
+    gpu: str = flag("the GPU", default="h800", choices=sorted(GPUS))
+    mfu: float | None = flag("model FLOPs utilisation of BF16 peak (default: V3's implied)", default=None)
+    price_per_gpu_hour: float = flag("rental, dollars (V3's figure)", default=2.0)
+    v3_report: bool = flag(
+        "DeepSeek-V3's phases (pre-training, 32K and 128K context extension) against its reported 2,788K GPU-hours",
+        default=False,
+    )
+    context_len: int = flag("serving context length", default=32768)
+    gpus_per_node: int = flag("GPUs serving one copy of the model (one node)", default=8)
+    weights: str = flag(
+        "serving weights: fp8 with 128x128 block scales (DeepSeek's) or bf16", default="fp8", choices=["fp8", "bf16"]
+    )
+    input_tokens: str = flag("API workload input tokens", default="1M")
+    output_tokens: str = flag("API workload output tokens", default="1M")
+    hit_rate: float = flag("share of input tokens that hit the cache", default=0.5)
+    prices: str = prices_flag()
+    currency: str = currency_flag()
+    json: bool = flag("print one JSON object", default=False)
+
+
+def print_cost(cfg: CostConfig) -> int:
+    from nanoseek.serve.billing import PriceTable
+
+    report = cost_report(
+        cfg.model_config(),
+        GPUS[cfg.gpu],
+        tokens=parse_count(cfg.tokens),
+        seq_len=cfg.seq_len,
+        mfu=cfg.mfu,
+        v3_report=cfg.v3_report,
+        price_per_gpu_hour=cfg.price_per_gpu_hour,
+        weights=cfg.weights,
+        context_len=cfg.context_len,
+        gpus_per_node=cfg.gpus_per_node,
+    )
+    prices = PriceTable.parse(cfg.prices, cfg.currency)
+    inputs, outputs = parse_count(cfg.input_tokens), parse_count(cfg.output_tokens)
+    hit = round(inputs * cfg.hit_rate)
+    price = float(prices.cost(hit, round(inputs) - hit, round(outputs)))
+    report["api"] = {
+        "input_tokens": inputs,
+        "output_tokens": outputs,
+        "hit_rate": cfg.hit_rate,
+        "price": price,
+        "currency": prices.currency,
+    }
+    print(json.dumps(report, indent=2) if cfg.json else format_cost_report(report, cfg.name))
+    return 0

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -30,7 +29,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nanoseek.atomic import atomic_dir
 from nanoseek.config import IGNORE
+from nanoseek.flags import flag
 from nanoseek.tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE, Tokenizer, train_tokenizer
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".c", ".h", ".js", ".ts", ".html", ".css", ".json", ".toml"}
@@ -242,18 +243,13 @@ def ensure_default_data(vocab_size: int, progress: bool = True) -> Path:
     if (out / META).is_file():
         return out
     files = stdlib_files()
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     if progress:
         print(f"preparing the default corpus: {len(files)} stdlib files -> {out}", file=sys.stderr)
-    tokenizer = train_tokenizer(iter_texts(files), vocab_size, show_progress=progress)
-    tokenizer.save(tmp / "tokenizer")
-    prepare(files, tokenizer, tmp, progress=progress)
-    if (out / META).is_file():  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+    # Several processes may build it at once: each under its own name, and the first one done wins.
+    with atomic_dir(out, replace=False) as tmp:
+        tokenizer = train_tokenizer(iter_texts(files), vocab_size, show_progress=progress)
+        tokenizer.save(tmp / "tokenizer")
+        prepare(files, tokenizer, tmp, progress=progress)
     return out
 
 
@@ -453,3 +449,48 @@ class ChatLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+# --- the commands: `nanoseek tokenizer train` and `nanoseek data prepare` -----------------------------------
+@dataclass(slots=True)
+class TokenizerTrainConfig:
+    """Train a byte-level BPE on text files."""
+
+    input: list[str] = flag("files, folders or globs", default_factory=list, required=True, metavar="PATH")
+    vocab_size: int = flag("tokens in the vocabulary", default=0, required=True, metavar="N")
+    out: str = flag("the tokenizer folder to write", default="", required=True, metavar="DIR")
+
+
+def train_tokenizer_files(cfg: TokenizerTrainConfig) -> int:
+    files = expand_inputs(cfg.input)
+    tokenizer = train_tokenizer(iter_texts(files), cfg.vocab_size)
+    tokenizer.save(cfg.out)
+    print(f"trained a {tokenizer.vocab_size}-token BPE on {len(files)} file(s) -> {cfg.out}")
+    return 0
+
+
+@dataclass(slots=True)
+class PrepareConfig:
+    """Tokenise text, JSONL ('text') and parquet ('text') into memmap shards."""
+
+    input: list[str] = flag("files, folders or globs", default_factory=list, required=True, metavar="PATH")
+    tokenizer: str = flag("tokenizer folder or tokenizer.json", default="", required=True, metavar="DIR")
+    out: str = flag("the data folder to write", default="", required=True, metavar="DIR")
+    seed: int = flag("seed of the train/val split", default=0)
+    val_permille: int = flag("documents per 1000 kept for validation", default=10)
+    fim_rate: float = flag(
+        "share of training documents turned into fill-in-the-middle examples, prefix-suffix-middle (DeepSeek-V3's)",
+        default=FIM_RATE,
+    )
+
+
+def prepare_files(cfg: PrepareConfig) -> int:
+    from nanoseek.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    files = expand_inputs(cfg.input)
+    meta = prepare(files, tokenizer, cfg.out, seed=cfg.seed, val_permille=cfg.val_permille, fim_rate=cfg.fim_rate)
+    tokenizer.save(f"{cfg.out}/tokenizer")  # the data remembers how it was tokenised
+    tokens = {split: sum(s["tokens"] for s in shards) for split, shards in meta.shards.items()}
+    print(f"{meta.documents} documents, {tokens} tokens ({meta.dtype}) -> {cfg.out}")
+    return 0

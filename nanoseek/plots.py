@@ -3,9 +3,11 @@ reward.png (GRPO runs) from metrics.jsonl; and the report card's charts."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nanoseek.flags import flag
 from nanoseek.train.run import read_metrics
 
 
@@ -129,3 +131,16 @@ def fp8_plot(path: Path, fp8: dict[str, Any]) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+@dataclass(slots=True)
+class PlotConfig:
+    """PNG plots of a run folder: loss, learning rate, expert load, rewards."""
+
+    run: str = flag("a run folder with metrics.jsonl", default="", positional=True, metavar="DIR")
+
+
+def plot(cfg: PlotConfig) -> int:
+    for path in plot_run(cfg.run):
+        print(path)
+    return 0

@@ -15,7 +15,6 @@ resumes from its last checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,9 +24,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from nanoseek.atomic import atomic_write
 from nanoseek.config import get_preset
 from nanoseek.data import ensure_default_data, sft_row
 from nanoseek.device import default_device
+from nanoseek.flags import flag
 from nanoseek.plots import plot_run
 from nanoseek.report import write_report
 from nanoseek.rl.distill import distill
@@ -127,9 +128,7 @@ class Speedrun:
             start = time.perf_counter()
             result = steps[stage]()
             result["seconds"] = round(time.perf_counter() - start, 1)
-            tmp = self.dir(stage) / "result.json.tmp"
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            os.replace(tmp, self.dir(stage) / "result.json")
+            atomic_write(self.dir(stage) / "result.json", json.dumps(result, indent=2) + "\n")
             bar.write(f"{stage}: done in {result['seconds']:.0f} s")
         bar.close()
         stages = {s: self.result(s) for s in STAGES}
@@ -335,3 +334,35 @@ class Speedrun:
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else 0.0
+
+
+# --- the command: `nanoseek speedrun` -----------------------------------------------------------------------
+@dataclass(slots=True)
+class SpeedrunConfig:
+    """Tokenizer and data -> pretraining (FP8 where the hardware has it; a short FP8 vs BF16 comparison) ->
+    SFT -> distillation -> GRPO -> evaluation -> decode benchmark -> report.md, report.html, report.json;
+    optionally the API server. A rerun skips finished stages and resumes a killed one."""
+
+    preset: str = flag("the model", default="tiny", choices=["tiny", "small"])
+    out: str = flag("the run folder", default="runs/speedrun", metavar="DIR")
+    plan: str | None = flag(
+        "stage sizes (default: the preset's; quick: a smoke test of a minute or two)",
+        default=None,
+        choices=sorted(PLANS),
+    )
+    serve: bool = flag("then serve the final model (chat page at /)", default=False)
+    port: int = flag("the server's port", default=8000)
+
+
+def run(cfg: SpeedrunConfig) -> int:
+    report = Speedrun(cfg.preset, cfg.out, plan=cfg.plan).run()
+    grpo, out = report["stages"]["grpo"], Path(cfg.out)
+    minutes, before, after = report["total_seconds"] / 60, grpo["pass_at_1_before"], grpo["pass_at_1_after"]
+    print(f"speedrun done in {minutes:.1f} min: held-out pass@1 {before:.3f} -> {after:.3f}")
+    print(f"report card: {out / 'report.md'}, {out / 'report.html'}")
+    if cfg.serve:
+        from nanoseek.serve.api import serve
+        from nanoseek.serve.config import ServeConfig
+
+        serve(ServeConfig(model=str(out / "grpo" / "model"), port=cfg.port, cache_dir=str(out / "kv-cache")))
+    return 0

@@ -28,14 +28,8 @@ def model_dir(tmp_path_factory, tokenizer):
 def server(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("contract-server")
     (root / "keys.txt").write_text("key-a\nkey-b\n")
-    args = [
-        "--api-keys",
-        str(root / "keys.txt"),
-        "--reasoning-model-name",
-        "deepseek-reasoner",
-        "--max-concurrent-per-key",
-        str(LIMIT),
-    ]
+    keys = str(root / "keys.txt")
+    args = ["--api-keys", keys, "--reasoning-model-name", "deepseek-reasoner", "--max-concurrent-per-key", str(LIMIT)]
     # fp32 whatever the CPU: log-probabilities are compared with a direct fp32 forward pass.
     with Server(model_dir, *args, log=root / "server.log", env={"NANOSEEK_AUTO_DTYPE": "float32"}) as s:
         yield s
@@ -130,15 +124,9 @@ def test_thinking_disabled_closes_think_and_the_reply_is_content(server, tokeniz
 def test_an_earlier_replys_reasoning_is_not_fed_back(server):
     c = client(server)
     plain = [*user("2+2?"), {"role": "assistant", "content": "4"}, *user("and 3+3?")]
-    reasoned = [
-        *user("2+2?"),
-        {
-            "role": "assistant",
-            "content": "<think>two and two make four</think>4",
-            "reasoning_content": "two and two make four",
-        },
-        *user("and 3+3?"),
-    ]
+    thought = "two and two make four"
+    answer = {"role": "assistant", "content": f"<think>{thought}</think>4", "reasoning_content": thought}
+    reasoned = [*user("2+2?"), answer, *user("and 3+3?")]
     a, b = ask(c, plain), ask(c, reasoned)
     assert a.usage.prompt_tokens == b.usage.prompt_tokens
     assert a.choices[0].message.content == b.choices[0].message.content

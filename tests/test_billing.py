@@ -89,17 +89,8 @@ def test_a_killed_processes_reservations_are_dropped(tmp_path):
 
 
 def test_a_json_ledger_is_imported_once(tmp_path):
-    old = {
-        "accounts": {
-            "a": {
-                "requests": 2,
-                "prompt_cache_hit_tokens": 64,
-                "prompt_cache_miss_tokens": 10,
-                "completion_tokens": 7,
-                "granted": "1.5",
-            }
-        }
-    }
+    totals = {"requests": 2, "prompt_cache_hit_tokens": 64, "prompt_cache_miss_tokens": 10, "completion_tokens": 7}
+    old = {"accounts": {"a": {**totals, "granted": "1.5"}}}
     (tmp_path / "ledger.json").write_text(json.dumps(old))
     ledger = Ledger(tmp_path / "l.db", PRICES)
     assert ledger.import_json(tmp_path / "ledger.json") and not ledger.import_json(tmp_path / "ledger.json")

@@ -33,16 +33,8 @@ def model_dir(tmp_path_factory, tokenizer):
 def server(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     (root / "keys.txt").write_text("key-a\nkey-b  # no balance: unlimited\nkey-poor 0.0000001\n")
-    args = [
-        "--api-keys",
-        str(root / "keys.txt"),
-        "--cache-dir",
-        str(root / "kv"),
-        "--max-pending",
-        "8",
-        "--admin-key",
-        ADMIN_KEY,
-    ]
+    keys, kv = str(root / "keys.txt"), str(root / "kv")
+    args = ["--api-keys", keys, "--cache-dir", kv, "--max-pending", "8", "--admin-key", ADMIN_KEY]
     with Server(model_dir, *args, log=root / "server.log") as s:
         yield s
 

@@ -18,13 +18,14 @@ from typing import Any
 
 from tqdm import tqdm
 
+from nanoseek.atomic import atomic_file, atomic_write
 from nanoseek.data import sft_row
+from nanoseek.rl.config import DistillConfig
 from nanoseek.rl.evaluate import batch_engine, completion_text
 from nanoseek.rl.tasks import Problem, Task
 from nanoseek.serve.engine import Engine
 from nanoseek.serve.sampling import SamplingParams
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.run import write_atomically
 
 
 def read_problems(path: str | Path) -> list[Problem]:
@@ -123,20 +124,19 @@ def distill(
         while (stats := written()) is None:  # the first process is sampling: wait for its traces
             time.sleep(1.0)
     elif stats is None:
-        tmp = traces.with_name(traces.name + ".tmp")  # renamed when whole: a killed run leaves no half file
-        stats = write_traces(
-            batch_engine(teacher),
-            problems,
-            task,
-            tmp,
-            samples=samples,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            seed=seed,
-            progress=train.progress,
-        )
-        os.replace(tmp, traces)
-        write_atomically(record, json.dumps({"settings": settings, "stats": stats}, indent=2) + "\n")
+        with atomic_file(traces) as tmp:  # renamed when whole: a killed run leaves no half file
+            stats = write_traces(
+                batch_engine(teacher),
+                problems,
+                task,
+                tmp,
+                samples=samples,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                seed=seed,
+                progress=train.progress,
+            )
+        atomic_write(record, json.dumps({"settings": settings, "stats": stats}, indent=2) + "\n")
     if stats["kept"] < min_traces:
         return {**stats, "student_tokens": 0, "note": f"{stats['kept']} verified traces: too few to fine-tune on"}
     from nanoseek.train import parallel
@@ -144,3 +144,17 @@ def distill(
 
     trainer, _ = parallel.fit(Trainer(train))
     return {**stats, "student_tokens": trainer.tokens}
+
+
+def run(cfg: DistillConfig) -> int:
+    """`nanoseek distill`: the pipeline on a prompts file, with the settings' verifier."""
+    from nanoseek.rl.tasks import get_task
+
+    task = get_task(cfg.task) if cfg.task else None
+    train = cfg.train_config()
+    sampling = {"samples": cfg.samples, "temperature": cfg.teacher_temperature, "max_tokens": cfg.max_tokens}
+    stats = distill(cfg.teacher, read_problems(cfg.prompts), task, train, seed=cfg.seed, **sampling)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the first process prints
+        print(f"teacher: {stats['kept']} of {stats['prompts']} prompts kept (accuracy {stats['teacher_accuracy']:.3f})")
+        print(stats.get("note") or f"student fine-tuned on the teacher's traces -> {train.out}/model")
+    return 0 if "note" not in stats else 1

@@ -10,10 +10,13 @@ full reward.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from math import comb
+from pathlib import Path
 
-from nanoseek.rl.tasks import Problem, Task
+from nanoseek.rl.config import EvalConfig
+from nanoseek.rl.tasks import Problem, Task, get_task
 from nanoseek.serve.engine import Engine
 from nanoseek.serve.sampling import SamplingParams
 
@@ -74,3 +77,39 @@ def evaluate(
         firsts.append((problem, replies[0], rewards[0]))
     scores = {k: sum(pass_at_k(samples, c, k) for c in correct) / len(problems) for k in ks}
     return EvalResult(scores, firsts)
+
+
+def run(cfg: EvalConfig) -> int:
+    """`nanoseek eval`: pass@k with the verifier, or lm-evaluation-harness tasks against a server."""
+    if cfg.lm_eval:
+        return run_lm_eval(cfg)
+    task = get_task(cfg.task)
+    problems = task.problems(cfg.split, cfg.n, cfg.seed)
+    sampling = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "seed": cfg.seed}
+    result = evaluate(batch_engine(cfg.model), task, problems, samples=cfg.samples, ks=cfg.ks, **sampling)
+    if cfg.json:
+        print(json.dumps({f"pass@{k}": v for k, v in result.pass_at.items()} | {"n": cfg.n, "task": cfg.task}))
+        return 0
+    for problem, reply, reward in result.samples[: cfg.show]:
+        print(f"{problem.question}\n  -> {reply!r} (reward {reward})")
+    print(", ".join(f"pass@{k} {v:.3f}" for k, v in result.pass_at.items()) + f" on {cfg.n} {cfg.split} problems")
+    return 0
+
+
+def run_lm_eval(cfg: EvalConfig) -> int:
+    from nanoseek import harness
+
+    yamls = [Path(y) for y in cfg.lm_eval]
+    if missing := [str(y) for y in yamls if not y.is_file()]:
+        raise FileNotFoundError(f"no task YAML at {', '.join(missing)}")
+    options = {
+        "model_name": cfg.served_model_name,
+        "limit": cfg.limit,
+        "output": cfg.output,
+        "concurrency": cfg.concurrency,
+        "api_key": cfg.api_key,
+    }
+    if cfg.url:
+        return harness.run(cfg.url, yamls, **options)
+    with harness.served(cfg.model, cfg.concurrency) as url:
+        return harness.run(url, yamls, **options)

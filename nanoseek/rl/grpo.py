@@ -239,3 +239,12 @@ class GRPOTrainer:
                     self.save()
         bar.close()
         return history
+
+
+def run(cfg: GRPOConfig) -> int:
+    """`nanoseek grpo`: train to the end; the first process reports held-out pass@1 before and after."""
+    trainer, history = parallel.fit(GRPOTrainer(cfg))
+    evals = [m["eval/pass_at_1"] for m in history if "eval/pass_at_1" in m]
+    if len(evals) >= 2 and trainer.par.is_main:
+        print(f"held-out pass@1: {evals[0]:.3f} before, {evals[-1]:.3f} after -> {cfg.out}/model")
+    return 0

@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanoseek.rl.config import TaskWriteConfig
+
 INSTRUCTION = "Think step by step inside <think></think>, then give the result inside <answer></answer>."
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -287,3 +289,20 @@ def get_task(name: str) -> Task:
     if name.endswith(".jsonl") and Path(name).is_file():
         return FileTask(path=name)
     raise ValueError(f"unknown task {name!r}: use one of {sorted(TASKS)} or a .jsonl file with prompt and answer")
+
+
+def write(cfg: TaskWriteConfig) -> int:
+    """`nanoseek task write`: prompts for distill (with what the verifier needs), or chat examples for sft
+    (with the tools they call, if any)."""
+    from nanoseek.data import sft_row
+
+    task = get_task(cfg.task)
+    problems = task.problems(cfg.split, cfg.n, cfg.seed)
+    with open(cfg.out, "w") as f:
+        for p in problems:
+            if cfg.solutions:
+                f.write(sft_row(task.conversation(p), task.tools))
+            else:
+                f.write(json.dumps({"prompt": p.question, "answer": p.answer, "meta": p.meta}) + "\n")
+    print(f"{len(problems)} {cfg.split} problems of {cfg.task} -> {cfg.out}")
+    return 0

@@ -38,6 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanoseek.serve import errors
 from nanoseek.serve.engine import Engine, RequestOutput
 from nanoseek.serve.errors import ApiError, BodyLimit, validation_error
 from nanoseek.serve.generation import EventStream, TextDeltas, sse, stream_events
@@ -187,11 +188,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
     async def chat(body: ChatCompletionRequest, request: Request, key: str, ticket: Ticket):
         prefix = body.messages[-1].prefix
         if any(m.prefix for m in body.messages[:-1]) or (prefix and body.messages[-1].role != "assistant"):
-            raise ApiError(
-                400,
-                "prefix: true goes on the last message, an assistant's, whose text the reply continues",
-                param="messages",
-            )
+            raise errors.misplaced_prefix()
         tools = service.check_tools(body)
         thinking = cfg.thinks(body.model, body.thinking and body.thinking.type)
         prompt = await service.chat_prompt(
@@ -283,11 +280,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
             if tokenizer.tok.token_to_id(FIM_HOLE) is None:
                 raise ApiError(400, "this model's tokenizer has no fill-in-the-middle tokens", param="suffix")
         if body.max_tokens == 0 and not body.scoring:
-            raise ApiError(
-                400,
-                "max_tokens 0 generates nothing: it takes echo with logprobs, to score the prompt",
-                param="max_tokens",
-            )
+            raise errors.nothing_to_generate()
         if body.scoring and body.stream:
             raise ApiError(
                 400, "echo with logprobs (scoring the prompt) is answered whole: send it without stream", param="stream"
@@ -304,20 +297,9 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
 
     async def complete(body: CompletionRequest, request: Request, key: str, ticket: Ticket, prompts: list):
         encoded = await service.completion_prompts(prompts, body.suffix)
-        jobs = [
-            (
-                ids,
-                service.sampling_params(
-                    body,
-                    ids,
-                    body.max_tokens,
-                    body.logprobs,
-                    "prompt",
-                    prompt_logprobs=body.logprobs if body.scoring else None,
-                ),
-            )
-            for ids in encoded
-        ]
+        scored = body.logprobs if body.scoring else None  # echo with logprobs: the prompt's log-probs too
+        sampling = [service.sampling_params(body, p, body.max_tokens, body.logprobs, "prompt", scored) for p in encoded]
+        jobs = list(zip(encoded, sampling, strict=True))
         meters = await service.reserve(key, jobs)
         # Every prompt goes to the engine before any is awaited, so they batch.
         generations = [
@@ -403,3 +385,13 @@ def serve(cfg: ServeConfig) -> None:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     print(f"nanoseek serving {cfg.names} at http://{cfg.host}:{cfg.port} (chat page at /)", flush=True)
     server.run(sockets=[sock])
+
+
+def run(cfg: ServeConfig) -> int:
+    """`nanoseek serve`: until stopped. Under torchrun the ranks > 0 serve their shares of the experts."""
+    from nanoseek.serve.parallel import run_as_expert_rank
+
+    if (code := run_as_expert_rank(cfg.model, cfg.weights)) is not None:
+        return code
+    serve(cfg)
+    return 0

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from nanoseek.serve.config import LedgerConfig
+
 log = logging.getLogger("nanoseek.serve")
 MILLION = Decimal(1_000_000)
 WRITE_EVERY = 0.01  # seconds between the writer's transactions: a killed server loses at most this much usage
@@ -52,6 +54,20 @@ CREATE TABLE IF NOT EXISTS reservations (
 CREATE INDEX IF NOT EXISTS reservations_by_key ON reservations (key);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+GRANT = """
+INSERT INTO accounts (key, granted) VALUES (?, ?)
+ON CONFLICT (key) DO UPDATE SET granted = excluded.granted
+"""
+OPEN_ACCOUNT = "INSERT INTO accounts (key, granted) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"
+ADD_USAGE = """
+UPDATE accounts SET requests = requests + ?, hit = hit + ?, miss = miss + ?, output = output + ?
+WHERE key = ?
+"""
+INSERT_USAGE = "INSERT INTO usage (key, request, time, hit, miss, output) VALUES (?, ?, ?, ?, ?, ?)"
+INSERT_RESERVATION = "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?)"
+RESERVING_PIDS = "SELECT DISTINCT pid FROM reservations WHERE host = ?"
+# An account's totals in the JSON ledger of nanoseek before SQLite, in the order of ADD_USAGE.
+JSON_TOTALS = ("requests", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,9 +207,7 @@ class Ledger:
     def _drop_dead_reservations(self) -> None:
         """Reservations of this host's processes that no longer run (a server killed mid-request)."""
         with self._lock:
-            pids = [
-                p for (p,) in self._db.execute("SELECT DISTINCT pid FROM reservations WHERE host = ?", (self.host,))
-            ]
+            pids = [p for (p,) in self._db.execute(RESERVING_PIDS, (self.host,))]
         dead = [p for p in pids if p != self.pid and not _alive(p)]
         if dead:
             with self._transaction() as db:
@@ -204,11 +218,7 @@ class Ledger:
         """Set keys' balances (from the keys file); accounts keep their spending."""
 
         def upsert(db):
-            db.executemany(
-                "INSERT INTO accounts (key, granted) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET granted = excluded.granted",
-                [(k, None if b is None else str(b)) for k, b in balances.items()],
-            )
+            db.executemany(GRANT, [(k, None if b is None else str(b)) for k, b in balances.items()])
 
         self._write(upsert)
 
@@ -265,10 +275,7 @@ class Ledger:
                     f"{max_output_tokens} output tokens): top it up, or lower max_tokens"
                 )
             reservation = uuid.uuid4().hex
-            db.execute(
-                "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?)",
-                (reservation, key, str(worst), self.host, self.pid, time.time()),
-            )
+            db.execute(INSERT_RESERVATION, (reservation, key, str(worst), self.host, self.pid, time.time()))
             return reservation
 
         return Meter(self, key, self._write(reserve))
@@ -340,16 +347,9 @@ class Ledger:
             hit, miss, out = (a - b for a, b in zip(delivered, m.recorded, strict=True))
             if hit or miss or out:
                 first = m.recorded == (0, 0, 0)
-                db.execute(
-                    "INSERT INTO usage (key, request, time, hit, miss, output) VALUES (?, ?, ?, ?, ?, ?)",
-                    (m.key, m.request, now, hit, miss, out),
-                )
+                db.execute(INSERT_USAGE, (m.key, m.request, now, hit, miss, out))
                 db.execute("INSERT INTO accounts (key) VALUES (?) ON CONFLICT (key) DO NOTHING", (m.key,))
-                db.execute(
-                    "UPDATE accounts SET requests = requests + ?, hit = hit + ?, miss = miss + ?, "
-                    "output = output + ? WHERE key = ?",
-                    (int(first), hit, miss, out, m.key),
-                )
+                db.execute(ADD_USAGE, (int(first), hit, miss, out, m.key))
             if closed and m.reservation is not None:
                 db.execute("DELETE FROM reservations WHERE id = ?", (m.reservation,))
 
@@ -361,17 +361,7 @@ class Ledger:
             return False
         try:
             accounts = json.loads(path.read_text())["accounts"]
-            rows = [
-                (
-                    k,
-                    a.get("granted"),
-                    int(a["requests"]),
-                    int(a["prompt_cache_hit_tokens"]),
-                    int(a["prompt_cache_miss_tokens"]),
-                    int(a["completion_tokens"]),
-                )
-                for k, a in accounts.items()
-            ]
+            rows = [(k, a.get("granted"), *(int(a[total]) for total in JSON_TOTALS)) for k, a in accounts.items()]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path} is not a nanoseek JSON ledger ({e}); move it aside") from e
 
@@ -379,18 +369,9 @@ class Ledger:
             if db.execute("SELECT 1 FROM meta WHERE name = ?", (f"imported:{path.resolve()}",)).fetchone():
                 return
             for key, granted, requests, hit, miss, out in rows:
-                db.execute(
-                    "INSERT INTO accounts (key, granted) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, granted)
-                )
-                db.execute(
-                    "UPDATE accounts SET requests = requests + ?, hit = hit + ?, miss = miss + ?, "
-                    "output = output + ? WHERE key = ?",
-                    (requests, hit, miss, out, key),
-                )
-                db.execute(
-                    "INSERT INTO usage (key, request, time, hit, miss, output) VALUES (?, ?, ?, ?, ?, ?)",
-                    (key, f"imported:{path.name}", time.time(), hit, miss, out),
-                )
+                db.execute(OPEN_ACCOUNT, (key, granted))
+                db.execute(ADD_USAGE, (requests, hit, miss, out, key))
+                db.execute(INSERT_USAGE, (key, f"imported:{path.name}", time.time(), hit, miss, out))
             db.execute("INSERT INTO meta VALUES (?, ?)", (f"imported:{path.resolve()}", str(time.time())))
 
         self._write(take)
@@ -490,3 +471,15 @@ def read_api_keys(path: str | Path) -> dict[str, Decimal | None]:
     if not keys:
         raise ValueError(f"{path} lists no API keys")
     return keys
+
+
+def print_ledger(cfg: LedgerConfig) -> int:
+    """`nanoseek ledger`: the usage report of a serving ledger, as a table or CSV."""
+    if not Path(cfg.ledger).is_file():
+        raise FileNotFoundError(f"no ledger at {cfg.ledger}: pass the --ledger file `nanoseek serve` writes")
+    ledger = Ledger(cfg.ledger, PriceTable.parse(cfg.prices, cfg.currency))
+    try:
+        print(usage_report(ledger, as_csv=cfg.csv), end="")
+    finally:
+        ledger.close()
+    return 0

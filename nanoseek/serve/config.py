@@ -1,17 +1,92 @@
-"""`nanoseek serve` settings: a light module (no FastAPI), so that building the CLI stays quick."""
+"""The settings of the commands that run the engine (generate, chat, serve) and of `nanoseek ledger`: a light
+module (no FastAPI, no engine), so that building the CLI stays quick."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from nanoseek.config import flag
+from nanoseek.flags import flag, inherit
+from nanoseek.serve.sampling import SamplingParams
 
 CACHE_UNIT = 64  # tokens per cached prefix block, as DeepSeek's context caching
 
 
+def prices_flag() -> str:
+    """The prices option of every command that bills or prices (serve, ledger, cost): one name, one default."""
+    return flag("per million tokens: cache-hit,cache-miss,output", default="0.5,2,8")
+
+
+def currency_flag() -> str:
+    return flag("currency of the prices", default="CNY")
+
+
 @dataclass(slots=True)
-class ServeConfig:
-    model: str | None = flag("a model folder with its tokenizer (required)", default=None)
+class EngineConfig:
+    """The inference engine's settings, as every command that runs one takes them (generate, chat, serve)."""
+
+    model: str | None = flag("a model folder with its tokenizer", default=None, required=True, metavar="DIR")
+    weights: str = flag(
+        "projection weights in memory: fp8 (E4M3 with 128x128 block scales, about 1 byte per parameter), bf16 "
+        "or fp32 (dequantised); auto: fp8 for an FP8 checkpoint",
+        default="auto",
+        choices=["auto", "fp8", "bf16", "fp32"],
+    )
+    fp8_cache: bool = flag("keep the latent KV cache in FP8", default=False)
+    enforce_eager: bool = flag(
+        "run decode steps eagerly; --no-enforce-eager captures each batch bucket up to --max-seqs with "
+        "torch.compile at start-up (seconds each on a CPU, then fewer per-step overheads)",
+        default=True,
+    )
+    cache_memory_mb: int = flag("memory for the latent KV cache", default=256)
+    max_batched_tokens: int = flag("tokens per engine step", default=512)
+    max_seqs: int = flag("sequences per engine step", default=64)
+    speculative_tokens: int = flag("MTP draft tokens per step (0: off)", default=0)
+    cache_dir: str | None = flag("folder for the on-disk context cache", default=None)
+    disk_cache_gb: float = flag("bound on the disk cache, LRU-evicted", default=8.0)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("the engine needs --model DIR (a folder with config.json and tokenizer.json)")
+        if self.disk_cache_gb <= 0 or self.cache_memory_mb <= 0:
+            raise ValueError("--disk-cache-gb and --cache-memory-mb must be positive")
+
+
+@dataclass(slots=True)
+class GenerateConfig(EngineConfig):
+    """Generate text from a prompt."""
+
+    prompt: str = flag("the prompt", default="", required=True)
+    chat: bool = flag("wrap the prompt in the chat template", default=False)
+    stream: bool = flag("print the text as it comes (--no-stream: once it is complete)", default=True)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(slots=True)
+class ChatConfig(EngineConfig):
+    """Chat with a model in the terminal, with streaming and the chat template."""
+
+    system: str = flag("a system prompt", default="")
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(slots=True)
+class LedgerConfig:
+    """Print (or export as CSV) every API key's usage, cost, balance and open reservations, from the SQLite
+    ledger that `nanoseek serve` writes."""
+
+    ledger: str = flag("the ledger file (serve's --ledger)", default="", required=True, metavar="FILE")
+    prices: str = prices_flag()
+    currency: str = currency_flag()
+    csv: bool = flag("CSV on stdout instead of a table", default=False)
+
+
+@dataclass(slots=True)
+class ServeConfig(EngineConfig):
+    """Serve a model over HTTP: /v1/chat/completions, /v1/completions, /v1/models, /v1/billing, /metrics,
+    and a chat page at /. Prompt prefixes are cached in 64-token units in memory and, with --cache-dir, on
+    disk; usage is billed as cache-hit input, cache-miss input and output tokens."""
+
+    enforce_eager: bool = inherit(EngineConfig, "enforce_eager", False)  # a server captures its decode steps
     host: str = flag("address to listen on", default="127.0.0.1")
     port: int = flag("port to listen on", default=8000)
     served_model_name: str = flag("model names clients send, comma-separated", default="nanoseek")
@@ -21,11 +96,8 @@ class ServeConfig:
         default="",
     )
     api_keys: str | None = flag("file of 'KEY [BALANCE]' lines; none: no auth", default=None)
-    cache_dir: str | None = flag("folder for the on-disk context cache", default=None)
-    disk_cache_gb: float = flag("bound on the disk cache, LRU-evicted", default=8.0)
-    cache_memory_mb: int = flag("memory for the latent KV cache", default=256)
-    prices: str = flag("per million tokens: cache-hit,cache-miss,output", default="0.5,2,8")
-    currency: str = flag("currency of the prices", default="CNY")
+    prices: str = prices_flag()
+    currency: str = currency_flag()
     ledger: str | None = flag(
         "SQLite billing ledger, shareable by servers (default: KEYS.ledger.db beside "
         "--api-keys, else ~/.local/share/nanoseek/ledger.db)",
@@ -35,28 +107,13 @@ class ServeConfig:
     max_body_bytes: int = flag("larger request bodies get a 413 unread", default=4 * 2**20)
     max_pending: int = flag("requests in flight before 429", default=256)
     max_concurrent_per_key: int = flag("requests in flight per API key before 429 (0: no limit)", default=0)
-    max_batched_tokens: int = flag("tokens per engine step", default=512)
-    max_seqs: int = flag("sequences per engine step", default=64)
-    speculative_tokens: int = flag("MTP draft tokens per step (0: off)", default=0)
-    fp8_cache: bool = flag("keep the latent KV cache in FP8", default=False)
-    weights: str = flag(
-        "projection weights in memory: fp8 (E4M3 with 128x128 block scales), bf16 or fp32; auto: "
-        "fp8 for an FP8 checkpoint",
-        default="auto",
-    )
-    enforce_eager: bool = flag(
-        "run decode steps eagerly; by default each batch bucket up to --max-seqs is "
-        "captured with torch.compile at start-up (seconds each on a CPU)",
-        default=False,
-    )
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("nanoseek serve needs --model DIR (a folder with config.json and tokenizer.json)")
+        EngineConfig.__post_init__(self)  # (zero-argument super() fails in a slotted dataclass)
         if self.max_concurrent_per_key < 0:
             raise ValueError("--max-concurrent-per-key must be 0 (no limit) or positive")
-        if min(self.max_pending, self.max_body_bytes) < 1 or self.disk_cache_gb <= 0 or self.cache_memory_mb <= 0:
-            raise ValueError("--max-pending, --max-body-bytes, --disk-cache-gb and --cache-memory-mb must be positive")
+        if min(self.max_pending, self.max_body_bytes) < 1:
+            raise ValueError("--max-pending and --max-body-bytes must be positive")
 
     @property
     def names(self) -> list[str]:

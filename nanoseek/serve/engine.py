@@ -33,6 +33,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.device import default_device, inference_dtype
 from nanoseek.model import Transformer
 from nanoseek.serve import parallel
+from nanoseek.serve.config import EngineConfig
 from nanoseek.serve.grammar import Grammars
 from nanoseek.serve.kv_cache import BlockManager, CacheSpec, LatentPool
 from nanoseek.serve.output import TextOutput, releasable
@@ -171,6 +172,23 @@ class Engine:
         self._ids = itertools.count()
         self.eos_id = self.tokenizer.eos_id if self.tokenizer else cfg.eos_token_id
         self.grammars = Grammars(self.tokenizer, cfg.vocab_size) if self.tokenizer else None
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig, **kwargs) -> Engine:
+        """The engine a command's settings describe (kwargs: the constructor's other arguments)."""
+        return cls(
+            cfg.model,
+            cache_bytes=cfg.cache_memory_mb * 2**20,
+            max_batched_tokens=cfg.max_batched_tokens,
+            max_seqs=cfg.max_seqs,
+            fp8_cache=cfg.fp8_cache,
+            weights=cfg.weights,
+            speculative_tokens=cfg.speculative_tokens,
+            cache_dir=cfg.cache_dir,
+            disk_cache_bytes=int(cfg.disk_cache_gb * 2**30),
+            enforce_eager=cfg.enforce_eager,
+            **kwargs,
+        )
 
     # --- the prefix cache's tiers and namespaces ---------------------------------------------------
     def _fingerprint(self, model_dir: Path | None, every_byte: bool) -> bytes:

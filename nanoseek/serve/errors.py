@@ -1,4 +1,5 @@
-"""HTTP plumbing for the API: errors in OpenAI's envelope, and request bodies bounded before they are read."""
+"""HTTP plumbing for the API: errors in OpenAI's envelope (named by what went wrong), and request bodies bounded
+before they are read."""
 
 from __future__ import annotations
 
@@ -37,17 +38,122 @@ def validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
     param = ".".join(loc) or None
     if first.get("type") == "extra_forbidden":
-        return ApiError(
-            400,
-            f"unrecognized request argument supplied: {param} (nanoseek serves the fields of "
-            "OpenAI's and DeepSeek's API; the README lists them)",
-            param=param,
-            code="unrecognized_argument",
-        )
+        return unrecognized_argument(param)
     if first.get("type") == "unsupported_parameter":
         return ApiError(400, str(first.get("msg")), param=param, code="unsupported_parameter")
     where = f"{param}: " if param else ""
     return ApiError(400, f"{where}{first.get('msg')}", param=param, code="invalid_value")
+
+
+# --- the errors by what went wrong: the routes and the service raise these --------------------------------
+def unrecognized_argument(param: str | None) -> ApiError:
+    message = (
+        f"unrecognized request argument supplied: {param} (nanoseek serves the fields of "
+        "OpenAI's and DeepSeek's API; the README lists them)"
+    )
+    return ApiError(400, message, param=param, code="unrecognized_argument")
+
+
+# who asks
+def invalid_api_key() -> ApiError:
+    message = "invalid or missing API key: send 'Authorization: Bearer KEY'"
+    return ApiError(401, message, type="authentication_error", code="invalid_api_key")
+
+
+def admin_only() -> ApiError:
+    """/metrics under --api-keys on a server started without --admin-key."""
+    message = "/metrics shows every key's traffic: start the server with --admin-key KEY and send it as a bearer token"
+    return ApiError(403, message, type="permission_error", code="admin_only")
+
+
+def invalid_admin_key() -> ApiError:
+    message = "/metrics needs the admin key: send 'Authorization: Bearer ADMIN_KEY'"
+    return ApiError(401, message, type="authentication_error", code="invalid_api_key")
+
+
+# admission
+def model_not_found(model: str, names: list[str]) -> ApiError:
+    message = f"the model {model!r} does not exist; this server has {names}"
+    return ApiError(404, message, type="not_found_error", param="model", code="model_not_found")
+
+
+def too_many_generations(n: int, limit: int) -> ApiError:
+    """More generations in one request (n x prompts) than the server runs at once: it could never be admitted."""
+    message = (
+        f"this request asks for {n} generations (n x prompts); this server runs at "
+        f"most {limit} at once (--max-pending): split it"
+    )
+    return ApiError(400, message, param="n", code="too_many_generations")
+
+
+def server_busy(limit: int) -> ApiError:
+    message = f"the server is at its limit of {limit} requests in flight; retry shortly"
+    return ApiError(429, message, type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
+
+
+def key_concurrency_limit(limit: int) -> ApiError:
+    message = (
+        f"this API key has {limit} requests in flight, its limit (--max-concurrent-per-key): retry when one finishes"
+    )
+    return ApiError(429, message, type="rate_limit_error", code="concurrency_limit", headers={"Retry-After": "1"})
+
+
+def ledger_unavailable(reason: str) -> ApiError:
+    message = f"{reason}: no billed request is admitted until it can be; retry later"
+    return ApiError(503, message, type="server_error", code="ledger_unavailable", headers={"Retry-After": "5"})
+
+
+# the context
+def text_exceeds_context(size: int, context: int, longest: int, param: str) -> ApiError:
+    """Text refused before tokenising: `size` bytes hold more than `context` tokens of at most `longest` bytes."""
+    message = (
+        f"This model's maximum context length is {context} tokens, and {size} bytes of text hold more than that "
+        f"(a token spans at most {longest} bytes): shorten the prompt"
+    )
+    return ApiError(400, message, param=param, code="context_length_exceeded")
+
+
+def context_exceeded(prompt_tokens: int, wanted: int, context: int, param: str) -> ApiError:
+    message = (
+        f"This model's maximum context length is {context} tokens; the prompt has "
+        f"{prompt_tokens} tokens and max_tokens asks for {wanted} more ({prompt_tokens + wanted} "
+        "in all). Shorten the prompt or lower max_tokens."
+    )
+    return ApiError(400, message, param=param, code="context_length_exceeded")
+
+
+# what the request asks for
+def no_tool_tokens() -> ApiError:
+    message = (
+        "this model's tokenizer has no tool-call tokens (train a tokenizer with nanoseek "
+        "to get them): it cannot call tools"
+    )
+    return ApiError(400, message, param="tools")
+
+
+def constrained_twice() -> ApiError:
+    """response_format and constrained tool calls in one request: one grammar holds the reply."""
+    message = "response_format and tool calls both constrain the reply: send one (or tool_choice none)"
+    return ApiError(400, message, param="response_format")
+
+
+def prefix_with_grammar() -> ApiError:
+    message = (
+        "a prefix message with response_format or constrained tool calls: the grammar would "
+        "start after text it does not see; send one of them"
+    )
+    return ApiError(400, message, param="messages")
+
+
+def misplaced_prefix() -> ApiError:
+    message = "prefix: true goes on the last message, an assistant's, whose text the reply continues"
+    return ApiError(400, message, param="messages")
+
+
+def nothing_to_generate() -> ApiError:
+    """max_tokens 0 without echo and logprobs (which score the prompt)."""
+    message = "max_tokens 0 generates nothing: it takes echo with logprobs, to score the prompt"
+    return ApiError(400, message, param="max_tokens")
 
 
 class BodyLimit:

@@ -157,3 +157,10 @@ def run_worker(model_dir: str, ranks: Ranks, weights: str = "auto") -> int:
     serve_experts(model, ranks, dtype)
     leave()
     return 0
+
+
+def run_as_expert_rank(model_dir: str, weights: str = "auto") -> int | None:
+    """Under torchrun, a rank > 0 serves its share of the routed experts to rank 0 until rank 0 stops, and
+    returns its exit code; rank 0 and a lone process get None and go on to run the engine."""
+    ranks = from_env()
+    return run_worker(model_dir, ranks, weights) if ranks and ranks.rank > 0 else None

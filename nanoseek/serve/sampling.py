@@ -12,24 +12,26 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoseek.flags import flag
+
 
 @dataclass(slots=True)
 class SamplingParams:
     """How one request samples. The defaults are OpenAI's and DeepSeek's API defaults (temperature 1,
-    top_p 1), shared by the CLI's flags and the server's request fields."""
+    top_p 1), shared by the CLI's flags (the fields made with `flag`) and the server's request fields."""
 
-    max_tokens: int = 64
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: list[str] = field(default_factory=list)
+    max_tokens: int = flag("longest reply, in tokens", default=64)
+    temperature: float = flag("sampling temperature; 0: greedy", default=1.0)
+    top_k: int = flag("sample from the k likeliest tokens; 0: off", default=0)
+    top_p: float = flag("nucleus sampling: the likeliest tokens holding this much probability", default=1.0)
+    min_p: float = flag("drop tokens below this fraction of the likeliest one's probability", default=0.0)
+    repetition_penalty: float = flag("divide seen tokens' positive logits by this (CTRL's)", default=1.0)
+    presence_penalty: float = flag("subtracted once from every seen token's logit (OpenAI's)", default=0.0)
+    frequency_penalty: float = flag("subtracted per occurrence in the output (OpenAI's)", default=0.0)
+    stop: list[str] = flag("stop strings", default_factory=list, metavar="TEXT")
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    seed: int | None = None
+    seed: int | None = flag("sampling seed (default: fresh randomness)", default=None)
     logprobs: int | None = None  # also return the top-n alternatives' log-probabilities
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits (OpenAI's)
     prompt_logprobs: int | None = None  # each prompt token's log-probability and the top-n alternatives

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fastapi import Request
 
+from nanoseek.serve import errors
 from nanoseek.serve.async_engine import AsyncEngine
 from nanoseek.serve.billing import (
     InsufficientBalance,
@@ -96,33 +97,11 @@ def open_ledger(cfg: ServeConfig) -> Ledger:
     return ledger
 
 
-def ledger_unavailable(reason: str) -> ApiError:
-    return ApiError(
-        503,
-        f"{reason}: no billed request is admitted until it can be; retry later",
-        type="server_error",
-        code="ledger_unavailable",
-        headers={"Retry-After": "5"},
-    )
-
-
 class Service:
     def __init__(self, cfg: ServeConfig, engine: Engine | None = None):
         self.cfg = cfg
-        self.engine = engine or Engine(
-            cfg.model,
-            block_size=CACHE_UNIT,
-            cache_bytes=cfg.cache_memory_mb * 2**20,
-            max_batched_tokens=cfg.max_batched_tokens,
-            max_seqs=cfg.max_seqs,
-            fp8_cache=cfg.fp8_cache,
-            speculative_tokens=cfg.speculative_tokens,
-            cache_dir=cfg.cache_dir,
-            disk_cache_bytes=int(cfg.disk_cache_gb * 2**30),
-            enforce_eager=cfg.enforce_eager,
-            weights=cfg.weights,
-            model_parallel=True,  # under torchrun, the other ranks hold shares of the experts
-        )
+        # under torchrun, the other ranks hold shares of the experts
+        self.engine = engine or Engine.from_config(cfg, block_size=CACHE_UNIT, model_parallel=True)
         try:
             self.engine.capture()
             if self.engine.tokenizer is None:
@@ -152,12 +131,7 @@ class Service:
             return ANONYMOUS
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or token.strip() not in self.keys:
-            raise ApiError(
-                401,
-                "invalid or missing API key: send 'Authorization: Bearer KEY'",
-                type="authentication_error",
-                code="invalid_api_key",
-            )
+            raise errors.invalid_api_key()
         return token.strip()
 
     def authorize_admin(self, request: Request) -> None:
@@ -165,62 +139,26 @@ class Service:
         if self.keys is None:
             return
         if self.cfg.admin_key is None:
-            raise ApiError(
-                403,
-                "/metrics shows every key's traffic: start the server with --admin-key KEY "
-                "and send it as a bearer token",
-                type="permission_error",
-                code="admin_only",
-            )
+            raise errors.admin_only()
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.cfg.admin_key.encode()):
-            raise ApiError(
-                401,
-                "/metrics needs the admin key: send 'Authorization: Bearer ADMIN_KEY'",
-                type="authentication_error",
-                code="invalid_api_key",
-            )
+            raise errors.invalid_admin_key()
 
     def admit(self, body: SamplingRequest, requests: int, key: str) -> Ticket:
         """The checks that need no tokens and no database: model, size, the ledger's health, load. The ticket
         goes to the request's generations (`start`); a request that fails before them releases it."""
         cfg = self.cfg
         if body.model not in cfg.names:
-            raise ApiError(
-                404,
-                f"the model {body.model!r} does not exist; this server has {cfg.names}",
-                type="not_found_error",
-                param="model",
-                code="model_not_found",
-            )
+            raise errors.model_not_found(body.model, cfg.names)
         if requests > cfg.max_pending:
-            raise ApiError(
-                400,
-                f"this request asks for {requests} generations (n x prompts); this server runs at "
-                f"most {cfg.max_pending} at once (--max-pending): split it",
-                param="n",
-                code="too_many_generations",
-            )
+            raise errors.too_many_generations(requests, cfg.max_pending)
         if self.ledger.unavailable is not None:
-            raise ledger_unavailable(self.ledger.unavailable)
+            raise errors.ledger_unavailable(self.ledger.unavailable)
         if self.runner.pending + requests > cfg.max_pending:
-            raise ApiError(
-                429,
-                f"the server is at its limit of {cfg.max_pending} requests in flight; retry shortly",
-                type="rate_limit_error",
-                code="server_busy",
-                headers={"Retry-After": "1"},
-            )
+            raise errors.server_busy(cfg.max_pending)
         limit = cfg.max_concurrent_per_key
         if limit and key != ANONYMOUS and self.in_flight.get(key, 0) >= limit:
-            raise ApiError(
-                429,
-                f"this API key has {limit} requests in flight, its limit (--max-concurrent-per-key): "
-                "retry when one finishes",
-                type="rate_limit_error",
-                code="concurrency_limit",
-                headers={"Retry-After": "1"},
-            )
+            raise errors.key_concurrency_limit(limit)
         return Ticket(self.in_flight, key)
 
     async def reserve(self, key: str, jobs: list[tuple[list[int], list[SamplingParams]]]) -> list[Meter]:
@@ -235,7 +173,7 @@ class Service:
             for meter in meters:  # release what the earlier prompts reserved
                 meter.close()
             if isinstance(e, LedgerUnavailable):
-                raise ledger_unavailable(str(e)) from None
+                raise errors.ledger_unavailable(str(e)) from None
             if isinstance(e, InsufficientBalance):
                 raise ApiError(402, str(e), type="insufficient_balance", code="insufficient_balance") from None
             raise
@@ -247,14 +185,7 @@ class Service:
         longest = self.tokenizer.longest_token_bytes
         size = sum(len(t.encode()) for t in texts)
         if size > self.context * longest:
-            raise ApiError(
-                400,
-                f"This model's maximum context length is {self.context} tokens, and {size} bytes "
-                f"of text hold more than that (a token spans at most {longest} bytes): shorten the "
-                "prompt",
-                param=param,
-                code="context_length_exceeded",
-            )
+            raise errors.text_exceeds_context(size, self.context, longest, param)
 
     async def chat_prompt(
         self,
@@ -295,12 +226,7 @@ class Service:
                 raise ApiError(400, "tool_choice needs tools to choose from", param="tool_choice")
             return None
         if any(self.tokenizer.tok.token_to_id(t) is None for t in TOOL_TOKENS):
-            raise ApiError(
-                400,
-                "this model's tokenizer has no tool-call tokens (train a tokenizer with nanoseek "
-                "to get them): it cannot call tools",
-                param="tools",
-            )
+            raise errors.no_tool_tokens()
         names = [t.function.name for t in body.tools]
         if len(set(names)) < len(names):
             raise ApiError(400, "two tools have the same name", param="tools")
@@ -332,18 +258,9 @@ class Service:
         # Constrained calls: required, a named function, or auto when some function is strict.
         calls = mode not in (None, "none", "auto") or (mode == "auto" and any(t.function.strict for t in body.tools))
         if json_out and calls:
-            raise ApiError(
-                400,
-                "response_format and tool calls both constrain the reply: send one (or tool_choice none)",
-                param="response_format",
-            )
+            raise errors.constrained_twice()
         if (json_out or calls) and body.messages[-1].prefix:
-            raise ApiError(
-                400,
-                "a prefix message with response_format or constrained tool calls: the grammar would "
-                "start after text it does not see; send one of them",
-                param="messages",
-            )
+            raise errors.prefix_with_grammar()
         if json_out:
             schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema else None
             if fmt.type == "json_schema" and fmt.json_schema is None:
@@ -390,14 +307,7 @@ class Service:
         context = self.context
         wanted = max_tokens if max_tokens is not None else max(1, min(DEFAULT_MAX_TOKENS, context - len(prompt)))
         if len(prompt) + wanted > context:
-            raise ApiError(
-                400,
-                f"This model's maximum context length is {context} tokens; the prompt has "
-                f"{len(prompt)} tokens and max_tokens asks for {wanted} more ({len(prompt) + wanted} "
-                "in all). Shorten the prompt or lower max_tokens.",
-                param=param,
-                code="context_length_exceeded",
-            )
+            raise errors.context_exceeded(len(prompt), wanted, context, param)
         greedy = body.temperature == 0 or body.top_p == 0
         try:
             params = [

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
-from nanoseek.config import flag
+from nanoseek.flags import flag, inherit
 
 
 @dataclass(slots=True)
 class RunConfig:
     """What every trainer's run shares (`nanoseek train/sft/distill` and `nanoseek grpo`): its folder, length,
-    seed, optimizer basics and cadence. A subclass changes a default with `override`."""
+    seed, optimizer basics and cadence. A subclass changes a default with `flags.inherit`."""
 
     out: str = flag("run folder: metrics, checkpoints, the exported model", default="runs/tiny")
     steps: int = flag("optimizer steps in total", default=300)
@@ -32,26 +32,16 @@ class RunConfig:
             raise ValueError("--lr and --grad-clip must be positive and --warmup-steps >= 0")
 
 
-def override(name: str, default: Any) -> Any:
-    """A RunConfig field with a subclass's own default (and the same help)."""
-    return flag(RunConfig.__dataclass_fields__[name].metadata["help"], default=default)
-
-
 @dataclass(slots=True)
-class TrainConfig(RunConfig):
-    """Every field is a `nanoseek train` flag of the same name in kebab case."""
+class RecipeConfig(RunConfig):
+    """What pretraining, SFT and distillation share: batch, schedule, optimizer, balancing, precision,
+    parallelism."""
 
-    preset: str = flag("model preset", default="tiny")
-    init: str | None = flag("start from this model folder's weights, config and tokenizer (fine-tuning)", default=None)
-    objective: str = flag("pretrain (token shards) or sft (chat JSONL, loss on assistant tokens)", default="pretrain")
-    teacher: str | None = flag("a teacher model folder for logit distillation (same vocabulary)", default=None)
-    kl_weight: float = flag("weight of KL(teacher || student) on the trained tokens; 0: off", default=0.0)
-    data: str | None = flag("folder from `nanoseek data prepare` (default: Python's stdlib source)", default=None)
     batch_size: int = flag("global batch, in sequences", default=16)
     micro_batch_size: int = flag("sequences per forward pass (accumulate up to --batch-size); 0: all", default=0)
     seq_len: int = flag("tokens per sequence", default=256)
     min_lr_ratio: float = flag("final learning rate as a fraction of --lr", default=0.1)
-    schedule: str = flag("cosine or wsd (warmup-stable-decay)", default="cosine")
+    schedule: str = flag("cosine or wsd (warmup-stable-decay)", default="cosine", choices=["cosine", "wsd"])
     weight_decay: float = flag("AdamW weight decay on matrices", default=0.1)
     beta1: float = flag("AdamW beta1", default=0.9)
     beta2: float = flag("AdamW beta2", default=0.95)
@@ -83,9 +73,58 @@ class TrainConfig(RunConfig):
             raise ValueError("--schedule must be cosine or wsd")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError("--dtype must be auto, float32 or bfloat16")
+
+    def recipe(self) -> dict[str, Any]:
+        """These settings as keyword arguments (for the TrainConfig that a fine-tuning command runs)."""
+        return {f.name: getattr(self, f.name) for f in fields(RecipeConfig)}
+
+
+@dataclass(slots=True)
+class TrainConfig(RecipeConfig):
+    """Pretrain with MTP and auxiliary-loss-free balancing (default: the tiny preset on Python's stdlib).
+    The trainer's settings: `nanoseek sft` and `nanoseek distill` fill in the fine-tuning ones."""
+
+    preset: str = flag("model preset", default="tiny")
+    init: str | None = flag("start from this model folder's weights, config and tokenizer (fine-tuning)", default=None)
+    objective: str = flag(
+        "pretrain (token shards) or sft (chat JSONL, loss on assistant tokens)",
+        default="pretrain",
+        choices=["pretrain", "sft"],
+    )
+    teacher: str | None = flag("a teacher model folder for logit distillation (same vocabulary)", default=None)
+    kl_weight: float = flag("weight of KL(teacher || student) on the trained tokens; 0: off", default=0.0)
+    data: str | None = flag("folder from `nanoseek data prepare` (default: Python's stdlib source)", default=None)
+
+    def __post_init__(self) -> None:
+        RecipeConfig.__post_init__(self)
         if self.objective not in ("pretrain", "sft"):
             raise ValueError("--objective must be pretrain or sft")
         if self.kl_weight < 0 or (self.kl_weight > 0 and not self.teacher):
             raise ValueError("--kl-weight must be >= 0, and > 0 needs --teacher DIR")
         if self.objective == "sft" and not (self.init and self.data):
             raise ValueError("supervised fine-tuning needs --model DIR (the model to start from) and --data chat.jsonl")
+
+
+@dataclass(slots=True)
+class FineTuneConfig(RecipeConfig):
+    """The recipe with fine-tuning's defaults: fewer steps, a lower learning rate, a shorter warmup."""
+
+    out: str = inherit(RunConfig, "out", "runs/sft")
+    steps: int = inherit(RunConfig, "steps", 200)
+    lr: float = inherit(RunConfig, "lr", 1e-3)
+    warmup_steps: int = inherit(RunConfig, "warmup_steps", 10)
+    eval_every: int = inherit(RunConfig, "eval_every", 50)
+    save_every: int = inherit(RunConfig, "save_every", 50)
+
+
+@dataclass(slots=True)
+class SFTConfig(FineTuneConfig):
+    """Fine-tune a model folder on OpenAI-style chat examples with the pretraining trainer: DeepSeek-V3's chat
+    template, loss on assistant tokens only, multi-turn, padded batches (examples never attend to each
+    other)."""
+
+    model: str = flag("the model folder to start from", default="", required=True, metavar="DIR")
+    data: str = flag('JSONL, one {"messages": [...]} per line', default="", required=True, metavar="FILE")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**self.recipe(), init=self.model, data=self.data, objective="sft")

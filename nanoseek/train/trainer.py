@@ -33,7 +33,7 @@ from nanoseek.model import Transformer
 from nanoseek.model.moe import update_balancing_bias
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
 from nanoseek.train import parallel
-from nanoseek.train.config import TrainConfig
+from nanoseek.train.config import SFTConfig, TrainConfig
 from nanoseek.train.optim import build_optimizer, lr_at
 from nanoseek.train.run import RunFolder
 from nanoseek.train.samples import sample_text
@@ -390,3 +390,22 @@ class Trainer:
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and key != "step":
                 self.writer.add_scalar(key, value, self.step)
+
+
+def train(cfg: TrainConfig) -> int:
+    """`nanoseek train`: pretrain (or fine-tune, with --objective sft) to the end; the first process reports."""
+    trainer, history = parallel.fit(Trainer(cfg))
+    if history and trainer.par.is_main:
+        last = history[-1]
+        val = next((m["val_loss"] for m in reversed(history) if m.get("val_loss") is not None), None)
+        loss, speed = f"loss {last['loss']:.3f}, val loss {val if val is None else round(val, 3)}", last["tokens_per_s"]
+        print(f"step {last['step']}: {loss}, {speed:.0f} tok/s; model in {cfg.out}/model")
+    return 0
+
+
+def sft(cfg: SFTConfig) -> int:
+    """`nanoseek sft`: the trainer on chat examples, the loss on assistant tokens."""
+    trainer, history = parallel.fit(Trainer(cfg.train_config()))
+    if trainer.par.is_main:
+        print(f"fine-tuned {cfg.steps} steps: final loss {history[-1]['loss']:.4f} -> {cfg.out}/model")
+    return 0

@@ -1,0 +1,67 @@
+"""The engine in a terminal: `nanoseek generate` completes a prompt, `nanoseek chat` holds a conversation.
+
+    nanoseek generate --model runs/tiny/model --prompt "def fib(n):" --max-tokens 64
+    nanoseek chat --model runs/sft/model --temperature 0.7
+
+Under torchrun the ranks > 0 serve their shares of the experts to rank 0, which runs the engine.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from nanoseek.serve.config import ChatConfig, GenerateConfig
+from nanoseek.serve.engine import Engine
+from nanoseek.serve.parallel import run_as_expert_rank
+
+
+def generate(cfg: GenerateConfig) -> int:
+    if (code := run_as_expert_rank(cfg.model, cfg.weights)) is not None:
+        return code
+    engine = Engine.from_config(cfg, model_parallel=True)
+    try:
+        prompt: str | list[int] = cfg.prompt
+        if cfg.chat:
+            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
+        if not cfg.stream:
+            print(engine.generate([prompt], cfg.sampling)[0].text)
+            return 0
+        for piece in engine.stream(prompt, cfg.sampling):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    finally:
+        engine.close()
+
+
+def chat(cfg: ChatConfig) -> int:
+    if (code := run_as_expert_rank(cfg.model, cfg.weights)) is not None:
+        return code
+    engine = Engine.from_config(cfg, model_parallel=True)
+    try:
+        converse(engine, cfg)
+        return 0
+    finally:
+        engine.close()
+
+
+def converse(engine: Engine, cfg: ChatConfig) -> None:
+    """Read a message, stream the reply, until an empty line or end of input."""
+    messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    print("nanoseek chat: type a message; an empty line or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        prompt = engine.tokenizer.apply_chat_template(messages, tokenize=True)  # typed specials stay text
+        reply = ""
+        print("assistant> ", end="", flush=True)
+        for piece in engine.stream(prompt, cfg.sampling):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply})

@@ -1,0 +1,79 @@
+"""The command table and the settings-to-flags mapping: every command resolves, every flag is one field of
+its settings, the parser's defaults are the dataclass's, and held settings (SamplingParams) lend their flags."""
+
+import dataclasses
+import inspect
+import typing
+
+import pytest
+
+from nanoseek.cli import COMMANDS, build_parser, chosen, load
+from nanoseek.flags import from_args
+
+NAMES = [c.name for c in COMMANDS]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=NAMES)
+def test_every_command_names_a_settings_dataclass_and_a_run_function_of_it(command):
+    settings, run = load(command.settings), load(command.run)
+    assert (
+        dataclasses.is_dataclass(settings) and settings.__doc__ and not settings.__doc__.startswith(settings.__name__)
+    )
+    assert len(inspect.signature(run).parameters) == 1
+
+
+def flag_defaults(cls: type) -> dict:
+    """The fields that are flags, held settings' included, with their defaults."""
+    hints, defaults = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            defaults |= flag_defaults(hints[f.name])
+        elif "help" in f.metadata:
+            defaults[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return defaults
+
+
+def subparser(name: str):
+    parser = build_parser(name)
+    for word in name.split():
+        parser = next(a for a in parser._actions if a.dest in ("command", "action")).choices[word]
+    return parser
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_option_has_one_name_and_the_dataclass_default(name):
+    settings = load(next(c for c in COMMANDS if c.name == name).settings)
+    actions = [a for a in subparser(name)._actions if a.dest not in ("help",)]
+    assert all(len([s for s in a.option_strings if not s.startswith("--no-")]) <= 1 for a in actions)
+    flat = flag_defaults(settings)
+    assert {a.dest for a in actions} == set(flat)
+    assert all(a.default == flat[a.dest] for a in actions)
+
+
+def test_held_settings_lend_their_flags_and_build_from_them():
+    argv = ["generate", "--model", "m", "--prompt", "p", "--temperature", "0", "--stop", "a", "b", "--no-stream"]
+    cfg = from_args(load("serve.config:GenerateConfig"), build_parser("generate").parse_args(argv))
+    assert (cfg.model, cfg.prompt, cfg.stream, cfg.enforce_eager) == ("m", "p", False, True)
+    assert cfg.sampling.temperature == 0 and cfg.sampling.stop == ["a", "b"] and cfg.sampling.logit_bias == {}
+
+
+def test_a_subclass_default_reaches_the_flag_serve_captures_and_generate_runs_eagerly():
+    serve = build_parser("serve").parse_args(["serve", "--model", "m"])
+    generate = build_parser("generate").parse_args(["generate", "--model", "m", "--prompt", "p"])
+    assert serve.enforce_eager is False and generate.enforce_eager is True
+    sft = build_parser("sft").parse_args(["sft", "--model", "m", "--data", "d"])
+    assert (sft.steps, sft.lr, sft.out) == (200, 1e-3, "runs/sft")
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [(["task", "write", "--n", "3"], "task write"), (["--help"], None), (["plot", "runs/x"], "plot"), ([], None)],
+)
+def test_the_chosen_command_is_read_before_parsing(argv, name):
+    assert chosen(argv) == name
+
+
+def test_model_source_refuses_a_preset_and_a_folder_together():
+    from nanoseek.cli import main
+
+    assert main(["info", "--preset", "tiny", "--model", "x"]) == 2
