@@ -21,28 +21,9 @@ from pathlib import Path
 
 
 def run(launcher: list[str], extra: list[str], out: Path, args: argparse.Namespace, threads: int) -> float:
-    cmd = [
-        *launcher,
-        "train",
-        "--preset",
-        args.preset,
-        "--steps",
-        str(args.steps),
-        "--out",
-        str(out),
-        "--batch-size",
-        str(args.batch_size),
-        "--seq-len",
-        str(args.seq_len),
-        "--eval-every",
-        "1000",
-        "--save-every",
-        "1000",
-        "--sample-tokens",
-        "0",
-        "--no-progress",
-        *extra,
-    ]
+    flags = "--eval-every 1000 --save-every 1000 --sample-tokens 0 --no-progress"
+    cmd = [*launcher, "train", "--preset", args.preset, "--steps", str(args.steps), "--out", str(out)]
+    cmd += ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), *flags.split(), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -43,20 +43,8 @@ def random_model(out: Path) -> Path:
 
 
 def start_server(model: Path, port: int, clients: int) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "nanoseek",
-        "serve",
-        "--model",
-        str(model),
-        "--port",
-        str(port),
-        "--max-seqs",
-        str(max(64, clients)),
-        "--max-pending",
-        str(4 * clients),
-    ]
+    cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", str(model), "--port", str(port)]
+    cmd += ["--max-seqs", str(max(64, clients)), "--max-pending", str(4 * clients)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     for _ in range(600):
         try:

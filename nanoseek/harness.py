@@ -50,18 +50,8 @@ def served(model_dir: str, concurrency: int):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "nanoseek",
-        "serve",
-        "--model",
-        model_dir,
-        "--port",
-        str(port),
-        "--max-seqs",
-        str(concurrency),
-    ]
+    cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", model_dir]
+    cmd += ["--port", str(port), "--max-seqs", str(concurrency)]
     proc = subprocess.Popen(cmd)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 900  # compiling buckets takes a while
     try:
@@ -107,22 +97,8 @@ def run(
     )
     with tempfile.TemporaryDirectory(prefix="nanoseek-lm-eval-") as include:
         names = prepare_tasks(yamls, Path(include))
-        cmd = [
-            sys.executable,
-            "-m",
-            "lm_eval",
-            "run",
-            "--model",
-            "local-completions",
-            "--model_args",
-            model_args,
-            "--batch_size",
-            "1",
-            "--include_path",
-            include,
-            "--tasks",
-            *names,
-        ]
+        cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--batch_size", "1"]
+        cmd += ["--model_args", model_args, "--include_path", include, "--tasks", *names]
         cmd += ["--limit", str(limit)] if limit else []
         cmd += ["--log_samples", "--output_path", output] if output else []
         env = {**os.environ, **OFFLINE, "OPENAI_API_KEY": api_key or ""}

@@ -74,23 +74,8 @@ def test_resident_bytes_are_about_one_per_projection_parameter(fp8_dir):
 
 
 def test_cost_reports_weights_per_gpu_kv_tokens_and_a_decode_bound():
-    cmd = [
-        sys.executable,
-        "-m",
-        "nanoseek",
-        "cost",
-        "--preset",
-        "v3-671b",
-        "--gpu",
-        "h200",
-        "--gpus",
-        "8",
-        "--weights",
-        "fp8",
-        "--context-len",
-        "4096",
-        "--json",
-    ]
+    flags = "--preset v3-671b --gpu h200 --gpus-per-node 8 --weights fp8 --context-len 4096 --json"
+    cmd = [sys.executable, "-m", "nanoseek", "cost", *flags.split()]
     serving = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)["inference"]
     assert serving["weight_bytes_per_gpu"] == pytest.approx(serving["weight_bytes"] / 8)
     assert 680e9 < serving["weight_bytes"] < 690e9 and serving["kv_tokens_per_node"] > 6e6

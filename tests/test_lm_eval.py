@@ -38,19 +38,9 @@ def greedy(model, tokenizer, context: str, max_tokens: int, until: str) -> str:
 def test_lm_eval_loglikelihoods_and_replies_equal_the_models_own(tmp_path, tokenizer):
     model_dir = make_model_dir(tmp_path / "model", tokenizer)
     with Server(model_dir, log=tmp_path / "server.log", env={"NANOSEEK_AUTO_DTYPE": "float32"}) as server:
-        cmd = [
-            sys.executable,
-            "-m",
-            "nanoseek",
-            "eval",
-            "--lm-eval",
-            str(TASKS / "nanoseek_mc.yaml"),
-            str(TASKS / "nanoseek_gen.yaml"),
-            "--url",
-            server.url,
-            "--output",
-            str(tmp_path / "out"),
-        ]
+        yamls = [str(TASKS / "nanoseek_mc.yaml"), str(TASKS / "nanoseek_gen.yaml")]
+        cmd = [sys.executable, "-m", "nanoseek", "eval", "--lm-eval", *yamls]
+        cmd += ["--url", server.url, "--output", str(tmp_path / "out")]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "nanoseek_mc" in result.stdout and "acc" in result.stdout  # lm-eval's results table

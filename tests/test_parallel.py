@@ -46,34 +46,12 @@ def test_ep2_moe_layer_matches_the_single_process_layer(tmp_path):
 
 
 def _train(args: list[str], out: Path, data_dir: Path, launcher: list[str], steps: int, resume: bool = False):
-    cmd = [
-        *launcher,
-        "train",
-        "--data",
-        str(data_dir),
-        "--out",
-        str(out),
-        "--steps",
-        str(steps),
-        "--batch-size",
-        "4",
-        "--seq-len",
-        "32",
-        "--schedule",
-        "wsd",
-        "--warmup-steps",
-        "1",
-        "--eval-every",
-        "100",
-        "--save-every",
-        "2",
-        "--sample-tokens",
-        "0",
-        "--no-progress",
-        "--dtype",
-        "float32",
-        *args,
-    ]  # (a later --dtype in args wins)
+    flags = (
+        "--batch-size 4 --seq-len 32 --schedule wsd --warmup-steps 1 --eval-every 100 --save-every 2 --sample-tokens 0"
+        " --no-progress --dtype float32"
+    )
+    cmd = [*launcher, "train", "--data", str(data_dir), "--out", str(out), "--steps", str(steps), *flags.split()]
+    cmd += args  # after the flags: a later --dtype in args wins
     if resume:
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -141,30 +119,11 @@ def test_sft_on_two_ranks_matches_one_process(tmp_path, tokenizer):
                 {"role": "assistant", "content": f"{i} " * (1 + i % 5)},
             ]
             f.write(json.dumps({"messages": messages}) + "\n")
-    args = [
-        "sft",
-        "--model",
-        str(model),
-        "--data",
-        str(tmp_path / "chat.jsonl"),
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--seq-len",
-        "48",
-        "--no-progress",
-        "--sample-tokens",
-        "0",
-        "--dtype",
-        "float32",
-        "--eval-every",
-        "100",
-        "--save-every",
-        "100",
-        "--balance-alpha",
-        "0",
-    ]
+    flags = (
+        "--steps 2 --batch-size 4 --seq-len 48 --no-progress --sample-tokens 0 --dtype float32 --eval-every 100"
+        " --save-every 100 --balance-alpha 0"
+    )
+    args = ["sft", "--model", str(model), "--data", str(tmp_path / "chat.jsonl"), *flags.split()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = []
     for launcher, out in ((NANOSEEK, "one"), (TORCHRUN, "two")):

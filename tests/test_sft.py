@@ -165,51 +165,15 @@ def test_task_sft_eval_and_distill_commands(tmp_path, tokenizer, capsys):
         main([*sft, "--steps", "2", "--batch-size", "4", "--seq-len", "96", "--no-progress", "--sample-tokens", "0"])
         == 0
     )
-    assert (
-        main(
-            [
-                "eval",
-                "--model",
-                str(tmp_path / "sft" / "model"),
-                "--task",
-                "arithmetic",
-                "--n",
-                "4",
-                "--max-tokens",
-                "8",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    flags = "--task arithmetic --n 4 --max-tokens 8 --json"
+    assert main(["eval", "--model", str(tmp_path / "sft" / "model"), *flags.split()]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 4 and 0 <= result["pass@1"] <= 1
     assert main(["task", "write", "--task", "arithmetic", "--n", "8", "--out", str(tmp_path / "p.jsonl")]) == 0
     # No verifier: every first teacher reply is kept, so the student has traces to learn from.
-    distill = [
-        "distill",
-        "--teacher",
-        str(model),
-        "--student",
-        str(model),
-        "--prompts",
-        str(tmp_path / "p.jsonl"),
-        "--out",
-        str(tmp_path / "d"),
-        "--samples",
-        "1",
-        "--max-tokens",
-        "8",
-        "--batch-size",
-        "4",
-        "--seq-len",
-        "96",
-        "--no-progress",
-        "--sample-tokens",
-        "0",
-        "--kl-weight",
-        "0.5",
-    ]
+    flags = "--samples 1 --max-tokens 8 --batch-size 4 --seq-len 96 --no-progress --sample-tokens 0 --kl-weight 0.5"
+    distill = ["distill", "--teacher", str(model), "--student", str(model), *flags.split()]
+    distill += ["--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "d")]
     assert main([*distill, "--steps", "1"]) == 0
     traces = tmp_path / "d" / "traces.jsonl"
     assert len(lines := traces.read_text().splitlines()) == 8

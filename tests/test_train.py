@@ -173,27 +173,8 @@ def test_missing_checkpoint_and_clobbering_are_clear_errors(data_dir, tmp_path):
 
 def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(data_dir, tmp_path):
     nanoseek_cli = str(Path(sys.executable).parent / "nanoseek")
-    args = [
-        nanoseek_cli,
-        "train",
-        "--data",
-        str(data_dir),
-        "--out",
-        str(tmp_path),
-        "--steps",
-        "40",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "32",
-        "--save-every",
-        "2",
-        "--eval-every",
-        "100",
-        "--sample-tokens",
-        "0",
-        "--no-progress",
-    ]
+    flags = "--steps 40 --batch-size 2 --seq-len 32 --save-every 2 --eval-every 100 --sample-tokens 0 --no-progress"
+    args = [nanoseek_cli, "train", "--data", str(data_dir), "--out", str(tmp_path), *flags.split()]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     deadline = time.time() + 120
     while not (tmp_path / "checkpoints" / "step_000004").is_dir():
