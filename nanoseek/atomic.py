@@ -1,15 +1,18 @@
 """Atomic writes: a file or a folder is built under a temporary name beside its target, then renamed in.
 
 A reader, or a run resumed after a kill at any moment, finds at `path` either the old content or the new
-one, never half of either: checkpoints, exported models, the cached corpus, run settings and metrics,
-stage results, distillation traces and prefix-cache blocks all go through here.
+one, never half of either: checkpoint files and folders, the trainer's exported model, the cached corpus,
+run settings and metrics, stage results, distillation traces and prefix-cache blocks all go through here.
+(A folder is swapped in by two renames: between them a concurrent reader finds none, and the next
+`atomic_dir` on the path, or the interrupted one's own clean-up, puts the old one back.)
 
     atomic_write(path, text_or_bytes)             # whole content at once
     with atomic_file(path) as tmp: save_file(tensors, tmp)    # a writer that takes a path
     with atomic_dir(path) as tmp: ...             # a folder, swapped in whole
 
-Temporary names carry the process and thread id, so concurrent writers never share one, and a temporary
-left by a killed process is removed by the next write to the same path (its process is gone).
+Temporary names carry the host, process and thread, so concurrent writers never share one, and a temporary
+left by a killed process of this host is removed by the next write to the same path (a folder shared
+between hosts keeps the others' temporaries: their processes cannot be probed from here).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,21 +28,23 @@ from pathlib import Path
 __all__ = ["atomic_dir", "atomic_file", "atomic_write"]
 
 
-def atomic_write(path: str | Path, data: str | bytes, *, fsync: bool = True) -> None:
+def atomic_write(path: str | Path, data: str | bytes, *, fsync: bool = True, sweep: bool = True) -> None:
     """Write `data` (str as UTF-8) to `path`: the old content or the new one is there, never part of either."""
-    with atomic_file(path, fsync=fsync) as tmp:
+    with atomic_file(path, fsync=fsync, sweep=sweep) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
+def atomic_file(path: str | Path, *, fsync: bool = True, sweep: bool = True) -> Iterator[Path]:
     """A temporary path beside `path` to write; renamed onto `path` when the block ends. An exception in the
     block removes the temporary file (a full disk must not fill up with half files) and propagates.
 
     fsync=False skips flushing to disk before the rename: a kill still leaves old or new, but a power loss
-    may leave an empty or torn file (for files that prove their own content, such as the prefix cache's)."""
+    may leave an empty or torn file (for files that prove their own content, such as the prefix cache's).
+    sweep=False skips looking for dead writers' temporaries (a hot path whose owner sweeps at start-up)."""
     path = Path(path)
-    _sweep(path)
+    if sweep:
+        _sweep(path)
     tmp = _temp(path)
     try:
         yield tmp
@@ -93,25 +99,30 @@ def atomic_dir(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
             return
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():  # interrupted between the two renames
+            os.replace(old, path)
         raise
     _fsync(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
+HOST = socket.gethostname().replace("-", "_")  # '-' separates the fields of a temporary's name
+
+
 def _temp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    return path.with_name(f".{path.name}.tmp{HOST}-{os.getpid()}-{threading.get_ident()}")
 
 
 def _sweep(path: Path) -> None:
     """Remove the temporaries for `path` that killed processes left (never a live writer's)."""
     if os.name != "posix":  # os.kill(pid, 0) probes on POSIX only
         return
-    prefix = f".{path.name}.tmp"
+    prefix = f".{path.name}.tmp{HOST}-"
     with contextlib.suppress(OSError):
         for entry in os.scandir(path.parent):
             if not entry.name.startswith(prefix):
                 continue
-            pid = entry.name[len(prefix) :].split("-")[0]
+            pid = entry.name[len(prefix) :].split("-")[0]  # this host's writers only
             if not pid.isdigit() or _alive(int(pid)):
                 continue
             if entry.is_dir(follow_symlinks=False):

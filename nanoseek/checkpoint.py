@@ -437,9 +437,9 @@ class ConvertConfig:
     """Convert a DeepSeek-V3 model folder to DeepSeek's FP8 format (E4M3 weights with a weight_scale_inv per
     128x128 block) or back to bf16."""
 
-    model: str = flag("the model folder to read", default="", required=True, metavar="DIR")
-    to: str = flag("the format to write", default="", required=True, choices=["fp8", "bf16"])
-    out: str = flag("the model folder to write", default="", required=True, metavar="DIR")
+    model: str = flag("the model folder to read", metavar="DIR")
+    to: str = flag("the format to write", choices=["fp8", "bf16"])
+    out: str = flag("the model folder to write", metavar="DIR")
 
 
 def convert(cfg: ConvertConfig) -> int:

@@ -284,7 +284,7 @@ def get_preset(name: str) -> ModelConfig:
     return dataclasses.replace(PRESETS[name])
 
 
-__all__ = ["PRESETS", "ModelConfig", "YarnScaling", "get_preset"]
+__all__ = ["PRESETS", "ModelConfig", "ModelSource", "YarnScaling", "get_preset"]
 
 
 @dataclass(slots=True)

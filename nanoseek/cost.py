@@ -20,7 +20,6 @@ from typing import Any
 
 from nanoseek.config import PRESETS, ModelConfig, ModelSource, get_preset
 from nanoseek.flags import flag
-from nanoseek.serve.config import currency_flag, prices_flag
 
 
 def attention_params(cfg: ModelConfig) -> int:
@@ -399,6 +398,16 @@ def format_cost_report(report: dict[str, Any], name: str) -> str:
         f"{human(api['output_tokens'])} output tokens = {api['price']:.4f} {api['currency']}"
     )
     return "\n".join(lines)
+
+
+def prices_flag() -> str:
+    """The API prices option of every command that prices or bills (cost, serve, ledger): one name, one default
+    (DeepSeek-V3's list prices in CNY)."""
+    return flag("per million tokens: cache-hit,cache-miss,output", default="0.5,2,8")
+
+
+def currency_flag() -> str:
+    return flag("currency of the prices", default="CNY")
 
 
 # --- the commands: `nanoseek info` and `nanoseek cost` ----------------------------------------------------

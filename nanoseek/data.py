@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -245,6 +246,8 @@ def ensure_default_data(vocab_size: int, progress: bool = True) -> Path:
     files = stdlib_files()
     if progress:
         print(f"preparing the default corpus: {len(files)} stdlib files -> {out}", file=sys.stderr)
+    if out.is_dir() and not (out / META).is_file():  # unfinished, left under the final name by an older nanoseek
+        shutil.rmtree(out)
     # Several processes may build it at once: each under its own name, and the first one done wins.
     with atomic_dir(out, replace=False) as tmp:
         tokenizer = train_tokenizer(iter_texts(files), vocab_size, show_progress=progress)
@@ -456,9 +459,9 @@ class ChatLoader:
 class TokenizerTrainConfig:
     """Train a byte-level BPE on text files."""
 
-    input: list[str] = flag("files, folders or globs", default_factory=list, required=True, metavar="PATH")
-    vocab_size: int = flag("tokens in the vocabulary", default=0, required=True, metavar="N")
-    out: str = flag("the tokenizer folder to write", default="", required=True, metavar="DIR")
+    input: list[str] = flag("files, folders or globs", metavar="PATH")
+    vocab_size: int = flag("tokens in the vocabulary", metavar="N")
+    out: str = flag("the tokenizer folder to write", metavar="DIR")
 
 
 def train_tokenizer_files(cfg: TokenizerTrainConfig) -> int:
@@ -473,9 +476,9 @@ def train_tokenizer_files(cfg: TokenizerTrainConfig) -> int:
 class PrepareConfig:
     """Tokenise text, JSONL ('text') and parquet ('text') into memmap shards."""
 
-    input: list[str] = flag("files, folders or globs", default_factory=list, required=True, metavar="PATH")
-    tokenizer: str = flag("tokenizer folder or tokenizer.json", default="", required=True, metavar="DIR")
-    out: str = flag("the data folder to write", default="", required=True, metavar="DIR")
+    input: list[str] = flag("files, folders or globs", metavar="PATH")
+    tokenizer: str = flag("tokenizer folder or tokenizer.json", metavar="DIR")
+    out: str = flag("the data folder to write", metavar="DIR")
     seed: int = flag("seed of the train/val split", default=0)
     val_permille: int = flag("documents per 1000 kept for validation", default=10)
     fim_rate: float = flag(

@@ -1,11 +1,11 @@
 """Settings dataclasses as command lines: a field made with `flag()` is a kebab-case flag of the same name.
 
-Every command's settings are one dataclass (DESIGN.md: "CLI flags are kebab-case and map one-to-one onto
-config fields"). A field's type gives the flag's parser (`bool` -> `--x/--no-x`, `list[str]` -> several
-values, `X | None` -> X), its default the flag's default, its metadata the help text, choices and metavar. A
-field holding another settings dataclass (`GenerateConfig.sampling: SamplingParams`) lends its flags
-too, so one option has one name wherever it appears. Fields made without `flag()` are not flags (an API-only
-setting such as `SamplingParams.logit_bias`).
+Every command's settings are one dataclass, and its flags map one-to-one onto the fields. A field's type
+gives the flag's parser (`bool` -> `--x/--no-x`, `list[str]` -> one or more values, `X | None` -> X), its
+default the flag's default (none: a required flag), its metadata the help text, choices and metavar. A field
+holding another settings dataclass (`GenerateConfig.sampling: SamplingParams`) lends its flags too, so one
+option has one name wherever it appears. Fields made without `flag()` are not flags (an API-only setting
+such as `SamplingParams.logit_bias`).
 """
 
 from __future__ import annotations
@@ -19,17 +19,20 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+SCALARS = (str, int, float)
+
+
 def flag(
     help_text: str,
     *,
-    required: bool = False,
     choices: Sequence[str] | None = None,
     metavar: str | None = None,
     positional: bool = False,
     **kwargs: Any,
 ) -> Any:
-    """A settings field that is also a command-line flag (kwargs: `default` or `default_factory`)."""
-    meta = {"help": help_text, "required": required, "choices": choices, "metavar": metavar, "positional": positional}
+    """A settings field that is also a command-line flag (kwargs: `default` or `default_factory`; with
+    neither, the flag is required)."""
+    meta = {"help": help_text, "choices": choices, "metavar": metavar, "positional": positional}
     return dataclasses.field(metadata=meta, **kwargs)
 
 
@@ -46,14 +49,27 @@ def _nested(kind: Any) -> type | None:
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def _parser_type(kind: Any) -> tuple[type, bool]:
+    """(the type that parses one value, whether the flag takes a list) for a field's annotation."""
+    args = typing.get_args(kind)
+    if type(None) in args and len(args) == 2:  # X | None
+        kind = next(t for t in args if t is not type(None))
+    if typing.get_origin(kind) is list and typing.get_args(kind)[0] in SCALARS:
+        return typing.get_args(kind)[0], True
+    if kind in SCALARS:
+        return kind, False
+    raise TypeError(f"a flag cannot parse {kind}: use str, int, float, bool, list of one of them, or X | None")
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:
     """One flag per `flag()` field of cls and of the settings dataclasses it holds; `defaults` is an
     instance whose values are shown and used as defaults (a holder's own default for a held dataclass)."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    required_first = sorted(dataclasses.fields(cls), key=lambda f: _default(f) is not dataclasses.MISSING)
+    for f in required_first:
         default = getattr(defaults, f.name) if defaults is not None else _default(f)
         if (inner := _nested(hints[f.name])) is not None:
             add_dataclass_flags(parser, inner, default)
@@ -62,24 +78,24 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, defaults: An
             continue
         meta, kind = f.metadata, hints[f.name]
         name = f.name if meta["positional"] else f"--{f.name.replace('_', '-')}"
-        options: dict[str, Any] = {"help": meta["help"], "default": default}
+        required = default is dataclasses.MISSING
+        options: dict[str, Any] = {"help": meta["help"]}
         if meta["choices"]:
             options["choices"] = meta["choices"]
         if meta["metavar"]:
             options["metavar"] = meta["metavar"]
-        if meta["required"]:
+        if required and not meta["positional"]:
             options["required"] = True
-        elif not meta["positional"] and kind is not bool and default not in (None, "", []):
-            options["help"] += f" (default: {default})"
+        elif not required:
+            options["default"] = default
+            if default not in (None, "", []):
+                options["help"] += f" (default: {default})"
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         else:
-            optional = type(None) in typing.get_args(kind)
-            base = next(t for t in typing.get_args(kind) if t is not type(None)) if optional else kind  # X | None
-            if typing.get_origin(base) is list:
-                options["nargs"] = "+" if meta["required"] else "*"
-                base = typing.get_args(base)[0]
-            options["type"] = base
+            options["type"], many = _parser_type(kind)
+            if many:
+                options["nargs"] = "+"
         parser.add_argument(name, **options)
 
 

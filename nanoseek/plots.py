@@ -137,7 +137,7 @@ def fp8_plot(path: Path, fp8: dict[str, Any]) -> Path:
 class PlotConfig:
     """PNG plots of a run folder: loss, learning rate, expert load, rewards."""
 
-    run: str = flag("a run folder with metrics.jsonl", default="", positional=True, metavar="DIR")
+    run: str = flag("a run folder with metrics.jsonl", positional=True, metavar="DIR")
 
 
 def plot(cfg: PlotConfig) -> int:

@@ -358,8 +358,8 @@ def run(cfg: SpeedrunConfig) -> int:
     report = Speedrun(cfg.preset, cfg.out, plan=cfg.plan).run()
     grpo, out = report["stages"]["grpo"], Path(cfg.out)
     minutes, before, after = report["total_seconds"] / 60, grpo["pass_at_1_before"], grpo["pass_at_1_after"]
-    print(f"speedrun done in {minutes:.1f} min: held-out pass@1 {before:.3f} -> {after:.3f}")
-    print(f"report card: {out / 'report.md'}, {out / 'report.html'}")
+    card = f"report card: {out / 'report.md'}, {out / 'report.html'}"
+    print(f"speedrun done in {minutes:.1f} min: held-out pass@1 {before:.3f} -> {after:.3f}; {card}")
     if cfg.serve:
         from nanoseek.serve.api import serve
         from nanoseek.serve.config import ServeConfig

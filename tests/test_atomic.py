@@ -221,3 +221,42 @@ def test_concurrent_writers_never_mix(tmp_path):
     data = target.read_bytes()
     assert len(data) == 100_000 and data == data[:1] * len(data)
     assert sorted(tmp_path.iterdir()) == [target]
+
+
+def test_an_interrupt_between_the_two_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def interrupted_second_rename(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) == 2:  # the old folder is aside, the new one not yet in
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted_second_rename)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(target) as tmp:
+        (tmp / "new").write_text("new")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert calls[:2] == [".model.old", "model"]
+    assert _tree(target) == {"old": b"old"} and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_a_live_writers_temporary_and_another_hosts_are_never_swept(tmp_path):
+    from nanoseek.atomic import HOST
+
+    target = tmp_path / "data.bin"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mine_live = tmp_path / f".data.bin.tmp{HOST}-{live.pid}-1"
+        other_host = tmp_path / f".data.bin.tmpsomewhere_else-{os.getpid() + 1}-1"
+        for t in (mine_live, other_host):
+            t.write_bytes(b"in progress")
+        atomic_write(target, b"new")
+        assert mine_live.read_bytes() == other_host.read_bytes() == b"in progress"
+    finally:
+        live.kill()
+        live.wait()
+    atomic_write(target, b"newer")  # now its writer is gone: swept
+    assert not mine_live.exists() and other_host.exists() and target.read_bytes() == b"newer"

@@ -8,9 +8,10 @@ import typing
 import pytest
 
 from nanoseek.cli import COMMANDS, build_parser, chosen, load
-from nanoseek.flags import from_args
+from nanoseek.flags import flag, from_args
 
 NAMES = [c.name for c in COMMANDS]
+REQUIRED = object()  # a field without a default: its flag must be given
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=NAMES)
@@ -28,8 +29,10 @@ def flag_defaults(cls: type) -> dict:
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             defaults |= flag_defaults(hints[f.name])
+        elif "help" in f.metadata and f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
         elif "help" in f.metadata:
-            defaults[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            defaults[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else REQUIRED
     return defaults
 
 
@@ -47,7 +50,11 @@ def test_each_option_has_one_name_and_the_dataclass_default(name):
     assert all(len([s for s in a.option_strings if not s.startswith("--no-")]) <= 1 for a in actions)
     flat = flag_defaults(settings)
     assert {a.dest for a in actions} == set(flat)
-    assert all(a.default == flat[a.dest] for a in actions)
+    for action in actions:
+        if flat[action.dest] is REQUIRED:
+            assert action.required or not action.option_strings  # a positional is required by nature
+        else:
+            assert action.default == flat[action.dest] and not action.required
 
 
 def test_held_settings_lend_their_flags_and_build_from_them():
@@ -67,13 +74,38 @@ def test_a_subclass_default_reaches_the_flag_serve_captures_and_generate_runs_ea
 
 @pytest.mark.parametrize(
     ("argv", "name"),
-    [(["task", "write", "--n", "3"], "task write"), (["--help"], None), (["plot", "runs/x"], "plot"), ([], None)],
+    [
+        (["task", "write", "--n", "3"], "task write"),
+        (["tokenizer", "train", "--help"], "tokenizer train"),
+        (["task", "--help"], None),
+        (["--help"], None),
+        (["plot", "runs/x"], "plot"),
+        ([], None),
+        (["nosuch"], None),
+    ],
 )
 def test_the_chosen_command_is_read_before_parsing(argv, name):
     assert chosen(argv) == name
 
 
-def test_model_source_refuses_a_preset_and_a_folder_together():
+def test_model_source_refuses_a_preset_and_a_folder_together(capsys):
     from nanoseek.cli import main
 
     assert main(["info", "--preset", "tiny", "--model", "x"]) == 2
+    assert "pass --preset or --model, not both" in capsys.readouterr().err
+
+
+def test_a_list_flag_needs_a_value_and_a_type_it_cannot_parse_is_refused():
+    import argparse
+
+    from nanoseek.flags import add_dataclass_flags
+
+    with pytest.raises(SystemExit):
+        build_parser("eval").parse_args(["eval", "--lm-eval"])
+
+    @dataclasses.dataclass
+    class Unparseable:
+        maybe: bool | None = flag("a tri-state", default=None)
+
+    with pytest.raises(TypeError, match="cannot parse"):
+        add_dataclass_flags(argparse.ArgumentParser(), Unparseable)

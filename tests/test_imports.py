@@ -1,10 +1,14 @@
 """The dependency rules, checked on what Python really imports: the model reads no files and knows no
 trainer or server, and `import nanoseek` loads neither the engine nor FastAPI."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+import nanoseek
 
 
 def imported_after(statement: str) -> set[str]:
@@ -35,3 +39,22 @@ def test_an_unknown_name_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="no attribute 'Engin'"):
         nanoseek.Engin  # noqa: B018
+
+
+def test_no_module_under_model_names_checkpoint_serving_training_or_cli_even_inside_a_function():
+    """A static check too: an import inside a method (how the model once reached checkpoint.py) runs late."""
+    outside = ("nanoseek.checkpoint", "nanoseek.serve", "nanoseek.train", "nanoseek.rl", "nanoseek.cli")
+    for path in Path(nanoseek.__file__).parent.joinpath("model").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not [n for n in names if n.startswith(outside)], f"{path.name} imports {names}"
+
+
+def test_every_public_name_and_submodule_resolves():
+    assert all(getattr(nanoseek, name) is not None for name in nanoseek.__all__)
+    assert imported_after("import nanoseek; nanoseek.checkpoint.save_pretrained") >= {"nanoseek.checkpoint"}

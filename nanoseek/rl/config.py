@@ -60,15 +60,15 @@ class GRPOConfig(RunConfig):
             raise ValueError("--beta must be >= 0, --epsilon and --temperature positive")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)  # its required fields follow defaulted ones
 class DistillConfig(FineTuneConfig):
     """The teacher samples <think>...</think><answer>...</answer> replies with the engine, the task's verifier
     keeps the right ones (rejection sampling), and the student is fine-tuned on them (plus KL to the
     teacher's logits with --kl-weight)."""
 
-    teacher: str = flag("the teacher model folder", default="", required=True, metavar="DIR")
-    student: str = flag("the student model folder to fine-tune", default="", required=True, metavar="DIR")
-    prompts: str = flag("JSONL of prompt/answer/meta (nanoseek task write)", default="", required=True, metavar="FILE")
+    teacher: str = flag("the teacher model folder", metavar="DIR")
+    student: str = flag("the student model folder to fine-tune", metavar="DIR")
+    prompts: str = flag("JSONL of prompt/answer/meta (nanoseek task write)", metavar="FILE")
     task: str | None = flag("the verifier that filters the traces (arithmetic, countdown, FILE.jsonl)", default=None)
     samples: int = flag("teacher replies per prompt", default=4)
     teacher_temperature: float = flag("the teacher's sampling temperature", default=0.7)
@@ -134,9 +134,9 @@ class EvalConfig:
 class TaskWriteConfig:
     """Write a task's problems as prompts (prompt/answer/meta, for distill) or as chat examples for sft."""
 
-    task: str = flag("arithmetic, countdown or calculator (tool use)", default="", required=True)
-    n: int = flag("problems", default=0, required=True)
-    out: str = flag("the JSONL file to write", default="", required=True, metavar="FILE")
+    task: str = flag("arithmetic, countdown or calculator (tool use)")
+    n: int = flag("problems")
+    out: str = flag("the JSONL file to write", metavar="FILE")
     split: str = flag("which problems", default="train", choices=["train", "test"])
     seed: int = flag("seed of the problems", default=0)
     solutions: bool = flag("chat examples with worked solutions", default=False)

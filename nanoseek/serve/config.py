@@ -5,26 +5,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nanoseek.cost import currency_flag, prices_flag
 from nanoseek.flags import flag, inherit
 from nanoseek.serve.sampling import SamplingParams
 
 CACHE_UNIT = 64  # tokens per cached prefix block, as DeepSeek's context caching
 
 
-def prices_flag() -> str:
-    """The prices option of every command that bills or prices (serve, ledger, cost): one name, one default."""
-    return flag("per million tokens: cache-hit,cache-miss,output", default="0.5,2,8")
-
-
-def currency_flag() -> str:
-    return flag("currency of the prices", default="CNY")
-
-
 @dataclass(slots=True)
 class EngineConfig:
     """The inference engine's settings, as every command that runs one takes them (generate, chat, serve)."""
 
-    model: str | None = flag("a model folder with its tokenizer", default=None, required=True, metavar="DIR")
+    model: str = flag("a model folder with its tokenizer", metavar="DIR")
     weights: str = flag(
         "projection weights in memory: fp8 (E4M3 with 128x128 block scales, about 1 byte per parameter), bf16 "
         "or fp32 (dequantised); auto: fp8 for an FP8 checkpoint",
@@ -45,17 +37,15 @@ class EngineConfig:
     disk_cache_gb: float = flag("bound on the disk cache, LRU-evicted", default=8.0)
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("the engine needs --model DIR (a folder with config.json and tokenizer.json)")
         if self.disk_cache_gb <= 0 or self.cache_memory_mb <= 0:
             raise ValueError("--disk-cache-gb and --cache-memory-mb must be positive")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)  # its required fields follow defaulted ones
 class GenerateConfig(EngineConfig):
     """Generate text from a prompt."""
 
-    prompt: str = flag("the prompt", default="", required=True)
+    prompt: str = flag("the prompt")
     chat: bool = flag("wrap the prompt in the chat template", default=False)
     stream: bool = flag("print the text as it comes (--no-stream: once it is complete)", default=True)
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -74,7 +64,7 @@ class LedgerConfig:
     """Print (or export as CSV) every API key's usage, cost, balance and open reservations, from the SQLite
     ledger that `nanoseek serve` writes."""
 
-    ledger: str = flag("the ledger file (serve's --ledger)", default="", required=True, metavar="FILE")
+    ledger: str = flag("the ledger file (serve's --ledger)", metavar="FILE")
     prices: str = prices_flag()
     currency: str = currency_flag()
     csv: bool = flag("CSV on stdout instead of a table", default=False)

@@ -138,7 +138,7 @@ class DiskCache:
         path.parent.mkdir(exist_ok=True)
         header = MAGIC + bytes.fromhex(name) + self.fingerprint + hashlib.sha256(payload).digest()
         # No fsync: a block torn by a power loss fails its checksum, a miss; a failed write leaves no half file.
-        atomic_write(path, header + payload, fsync=False)
+        atomic_write(path, header + payload, fsync=False, sweep=False)  # swept at start-up
         with self._lock:
             self._index[name] = path.stat().st_size
             self.bytes += self._index[name]

@@ -117,14 +117,14 @@ class FineTuneConfig(RecipeConfig):
     save_every: int = inherit(RunConfig, "save_every", 50)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)  # its required fields follow defaulted ones
 class SFTConfig(FineTuneConfig):
     """Fine-tune a model folder on OpenAI-style chat examples with the pretraining trainer: DeepSeek-V3's chat
     template, loss on assistant tokens only, multi-turn, padded batches (examples never attend to each
     other)."""
 
-    model: str = flag("the model folder to start from", default="", required=True, metavar="DIR")
-    data: str = flag('JSONL, one {"messages": [...]} per line', default="", required=True, metavar="FILE")
+    model: str = flag("the model folder to start from", metavar="DIR")
+    data: str = flag('JSONL, one {"messages": [...]} per line', metavar="FILE")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**self.recipe(), init=self.model, data=self.data, objective="sft")
