@@ -168,3 +168,19 @@ def test_unsupported_rope_type_is_refused():
 def test_settings_nanoseek_does_not_implement_are_refused(key, value):
     with pytest.raises(ValueError, match=f"{key}="):
         ModelConfig.from_hf_dict({**DEEPSEEK_V3_RELEASE, key: value})
+
+
+def test_rope_frequencies_stay_fp32_in_a_bf16_model_built_or_loaded(tmp_path):
+    """Rounded to bf16, the angle of position p would be off by up to p * 2^-9 radians."""
+    import torch
+
+    from nanoseek import Transformer, from_pretrained, save_pretrained
+    from nanoseek.model.rope import rope_inv_freq
+
+    cfg = get_preset("tiny")
+    exact = rope_inv_freq(cfg)[0]
+    model = Transformer(cfg).to(torch.bfloat16)
+    assert model.rotary_emb.inv_freq.dtype == torch.float32 and torch.equal(model.rotary_emb.inv_freq, exact)
+    save_pretrained(model, str(tmp_path))
+    loaded = from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert loaded.embed_tokens.weight.dtype == torch.bfloat16 and torch.equal(loaded.rotary_emb.inv_freq, exact)

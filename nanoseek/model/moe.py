@@ -25,6 +25,7 @@ from nanoseek.fp8 import (
     quantize_tiles,
 )
 from nanoseek.model.expert_parallel import ExpertGroup, dispatch
+from nanoseek.model.kernels import is_packed, linear
 from nanoseek.model.layers import MLP, compute_dtype
 
 
@@ -221,8 +222,8 @@ class RoutedExperts(nn.Module):
             if torch.compiler.is_compiling():  # a captured step: static shapes, no sorting tokens by expert
                 static = self._few_tokens_gathered if self._few_tokens_pay(n * k) else self._every_expert
                 return static(x, weights, indices)
-            if self._few_tokens_pay(n * k) or self.resident_fp8:  # FP8: dequantise only the chosen experts
-                return self._few_tokens(x, weights, indices)
+            if self._few_tokens_pay(n * k) or self.resident_fp8 or is_packed(self.gate_up_proj[0]):
+                return self._few_tokens(x, weights, indices)  # FP8: dequantise only the chosen experts
         flat = indices.flatten()  # [N * k]
         order = flat.argsort(stable=True)  # sort (token, slot) pairs by expert
         counts = torch.bincount(flat, minlength=self.n_experts)
@@ -240,7 +241,8 @@ class RoutedExperts(nn.Module):
 
     def _few_tokens_pay(self, pairs: int) -> bool:
         """A loop over the chosen experts beats sorting tokens by expert while there are fewer (token, expert)
-        pairs than experts: a decode step of a few sequences (as DeepSeek's inference code loops)."""
+        pairs than experts: a decode step of a few sequences (as DeepSeek's inference code loops). With packed
+        weights (nanoseek.model.kernels) the loop runs at every batch: only it reads the packed copies."""
         return pairs <= self.n_experts
 
     def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -259,8 +261,8 @@ class RoutedExperts(nn.Module):
             picked = slots == expert
             rows = tokens[picked]  # the tokens that chose this expert (each at most once)
             gate_up, down = self.expert_weights(expert - self.first_expert, x.dtype)
-            gate, up = F.linear(x[rows], gate_up).chunk(2, dim=-1)
-            h = F.linear(F.silu(gate) * up, down)  # [rows, hidden]
+            gate, up = linear(x[rows], gate_up).chunk(2, dim=-1)  # on a packed copy of the weights, if any
+            h = linear(F.silu(gate) * up, down)  # [rows, hidden]
             out.index_add_(0, rows, h.float() * weights.flatten()[picked].unsqueeze(-1).float())
         return out
 

@@ -80,7 +80,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def reset_parameters(self) -> None:
-        self.inv_freq.copy_(rope_inv_freq(self.cfg)[0])
+        self.inv_freq = rope_inv_freq(self.cfg)[0].to(self.inv_freq.device)  # fp32, whatever the model's dtype
+
+    def _apply(self, fn, recurse=True):
+        # The frequencies stay exact fp32 through model.to(bf16) (recomputed: a cast back would keep the
+        # rounding): rounded to 8 bits, the angle of position p would be off by up to p * 2^-9 radians.
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self.reset_parameters()
+        return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.float()[..., None] * self.inv_freq  # [T, D/2], fp32 for long contexts

@@ -37,6 +37,7 @@ from nanoseek.serve.config import EngineConfig
 from nanoseek.serve.grammar import Grammars
 from nanoseek.serve.kv_cache import BlockManager, CacheSpec, LatentPool
 from nanoseek.serve.output import TextOutput, releasable
+from nanoseek.serve.packed import pack_model, packing_available
 from nanoseek.serve.prefix_cache import DiskCache
 from nanoseek.serve.runner import ModelRunner, Row
 from nanoseek.serve.sampling import History, SamplingParams, needs_history
@@ -114,6 +115,7 @@ class Engine:
         cache_dir: str | Path | None = None,
         disk_cache_bytes: int = 8 * 2**30,
         enforce_eager: bool = True,
+        pack_weights: bool = True,
     ):
         self.device = torch.device(device) if device else default_device()
         # Under torchrun (model_parallel) this is rank 0, and the other ranks hold shares of the routed experts.
@@ -160,6 +162,12 @@ class Engine:
         self.pool = LatentPool(self.spec, num_blocks * block_size + 1, self.device)  # + the runner's scratch slot
         self.runner = ModelRunner(self.model, self.pool, block_size, self.device, enforce_eager=enforce_eager)
         self.fingerprint = self._fingerprint(model_dir, every_byte=cache_dir is not None)
+        # A CPU engine's own weights are packed for oneDNN's decode kernels (serve/packed.py). A model passed in
+        # may be training (GRPO's policy): a packed copy would go stale.
+        own = model_dir is not None and self.ranks is None
+        self.packed = pack_weights and own and packing_available(self.device)
+        if self.packed:
+            pack_model(self.model)
         self.disk_cache = DiskCache(cache_dir, disk_cache_bytes, self.fingerprint) if cache_dir is not None else None
         if self.disk_cache is not None:
             self.block_manager.on_register = self._persist_block
@@ -187,6 +195,7 @@ class Engine:
             cache_dir=cfg.cache_dir,
             disk_cache_bytes=int(cfg.disk_cache_gb * 2**30),
             enforce_eager=cfg.enforce_eager,
+            pack_weights=cfg.pack_weights,
             **kwargs,
         )
 

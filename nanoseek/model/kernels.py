@@ -1,0 +1,51 @@
+"""`linear(x, weight)`: `F.linear`, or the product on a copy of `weight` that a CPU kernel laid out for itself
+and registered (`register_packed`; nanoseek.serve.packed does, for oneDNN's prepacked weights).
+
+The model stays the model: the layout is chosen from outside, and the weight itself stays where the checkpoint
+put it. As a custom op it is opaque to torch.compile, so a captured decode step calls it as it is (Dynamo cannot
+trace oneDNN's opaque tensors). Inference only: it has no backward.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# weight.data_ptr() -> the product x @ weight.T on a packed copy of weight (see register_packed)
+_packed: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+
+def register_packed(weight: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], owner: torch.Tensor) -> None:
+    """From now on `linear(x, weight)` is `product(x)`, until `owner` (the tensor whose storage `weight` is,
+    or a view of) is freed. The packed copy is read-only: the weight must not change after this."""
+    key = weight.data_ptr()
+    _packed[key] = product
+    weakref.finalize(owner, _packed.pop, key, None)
+
+
+def is_packed(weight: torch.Tensor) -> bool:
+    return weight.data_ptr() in _packed
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    product = _packed.get(weight.data_ptr())
+    return product(x) if product is not None else F.linear(x, weight)
+
+
+# Declared with torch.library's schema API, as kv_cache.write_slots: `custom_op`'s wrappers cost 3x the call.
+_LIB = torch.library.Library("nanoseek", "FRAGMENT")
+_LIB.define("linear(Tensor x, Tensor weight) -> Tensor")
+_LIB.impl("linear", _linear, "CompositeExplicitAutograd")
+torch.library.register_fake(
+    "nanoseek::linear", lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])), lib=_LIB
+)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight.T -> [..., out], on weight's packed copy where one is registered."""
+    if torch.compiler.is_compiling():
+        return torch.ops.nanoseek.linear(x, weight)  # opaque to the compiler
+    return _linear(x, weight)  # eagerly the op's dispatch would only cost time

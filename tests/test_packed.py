@@ -1,0 +1,93 @@
+"""Weights packed for oneDNN's CPU kernels (serve/packed.py, model/kernels.py): the same products as F.linear
+within fp32's summation-order rounding, the same greedy tokens as a plain engine in eager and captured decode,
+the state dict untouched, and never a model the engine did not load itself."""
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hf_reference import perturb_
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanoseek import Engine, SamplingParams, Transformer, get_preset, save_pretrained
+from nanoseek.model import kernels
+from nanoseek.serve.packed import PackedLinear, pack, pack_model, packed_linear, packing_available
+
+pytestmark = pytest.mark.skipif(not packing_available(torch.device("cpu")), reason="no oneDNN in this torch")
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PROMPTS = [list(range(1, 20)), [7] * 9, [3], list(range(40, 5, -2))]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 40), out_features=st.integers(1, 300), in_features=st.integers(1, 200), seed=st.integers(0, 99)
+)
+def test_a_packed_product_equals_f_linear_up_to_summation_order(rows, out_features, in_features, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(rows, in_features, generator=g), torch.randn(out_features, in_features, generator=g)
+    # fp32 sums of in_features products in another order: a few ulps of the sum of |products|
+    bound = 4 * in_features * torch.finfo(torch.float32).eps * (x.abs() @ w.abs().T)
+    assert ((packed_linear(x, pack(w)) - F.linear(x, w)).abs() <= bound + 1e-30).all()
+
+
+def test_bf16_weights_pack_too():
+    x, w = torch.randn(3, 64).bfloat16(), torch.randn(96, 64).bfloat16()
+    torch.testing.assert_close(packed_linear(x, pack(w)), F.linear(x, w), rtol=2**-7, atol=2**-7)
+
+
+def test_the_kernel_linear_reads_a_registered_copy_until_its_owner_is_freed():
+    w, x = torch.randn(8, 4), torch.randn(2, 4)
+    assert torch.equal(kernels.linear(x, w), F.linear(x, w)) and not kernels.is_packed(w)
+    kernels.register_packed(w, lambda x: torch.zeros(x.shape[0], 8), owner=w)
+    assert kernels.is_packed(w) and not kernels.linear(x, w).any()  # the registered product is what runs
+    key = w.data_ptr()
+    del w
+    gc.collect()
+    assert key not in kernels._packed
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = perturb_(Transformer(get_preset("tiny").replace(vocab_size=300, num_hidden_layers=3)), seed=2)
+    out = tmp_path_factory.mktemp("model")
+    save_pretrained(model, str(out))
+    return out
+
+
+def engine(model, packed: bool, eager: bool = True) -> Engine:
+    options = dict(device="cpu", dtype=torch.float32, block_size=4, cache_bytes=1 << 20, max_batched_tokens=16)
+    return Engine(model, pack_weights=packed, enforce_eager=eager, **options)
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "captured"])
+def test_packed_and_plain_engines_decode_the_same_greedy_tokens(model_dir, eager):
+    packed, plain = engine(model_dir, True, eager), engine(model_dir, False, eager)
+    assert packed.packed and not plain.packed
+    assert sum(isinstance(m, PackedLinear) for m in packed.model.modules()) > 0
+    ours, theirs = packed.generate(PROMPTS, GREEDY), plain.generate(PROMPTS, GREEDY)
+    assert [out.token_ids for out in ours] == [out.token_ids for out in theirs]
+
+
+def test_packing_keeps_the_state_dict_and_the_logits(model_dir):
+    plain = engine(model_dir, False).model
+    packed = engine(model_dir, False).model
+    before = {k: v.clone() for k, v in packed.state_dict().items()}
+    assert pack_model(packed) > 0
+    after = packed.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids), plain(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_passed_in_is_never_packed(model_dir):
+    """GRPO hands the engine its training policy: a packed copy would go stale at the next optimizer step."""
+    from nanoseek import from_pretrained
+
+    model = from_pretrained(model_dir, dtype=torch.float32)
+    e = engine(model, True)
+    assert not e.packed and not any(isinstance(m, PackedLinear) for m in model.modules())
