@@ -18,7 +18,7 @@ from nanoseek.serve.packed import PackedLinear, pack, pack_model, packed_linear,
 pytestmark = pytest.mark.skipif(not packing_available(torch.device("cpu")), reason="no oneDNN in this torch")
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-PROMPTS = [list(range(1, 20)), [7] * 9, [3], list(range(40, 5, -2))]
+PROMPTS = [list(range(1, 20)), [7] * 9, [3], list(range(40, 5, -2)), [5, 6], list(range(9, 30))]  # > E / k rows
 
 
 @settings(max_examples=25, deadline=None)
@@ -65,6 +65,7 @@ def engine(model, packed: bool, eager: bool = True) -> Engine:
 
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "captured"])
 def test_packed_and_plain_engines_decode_the_same_greedy_tokens(model_dir, eager):
+    """Six rows route more (token, expert) pairs than the 8 experts: the captured step's every-expert path."""
     packed, plain = engine(model_dir, True, eager), engine(model_dir, False, eager)
     assert packed.packed and not plain.packed
     assert sum(isinstance(m, PackedLinear) for m in packed.model.modules()) > 0

@@ -25,7 +25,7 @@ from nanoseek.fp8 import (
     quantize_tiles,
 )
 from nanoseek.model.expert_parallel import ExpertGroup, dispatch
-from nanoseek.model.kernels import is_packed, linear
+from nanoseek.model.kernels import linear
 from nanoseek.model.layers import MLP, compute_dtype
 
 
@@ -162,6 +162,7 @@ class RoutedExperts(nn.Module):
         # on rank 0 `remote` sends each call's tokens to the other ranks and sums their partial outputs.
         self.first_expert = 0
         self.remote = None
+        self.packed = False  # each expert's matrices registered with packed copies (kernels.register_packed)
 
     def keep_experts(self, first: int, count: int) -> None:
         """Hold only experts [first, first + count) (call it on the meta device, before loading)."""
@@ -222,7 +223,7 @@ class RoutedExperts(nn.Module):
             if torch.compiler.is_compiling():  # a captured step: static shapes, no sorting tokens by expert
                 static = self._few_tokens_gathered if self._few_tokens_pay(n * k) else self._every_expert
                 return static(x, weights, indices)
-            if self._few_tokens_pay(n * k) or self.resident_fp8 or is_packed(self.gate_up_proj[0]):
+            if self._few_tokens_pay(n * k) or self.resident_fp8 or self.packed:
                 return self._few_tokens(x, weights, indices)  # FP8: dequantise only the chosen experts
         flat = indices.flatten()  # [N * k]
         order = flat.argsort(stable=True)  # sort (token, slot) pairs by expert
@@ -282,6 +283,7 @@ class RoutedExperts(nn.Module):
         the arithmetic of routing, which a batch of decoding tokens leaves the CPU time for."""
         dense = torch.zeros(x.shape[0], self.n_experts, dtype=torch.float32, device=x.device)
         dense.scatter_(1, indices, weights.float())  # [N, E]
+        # (A product per expert on its packed copy, 2E opaque calls, measured 0.69x this at batch 8.)
         rows = x.unsqueeze(0).expand(self.n_experts, -1, -1)  # [E, N, hidden]
         gate_up, down = self.expert_weights(slice(None), x.dtype)
         gate, up = torch.bmm(rows, gate_up.transpose(1, 2)).chunk(2, dim=-1)

@@ -73,6 +73,7 @@ def pack_model(model: nn.Module) -> int:
                 for weight in stacked:  # each expert's matrix, a view of the stacked parameter
                     register_packed(weight, partial(packed_linear, packed=pack(weight)), owner=stacked)
                     count += 1
+            module.packed = True
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.weight.dtype in PACKABLE:
                 setattr(module, name, PackedLinear(child))
