@@ -6,7 +6,7 @@ A random model of the preset decodes greedily with its weights packed for oneDNN
 CPU, serve/packed.py) and with plain `F.linear` (`pack_weights=False`), eagerly or with the decode step
 captured (`--captured`: torch.compile per batch bucket, compiled in a warm-up), the two runs interleaved
 `--rounds` times so that the machine's noise hits both alike; the best round of each counts.
-Beside them: the weight bytes a decode step reads (cost.decode_bandwidth_bound: attention, dense layers,
+Beside them: the bytes a decode step reads (cost.decode_step_bytes: attention, dense layers,
 shared experts and head, plus the routed experts the batch's tokens chose), the bandwidth that implies, and
 the fraction of what a plain `sum` over 512 MB reads on this CPU (the roofline).
 """
@@ -20,19 +20,8 @@ import time
 import torch
 
 from nanoseek import Engine, SamplingParams, Transformer, get_preset, save_pretrained
-from nanoseek.cost import GPU, decode_bandwidth_bound
-from nanoseek.device import cpu_features
-
-
-def read_bandwidth(n_bytes: int = 512 * 2**20, rounds: int = 5) -> float:
-    """Bytes/s that `sum` reads from a buffer far larger than the caches (the best of `rounds`)."""
-    buffer = torch.ones(n_bytes // 4)
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        buffer.sum()
-        best = min(best, time.perf_counter() - start)
-    return n_bytes / best
+from nanoseek.cost import decode_step_bytes
+from nanoseek.device import cpu_features, read_bandwidth
 
 
 def decode_rate(engine: Engine, batch: int, new_tokens: int) -> float:
@@ -69,25 +58,23 @@ def main() -> None:
         greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
         same = len({tuple(e.generate([[1, 2, 3, 4]], greedy)[0].token_ids) for e in engines.values()}) == 1
         element = torch.finfo(dtype).bits // 8
-        bounds = decode_bandwidth_bound(
-            cfg, GPU("cpu", 0, None, 0, roofline), 1, 4 + args.new_tokens // 2, tuple(args.batches), element
-        )
+        step_bytes = {b: decode_step_bytes(cfg, b, 4 + args.new_tokens // 2, element, element) for b in args.batches}
         mode = "captured" if args.captured else "eager"
         print(f"{args.preset} ({args.dtype}, {mode}), {args.new_tokens} greedy tokens, best of {args.rounds} rounds:")
-        for bound in bounds:
+        for batch, step in step_bytes.items():
             for engine in engines.values():  # warm-up: a captured bucket compiles here
-                decode_rate(engine, bound.batch, 2)
+                decode_rate(engine, batch, 2)
             best = {name: 0.0 for name in engines}
             for _ in range(args.rounds):
                 for name, engine in engines.items():
-                    best[name] = max(best[name], decode_rate(engine, bound.batch, args.new_tokens))
+                    best[name] = max(best[name], decode_rate(engine, batch, args.new_tokens))
             line = []
             for name, rate in best.items():
-                gbs = rate / bound.batch * bound.bytes_per_step / 1e9
+                gbs = rate / batch * step / 1e9
                 line.append(f"{name} {rate:7.1f} tok/s ({gbs:4.1f} GB/s, {gbs * 1e9 / roofline:4.0%} of roofline)")
-            mb = bound.bytes_per_step / 1e6
+            mb = step / 1e6
             ratio = best["packed"] / best["plain"]
-            print(f"  batch {bound.batch:2d}: {mb:6.1f} MB/step | {' | '.join(line)} | packed/plain {ratio:.2f}x")
+            print(f"  batch {batch:2d}: {mb:6.1f} MB/step | {' | '.join(line)} | packed/plain {ratio:.2f}x")
         print(f"same greedy tokens packed and plain: {same}")
 
 

@@ -225,20 +225,28 @@ def decode_bandwidth_bound(
     weight_bytes_per_param: float = FP8_BYTES_PER_PARAM,
     kv_dtype_bytes: int = 2,
 ) -> list[DecodeBound]:
-    """An upper bound on decode tokens/s for a node of `gpus` GPUs: a decode step reads every weight it
-    uses once (attention, dense layers, shared experts, head; of the routed experts, those that at least
-    one of the batch's tokens chose: E (1 - (1 - k/E)^B) per MoE layer under balanced routing) and each
-    sequence's latent cache at context_len, at the GPUs' summed HBM bandwidth (weights sharded over them).
+    """An upper bound on decode tokens/s for a node of `gpus` GPUs: a decode step reads its bytes
+    (decode_step_bytes: the weights it uses once and each sequence's latent cache at context_len) at the
+    GPUs' summed HBM bandwidth (weights sharded over them).
     Compute, communication and MTP's extra tokens per step are left out: a bound, not a forecast."""
-    stats, routed = model_stats(cfg), cfg.n_routed_experts * expert_params(cfg) * moe_layer_count(cfg)
-    always = stats.params_total - routed - cfg.vocab_size * cfg.hidden_size  # the embedding is a lookup
-    kv = kv_bytes_per_token(cfg, kv_dtype_bytes, "mla")
     out = []
     for b in batches:
-        chosen = 1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** b if cfg.n_routed_experts else 0
-        step = (always + routed * chosen) * weight_bytes_per_param + b * context_len * kv
+        step = decode_step_bytes(cfg, b, context_len, weight_bytes_per_param, kv_dtype_bytes)
         out.append(DecodeBound(b, step, b * gpus * gpu.memory_bandwidth / step))
     return out
+
+
+def decode_step_bytes(
+    cfg: ModelConfig, batch: int, context_len: int, weight_bytes_per_param: float, kv_dtype_bytes: int = 2
+) -> float:
+    """Bytes one decode step of `batch` sequences reads: every weight it uses once (of the routed experts, those
+    that at least one token chose: E (1 - (1 - k/E)^B) per MoE layer under balanced routing; the embedding is a
+    lookup) and each sequence's latent cache at context_len."""
+    stats, routed = model_stats(cfg), cfg.n_routed_experts * expert_params(cfg) * moe_layer_count(cfg)
+    always = stats.params_total - routed - cfg.vocab_size * cfg.hidden_size
+    chosen = 1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** batch if cfg.n_routed_experts else 0
+    kv = kv_bytes_per_token(cfg, kv_dtype_bytes, "mla")
+    return (always + routed * chosen) * weight_bytes_per_param + batch * context_len * kv
 
 
 def serving_footprint(

@@ -95,3 +95,15 @@ def cpu_features() -> str:
     chosen = str(default_dtype("cpu")).removeprefix("torch.")
     amx = "yes" if cpu_has_fast_bf16() else "no"
     return f"{cpu_name()}, {os.cpu_count()} cores, AMX {amx}, {AUTO_DTYPE_ENV} {forced}: auto dtype on CPU is {chosen}"
+
+
+def read_bandwidth(n_bytes: int = 512 * 2**20, rounds: int = 5) -> float:
+    """Bytes/s that `sum` reads from a buffer far larger than the caches (the best of `rounds`): the memory
+    roofline a decode step, which reads every weight it uses once, is measured against."""
+    buffer = torch.ones(n_bytes // 4)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return n_bytes / best

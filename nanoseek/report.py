@@ -135,6 +135,7 @@ def write_report(out: Path, preset: str, cfg, plan: dict[str, Any], stages: dict
         f"{grpo['eval_n']} problems) |",
         f"| inference | {s['inference']['seconds']:.0f} | – | decode "
         + ", ".join(f"batch {b}: {v:.0f} tok/s" for b, v in throughput.items())
+        + roofline_text(s["inference"])
         + " |",
         f"| report | {s['report']['seconds']:.0f} | – | this card |",
         "",
@@ -216,4 +217,13 @@ def _markdown_to_html(markdown: str, images: dict[str, str]) -> str:
     )
     return f"<!doctype html><meta charset='utf-8'><title>nanoseek report</title><style>{style}</style>\n" + "\n".join(
         body
+    )
+
+
+def roofline_text(inference: dict[str, Any]) -> str:
+    """How much of the CPU's read bandwidth decode reached at batch 1 (results of older runs lack it)."""
+    if "roofline_fraction" not in inference:
+        return ""
+    return (
+        f" (batch 1 reads {inference['roofline_fraction']['1']:.0%} of the {inference['read_gb_per_s']} GB/s roofline)"
     )

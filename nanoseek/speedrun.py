@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from nanoseek.atomic import atomic_write
 from nanoseek.config import get_preset
+from nanoseek.cost import decode_step_bytes
 from nanoseek.data import ensure_default_data, sft_row
-from nanoseek.device import default_device
+from nanoseek.device import default_device, read_bandwidth
 from nanoseek.flags import flag
 from nanoseek.plots import plot_run
 from nanoseek.report import write_report
@@ -308,14 +309,19 @@ class Speedrun:
         from nanoseek.serve import Engine, SamplingParams
 
         engine = Engine(self.dir("grpo") / "model", max_seqs=64, max_batched_tokens=2048)
-        throughput = {}
+        roofline, element = read_bandwidth(), engine.model.embed_tokens.weight.element_size()
+        throughput, fraction = {}, {}
         for batch in (1, 8, 32):
             prompts = [[engine.tokenizer.bos_id, 100 + i] for i in range(batch)]
             params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
             engine.generate(prompts[:1], params)  # warm-up
             start = time.perf_counter()
             engine.generate(prompts, params)
-            throughput[str(batch)] = round(batch * 32 / (time.perf_counter() - start), 1)
+            steps_per_s = 32 / (time.perf_counter() - start)
+            throughput[str(batch)] = round(batch * steps_per_s, 1)
+            # how much of the CPU's read bandwidth the weights (and latents) a step reads stream at
+            step = decode_step_bytes(engine.model.cfg, batch, 2 + 16, element, element)
+            fraction[str(batch)] = round(step * steps_per_s / roofline, 3)
         code = Engine(self.dir("pretrain") / "model")
         samples = {
             p: code.generate([p], SamplingParams(max_tokens=48, temperature=0.7, seed=0))[0].text
@@ -326,6 +332,8 @@ class Speedrun:
         samples |= {p.question: reply for p, reply, _ in scored}
         return {
             "decode_tokens_per_s": throughput,
+            "read_gb_per_s": round(roofline / 1e9, 1),
+            "roofline_fraction": fraction,
             "samples": samples,
             "kv_bytes_per_token": engine.kv_cache_bytes_per_token(),
         }

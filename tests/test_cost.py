@@ -133,3 +133,16 @@ def test_the_speedrun_cost_follows_each_stages_own_token_counts():
     # Twice the rollouts cost twice as much, whatever the plan says.
     doubled = run_cost(cfg, plan | {"grpo_steps": 1}, stages | {"grpo": {k: 2 * v for k, v in stages["grpo"].items()}})
     assert doubled["flops"]["grpo"] == 2 * cost["flops"]["grpo"] and doubled["flops"]["sft"] == cost["flops"]["sft"]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "v3-671b"])
+def test_a_decode_step_reads_the_active_weights_at_batch_one_and_every_weight_at_a_large_batch(preset):
+    from nanoseek.cost import decode_step_bytes, model_stats
+
+    cfg = get_preset(preset)
+    stats, embedding = model_stats(cfg), cfg.vocab_size * cfg.hidden_size  # the embedding is a lookup
+    assert decode_step_bytes(cfg, 1, 0, 1.0) == stats.params_active - embedding
+    assert decode_step_bytes(cfg, 10**6, 0, 1.0) == pytest.approx(stats.params_total - embedding)
+    assert decode_step_bytes(cfg, 8, 100, 2.0, 2) - decode_step_bytes(cfg, 8, 0, 2.0, 2) == 8 * 100 * (
+        stats.kv_bytes_per_token
+    )
