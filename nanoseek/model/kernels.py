@@ -14,24 +14,26 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-# weight.data_ptr() -> the product x @ weight.T on a packed copy of weight (see register_packed)
-_packed: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+# weight.data_ptr() -> (weight's shape, the product x @ weight.T on its packed copy); see register_packed
+_packed: dict[int, tuple[torch.Size, Callable[[torch.Tensor], torch.Tensor]]] = {}
 
 
 def register_packed(weight: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], owner: torch.Tensor) -> None:
     """From now on `linear(x, weight)` is `product(x)`, until `owner` (the tensor whose storage `weight` is,
     or a view of) is freed. The packed copy is read-only: the weight must not change after this."""
     key = weight.data_ptr()
-    _packed[key] = product
+    _packed[key] = (weight.shape, product)
     weakref.finalize(owner, _packed.pop, key, None)
 
 
-def is_packed(weight: torch.Tensor) -> bool:
-    return weight.data_ptr() in _packed
+def packed_product(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The registered product for this weight (the same memory and shape), if any."""
+    shape, product = _packed.get(weight.data_ptr(), (None, None))
+    return product if shape == weight.shape else None
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    product = _packed.get(weight.data_ptr())
+    product = packed_product(weight)
     return product(x) if product is not None else F.linear(x, weight)
 
 

@@ -8,9 +8,9 @@ blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the prepacking Induct
 
 Applied from outside the model, to an engine's own model on a CPU: every dense projection (attention, MLPs,
 shared experts, the head) becomes a `PackedLinear`, and each routed expert's gate_up and down matrices get
-packed copies, registered with nanoseek.model.kernels, whose `linear` op the experts' loop calls. Both ops are
-opaque to torch.compile, so a captured decode step reads the packed copies too (Dynamo cannot trace oneDNN's
-opaque tensors themselves). The dense weights stay where they were (the checkpoint's keys, MLA's absorbed
+packed copies; all are registered with nanoseek.model.kernels, whose `linear` op they and the experts' loop
+call. The op is opaque to torch.compile, so a captured decode step reads the packed copies too (Dynamo cannot
+trace oneDNN's opaque tensors themselves). The dense weights stay where they were (the checkpoint's keys, MLA's absorbed
 kv_b_proj and fingerprints read them): the packed copies cost one more copy of the weights in memory.
 """
 
