@@ -115,14 +115,20 @@ def _temp(path: Path) -> Path:
 
 def _sweep(path: Path) -> None:
     """Remove the temporaries for `path` that killed processes left (never a live writer's)."""
+    sweep_folder(path.parent, f".{path.name}.tmp{HOST}-")
+
+
+def sweep_folder(folder: str | Path, prefix: str = ".") -> None:
+    """Remove the temporaries in `folder` (those whose names start with `prefix`: by default any target's) that
+    this host's killed processes left; a live writer's, or another host's, stay."""
     if os.name != "posix":  # os.kill(pid, 0) probes on POSIX only
         return
-    prefix = f".{path.name}.tmp{HOST}-"
+    mark = f".tmp{HOST}-"
     with contextlib.suppress(OSError):
-        for entry in os.scandir(path.parent):
-            if not entry.name.startswith(prefix):
+        for entry in os.scandir(folder):
+            if not entry.name.startswith(prefix) or mark not in entry.name:
                 continue
-            pid = entry.name[len(prefix) :].split("-")[0]  # this host's writers only
+            pid = entry.name.rpartition(mark)[2].split("-")[0]  # this host's writers only
             if not pid.isdigit() or _alive(int(pid)):
                 continue
             if entry.is_dir(follow_symlinks=False):

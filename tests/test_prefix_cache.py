@@ -131,3 +131,21 @@ def test_a_prompt_of_whole_blocks_hits_them_all_and_recomputes_only_its_last_tok
     assert eng.metrics.prompt_tokens == 2 * prefill_tokens
     [fresh] = engine(model, tmp_path, cache_dir=None).generate([exact], GREEDY)
     assert fresh.token_ids == cold.token_ids
+
+
+def test_start_up_removes_dead_writers_half_files_but_not_a_live_servers(tmp_path):
+    """Servers may share a cache folder: one starting must not delete what another is writing."""
+    import subprocess
+    import sys
+
+    from nanoseek.atomic import HOST
+
+    shard = tmp_path / "ab"
+    shard.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    half_dead = shard / f".{'ab' * 16}.kv.tmp{HOST}-{int(dead.stdout)}-1"
+    half_live = shard / f".{'cd' * 16}.kv.tmp{HOST}-{os.getpid()}-1"
+    for half in (half_dead, half_live):
+        half.write_bytes(b"half a block")
+    DiskCache(tmp_path)
+    assert not half_dead.exists() and half_live.exists()

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from nanoseek.atomic import atomic_write
+from nanoseek.atomic import atomic_write, sweep_folder
 
 MAGIC = b"NSKV0002"
 DIGEST, FINGERPRINT, CHECKSUM = 16, 16, 32
@@ -52,8 +52,9 @@ class DiskCache:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
-        for half in self.dir.glob("*/*.tmp*"):  # left by a process that died mid-write
-            half.unlink(missing_ok=True)
+        for shard in self.dir.iterdir():  # half files that this host's dead writers left; live ones stay
+            if shard.is_dir():
+                sweep_folder(shard)
         files = [(f, f.lstat()) for f in self.dir.glob("*/*.kv")]
         for f, st in sorted(files, key=lambda item: item[1].st_mtime):
             if stat.S_ISREG(st.st_mode):  # a FIFO, device or link under a block's name is never opened
