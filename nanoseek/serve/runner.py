@@ -83,24 +83,26 @@ class ModelRunner:
         each on a step of idle rows that write to the scratch slot and read only it."""
         if not self.captured:
             return
-        for size in (1 << i for i in range(bucket(max_batch).bit_length())):
+        sizes, start = [1 << i for i in range(bucket(max_batch).bit_length())], time.perf_counter()
+        for size in sizes:
             slots = torch.full((size, 2), self.scratch_slot, device=self.device)  # two: a dynamic length
             ids = torch.zeros(size, 1, dtype=torch.long, device=self.device)
             mask = torch.ones(size, 1, 1, 2, dtype=torch.bool, device=self.device)
-            self._run_captured(size, ids, ids, StepCache(self.pool, slots[:, :1], None, slots, mask))
+            self._run_captured(size, ids, ids, StepCache(self.pool, slots[:, :1], None, slots, mask), quiet=True)
+        seconds = time.perf_counter() - start
+        say(f"decode steps for batches {sizes[0]}-{sizes[-1]} captured in {seconds:.1f} s")
 
-    def _run_captured(self, size: int, ids: torch.Tensor, positions: torch.Tensor, cache: StepCache) -> torch.Tensor:
+    def _run_captured(
+        self, size: int, ids: torch.Tensor, positions: torch.Tensor, cache: StepCache, quiet: bool = False
+    ) -> torch.Tensor:
         torch._dynamo.mark_dynamic(cache.read_slots, 1)  # any context length, one compilation
         torch._dynamo.mark_dynamic(cache.mask, 3)
         start = time.perf_counter()
         hidden = self._compiled()(self.pool.kv, ids, positions, cache.write_slots, cache.read_slots, cache.mask)
         if size not in self._buckets:
             self._buckets.add(size)
-            print(
-                f"nanoseek: decode step for batch {size} captured in {time.perf_counter() - start:.1f} s",
-                file=sys.stderr,
-                flush=True,
-            )
+            if not quiet:  # a bucket compiled at its first step: once, and said once
+                say(f"decode step for batch {size} captured in {time.perf_counter() - start:.1f} s")
         return hidden
 
     def _compiled(self):
@@ -158,3 +160,7 @@ class ModelRunner:
             rows, hiddens = next_rows, next_hidden
         for seq, d, q in zip(seqs, drafts, probs, strict=True):
             seq.spec.drafts, seq.spec.draft_probs = d, torch.stack(q)
+
+
+def say(text: str) -> None:
+    print(f"nanoseek: {text}", file=sys.stderr, flush=True)
