@@ -2,10 +2,11 @@
 
     python benchmarks/bench_decode.py [--preset small] [--batches 1 8 32] [--new-tokens 64] [--captured]
 
-A random model of the preset decodes greedily with its weights packed for oneDNN (the engine's default on a
-CPU, serve/packed.py) and with plain `F.linear` (`pack_weights=False`), eagerly or with the decode step
-captured (`--captured`: torch.compile per batch bucket, compiled in a warm-up), the two runs interleaved
-`--rounds` times so that the machine's noise hits both alike; the best round of each counts.
+A random model of the preset decodes greedily with its weights packed for oneDNN (`pack_weights="on"`;
+serve/packed.py: the default on a CPU for a model larger than its cache) and with plain `F.linear` (`"off"`),
+eagerly or with the decode step captured (`--captured`: torch.compile per batch bucket, compiled in a
+warm-up), the two runs interleaved `--rounds` times so that the machine's noise hits both alike; the best round
+of each counts.
 Beside them: the bytes a decode step reads (cost.decode_step_bytes: attention, dense layers,
 shared experts and head, plus the routed experts the batch's tokens chose), the bandwidth that implies, and
 the fraction of what a plain `sum` over 512 MB reads on this CPU (the roofline).
@@ -51,8 +52,8 @@ def main() -> None:
         save_pretrained(Transformer(cfg), tmp)
         eager = not args.captured
         engines = {
-            "packed": Engine(tmp, dtype=dtype, pack_weights=True, enforce_eager=eager),
-            "plain": Engine(tmp, dtype=dtype, pack_weights=False, enforce_eager=eager),
+            "packed": Engine(tmp, dtype=dtype, pack_weights="on", enforce_eager=eager),
+            "plain": Engine(tmp, dtype=dtype, pack_weights="off", enforce_eager=eager),
         }
         assert engines["packed"].packed and not engines["plain"].packed, "oneDNN packing unavailable here"
         greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)

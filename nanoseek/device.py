@@ -107,3 +107,16 @@ def read_bandwidth(n_bytes: int = 512 * 2**20, rounds: int = 5) -> float:
         buffer.sum()
         best = min(best, time.perf_counter() - start)
     return n_bytes / best
+
+
+def last_level_cache_bytes() -> int:
+    """The CPU's largest cache (Linux sysfs), or 32 MiB where it cannot be read."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()  # "32768K"
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes, default=32 * 2**20)

@@ -29,10 +29,11 @@ class EngineConfig:
         "torch.compile at start-up (seconds each on a CPU, then fewer per-step overheads)",
         default=True,
     )
-    pack_weights: bool = flag(
+    pack_weights: str = flag(
         "on a CPU, decode on weights packed once for oneDNN's kernels (1.5-4x the bandwidth of a plain matmul at "
-        "1-32 rows; one more copy of the weights in memory)",
-        default=True,
+        "1-32 rows; one more copy of the weights in memory); auto: for a model larger than the CPU's cache",
+        default="auto",
+        choices=["auto", "on", "off"],
     )
     cache_memory_mb: int = flag("memory for the latent KV cache", default=256)
     max_batched_tokens: int = flag("tokens per engine step", default=512)

@@ -37,7 +37,7 @@ from nanoseek.serve.config import EngineConfig
 from nanoseek.serve.grammar import Grammars
 from nanoseek.serve.kv_cache import BlockManager, CacheSpec, LatentPool
 from nanoseek.serve.output import TextOutput, releasable
-from nanoseek.serve.packed import pack_model, packing_available
+from nanoseek.serve.packed import pack_model, packing_available, packing_pays
 from nanoseek.serve.prefix_cache import DiskCache
 from nanoseek.serve.runner import ModelRunner, Row
 from nanoseek.serve.sampling import History, SamplingParams, needs_history
@@ -115,7 +115,7 @@ class Engine:
         cache_dir: str | Path | None = None,
         disk_cache_bytes: int = 8 * 2**30,
         enforce_eager: bool = True,
-        pack_weights: bool = True,
+        pack_weights: str = "auto",
     ):
         self.device = torch.device(device) if device else default_device()
         # Under torchrun (model_parallel) this is rank 0, and the other ranks hold shares of the routed experts.
@@ -164,8 +164,11 @@ class Engine:
         self.fingerprint = self._fingerprint(model_dir, every_byte=cache_dir is not None)
         # A CPU engine's own weights are packed for oneDNN's decode kernels (serve/packed.py). A model passed in
         # may be training (GRPO's policy): a packed copy would go stale.
+        if pack_weights not in ("auto", "on", "off"):
+            raise ValueError(f"pack_weights must be auto, on or off, not {pack_weights!r}")
         own = model_dir is not None and self.ranks is None
-        self.packed = pack_weights and own and packing_available(self.device)
+        wanted = packing_pays(self.model) if pack_weights == "auto" else pack_weights == "on"
+        self.packed = wanted and own and packing_available(self.device)
         if self.packed:
             pack_model(self.model)
         self.disk_cache = DiskCache(cache_dir, disk_cache_bytes, self.fingerprint) if cache_dir is not None else None

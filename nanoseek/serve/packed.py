@@ -21,6 +21,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from nanoseek.device import last_level_cache_bytes
 from nanoseek.model import kernels
 from nanoseek.model.kernels import register_packed
 from nanoseek.model.moe import RoutedExperts
@@ -32,6 +33,13 @@ def packing_available(device: torch.device) -> bool:
     return (
         device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
+
+
+def packing_pays(model: nn.Module) -> bool:
+    """Packed weights stream faster from memory (a `small` decode step 1.13-1.28x), but a model that fits in
+    the CPU's cache is bound by per-call overhead, and oneDNN's is larger (`tiny`: 0.70x): pack a model whose
+    weights exceed the last-level cache (benchmarks/bench_decode.py measures both presets)."""
+    return sum(p.nbytes for p in model.parameters()) > last_level_cache_bytes()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
