@@ -2,8 +2,8 @@
 
     python benchmarks/bench_generate.py [--preset tiny] [--new-tokens 128] [--long-prompt 2048]
 
-Both run greedy decoding with the same weights in one process; nanoseek eagerly and with its decode
-step captured (`enforce_eager=False`: torch.compile per batch bucket, compiled in the warm-up). Cases:
+Both run greedy decoding with the same weights in one process; nanoseek with its defaults (the decode step
+captured with torch.compile, compiled in the warm-up) and eagerly (`enforce_eager=True`). Cases:
 batch 1 and 16 with a short prompt and 128 new tokens, and batch 1 after a 2048-token prompt (decode
 tokens/s there excludes the prefill, timed separately with one new token). Also prints the engine's
 `auto` decode dtype against fp32 (never slower: bf16 only where a probe measured it faster), and the
@@ -47,13 +47,13 @@ def main() -> None:
     reference.generation_config.pad_token_id = 0
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_pretrained(tmp)
-        engine = Engine(tmp, device="cpu", dtype=dtype, cache_bytes=512 * 2**20, max_batched_tokens=4096)
-        captured = Engine(
-            tmp, device="cpu", dtype=dtype, cache_bytes=512 * 2**20, max_batched_tokens=4096, enforce_eager=False
+        engine = Engine(
+            tmp, device="cpu", dtype=dtype, cache_memory_mb=512, max_batched_tokens=4096, enforce_eager=True
         )
+        captured = Engine(tmp, device="cpu", dtype=dtype, cache_memory_mb=512, max_batched_tokens=4096)
         # The engine's own `auto` decode dtype (a probe where the CPU has AMX), against fp32.
-        auto = Engine(tmp, device="cpu", cache_bytes=512 * 2**20)
-        fp32 = Engine(tmp, device="cpu", dtype=torch.float32, cache_bytes=512 * 2**20)
+        auto = Engine(tmp, device="cpu", cache_memory_mb=512)
+        fp32 = Engine(tmp, device="cpu", dtype=torch.float32, cache_memory_mb=512)
     n = args.new_tokens
     greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     print(cpu_features())

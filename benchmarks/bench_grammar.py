@@ -35,7 +35,7 @@ def main() -> None:
     tokenizer = train_tokenizer(iter_texts(stdlib_files()[:300]), vocab_size=args.vocab, show_progress=False)
     torch.manual_seed(0)
     model = Transformer(get_preset(args.preset).replace(vocab_size=tokenizer.vocab_size, num_nextn_predict_layers=0))
-    engine = Engine(model, tokenizer, device="cpu", dtype=torch.float32, cache_bytes=256 * 2**20)
+    engine = Engine(model, tokenizer, device="cpu", dtype=torch.float32, cache_memory_mb=256)
     print(cpu_features())
     print(f"preset {args.preset}, vocabulary {tokenizer.vocab_size}, fp32, greedy, {args.new_tokens} new tokens")
     grammar = json_grammar(tokenizer, SCHEMA, reasoning=False)

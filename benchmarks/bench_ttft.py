@@ -38,7 +38,7 @@ def main() -> None:
     cfg = get_preset(args.preset).replace(max_position_embeddings=max(4096, 2 * args.prompt_tokens))
     torch.manual_seed(0)
     model = Transformer(cfg).to(default_dtype("cpu")).eval()
-    options = dict(block_size=64, cache_bytes=512 * 2**20, max_batched_tokens=2048)
+    options = dict(block_size=64, cache_memory_mb=512, max_batched_tokens=2048)
     times: dict[str, list[float]] = {"miss": [], "memory hit": [], "disk hit": []}
     with tempfile.TemporaryDirectory() as cache_dir:
         warm = Engine(model, **options)

@@ -37,7 +37,7 @@ def status(field):  # this process's memory, in bytes, from the kernel
 folder, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 before = status("VmRSS")
 dtype = torch.float32 if mode == "fp32" else torch.bfloat16
-engine = Engine(folder, device="cpu", dtype=dtype, weights=mode, cache_bytes=16 * 2**20)
+engine = Engine(folder, device="cpu", dtype=dtype, weights=mode, cache_memory_mb=16)
 grown, peak = status("VmRSS") - before, status("VmHWM") - before
 params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 engine.generate([list(range(1, 17))], params)

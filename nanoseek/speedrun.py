@@ -33,9 +33,10 @@ from nanoseek.flags import flag
 from nanoseek.plots import plot_run
 from nanoseek.report import write_report
 from nanoseek.rl.distill import distill
-from nanoseek.rl.evaluate import batch_engine, evaluate
+from nanoseek.rl.evaluate import evaluate
 from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
 from nanoseek.rl.tasks import get_task
+from nanoseek.serve.config import EngineConfig
 from nanoseek.train.run import read_metrics
 from nanoseek.train.trainer import TrainConfig, Trainer
 
@@ -224,7 +225,11 @@ class Speedrun:
 
     def pass_at_1(self, model: Path) -> float:
         """Greedy held-out pass@1 of a model folder (the same problems for every stage)."""
-        return evaluate(batch_engine(model), self.task, self.test_problems(), max_tokens=64).pass_at_1
+        from nanoseek.serve import Engine
+
+        return evaluate(
+            Engine(model, config=EngineConfig.for_batches()), self.task, self.test_problems(), max_tokens=64
+        ).pass_at_1
 
     def test_problems(self):
         return self.task.problems("test", self.plan.eval_n)
@@ -372,5 +377,11 @@ def run(cfg: SpeedrunConfig) -> int:
         from nanoseek.serve.api import serve
         from nanoseek.serve.config import ServeConfig
 
-        serve(ServeConfig(model=str(out / "grpo" / "model"), port=cfg.port, cache_dir=str(out / "kv-cache")))
+        serve(
+            ServeConfig(
+                str(out / "grpo" / "model"),
+                port=cfg.port,
+                engine=EngineConfig(cache_dir=str(out / "kv-cache")),
+            )
+        )
     return 0

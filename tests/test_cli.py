@@ -65,12 +65,17 @@ def test_generate_and_chat_run_on_a_model_folder(tmp_path, tokenizer):
     save_pretrained(Transformer(get_preset("tiny").replace(vocab_size=tokenizer.vocab_size)), str(tmp_path))
     tokenizer.save(tmp_path)
     args = ["--model", str(tmp_path), "--max-tokens", "6", "--temperature", "0"]
-    result = run("generate", *args, "--prompt", "def add(a, b):", "--no-stream")
+    result = run("generate", *args, "--prompt", "def add(a, b):", "--no-stream")  # captured, the default
     assert result.returncode == 0, result.stderr
-    streamed = run("generate", *args, "--prompt", "def add(a, b):")
+    assert "captured in" in result.stderr  # the compile time, said once
+    streamed = run("generate", *args, "--prompt", "def add(a, b):", "--enforce-eager")
     assert streamed.stdout == result.stdout
     chat = subprocess.run(
-        [NANOSEEK, "chat", *args], input="hello\nhow are you?\n\n", capture_output=True, text=True, timeout=120
+        [NANOSEEK, "chat", *args, "--enforce-eager"],
+        input="hello\nhow are you?\n\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count("assistant> ") == 2

@@ -29,7 +29,10 @@ def full_forward_greedy(model: Transformer, prompt: list[int], n: int) -> list[i
 
 
 def engine(model, **kwargs) -> Engine:
-    options = dict(device="cpu", dtype=torch.float32, block_size=4, cache_bytes=1 << 20, max_batched_tokens=16)
+    # eager: these tests check the engine, not compilation (test_a_captured_decode_step_gives_the_eager_tokens)
+    options = dict(
+        device="cpu", dtype=torch.float32, block_size=4, cache_memory_mb=1, max_batched_tokens=16, enforce_eager=True
+    )
     return Engine(model, **(options | kwargs))
 
 
@@ -111,7 +114,7 @@ def test_a_batch_gives_the_same_results_as_one_request_at_a_time(model):
 def test_greedy_equals_transformers_generate_on_the_same_checkpoint(tmp_path):
     reference = make_hf_model(tmp_path, seed=4)
     reference.generation_config.eos_token_id = None
-    ours = Engine(tmp_path, device="cpu", dtype=torch.float32, block_size=8)
+    ours = Engine(tmp_path, device="cpu", dtype=torch.float32, block_size=8, enforce_eager=True)
     prompt = torch.randint(0, 211, (1, 23), generator=torch.Generator().manual_seed(0))
     expected = reference.generate(prompt, max_new_tokens=12, do_sample=False)[0, 23:].tolist()
     [out] = ours.generate([prompt[0].tolist()], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
@@ -119,7 +122,9 @@ def test_greedy_equals_transformers_generate_on_the_same_checkpoint(tmp_path):
 
 
 def test_a_full_cache_preempts_and_recomputes_instead_of_failing(model):
-    small = engine(model, cache_bytes=24 * CacheSpec.for_model(model.cfg, torch.float32).bytes_per_token * 4)
+    small = engine(
+        model, cache_memory_mb=24 * CacheSpec.for_model(model.cfg, torch.float32).bytes_per_token * 4 / 2**20
+    )
     assert small.block_manager.num_blocks == 24  # 96 token slots for 4 requests needing ~120
     outs = small.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     assert small.metrics.preemptions > 0
@@ -214,7 +219,7 @@ def test_engine_loads_a_model_folder_with_its_tokenizer(tmp_path, tokenizer):
     model = Transformer(get_preset("tiny").replace(vocab_size=tokenizer.vocab_size))
     save_pretrained(model, str(tmp_path))
     tokenizer.save(tmp_path)
-    eng = Engine(tmp_path, device="cpu", dtype=torch.float32)
+    eng = Engine(tmp_path, device="cpu", dtype=torch.float32, enforce_eager=True)
     [out] = eng.generate(["def add(a, b):"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
     assert "".join(eng.stream("x = ", SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))) == (
@@ -289,7 +294,7 @@ def test_speculative_sampling_keeps_the_target_distribution():
         p1 = model(torch.tensor([prompt]))[0, -1].softmax(-1)
         p2 = torch.stack([model(torch.tensor([[*prompt, a]]))[0, -1].softmax(-1) for a in range(vocab)])
     expected = (p1[:, None] * p2).flatten() * n  # [vocab * vocab]
-    spec = engine(model, speculative_tokens=1, max_seqs=n, max_batched_tokens=8 * n, cache_bytes=64 << 20)
+    spec = engine(model, speculative_tokens=1, max_seqs=n, max_batched_tokens=8 * n, cache_memory_mb=64)
     params = [SamplingParams(max_tokens=2, temperature=1.0, seed=s, ignore_eos=True) for s in range(n)]
     outs = spec.generate([prompt] * n, params)
     assert spec.metrics.drafted_tokens > 0 and 0 < spec.metrics.accepted_tokens < spec.metrics.drafted_tokens
@@ -358,7 +363,7 @@ def test_filters_work_row_by_row():
 
 
 def test_requests_larger_than_the_cache_are_refused_up_front(model):
-    small = engine(model, cache_bytes=4 * CacheSpec.for_model(model.cfg, torch.float32).bytes_per_token * 4)
+    small = engine(model, cache_memory_mb=4 * CacheSpec.for_model(model.cfg, torch.float32).bytes_per_token * 4 / 2**20)
     with pytest.raises(ValueError, match="more KV cache"):
         small.add_request(list(range(1, 20)), GREEDY)
     with pytest.raises(ValueError, match="token ids"):
@@ -396,12 +401,28 @@ def test_a_request_that_fails_fails_alone_and_the_others_keep_their_tokens(model
 
 
 def test_a_captured_decode_step_gives_the_eager_tokens(model):
-    """torch.compile of the decode pass (bucket 4: three rows and one idle row on the scratch slot) against
-    the eager engine, greedy, with the context growing past the first compilation's length."""
+    """torch.compile of the decode pass against the eager engine, greedy, with the context growing past the
+    first compilation's length: one graph serves every length (a batch of three on a CPU: dynamic)."""
+    from torch._dynamo.utils import counters
+
     prompts = [list(range(1, 10)), list(range(5, 32, 3)), [7] * 9]  # prefilled together, then decoded together
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     eager = engine(model).generate(prompts, params)
     captured = engine(model, enforce_eager=False, max_batched_tokens=64)
+    compiled = counters["frames"]["ok"]
     assert [o.token_ids for o in captured.generate(prompts, params)] == [o.token_ids for o in eager]
-    assert captured.runner._buckets == {4}
+    assert counters["frames"]["ok"] - compiled == 1  # no recompilation as the context grew
+    assert captured.block_manager.num_free == captured.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_captured_mtp_drafting_and_verifying_give_the_eager_greedy_tokens(model, k):
+    """Speculative decoding with its verifying step and the MTP module's steps captured: the tokens of plain
+    eager greedy decoding, as the batch shrinks (requests of different lengths) and drafts are accepted or not."""
+    prompts = [list(range(1, 10)), list(range(5, 32, 3)), [7] * 9, [3, 1, 4, 1, 5]]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (14, 5, 9, 1)]
+    eager = engine(model).generate(prompts, params)
+    captured = engine(model, enforce_eager=False, speculative_tokens=k, max_batched_tokens=64)
+    assert [o.token_ids for o in captured.generate(prompts, params)] == [o.token_ids for o in eager]
+    assert captured.metrics.drafted_tokens > 0
     assert captured.block_manager.num_free == captured.block_manager.num_blocks

@@ -23,12 +23,14 @@ def test_every_command_names_a_settings_dataclass_and_a_run_function_of_it(comma
     assert len(inspect.signature(run).parameters) == 1
 
 
-def flag_defaults(cls: type) -> dict:
-    """The fields that are flags, held settings' included, with their defaults."""
+def flag_defaults(cls: type, held=None) -> dict:
+    """The fields that are flags, held settings' included (with the holder's defaults), with their defaults."""
     hints, defaults = typing.get_type_hints(cls), {}
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            defaults |= flag_defaults(hints[f.name])
+        if held is not None and "help" in f.metadata:
+            defaults[f.name] = getattr(held, f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            defaults |= flag_defaults(hints[f.name], f.default_factory())
         elif "help" in f.metadata and f.default is not dataclasses.MISSING:
             defaults[f.name] = f.default
         elif "help" in f.metadata:
@@ -60,14 +62,15 @@ def test_each_option_has_one_name_and_the_dataclass_default(name):
 def test_held_settings_lend_their_flags_and_build_from_them():
     argv = ["generate", "--model", "m", "--prompt", "p", "--temperature", "0", "--stop", "a", "b", "--no-stream"]
     cfg = from_args(load("serve.config:GenerateConfig"), build_parser("generate").parse_args(argv))
-    assert (cfg.model, cfg.prompt, cfg.stream, cfg.enforce_eager) == ("m", "p", False, True)
+    assert (cfg.model, cfg.prompt, cfg.stream, cfg.engine.enforce_eager) == ("m", "p", False, False)
     assert cfg.sampling.temperature == 0 and cfg.sampling.stop == ["a", "b"] and cfg.sampling.logit_bias == {}
 
 
-def test_a_subclass_default_reaches_the_flag_serve_captures_and_generate_runs_eagerly():
-    serve = build_parser("serve").parse_args(["serve", "--model", "m"])
-    generate = build_parser("generate").parse_args(["generate", "--model", "m", "--prompt", "p"])
-    assert serve.enforce_eager is False and generate.enforce_eager is True
+def test_subclass_and_holder_defaults_reach_the_flags_one_engine_option_one_name():
+    generate = build_parser("generate").parse_args(["generate", "--model", "m", "--prompt", "p", "--enforce-eager"])
+    grpo = from_args(load("rl.config:GRPOConfig"), build_parser("grpo").parse_args(["grpo", "--model", "m"]))
+    assert generate.enforce_eager is True and generate.max_seqs == 64
+    assert grpo.engine.max_seqs == 256 and grpo.engine.enforce_eager is False  # sized for batches of rollouts
     sft = build_parser("sft").parse_args(["sft", "--model", "m", "--data", "d"])
     assert (sft.steps, sft.lr, sft.out) == (200, 1e-3, "runs/sft")
 

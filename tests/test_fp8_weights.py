@@ -47,7 +47,8 @@ def test_fp8_resident_logits_equal_the_dequantised_models(fp8_dir, tmp_path):
 def test_an_fp8_resident_engine_decodes_as_the_dequantised_one(fp8_dir):
     prompts = [list(range(3, 40)), [5] * 20]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    dense = Engine(fp8_dir, device="cpu", dtype=torch.float32, weights="fp32").generate(prompts, params)
+    dense = Engine(fp8_dir, device="cpu", dtype=torch.float32, weights="fp32", enforce_eager=True)
+    dense = dense.generate(prompts, params)
     resident = Engine(fp8_dir, device="cpu", dtype=torch.float32, weights="fp8")
     assert isinstance(resident.model.layers[0].self_attn.o_proj, Fp8Weight)
     assert [o.token_ids for o in resident.generate(prompts, params)] == [o.token_ids for o in dense]

@@ -60,7 +60,7 @@ def model_dir(tmp_path_factory):
 
 
 def engine(model, packed: bool, eager: bool = True) -> Engine:
-    options = dict(device="cpu", dtype=torch.float32, block_size=4, cache_bytes=1 << 20, max_batched_tokens=16)
+    options = dict(device="cpu", dtype=torch.float32, block_size=4, cache_memory_mb=1, max_batched_tokens=16)
     return Engine(model, pack_weights="on" if packed else "off", enforce_eager=eager, **options)
 
 

@@ -29,7 +29,7 @@ if ranks is not None and ranks.rank > 0:
     print(json.dumps({"rank": ranks.rank, "resident": held}), flush=True)
     parallel.serve_experts(model, ranks, dtype)
 else:
-    engine = Engine(folder, device="cpu", dtype=torch.float32, weights=weights, cache_bytes=16 * 2**20,
+    engine = Engine(folder, device="cpu", dtype=torch.float32, weights=weights, cache_memory_mb=16,
                     speculative_tokens=drafts, model_parallel=True)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=None if drafts else 5)
     outs = engine.generate([list(range(3, 40)), [7] * 20, list(range(100, 164))], params)
@@ -131,7 +131,7 @@ def test_an_engine_joins_a_torchrun_launch_only_when_asked(tmp_path, tokenizer):
     folder = make_model_dir(tmp_path / "model", tokenizer)
     code = (
         "import torch; from nanoseek import Engine, SamplingParams; "
-        f"e = Engine({str(folder)!r}, device='cpu', dtype=torch.float32); "
+        f"e = Engine({str(folder)!r}, device='cpu', dtype=torch.float32, enforce_eager=True); "
         "out = e.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0)); "
         "print(len(out[0].token_ids))"
     )

@@ -84,7 +84,8 @@ def model() -> Transformer:
 
 
 def engine(model, tmp_path, **kwargs) -> Engine:
-    options = dict(device="cpu", dtype=torch.float32, block_size=8, cache_bytes=1 << 20, cache_dir=tmp_path / "kv")
+    options = dict(device="cpu", dtype=torch.float32, block_size=8, cache_memory_mb=1, cache_dir=tmp_path / "kv")
+    options["enforce_eager"] = True  # the cache is under test, not compilation
     return Engine(model, **(options | kwargs))
 
 

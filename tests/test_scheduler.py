@@ -47,11 +47,11 @@ def test_prefill_is_chunked_under_the_token_budget_while_others_decode():
     scheduler.add(short)
     scheduler.add(long)
     first = scheduler.schedule()
-    assert [(s.id, n) for s, n in first] == [("short", 3), ("long", 5)]  # budget 8: long gets the rest
+    assert [(r.seq.id, r.num_new) for r in first] == [("short", 3), ("long", 5)]  # budget 8: long gets the rest
     short.num_computed, long.num_computed = 3, 5
     short.token_ids.append(7)  # short decodes one token while long's prompt goes on in chunks
     second = scheduler.schedule()
-    assert [(s.id, n) for s, n in second] == [("short", 1), ("long", 7)]
+    assert [(r.seq.id, r.num_new) for r in second] == [("short", 1), ("long", 7)]
     assert short.status is Status.RUNNING and len(scheduler.running) == 2
 
 
@@ -64,7 +64,7 @@ def test_a_full_cache_preempts_the_latest_admitted_and_requeues_it_first():
     old.num_computed, new.num_computed = 3, 3
     old.token_ids += [8, 9]  # old now needs a third block
     batch = scheduler.schedule()
-    assert [s.id for s, _ in batch] == ["old"] and scheduler.preemptions == 1
+    assert [r.seq.id for r in batch] == ["old"] and scheduler.preemptions == 1
     assert new.status is Status.WAITING and new.blocks == [] and new.num_computed == 0
     assert scheduler.waiting[0] is new
 

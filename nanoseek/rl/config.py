@@ -3,11 +3,12 @@ building the CLI imports no GRPO trainer and no engine."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanoseek.flags import flag, inherit
 from nanoseek.rl.grpo_loss import LOSS_TYPES
+from nanoseek.serve.config import EngineConfig
 from nanoseek.train.config import FineTuneConfig, RunConfig, TrainConfig
 
 
@@ -44,6 +45,7 @@ class GRPOConfig(RunConfig):
     )
     reward_weights: str | None = flag("weights of the reward functions, comma-separated (default: all 1)", default=None)
     eval_n: int = flag("held-out problems per evaluation", default=200)
+    engine: EngineConfig = field(default_factory=EngineConfig.for_batches)  # the rollouts' and evaluations'
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -75,6 +77,7 @@ class DistillConfig(FineTuneConfig):
     max_tokens: int = flag("longest teacher reply", default=128)
     kl_weight: float = flag("also match the teacher's logits, with this weight", default=0.0)
     out: str = inherit(RunConfig, "out", "runs/distill")
+    engine: EngineConfig = field(default_factory=EngineConfig.for_batches)  # the teacher's
 
     def train_config(self) -> TrainConfig:
         """The student's fine-tuning on the traces that the run folder will hold."""
@@ -116,6 +119,7 @@ class EvalConfig:
     limit: int | None = flag("with --lm-eval: items per task (default: all)", default=None)
     output: str | None = flag("with --lm-eval: results and per-item samples (JSONL)", default=None, metavar="DIR")
     concurrency: int = flag("with --lm-eval: requests in flight", default=1)
+    engine: EngineConfig = field(default_factory=EngineConfig.for_batches)
 
     def __post_init__(self) -> None:
         if not self.lm_eval and not (self.model and self.task):

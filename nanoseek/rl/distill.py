@@ -21,8 +21,9 @@ from tqdm import tqdm
 from nanoseek.atomic import atomic_file, atomic_write
 from nanoseek.data import sft_row
 from nanoseek.rl.config import DistillConfig
-from nanoseek.rl.evaluate import batch_engine, completion_text
+from nanoseek.rl.evaluate import completion_text
 from nanoseek.rl.tasks import Problem, Task
+from nanoseek.serve.config import EngineConfig
 from nanoseek.serve.engine import Engine
 from nanoseek.serve.sampling import SamplingParams
 from nanoseek.train.config import TrainConfig
@@ -94,6 +95,7 @@ def distill(
     max_tokens: int = 128,
     seed: int = 0,
     min_traces: int = 1,
+    engine: EngineConfig | None = None,
 ) -> dict[str, Any]:
     """The whole pipeline, for `nanoseek distill` and the speedrun: the teacher's verified traces on
     `problems` written to `train.data` (their counts and the settings that made them beside it, in
@@ -126,7 +128,7 @@ def distill(
     elif stats is None:
         with atomic_file(traces) as tmp:  # renamed when whole: a killed run leaves no half file
             stats = write_traces(
-                batch_engine(teacher),
+                Engine(teacher, config=engine or EngineConfig.for_batches()),
                 problems,
                 task,
                 tmp,
@@ -153,7 +155,7 @@ def run(cfg: DistillConfig) -> int:
     task = get_task(cfg.task) if cfg.task else None
     train = cfg.train_config()
     sampling = {"samples": cfg.samples, "temperature": cfg.teacher_temperature, "max_tokens": cfg.max_tokens}
-    stats = distill(cfg.teacher, read_problems(cfg.prompts), task, train, seed=cfg.seed, **sampling)
+    stats = distill(cfg.teacher, read_problems(cfg.prompts), task, train, seed=cfg.seed, engine=cfg.engine, **sampling)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, the first process prints
         print(f"teacher: {stats['kept']} of {stats['prompts']} prompts kept (accuracy {stats['teacher_accuracy']:.3f})")
         print(stats.get("note") or f"student fine-tuned on the teacher's traces -> {train.out}/model")

@@ -21,11 +21,6 @@ from nanoseek.serve.engine import Engine
 from nanoseek.serve.sampling import SamplingParams
 
 
-def batch_engine(model_dir) -> Engine:
-    """An engine sized for offline batches (evaluation, teacher traces): many sequences per step."""
-    return Engine(model_dir, max_seqs=256, max_batched_tokens=4096)
-
-
 def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
@@ -86,7 +81,7 @@ def run(cfg: EvalConfig) -> int:
     task = get_task(cfg.task)
     problems = task.problems(cfg.split, cfg.n, cfg.seed)
     sampling = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "seed": cfg.seed}
-    result = evaluate(batch_engine(cfg.model), task, problems, samples=cfg.samples, ks=cfg.ks, **sampling)
+    result = evaluate(Engine(cfg.model, config=cfg.engine), task, problems, samples=cfg.samples, ks=cfg.ks, **sampling)
     if cfg.json:
         print(json.dumps({f"pass@{k}": v for k, v in result.pass_at.items()} | {"n": cfg.n, "task": cfg.task}))
         return 0

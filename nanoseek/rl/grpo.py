@@ -64,16 +64,7 @@ class GRPOTrainer:
         self.policy = from_pretrained(cfg.model, dtype=torch.float32, device=self.device)
         # The reference is a frozen copy of the starting policy, and only exists when the KL term does.
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False) if cfg.beta > 0 else None
-        rows = cfg.prompts_per_step * cfg.group_size
-        self.engine = Engine(
-            self.policy,
-            self.tokenizer,
-            device=self.device,
-            dtype=torch.float32,
-            max_seqs=rows,
-            max_batched_tokens=max(512, rows * 8),
-            cache_bytes=128 * 2**20,
-        )
+        self.engine = Engine(self.policy, self.tokenizer, cfg.engine, device=self.device)
         self.optimizer = build_optimizer(self.policy, cfg.lr, 0.0, (0.9, 0.99))
         self.par = parallel.Parallel()  # one process; checkpoints in the trainer's format
         self.reward_paths = [p.strip() for p in cfg.rewards.split(",") if p.strip()]

@@ -391,7 +391,7 @@ def run(cfg: ServeConfig) -> int:
     """`nanoseek serve`: until stopped. Under torchrun the ranks > 0 serve their shares of the experts."""
     from nanoseek.serve.parallel import run_as_expert_rank
 
-    if (code := run_as_expert_rank(cfg.model, cfg.weights)) is not None:
+    if (code := run_as_expert_rank(cfg.model, cfg.engine.weights)) is not None:
         return code
     serve(cfg)
     return 0

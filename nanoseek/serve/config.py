@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nanoseek.cost import currency_flag, prices_flag
-from nanoseek.flags import flag, inherit
+from nanoseek.flags import flag
 from nanoseek.serve.sampling import SamplingParams
 
 CACHE_UNIT = 64  # tokens per cached prefix block, as DeepSeek's context caching
@@ -14,9 +14,9 @@ CACHE_UNIT = 64  # tokens per cached prefix block, as DeepSeek's context caching
 
 @dataclass(slots=True)
 class EngineConfig:
-    """The inference engine's settings, as every command that runs one takes them (generate, chat, serve)."""
+    """The inference engine's settings (`Engine(model, config)`), held by every command that runs one
+    (generate, chat, serve, grpo, distill, eval), so that an option has one name everywhere."""
 
-    model: str = flag("a model folder with its tokenizer", metavar="DIR")
     weights: str = flag(
         "projection weights in memory: fp8 (E4M3 with 128x128 block scales, about 1 byte per parameter), bf16 "
         "or fp32 (dequantised); auto: fp8 for an FP8 checkpoint",
@@ -25,9 +25,10 @@ class EngineConfig:
     )
     fp8_cache: bool = flag("keep the latent KV cache in FP8", default=False)
     enforce_eager: bool = flag(
-        "run decode steps eagerly; --no-enforce-eager captures each batch bucket up to --max-seqs with "
-        "torch.compile at start-up (seconds each on a CPU, then fewer per-step overheads)",
-        default=True,
+        "run decode steps eagerly, not captured: by default the decode step is compiled with torch.compile at its "
+        "first use (seconds on a CPU, cached on disk for later starts; a server compiles at start-up), then runs "
+        "with fewer per-step overheads",
+        default=False,
     )
     pack_weights: str = flag(
         "on a CPU, decode on weights packed once for oneDNN's kernels (1.5-4x the bandwidth of a plain matmul at "
@@ -35,7 +36,7 @@ class EngineConfig:
         default="auto",
         choices=["auto", "on", "off"],
     )
-    cache_memory_mb: int = flag("memory for the latent KV cache", default=256)
+    cache_memory_mb: float = flag("memory for the latent KV cache", default=256.0)
     max_batched_tokens: int = flag("tokens per engine step", default=512)
     max_seqs: int = flag("sequences per engine step", default=64)
     speculative_tokens: int = flag("MTP draft tokens per step (0: off)", default=0)
@@ -46,22 +47,35 @@ class EngineConfig:
         if self.disk_cache_gb <= 0 or self.cache_memory_mb <= 0:
             raise ValueError("--disk-cache-gb and --cache-memory-mb must be positive")
 
+    @classmethod
+    def for_batches(cls) -> EngineConfig:
+        """Sized for offline batches (rollouts, evaluation, teacher traces): many sequences per step."""
+        return cls(max_seqs=256, max_batched_tokens=4096)
 
-@dataclass(slots=True, kw_only=True)  # its required fields follow defaulted ones
-class GenerateConfig(EngineConfig):
+
+def model_flag() -> str:
+    return flag("a model folder with its tokenizer", metavar="DIR")
+
+
+@dataclass(slots=True)
+class GenerateConfig:
     """Generate text from a prompt."""
 
+    model: str = model_flag()
     prompt: str = flag("the prompt")
     chat: bool = flag("wrap the prompt in the chat template", default=False)
     stream: bool = flag("print the text as it comes (--no-stream: once it is complete)", default=True)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
 @dataclass(slots=True)
-class ChatConfig(EngineConfig):
+class ChatConfig:
     """Chat with a model in the terminal, with streaming and the chat template."""
 
+    model: str = model_flag()
     system: str = flag("a system prompt", default="")
+    engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
@@ -77,12 +91,13 @@ class LedgerConfig:
 
 
 @dataclass(slots=True)
-class ServeConfig(EngineConfig):
+class ServeConfig:
     """Serve a model over HTTP: /v1/chat/completions, /v1/completions, /v1/models, /v1/billing, /metrics,
     and a chat page at /. Prompt prefixes are cached in 64-token units in memory and, with --cache-dir, on
     disk; usage is billed as cache-hit input, cache-miss input and output tokens."""
 
-    enforce_eager: bool = inherit(EngineConfig, "enforce_eager", False)  # a server captures its decode steps
+    model: str = model_flag()
+    engine: EngineConfig = field(default_factory=EngineConfig)
     host: str = flag("address to listen on", default="127.0.0.1")
     port: int = flag("port to listen on", default=8000)
     served_model_name: str = flag("model names clients send, comma-separated", default="nanoseek")
@@ -105,7 +120,6 @@ class ServeConfig(EngineConfig):
     max_concurrent_per_key: int = flag("requests in flight per API key before 429 (0: no limit)", default=0)
 
     def __post_init__(self) -> None:
-        EngineConfig.__post_init__(self)  # (zero-argument super() fails in a slotted dataclass)
         if self.max_concurrent_per_key < 0:
             raise ValueError("--max-concurrent-per-key must be 0 (no limit) or positive")
         if min(self.max_pending, self.max_body_bytes) < 1:

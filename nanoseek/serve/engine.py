@@ -16,9 +16,9 @@ done, and retires finished sequences, freeing their blocks and returning their l
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
-import json
 import logging
 import time
 from collections import deque
@@ -29,21 +29,19 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.config import ModelConfig
-from nanoseek.device import default_device, inference_dtype
+from nanoseek.device import default_device
 from nanoseek.model import Transformer
 from nanoseek.serve import parallel
 from nanoseek.serve.config import EngineConfig
 from nanoseek.serve.grammar import Grammars
 from nanoseek.serve.kv_cache import BlockManager, CacheSpec, LatentPool
+from nanoseek.serve.loader import fingerprint, load_model, pack_for_decode
 from nanoseek.serve.output import TextOutput, releasable
-from nanoseek.serve.packed import pack_model, packing_available, packing_pays
 from nanoseek.serve.prefix_cache import DiskCache
-from nanoseek.serve.runner import ModelRunner, Row
+from nanoseek.serve.runner import ModelRunner, RowResult
 from nanoseek.serve.sampling import History, SamplingParams, needs_history
-from nanoseek.serve.scheduler import Scheduler
+from nanoseek.serve.scheduler import ScheduledRow, Scheduler
 from nanoseek.serve.sequence import Sequence, Status
-from nanoseek.serve.speculative import verify
 from nanoseek.tokenizer import END_THINK, THINK, Tokenizer, load_tokenizer
 
 log = logging.getLogger("nanoseek.serve")
@@ -97,133 +95,78 @@ class EngineMetrics:
 
 
 class Engine:
+    """`Engine(model, tokenizer=None, config=None, *, device, dtype, block_size, model_parallel, **settings)`:
+    a model folder (or a Transformer in memory, e.g. GRPO's policy), with the settings of `config`
+    (serve/config.py's EngineConfig) and any of its fields given by name (`Engine(dir, max_seqs=8)`)."""
+
     def __init__(
         self,
         model: str | Path | Transformer,
         tokenizer: Tokenizer | str | Path | None = None,
+        config: EngineConfig | None = None,
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         block_size: int = 16,
-        cache_bytes: int = 256 * 2**20,
-        max_batched_tokens: int = 512,
-        max_seqs: int = 64,
-        fp8_cache: bool = False,
-        weights: str = "auto",
         model_parallel: bool = False,
-        speculative_tokens: int = 0,
-        cache_dir: str | Path | None = None,
-        disk_cache_bytes: int = 8 * 2**30,
-        enforce_eager: bool = True,
-        pack_weights: str = "auto",
+        **settings,
     ):
+        self.config = cfg = dataclasses.replace(config or EngineConfig(), **settings)
         self.device = torch.device(device) if device else default_device()
+        model_dir = None if isinstance(model, Transformer) else Path(model)
         # Under torchrun (model_parallel) this is rank 0, and the other ranks hold shares of the routed experts.
-        self.ranks = parallel.from_env(self.device) if model_parallel and not isinstance(model, Transformer) else None
-        if isinstance(model, Transformer):
-            self.model = model.to(self.device)
-            model_dir = None
+        self.ranks = parallel.from_env(self.device) if model_parallel and model_dir is not None else None
+        if model_dir is None:
+            self.model = model.to(self.device).eval()
         else:
-            from nanoseek.checkpoint import from_pretrained
-
-            model_dir = Path(model)
-            hidden = ModelConfig.from_json(model_dir).hidden_size
-            if weights in ("bf16", "fp32"):  # the weights' dtype is the compute dtype
-                dtype = dtype or {"bf16": torch.bfloat16, "fp32": torch.float32}[weights]
-            dtype = dtype or inference_dtype(self.device, hidden)
-            if self.ranks is not None:
-                if self.ranks.rank != 0:
-                    raise ValueError("ranks > 0 of a torchrun launch serve experts: nanoseek.serve.parallel.run_worker")
-                parallel.claim()
-                dtype = parallel.share_dtype(self.ranks, dtype)
-            shard = (0, self.ranks.world) if self.ranks is not None else None
-            self.model = from_pretrained(
-                model_dir, dtype=dtype, device=self.device, weights=weights, expert_shard=shard
-            )
-            if self.ranks is not None:
-                parallel.attach(self.model, self.ranks)
-                enforce_eager = True  # a captured graph cannot hold the per-layer collectives
-            if any(getattr(m, "resident_fp8", False) for m in self.model.modules()):
-                enforce_eager = True  # captured, FP8 experts would be dequantised all at once each step
-        self.model.eval()
-        dtype = self.model.embed_tokens.weight.dtype
-        if tokenizer is None and model_dir is not None and (model_dir / "tokenizer.json").is_file():
-            tokenizer = model_dir
+            self.model = load_model(model_dir, self.device, dtype, cfg.weights, self.ranks)
+            if tokenizer is None and (model_dir / "tokenizer.json").is_file():
+                tokenizer = model_dir
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
-        cfg = self.model.cfg
-        if speculative_tokens and not self.model.mtp:
+        if cfg.speculative_tokens and not self.model.mtp:
             raise ValueError("speculative decoding drafts with the MTP module, and this model has none")
-        self.speculative_tokens = speculative_tokens
-        self.spec = CacheSpec.for_model(cfg, dtype, fp8=fp8_cache)
-        if speculative_tokens:  # the MTP block's attention keeps its own latents, as one more layer
+        self.speculative_tokens = cfg.speculative_tokens
+        self.spec = CacheSpec.for_model(self.model.cfg, self.model.embed_tokens.weight.dtype, fp8=cfg.fp8_cache)
+        if cfg.speculative_tokens:  # the MTP block's attention keeps its own latents, as one more layer
             self.spec.layers += 1
-        num_blocks = max(2, cache_bytes // (self.spec.bytes_per_token * block_size))
+        num_blocks = max(2, int(cfg.cache_memory_mb * 2**20) // (self.spec.bytes_per_token * block_size))
         self.block_manager = BlockManager(num_blocks, block_size)
         self.pool = LatentPool(self.spec, num_blocks * block_size + 1, self.device)  # + the runner's scratch slot
-        self.runner = ModelRunner(self.model, self.pool, block_size, self.device, enforce_eager=enforce_eager)
-        self.fingerprint = self._fingerprint(model_dir, every_byte=cache_dir is not None)
-        # A CPU engine's own weights are packed for oneDNN's decode kernels (serve/packed.py). A model passed in
-        # may be training (GRPO's policy): a packed copy would go stale.
-        if pack_weights not in ("auto", "on", "off"):
-            raise ValueError(f"pack_weights must be auto, on or off, not {pack_weights!r}")
+        layout = repr((self.spec, block_size))
+        self.fingerprint = fingerprint(self.model, layout, model_dir, every_byte=cfg.cache_dir is not None)
+        # Only the engine's own weights are packed: a model passed in may be training (GRPO's policy), and a
+        # packed copy would go stale.
         own = model_dir is not None and self.ranks is None
-        wanted = packing_pays(self.model) if pack_weights == "auto" else pack_weights == "on"
-        self.packed = wanted and own and packing_available(self.device)
-        if self.packed:
-            pack_model(self.model)
-        self.disk_cache = DiskCache(cache_dir, disk_cache_bytes, self.fingerprint) if cache_dir is not None else None
-        if self.disk_cache is not None:
+        self.packed = own and pack_for_decode(self.model, self.device, cfg.pack_weights)
+        # A captured graph cannot hold the per-layer collectives of a torchrun launch, and captured, FP8 experts
+        # would be dequantised all at once each step.
+        fp8 = any(getattr(m, "resident_fp8", False) for m in self.model.modules())
+        eager = cfg.enforce_eager or self.ranks is not None or fp8
+        self.eos_id = self.tokenizer.eos_id if self.tokenizer else self.model.cfg.eos_token_id
+        self.grammars = Grammars(self.tokenizer, self.model.cfg.vocab_size) if self.tokenizer else None
+        self.runner = ModelRunner(
+            self.model,
+            self.pool,
+            block_size,
+            self.device,
+            eager,
+            self.grammars,
+            graph_tokens=1 + cfg.speculative_tokens,
+        )
+        self.disk_cache = None
+        if cfg.cache_dir is not None:
+            self.disk_cache = DiskCache(cfg.cache_dir, int(cfg.disk_cache_gb * 2**30), self.fingerprint)
             self.block_manager.on_register = self._persist_block
         load = self._load_block if self.disk_cache is not None else None
         copy = lambda src, dst: self.pool.copy_block(self._block_slots(src), self._block_slots(dst))  # noqa: E731
-        self.scheduler = Scheduler(self.block_manager, max_batched_tokens, max_seqs, load_block=load, copy_block=copy)
+        self.scheduler = Scheduler(
+            self.block_manager, cfg.max_batched_tokens, cfg.max_seqs, load_block=load, copy_block=copy
+        )
         self.sequences: dict[str, Sequence] = {}  # the live requests; a finished one leaves with its output
-        self._histories: dict[str, History] = {}  # the penalised requests' token counts
         self.metrics = EngineMetrics()
         self._ids = itertools.count()
-        self.eos_id = self.tokenizer.eos_id if self.tokenizer else cfg.eos_token_id
-        self.grammars = Grammars(self.tokenizer, cfg.vocab_size) if self.tokenizer else None
-
-    @classmethod
-    def from_config(cls, cfg: EngineConfig, **kwargs) -> Engine:
-        """The engine a command's settings describe (kwargs: the constructor's other arguments)."""
-        return cls(
-            cfg.model,
-            cache_bytes=cfg.cache_memory_mb * 2**20,
-            max_batched_tokens=cfg.max_batched_tokens,
-            max_seqs=cfg.max_seqs,
-            fp8_cache=cfg.fp8_cache,
-            weights=cfg.weights,
-            speculative_tokens=cfg.speculative_tokens,
-            cache_dir=cfg.cache_dir,
-            disk_cache_bytes=int(cfg.disk_cache_gb * 2**30),
-            enforce_eager=cfg.enforce_eager,
-            pack_weights=cfg.pack_weights,
-            **kwargs,
-        )
 
     # --- the prefix cache's tiers and namespaces ---------------------------------------------------
-    def _fingerprint(self, model_dir: Path | None, every_byte: bool) -> bytes:
-        """What a cached latent depends on: the config, the cache layout and the weights. For the disk tier
-        (`every_byte`), every weight byte: of the files, hashed once and remembered beside them, or of the
-        tensors of a model passed in memory; corrupt or retrained weights in the same folder never read
-        the healthy model's files. In memory alone a strided sample of each tensor tells models apart."""
-        h = hashlib.blake2b(digest_size=16)
-        h.update(json.dumps(self.model.cfg.to_hf_dict(), sort_keys=True, default=str).encode())
-        h.update(repr((self.spec, self.block_manager.block_size)).encode())
-        if every_byte and model_dir is not None:
-            from nanoseek.checkpoint import weights_fingerprint
-
-            h.update(weights_fingerprint(model_dir))
-            return h.digest()
-        for name, t in sorted(self.model.state_dict().items()):
-            flat = t.detach().flatten()
-            if not every_byte:
-                flat = flat[:: max(1, t.numel() // 256)][:256]
-            h.update(name.encode() + repr(tuple(t.shape)).encode())
-            h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
-        return h.digest()
-
     def cache_root(self, cache_salt: str | bytes | None = None) -> bytes:
         """Where a namespace's prefix hash chains start; different salts never share a block."""
         salt = cache_salt.encode() if isinstance(cache_salt, str) else cache_salt or b""
@@ -275,7 +218,7 @@ class Engine:
         if -(-(len(ids) + params.max_tokens + self.speculative_tokens) // size) > self.block_manager.num_blocks:
             raise ValueError(
                 f"prompt + max_tokens needs more KV cache than this engine holds "
-                f"({self.block_manager.num_blocks * size} tokens): raise cache_bytes"
+                f"({self.block_manager.num_blocks * size} tokens): raise cache_memory_mb (--cache-memory-mb)"
             )
 
     def capture(self) -> None:
@@ -305,9 +248,8 @@ class Engine:
             generator=generator,
             matcher=matcher,
             cache_root=self.cache_root(cache_salt),
+            history=History(ids, self.model.cfg.vocab_size, self.device) if needs_history(params) else None,
         )
-        if needs_history(params):
-            self._histories[request_id] = History(ids, self.model.cfg.vocab_size, self.device)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
         self.metrics.prompt_tokens += len(ids)
@@ -361,137 +303,83 @@ class Engine:
 
     def _retire(self, seq: Sequence) -> RequestOutput:
         self.sequences.pop(seq.id, None)
-        self._histories.pop(seq.id, None)
         return self._output(seq)
 
     # --- one engine step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
-        """Run one batch; returns the outputs of the requests that got new tokens or finished (these leave)."""
-        batch = self.scheduler.schedule()
+        """Plan a batch, run it, apply its results; returns the outputs of the requests that got new tokens
+        or finished (these leave)."""
+        plan = self.scheduler.schedule()
         self.metrics.preemptions = self.scheduler.preemptions
-        if not batch:
+        if not plan:
             return []
-        rows: list[Row] = []
-        for seq, n in batch:
-            feed = seq.token_ids[seq.num_computed : seq.num_computed + n]
-            drafts = seq.spec.drafts if n == 1 and seq.num_computed + 1 == len(seq) else []
-            rows.append((seq, seq.num_computed, feed + drafts))
-        hidden = self.runner.forward(rows)  # [B, t, hidden]
-        # The logits of a sequence's last fed token and each draft, for sequences whose prompt is done.
-        wanted = [
-            (row, n - 1, len(feed) - n + 1)
-            for row, ((seq, n), (_, start, feed)) in enumerate(zip(batch, rows, strict=True))
-            if start + n >= len(seq)
-        ]
-        logits = self.runner.logits(hidden, [(row, n0 + j) for row, n0, count in wanted for j in range(count)])
-        offsets = itertools.accumulate([0] + [count for *_, count in wanted])  # each row's first logits row
-        first = dict(zip((row for row, _, _ in wanted), offsets, strict=False))
-        sampled = self._sample(batch, wanted, first, logits)
-        now, touched = time.perf_counter(), []
-        for row, ((seq, n), (_, start, feed)) in enumerate(zip(batch, rows, strict=True)):
-            try:
-                if self._advance(seq, n, start, feed[n:], hidden[row], logits, first.get(row), sampled.get(row), now):
-                    touched.append(seq)
-            except Exception as e:  # one request's parameters or state: it fails alone, the batch goes on
-                log.exception("request %s failed", seq.id)
-                seq.error = f"{type(e).__name__}: {e}"
-                self.scheduler.finish(seq, "error")
-                touched.append(seq)
+        outputs = self.update(plan, self.runner.execute(plan))
         if self.speculative_tokens:
             try:
-                self._draft([seq for seq, _ in batch if seq.status is Status.RUNNING])
+                self._draft([row.seq for row in plan if row.seq.status is Status.RUNNING])
             except Exception:  # drafts only save time: without them every sequence still decodes correctly
                 log.exception("MTP drafting failed; this step goes on without drafts")
         self.metrics.steps += 1
+        return outputs
+
+    def update(self, plan: list[ScheduledRow], results: list[RowResult]) -> list[RequestOutput]:
+        """Apply a step's results: tokens appended and streamed as text, stops checked, finished sequences
+        retired with their last outputs; a row that failed fails its request alone."""
+        now, touched = time.perf_counter(), []
+        for row, result in zip(plan, results, strict=True):
+            try:
+                if self._update_row(row, result, now):
+                    touched.append(row.seq)
+            except Exception as e:  # one request's parameters or state: it fails alone, the batch goes on
+                log.error("request %s failed", row.seq.id, exc_info=e)
+                row.seq.error = f"{type(e).__name__}: {e}"
+                self.scheduler.finish(row.seq, "error")
+                touched.append(row.seq)
         return [self._retire(seq) if seq.status is Status.FINISHED else self._output(seq) for seq in touched]
 
-    def _sample(self, batch, wanted, first, logits) -> dict[int, object]:
-        """The batch's next tokens in one pass, for rows without drafts (drafted rows are verified instead)."""
-        rows = [row for row, _, count in wanted if count == 1]
-        if not rows:
-            return {}
-        seqs = [batch[row][0] for row in rows]
-        histories = [self._histories.get(s.id) for s in seqs]
-        picks = logits[[first[row] for row in rows]]
-        if any(s.matcher is not None for s in seqs):
-            self.grammars.mask_(picks, [s.matcher for s in seqs])
-        try:
-            picked = self.runner.sample(picks, seqs, histories)
-        except Exception:  # one row's parameters broke the batch: sample row by row, and fail only that row
-            picked = []
-            for j, (seq, history) in enumerate(zip(seqs, histories, strict=True)):
-                try:
-                    picked += self.runner.sample(picks[[j]], [seq], [history])
-                except Exception as e:
-                    picked.append(e)
-        return dict(zip(rows, picked, strict=True))
-
-    def _advance(
-        self,
-        seq: Sequence,
-        n: int,
-        start: int,
-        drafts: list[int],
-        hidden: torch.Tensor,
-        logits: torch.Tensor | None,
-        first: int | None,
-        sampled,
-        now: float,
-    ) -> bool:
-        """Take one row's forward-pass results into its sequence; True when it emitted tokens."""
-        if seq.params.prompt_logprobs is not None and start < seq.num_prompt:
-            self._score_prompt(seq, start, hidden[: min(n, seq.num_prompt - start)])
-        if start + n >= len(seq) and seq.params.max_tokens == 0:  # the prompt was only to be scored
+    def _update_row(self, row: ScheduledRow, result: RowResult, now: float) -> bool:
+        """One row's results into its sequence; True when it emitted tokens or finished."""
+        seq, n = row.seq, row.num_new
+        if result.error is not None:
+            raise result.error
+        if result.prompt_logprobs is not None:
+            if row.start == 0:  # (again, after a preemption: a recomputed prompt is scored again)
+                seq.prompt_logprobs = [None]
+            del seq.prompt_logprobs[row.start + 1 :]
+            seq.prompt_logprobs += result.prompt_logprobs
+        if not row.samples:  # a prefill chunk: nothing to sample yet
+            seq.num_computed += n
+            self._keep_hidden(seq, result.hidden[:n])
+            self.scheduler.register_computed(seq)
+            return False
+        if seq.params.max_tokens == 0:  # the prompt was only to be scored
             seq.num_computed += n
             self.scheduler.finish(seq, "length")
             return True
-        if start + n < len(seq):  # a prefill chunk: nothing to sample yet
-            seq.num_computed += n
-            self._keep_hidden(seq, hidden[:n])
-            self.scheduler.register_computed(seq)
-            return False
-        if drafts:
-            scored, probs = logits[first : first + 1 + len(drafts)], seq.spec.draft_probs
-            if seq.matcher is not None:  # each position's logits as its grammar state allows
-                scored = scored.clone()
-                self.grammars.draft_masks_(scored, seq.matcher, drafts)
-            emitted = verify(scored, drafts, probs, seq.params, seq.generator)
-            self.metrics.drafted_tokens += len(drafts)
-            self.metrics.accepted_tokens += len(emitted) - 1
-        else:
-            if isinstance(sampled, Exception):
-                raise sampled
-            emitted = [sampled.token]
-            if seq.params.logprobs is not None:
-                seq.logprobs.append((sampled.logprob, sampled.top_logprobs))
+        accepted = len(result.tokens) - 1  # drafts kept
+        if row.drafts:
+            self.metrics.drafted_tokens += len(row.drafts)
+            self.metrics.accepted_tokens += accepted
+        elif seq.params.logprobs is not None:
+            seq.logprobs.append((result.sampled.logprob, result.sampled.top_logprobs))
         self.metrics.decode_rows += 1
-        seq.num_computed = start + n + len(emitted) - 1  # the fed token and the accepted drafts
-        self._keep_hidden(seq, hidden[: n + len(emitted) - 1])
+        seq.num_computed = row.start + n + accepted  # the fed token and the accepted drafts
+        if result.hidden is not None:
+            self._keep_hidden(seq, result.hidden[: n + accepted])
         seq.spec.drafts = []
         self.scheduler.register_computed(seq)
-        for token in emitted:
+        for token in result.tokens:
             self._emit(seq, token, now)
             if seq.status is Status.FINISHED:
                 break
         if seq.status is Status.RUNNING:  # blocks completed by tokens that only now arrived
             self.scheduler.register_computed(seq)
+            if result.drafts is not None:  # the step's graph drafted, its MTP module caught up on every position
+                seq.spec.mtp_computed, seq.spec.pending_hidden = len(seq) - 1, None
+                if self.scheduler.reserve(seq, len(seq) + len(result.drafts)):
+                    seq.spec.drafts, seq.spec.draft_probs = result.drafts, None
         return True
-
-    def _score_prompt(self, seq: Sequence, start: int, hidden: torch.Tensor) -> None:
-        """The log-probabilities of the prompt tokens after positions start.. (hidden [m, hidden]): each
-        position's logits score the next prompt token."""
-        if start == 0:  # (again, after a preemption: a recomputed prompt is scored again)
-            seq.prompt_logprobs = [None]
-        del seq.prompt_logprobs[start + 1 :]
-        nxt = torch.tensor(seq.prompt[start + 1 : start + 1 + hidden.shape[0]], device=hidden.device)
-        logprobs = self.model.lm_head(hidden[: len(nxt)]).float().log_softmax(-1)
-        chosen = logprobs.gather(-1, nxt[:, None]).squeeze(-1).tolist()
-        top = seq.params.prompt_logprobs
-        values, ids = logprobs.topk(top, dim=-1) if top else (None, None)
-        for i, lp in enumerate(chosen):
-            alternatives = dict(zip(ids[i].tolist(), values[i].tolist(), strict=True)) if top else None
-            seq.prompt_logprobs.append((lp, alternatives))
 
     def _emit(self, seq: Sequence, token: int, now: float) -> None:
         if seq.last_token_time is not None:
@@ -505,8 +393,8 @@ class Engine:
         if seq.matcher is not None and not seq.matcher.consume_token(token):
             raise ValueError(f"token {token} left the request's grammar: {seq.matcher.get_error()}")
         seq.token_ids.append(token)
-        if seq.id in self._histories:
-            self._histories[seq.id].add(token)
+        if seq.history is not None:
+            seq.history.add(token)
         self.metrics.generated_tokens += 1
         params = seq.params
         if (token == self.eos_id and not params.ignore_eos) or token in params.stop_token_ids:

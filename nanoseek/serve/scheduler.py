@@ -11,9 +11,29 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from nanoseek.serve.kv_cache import BlockManager, CacheFull
 from nanoseek.serve.sequence import Sequence, Status
+
+
+@dataclass(slots=True)
+class ScheduledRow:
+    """One sequence's share of a step: the plan the model runner executes and the engine then applies."""
+
+    seq: Sequence
+    start: int  # the position of the first token fed
+    num_new: int  # the sequence's own tokens computed now: a prefill chunk, or the one token to decode
+    drafts: list[int] = field(default_factory=list)  # MTP drafts fed after them, to be verified
+
+    @property
+    def feed(self) -> list[int]:
+        return self.seq.token_ids[self.start : self.start + self.num_new] + self.drafts
+
+    @property
+    def samples(self) -> bool:
+        """Whether the prompt is done after this step, so that the next token is wanted."""
+        return self.start + self.num_new >= len(self.seq)
 
 
 class Scheduler:
@@ -39,8 +59,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """(sequence, number of new tokens to compute) for this step."""
+    def schedule(self) -> list[ScheduledRow]:
+        """This step's plan: every running sequence's next tokens (with its drafts to verify), then waiting
+        requests admitted while the token budget lasts."""
         budget, batch = self.max_batched_tokens, []
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget <= 0:
@@ -53,7 +74,8 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status is Status.RUNNING:
-                batch.append((seq, n))
+                decoding = n == 1 and seq.num_computed + 1 == len(seq)
+                batch.append(ScheduledRow(seq, seq.num_computed, n, seq.spec.drafts if decoding else []))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
@@ -68,7 +90,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            batch.append((seq, n))
+            batch.append(ScheduledRow(seq, seq.num_computed, n))
             budget -= n
         return batch
 

@@ -14,7 +14,7 @@ from enum import Enum
 import torch
 
 from nanoseek.serve.output import TextOutput
-from nanoseek.serve.sampling import SamplingParams
+from nanoseek.serve.sampling import History, SamplingParams
 
 
 class Status(Enum):
@@ -59,6 +59,7 @@ class Sequence:
     logprobs: list[tuple[float, dict[int, float] | None]] = field(default_factory=list)
     prompt_logprobs: list[tuple[float, dict[int, float] | None] | None] = field(default_factory=list)
     generator: torch.Generator | None = None
+    history: History | None = None  # the token counts that penalties need (only for requests with penalties)
     matcher: object | None = None  # an llguidance matcher following the output, for a constrained request
     spec: Speculation = field(default_factory=Speculation)
     arrival: float = field(default_factory=time.perf_counter)

@@ -86,7 +86,7 @@ def open_ledger(cfg: ServeConfig) -> Ledger:
     """The SQLite ledger at --ledger (or its default); a JSON ledger of older nanoseek is imported once."""
     prices = PriceTable.parse(cfg.prices, cfg.currency)
     path = Path(cfg.ledger) if cfg.ledger else default_ledger_path(cfg.api_keys)
-    legacy = [Path(cfg.cache_dir) / "ledger.json"] if cfg.cache_dir else []
+    legacy = [Path(cfg.engine.cache_dir) / "ledger.json"] if cfg.engine.cache_dir else []
     if path.suffix == ".json":  # --ledger named an old JSON ledger: keep the database beside it
         legacy.append(path)
         path = path.with_suffix(".db")
@@ -101,7 +101,7 @@ class Service:
     def __init__(self, cfg: ServeConfig, engine: Engine | None = None):
         self.cfg = cfg
         # under torchrun, the other ranks hold shares of the experts
-        self.engine = engine or Engine.from_config(cfg, block_size=CACHE_UNIT, model_parallel=True)
+        self.engine = engine or Engine(cfg.model, config=cfg.engine, block_size=CACHE_UNIT, model_parallel=True)
         try:
             self.engine.capture()
             if self.engine.tokenizer is None:

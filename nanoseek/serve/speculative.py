@@ -32,23 +32,24 @@ def draft_token(probs: torch.Tensor, params: SamplingParams, generator: torch.Ge
 def verify(
     target_logits: torch.Tensor,
     drafts: list[int],
-    draft_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None,
     params: SamplingParams,
     generator: torch.Generator | None,
 ) -> list[int]:
-    """target_logits [k+1, V] at the positions that fed the last token and each draft; draft_probs [k, V].
+    """target_logits [k+1, V] at the positions that fed the last token and each draft; draft_probs [k, V]
+    (None for greedy decoding, which needs only the drafts).
 
     Returns the emitted tokens: the accepted drafts and one token from the main model (1 to k+1)."""
+    if params.greedy:  # the drafts while they equal the argmax, then the argmax (draft_probs unused)
+        target = target_logits.argmax(-1).tolist()
+        kept = next((j for j, d in enumerate(drafts) if d != target[j]), len(drafts))
+        return target[: kept + 1]
     p = distribution(target_logits, params).cpu()
     q = draft_probs.cpu()
     out: list[int] = []
     for j, d in enumerate(drafts):
-        if params.greedy:
-            keep = d == int(p[j].argmax())
-        else:
-            ratio = (p[j, d] / q[j, d]).item() if q[j, d] > 0 else 0.0
-            keep = torch.rand((), generator=generator).item() < min(1.0, ratio)
-        if keep:
+        ratio = (p[j, d] / q[j, d]).item() if q[j, d] > 0 else 0.0
+        if torch.rand((), generator=generator).item() < min(1.0, ratio):
             out.append(d)
             continue
         residual = (p[j] - q[j]).clamp(min=0)

@@ -16,9 +16,9 @@ from nanoseek.serve.parallel import run_as_expert_rank
 
 
 def generate(cfg: GenerateConfig) -> int:
-    if (code := run_as_expert_rank(cfg.model, cfg.weights)) is not None:
+    if (code := run_as_expert_rank(cfg.model, cfg.engine.weights)) is not None:
         return code
-    engine = Engine.from_config(cfg, model_parallel=True)
+    engine = Engine(cfg.model, config=cfg.engine, model_parallel=True)
     try:
         prompt: str | list[int] = cfg.prompt
         if cfg.chat:
@@ -35,9 +35,9 @@ def generate(cfg: GenerateConfig) -> int:
 
 
 def chat(cfg: ChatConfig) -> int:
-    if (code := run_as_expert_rank(cfg.model, cfg.weights)) is not None:
+    if (code := run_as_expert_rank(cfg.model, cfg.engine.weights)) is not None:
         return code
-    engine = Engine.from_config(cfg, model_parallel=True)
+    engine = Engine(cfg.model, config=cfg.engine, model_parallel=True)
     try:
         converse(engine, cfg)
         return 0

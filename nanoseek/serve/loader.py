@@ -1,0 +1,79 @@
+"""What the engine serves, made ready: a model folder loaded in its inference dtype (rank 0's share of the experts
+under torchrun), its weights packed for the CPU's decode kernels where that pays, and the fingerprint that
+keys the prefix cache (what a cached latent depends on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from nanoseek.config import ModelConfig
+from nanoseek.device import inference_dtype
+from nanoseek.model import Transformer
+from nanoseek.serve import parallel
+from nanoseek.serve.packed import pack_model, packing_available, packing_pays
+
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def load_model(
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    weights: str,
+    ranks: parallel.Ranks | None = None,
+) -> Transformer:
+    """The model of a folder, in eval mode. `weights` bf16/fp32 make the weights' dtype the compute dtype;
+    otherwise dtype (None: the measured best for the device). Under torchrun this is rank 0, attached to the
+    other ranks, which hold shares of the routed experts."""
+    from nanoseek.checkpoint import from_pretrained
+
+    dtype = dtype or WEIGHT_DTYPES.get(weights) or inference_dtype(device, ModelConfig.from_json(model_dir).hidden_size)
+    if ranks is not None:
+        if ranks.rank != 0:
+            raise ValueError("ranks > 0 of a torchrun launch serve experts: nanoseek.serve.parallel.run_worker")
+        parallel.claim()
+        dtype = parallel.share_dtype(ranks, dtype)
+    shard = (0, ranks.world) if ranks is not None else None
+    model = from_pretrained(model_dir, dtype=dtype, device=device, weights=weights, expert_shard=shard)
+    if ranks is not None:
+        parallel.attach(model, ranks)
+    return model.eval()
+
+
+def pack_for_decode(model: Transformer, device: torch.device, pack_weights: str) -> bool:
+    """Pack the weights for oneDNN's decode kernels (serve/packed.py): on, off, or auto (where the model is
+    larger than the CPU's cache, so that decode streams it). Returns whether they were packed."""
+    if pack_weights not in ("auto", "on", "off"):
+        raise ValueError(f"pack_weights must be auto, on or off, not {pack_weights!r}")
+    wanted = packing_pays(model) if pack_weights == "auto" else pack_weights == "on"
+    if wanted and packing_available(device):
+        pack_model(model)
+        return True
+    return False
+
+
+def fingerprint(model: Transformer, layout: str, model_dir: Path | None, every_byte: bool) -> bytes:
+    """What a cached latent depends on: the config, the cache layout and the weights. For the disk tier
+    (`every_byte`), every weight byte: of the files, hashed once and remembered beside them, or of the
+    tensors of a model passed in memory; corrupt or retrained weights in the same folder never read the
+    healthy model's files. In memory alone a strided sample of each tensor tells models apart."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(model.cfg.to_hf_dict(), sort_keys=True, default=str).encode())
+    h.update(layout.encode())
+    if every_byte and model_dir is not None:
+        from nanoseek.checkpoint import weights_fingerprint
+
+        h.update(weights_fingerprint(model_dir))
+        return h.digest()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().flatten()
+        if not every_byte:
+            flat = flat[:: max(1, t.numel() // 256)][:256]
+        h.update(name.encode() + repr(tuple(t.shape)).encode())
+        h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.digest()
