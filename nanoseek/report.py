@@ -132,10 +132,13 @@ def write_report(out: Path, preset: str, cfg, plan: dict[str, Any], stages: dict
         f"| grpo | {grpo['seconds']:.0f} | {gpu_s['grpo']:.3g} | RL on the SFT model: held-out pass@1 "
         f"{grpo['pass_at_1_before']:.3f} -> "
         f"{grpo['pass_at_1_after']:.3f} ({(grpo['pass_at_1_after'] - grpo['pass_at_1_before']) * 100:+.1f} points, "
-        f"{grpo['eval_n']} problems) |",
+        f"{grpo['eval_n']} problems)"
+        + (f"; rollouts at {grpo['rollout_tokens_per_s']:.0f} tok/s" if "rollout_tokens_per_s" in grpo else "")
+        + " |",
         f"| inference | {s['inference']['seconds']:.0f} | – | decode "
         + ", ".join(f"batch {b}: {v:.0f} tok/s" for b, v in throughput.items())
         + roofline_text(s["inference"])
+        + mtp_text(s["inference"])
         + " |",
         f"| report | {s['report']['seconds']:.0f} | – | this card |",
         "",
@@ -218,6 +221,14 @@ def _markdown_to_html(markdown: str, images: dict[str, str]) -> str:
     return f"<!doctype html><meta charset='utf-8'><title>nanoseek report</title><style>{style}</style>\n" + "\n".join(
         body
     )
+
+
+def mtp_text(inference: dict[str, Any]) -> str:
+    if "mtp" not in inference:
+        return ""
+    mtp = inference["mtp"]
+    accepted = ", ".join(f"{rate:.0%}" for rate in mtp["acceptance_by_position"])
+    return f"; MTP, one draft: {accepted} accepted, {mtp['tokens_per_step']:.2f} tokens/step, {mtp['speedup']:.2f}x"
 
 
 def roofline_text(inference: dict[str, Any]) -> str:

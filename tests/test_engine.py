@@ -241,7 +241,12 @@ def test_speculative_greedy_is_identical_to_plain_greedy(k):
     spec = engine(model, speculative_tokens=k)
     fast = spec.generate(PROMPTS, params)
     assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
-    assert spec.metrics.drafted_tokens > 0
+    m = spec.metrics
+    assert m.drafted_tokens > 0
+    # By draft position: a draft counts as kept only after every draft before it, so the rates never rise.
+    rates = spec.stats()["spec_acceptance_by_position"]
+    assert len(rates) == k and rates == sorted(rates, reverse=True)
+    assert (sum(m.drafted_at), sum(m.accepted_at)) == (m.drafted_tokens, m.accepted_tokens)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

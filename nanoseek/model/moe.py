@@ -12,6 +12,8 @@ elsewhere one autograd node that runs a matmul per expert over its contiguous ro
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -137,7 +139,10 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> (weights [N, k] fp32, indices [N, k], logits [N, E] fp32)."""
-        with torch.autocast(x.device.type, enabled=False):  # routing in fp32, also under bf16 autocast
+        # Routing in fp32, also under bf16 autocast; entered only then, as a graph that enters autocast cannot be
+        # cached on disk by AOTAutograd (a later start of the server would trace the decode step again).
+        amp = torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext():
             logits = F.linear(x.float(), self.weight.float())
         weights, indices = route(logits, self.e_score_correction_bias, self.cfg)
         return weights, indices, logits

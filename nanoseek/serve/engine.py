@@ -85,6 +85,8 @@ class EngineMetrics:
     decode_rows: int = 0  # (sequence, step) pairs that produced tokens
     drafted_tokens: int = 0  # speculative decoding: MTP drafts checked ...
     accepted_tokens: int = 0  # ... and kept
+    drafted_at: list[int] = field(default_factory=list)  # per draft position (the first draft, the second, ...)
+    accepted_at: list[int] = field(default_factory=list)
     # The latest 10,000 of each: seconds from arrival to first token, and between a request's tokens.
     ttft: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     itl: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
@@ -92,6 +94,22 @@ class EngineMetrics:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    def count_drafts(self, drafted: int, accepted: int) -> None:
+        """A row's verified drafts: the first `accepted` of `drafted` kept."""
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+        missing = max(0, drafted - len(self.drafted_at))
+        self.drafted_at += [0] * missing
+        self.accepted_at += [0] * missing
+        for j in range(drafted):
+            self.drafted_at[j] += 1
+            self.accepted_at[j] += j < accepted
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """Of the drafts at each position, the share kept (a draft is kept only after every draft before it)."""
+        return [a / d for a, d in zip(self.accepted_at, self.drafted_at, strict=True)]
 
 
 class Engine:
@@ -359,8 +377,7 @@ class Engine:
             return True
         accepted = len(result.tokens) - 1  # drafts kept
         if row.drafts:
-            self.metrics.drafted_tokens += len(row.drafts)
-            self.metrics.accepted_tokens += accepted
+            self.metrics.count_drafts(len(row.drafts), accepted)
         elif seq.params.logprobs is not None:
             seq.logprobs.append((result.sampled.logprob, result.sampled.top_logprobs))
         self.metrics.decode_rows += 1
@@ -468,7 +485,7 @@ class Engine:
     def kv_cache_bytes_per_token(self) -> int:
         return self.spec.bytes_per_token
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | list[float]]:
         """A snapshot for dashboards and /metrics: load, cache use, latency, speculation."""
         m, blocks = self.metrics, self.block_manager
 
@@ -490,4 +507,5 @@ class Engine:
             "mean_itl_s": mean(m.itl),
             "tokens_per_step": m.generated_tokens / m.decode_rows if m.decode_rows else 0.0,  # per sequence
             "spec_acceptance": m.acceptance_rate,
+            "spec_acceptance_by_position": m.acceptance_by_position,
         }

@@ -48,6 +48,14 @@ class EngineCollector:
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(f"nanoseek_{name}", doc, value=value)
+        by_position = GaugeMetricFamily(
+            "nanoseek_spec_decode_acceptance_rate_by_position",
+            "of the MTP drafts at each position (1: the first draft of a step), the share accepted",
+            labels=["position"],
+        )
+        for position, rate in enumerate(m.acceptance_by_position, 1):
+            by_position.add_metric([str(position)], rate)
+        yield by_position
 
 
 class ServerMetrics:

@@ -3,12 +3,14 @@ inputs from the sequences, one forward pass, the logit rows the step needs, the 
 (grammar masks and penalties applied), drafts verified, prompts scored, and a row whose parameters fail
 failing alone. It also drafts with the MTP module.
 
-A decode step (every row feeds one token) runs captured unless `enforce_eager`: the decode pass is compiled
-with `torch.compile`, its context length dynamic, so that one compilation serves every length; on a CPU its
-batch size too (a few graphs in all: a batch of one, and one per static MoE path), on CUDA one per batch
-bucket (1, 2, 4, ..., padded with idle rows that write to a scratch slot and read only it). A line on stderr
-shows each compilation's time. The latent cache is written through an
-in-place custom op (kv_cache.write_slots) and the MoE takes a static-shape path while compiling.
+A decode step (every row feeds one token, or one and its drafts) runs captured unless `enforce_eager`: it is
+compiled with `torch.compile`, its context length dynamic, so that one compilation serves every length; on a
+CPU its batch size too (a few graphs in all: a batch of one, and one per static MoE path), on CUDA one per
+batch bucket (1, 2, 4, ..., padded with idle rows that write to a scratch slot and read only it). A line on
+stderr shows each compilation's time. The latent cache is written through an in-place custom op
+(kv_cache.write_slots) and the MoE takes a static-shape path while compiling. With one MTP draft per step
+(V3's depth) and greedy rows, one graph verifies the drafts and drafts the next (`speculate`); otherwise the
+main model's and the MTP module's graphs run in turn, with sampling and verification between them.
 """
 
 from __future__ import annotations
