@@ -1,12 +1,12 @@
 """Decode against the memory roofline: how fast the engine streams its weights, packed and plain, in one run.
 
-    python benchmarks/bench_decode.py [--preset small] [--batches 1 8 32] [--new-tokens 64] [--captured]
+    python benchmarks/bench_decode.py [--preset small] [--batches 1 8 32] [--new-tokens 64] [--enforce-eager]
 
 A random model of the preset decodes greedily with its weights packed for oneDNN (`pack_weights="on"`;
 serve/packed.py: the default on a CPU for a model larger than its cache) and with plain `F.linear` (`"off"`),
-eagerly or with the decode step captured (`--captured`: torch.compile per batch bucket, compiled in a
-warm-up), the two runs interleaved `--rounds` times so that the machine's noise hits both alike; the best round
-of each counts.
+with the decode step captured (the engine's default: torch.compile, compiled in a warm-up) or eagerly
+(`--enforce-eager`), the two runs interleaved `--rounds` times so that the machine's noise hits both alike; the
+best round of each counts.
 Beside them: the bytes a decode step reads (cost.decode_step_bytes: attention, dense layers,
 shared experts and head, plus the routed experts the batch's tokens chose), the bandwidth that implies, and
 the fraction of what a plain `sum` over 512 MB reads on this CPU (the roofline).
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--captured", action="store_true", help="the captured decode step (default: eager)")
+    parser.add_argument("--enforce-eager", action="store_true", help="the eager decode step (default: captured)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -50,7 +50,7 @@ def main() -> None:
     print(f"CPU: {cpu_features()}, {torch.get_num_threads()} threads; `sum` reads {roofline / 1e9:.1f} GB/s")
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(Transformer(cfg), tmp)
-        eager = not args.captured
+        eager = args.enforce_eager
         engines = {
             "packed": Engine(tmp, dtype=dtype, pack_weights="on", enforce_eager=eager),
             "plain": Engine(tmp, dtype=dtype, pack_weights="off", enforce_eager=eager),
@@ -60,10 +60,10 @@ def main() -> None:
         same = len({tuple(e.generate([[1, 2, 3, 4]], greedy)[0].token_ids) for e in engines.values()}) == 1
         element = torch.finfo(dtype).bits // 8
         step_bytes = {b: decode_step_bytes(cfg, b, 4 + args.new_tokens // 2, element, element) for b in args.batches}
-        mode = "captured" if args.captured else "eager"
+        mode = "eager" if args.enforce_eager else "captured"
         print(f"{args.preset} ({args.dtype}, {mode}), {args.new_tokens} greedy tokens, best of {args.rounds} rounds:")
         for batch, step in step_bytes.items():
-            for engine in engines.values():  # warm-up: a captured bucket compiles here
+            for engine in engines.values():  # warm-up: the captured step compiles here
                 decode_rate(engine, batch, 2)
             best = {name: 0.0 for name in engines}
             for _ in range(args.rounds):

@@ -2,14 +2,17 @@
 
     pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/llcpp && tar xzf /tmp/llcpp/*.tar.gz -C /tmp/llcpp
     pip install llama-cpp-python            # builds llama.cpp from source (about 10 minutes on 2 cores)
-    python benchmarks/bench_llamacpp.py --llama-cpp-source /tmp/llcpp/llama_cpp_python-*/vendor/llama.cpp
+    python benchmarks/bench_llamacpp.py --llama-cpp-source /tmp/llcpp/llama_cpp_python-*/vendor/llama.cpp \
+        [--preset small] [--dtype bf16]
 
 A random model of the preset (tiny by default) is saved in the Hugging Face DeepSeek-V3 format, converted
-to GGUF (fp32) by llama.cpp's own `convert_hf_to_gguf.py`, which maps DeepseekV3ForCausalLM to its
-`deepseek2` architecture; our byte-level BPE's pre-tokenizer is unknown to the converter, so it is
-mapped to an existing name (`gpt-2`: only speed is compared, never text). Then both engines decode the
-same number of greedy tokens after the same prompt at batch 1, with the same thread count, and the ratio
-is printed.
+to GGUF (f32, or bf16 with --dtype bf16) by llama.cpp's own `convert_hf_to_gguf.py`, which maps
+DeepseekV3ForCausalLM to its `deepseek2` architecture; our byte-level BPE's pre-tokenizer is unknown to the
+converter, so it is mapped to an existing name (`gpt-2`: only speed is compared, never text). Then both
+engines decode the same number of greedy tokens after the same prompt at batch 1, with the same thread
+count and the same weight dtype (nanoseek with its defaults: captured, packed where that pays), and the
+ratio is printed, with the roofline: the bytes of weights a token reads (cost.decode_step_bytes), the
+bandwidth each engine streams them at, and its fraction of what `sum` reads on this CPU.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from pathlib import Path
 import torch
 
 from nanoseek import Engine, SamplingParams, Transformer, get_preset, save_pretrained
+from nanoseek.cost import decode_step_bytes
 from nanoseek.data import iter_texts, stdlib_files
-from nanoseek.device import cpu_features
+from nanoseek.device import cpu_features, read_bandwidth
 from nanoseek.tokenizer import train_tokenizer
 
 CONVERT = """
@@ -56,6 +60,7 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the weights of both engines")
     args = parser.parse_args()
     try:
         from llama_cpp import Llama
@@ -74,11 +79,12 @@ def main() -> None:
             "--outfile",
             str(gguf),
             "--outtype",
-            "f32",
+            {"fp32": "f32", "bf16": "bf16"}[args.dtype],
         ]
         subprocess.run(cmd, check=True, capture_output=True)
         llama = Llama(str(gguf), n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
-        engine = Engine(model_dir, device="cpu", dtype=torch.float32)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        engine = Engine(model_dir, device="cpu", dtype=dtype)
         prompt = engine.tokenizer.encode_text("def fibonacci(n):")
         n = args.new_tokens
 
@@ -98,13 +104,17 @@ def main() -> None:
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
+        step = decode_step_bytes(engine.model.cfg, 1, 0, dtype.itemsize)  # the weights one token reads
     rate = {name: n / statistics.median(t) for name, t in times.items()}
-    print(cpu_features())
-    print(f"preset {args.preset}, fp32, {args.threads} threads, batch 1, {n} greedy tokens after a short prompt:")
+    roofline = read_bandwidth()
+    print(f"{cpu_features()}; `sum` reads {roofline / 1e9:.1f} GB/s")
     print(
-        f"  nanoseek {rate['nanoseek']:7.0f} tok/s | llama.cpp {rate['llama.cpp']:7.0f} tok/s | "
-        f"{rate['nanoseek'] / rate['llama.cpp']:.2f}x"
+        f"preset {args.preset}, {args.dtype}, {args.threads} threads, batch 1, {n} greedy tokens after a short "
+        f"prompt, {step / 1e6:.1f} MB of weights per token:"
     )
+    for name, r in rate.items():
+        print(f"  {name:9s} {r:7.0f} tok/s, {r * step / 1e9:5.1f} GB/s, {r * step / roofline:4.0%} of the roofline")
+    print(f"  nanoseek / llama.cpp: {rate['nanoseek'] / rate['llama.cpp']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -431,3 +431,12 @@ def test_captured_mtp_drafting_and_verifying_give_the_eager_greedy_tokens(model,
     assert [o.token_ids for o in captured.generate(prompts, params)] == [o.token_ids for o in eager]
     assert captured.metrics.drafted_tokens > 0
     assert captured.block_manager.num_free == captured.block_manager.num_blocks
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [({"weights": "int4"}, "auto, fp8, bf16, fp32"), ({"max_seqs": 0}, "--max-seqs"), ({"bogus": 1}, "bogus")],
+)
+def test_engine_settings_made_in_python_are_checked_as_the_flags_are(model, setting, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        engine(model, **setting)

@@ -103,5 +103,5 @@ def test_auto_packs_a_model_larger_than_the_cpus_cache_only(model_dir):
     size = sum(p.nbytes for p in auto.model.parameters())
     assert auto.packed == (size > last_level_cache_bytes())
     assert 2**20 <= last_level_cache_bytes() <= 2**31
-    with pytest.raises(ValueError, match="auto, on or off"):
+    with pytest.raises(ValueError, match="auto, on, off"):
         Engine(model_dir, device="cpu", pack_weights="yes")

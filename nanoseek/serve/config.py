@@ -46,6 +46,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.disk_cache_gb <= 0 or self.cache_memory_mb <= 0:
             raise ValueError("--disk-cache-gb and --cache-memory-mb must be positive")
+        if self.max_seqs < 1 or self.max_batched_tokens < 1 or self.speculative_tokens < 0:
+            raise ValueError("--max-seqs and --max-batched-tokens must be positive, --speculative-tokens >= 0")
+        for name in ("weights", "pack_weights"):  # (the flags' choices, for settings made in Python)
+            choices = EngineConfig.__dataclass_fields__[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
 
     @classmethod
     def for_batches(cls) -> EngineConfig:
