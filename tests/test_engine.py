@@ -198,6 +198,26 @@ def test_sampling_is_seeded_and_filters_apply(model):
     assert top1.token_ids == full_forward_greedy(model, PROMPTS[1], 8)
 
 
+def test_unfiltered_sampling_draws_the_softmax_and_a_seed_ignores_the_rows_beside_it():
+    """Rows without top-k/top-p/min-p sample in vocabulary order (no sort): the frequencies of 4,000 seeded
+    draws match the softmax, and a seeded row draws the same token beside a filtered row as alone."""
+    from nanoseek.serve.sampling import sample_batch
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
+    plain = SamplingParams(temperature=1.0)
+    draws = [
+        sample_batch(logits, [plain], [torch.Generator().manual_seed(s)], [None])[0].token for s in range(4000)
+    ]
+    frequencies = torch.bincount(torch.tensor(draws), minlength=6) / len(draws)
+    assert (frequencies - logits[0].softmax(-1)).abs().max() < 0.03
+    nucleus = SamplingParams(temperature=1.0, top_p=0.5)
+    for seed in range(20):
+        alone = sample_batch(logits, [plain], [torch.Generator().manual_seed(seed)], [None])[0].token
+        gens = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)]
+        beside = sample_batch(logits.repeat(2, 1), [plain, nucleus], gens, [None, None])
+        assert beside[0].token == alone and beside[1].token == 5  # top_p 0.5 keeps only the likeliest
+
+
 def test_stop_tokens_and_logprobs(model):
     expected = full_forward_greedy(model, PROMPTS[0], 10)
     params = SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[expected[3]], logprobs=3, ignore_eos=True)

@@ -167,27 +167,24 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, StepCache]:
         """Token ids and positions [B, t] and the StepCache for the rows (and idle rows up to pad_to; t at
         least width)."""
-        bs, n = self.block_size, pad_to or len(rows)
+        bs, idle = self.block_size, (pad_to or len(rows)) - len(rows)
         t = max(width or 1, *(len(feed) for _, _, feed in rows))
-        ends = [start + len(feed) for _, start, feed in rows]
-        width = max(ends)
-        ids = torch.zeros(n, t, dtype=torch.long)
-        positions = torch.zeros(n, t, dtype=torch.long)
-        valid = torch.zeros(n, t, dtype=torch.bool)
-        read = torch.full((n, width), self.scratch_slot, dtype=torch.long)
-        write = torch.full((n, t), self.scratch_slot, dtype=torch.long)
-        lengths = torch.ones(n, dtype=torch.long)
-        for row, ((seq, start, feed), end) in enumerate(zip(rows, ends, strict=True)):
-            blocks = torch.tensor(seq.blocks[: -(-end // bs)], dtype=torch.long)
-            slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()[:end]  # every position's slot
-            ids[row, : len(feed)] = torch.tensor(feed)
-            positions[row, : len(feed)] = torch.arange(start, end)
-            valid[row, : len(feed)] = True
-            read[row, :end] = slots
-            write[row, : len(feed)] = slots[start:]
-            lengths[row] = end
+        # The whole batch in a few tensor ops (a loop over rows cost ~35 us a row: 4.5 ms a step at 128 rows).
+        starts = torch.tensor([start for _, start, _ in rows] + [0] * idle)
+        fed = torch.tensor([len(feed) for _, _, feed in rows] + [0] * idle)
+        ends = starts + fed
+        width = int(ends.max())
+        blocks = -(-width // bs)  # block-table columns; a shorter row's are padded with block 0, never read
+        table = [(seq.blocks[:blocks] + [0] * blocks)[:blocks] for seq, _, _ in rows] + [[0] * blocks] * idle
+        table = torch.tensor(table)
+        slots = (table[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :width]  # [n, width]: each position's slot
         keys = torch.arange(width)
-        mask = (keys <= positions[:, :, None]) & (keys < lengths[:, None, None])
+        read = torch.where(keys < ends[:, None], slots, self.scratch_slot)  # idle rows read only the scratch slot
+        ids = torch.tensor([feed + [0] * (t - len(feed)) for _, _, feed in rows] + [[0] * t] * idle)
+        valid = torch.arange(t) < fed[:, None]  # [n, t]
+        positions = torch.where(valid, starts[:, None] + torch.arange(t), 0)
+        write = torch.where(valid, slots.gather(1, positions), self.scratch_slot)
+        mask = (keys <= positions[:, :, None]) & (keys < ends.clamp(min=1)[:, None, None])
         mask[~valid] = keys == 0  # padding queries look at one key: no all-masked rows, no NaN
         valid[len(rows) :] = True  # idle rows write to the scratch slot, and read only it
         to = self.device

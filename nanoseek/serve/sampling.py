@@ -130,22 +130,17 @@ def sample_batch(
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         sub = logits[sampled] / _column([max(params[i].temperature, 1e-4) for i in sampled], logits)
-        sorted_logits, order = sub.sort(dim=-1, descending=True)
-        rank = torch.arange(sub.shape[-1], device=sub.device)
-        top_k = _column([params[i].top_k or sub.shape[-1] for i in sampled], sub)
-        drop = rank >= top_k
-        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)  # top-p and min-p after top-k
-        drop |= probs.cumsum(-1) - probs >= _column([params[i].top_p for i in sampled], sub)  # top-p
-        drop |= probs < _column([params[i].min_p for i in sampled], sub) * probs[:, :1]  # min-p
-        drop[:, 0] = False  # the most likely token always stays (a top_p that rounds to 0 keeps it, as vLLM)
-        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
         uniform = torch.rand(len(sampled), device=sub.device)
         for j, i in enumerate(sampled):  # seeded rows: each from its own generator
             if generators[i] is not None:
                 uniform[j] = torch.rand(1, generator=generators[i]).item()
-        cdf = probs.cumsum(-1)
-        pick = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1)).clamp(max=sub.shape[-1] - 1)
-        tokens[sampled] = order.gather(-1, pick).squeeze(-1)
+        picks = torch.empty(len(sampled), dtype=torch.long, device=sub.device)
+        filtered = [j for j, i in enumerate(sampled) if filters(params[i])]
+        if filtered:  # top-k, top-p and min-p need the distribution sorted
+            picks[filtered] = _filtered_draw(sub[filtered], uniform[filtered], [params[sampled[j]] for j in filtered])
+        if unfiltered := [j for j, i in enumerate(sampled) if not filters(params[i])]:  # in vocabulary order
+            picks[unfiltered] = _draw(sub[unfiltered].softmax(-1), uniform[unfiltered])
+        tokens[sampled] = picks
     chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
     most = max((p.logprobs or 0 for p in params), default=0)
     top = logprobs.topk(most, dim=-1) if most else None
@@ -158,6 +153,31 @@ def sample_batch(
             alternatives = dict(zip(top_ids[i][: p.logprobs], top_values[i][: p.logprobs], strict=True))
         out.append(Sampled(tokens_list[i], chosen_list[i], alternatives))
     return out
+
+
+def filters(params: SamplingParams) -> bool:
+    """Whether a sampled row cuts its distribution (top-k, top-p or min-p), for which it must be sorted."""
+    return params.top_k > 0 or params.top_p < 1 or params.min_p > 0
+
+
+def _draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: for each row of probs [R, V], the index where its uniform number falls in the
+    cumulative sum (in any order of the vocabulary: vocabulary order needs no sort)."""
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1)).clamp(max=probs.shape[-1] - 1).squeeze(-1)
+
+
+def _filtered_draw(logits: torch.Tensor, uniform: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Top-k, then top-p and min-p, on each row's sorted distribution, then inverse-CDF sampling."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    drop = rank >= _column([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], logits)
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)  # top-p and min-p after top-k
+    drop |= probs.cumsum(-1) - probs >= _column([p.top_p for p in params], logits)  # top-p
+    drop |= probs < _column([p.min_p for p in params], logits) * probs[:, :1]  # min-p
+    drop[:, 0] = False  # the most likely token always stays (a top_p that rounds to 0 keeps it, as vLLM)
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    return order.gather(-1, _draw(probs, uniform)[:, None]).squeeze(-1)
 
 
 def sample_token(
