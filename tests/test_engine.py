@@ -205,9 +205,7 @@ def test_unfiltered_sampling_draws_the_softmax_and_a_seed_ignores_the_rows_besid
 
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
     plain = SamplingParams(temperature=1.0)
-    draws = [
-        sample_batch(logits, [plain], [torch.Generator().manual_seed(s)], [None])[0].token for s in range(4000)
-    ]
+    draws = [sample_batch(logits, [plain], [torch.Generator().manual_seed(s)], [None])[0].token for s in range(4000)]
     frequencies = torch.bincount(torch.tensor(draws), minlength=6) / len(draws)
     assert (frequencies - logits[0].softmax(-1)).abs().max() < 0.03
     nucleus = SamplingParams(temperature=1.0, top_p=0.5)
