@@ -432,9 +432,10 @@ def test_a_captured_decode_step_gives_the_eager_tokens(model):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     eager = engine(model).generate(prompts, params)
     captured = engine(model, enforce_eager=False, max_batched_tokens=64)
+    captured.generate(prompts, SamplingParams(max_tokens=2, temperature=0))  # compiles (unless a graph fits)
     compiled = counters["frames"]["ok"]
     assert [o.token_ids for o in captured.generate(prompts, params)] == [o.token_ids for o in eager]
-    assert counters["frames"]["ok"] - compiled == 1  # no recompilation as the context grew
+    assert counters["frames"]["ok"] == compiled  # no recompilation as the context grew past the first
     assert captured.block_manager.num_free == captured.block_manager.num_blocks
 
 

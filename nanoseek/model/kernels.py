@@ -49,5 +49,8 @@ torch.library.register_fake(
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ weight.T -> [..., out], on weight's packed copy where one is registered."""
     if torch.compiler.is_compiling():
+        if x.numel() == x.shape[-1]:  # one row (a batch-1 decode graph): a reduction over weight's rows that
+            # Inductor fuses, reading the weight where it lies at ~31 GB/s (oneDNN's packed matvec: ~25)
+            return (x.unsqueeze(-2) * weight).sum(-1)
         return torch.ops.nanoseek.linear(x, weight)  # opaque to the compiler
     return _linear(x, weight)  # eagerly the op's dispatch would only cost time
