@@ -7,8 +7,8 @@ The checkpoint is the preset with random weights saved in DeepSeek-V3's FP8 form
 fresh process, which reports its resident weight bytes and how far its RSS rose during the load (peak,
 against what stays once loaded; RSS after importing torch subtracted): the loader reads tensors one by
 one from the safetensors files into their places, so no second copy of the model is ever held. Decode is
-greedy, batch 1, compute dtype fp32 for the fp32 mode and bf16 for the others, on this CPU, where the
-FP8 mode dequantises each projection at use (converting E4M3 costs about 2 ns per weight here).
+greedy, batch 1, compute dtype fp32 for the fp32 mode and bf16 for the others, with the engine's defaults
+(captured): the FP8 mode dequantises each weight inside the batch-1 products' fused reductions on this CPU.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ projection (and each routed expert) stays float8_e4m3fn with one fp32 scale per 
 
 A projection runs W8A8 on CUDA with compute capability >= 8.9: activations quantised per 1x128 tile, one
 FP8 GEMM per 128-wide K block, accumulated in fp32 (nanoseek.fp8.fp8_gemm, DeepSeek's recipe). Elsewhere
-its blocks are dequantised at use, one layer at a time, and the product runs in the compute dtype.
+its blocks are dequantised at use, one layer at a time, and the product runs in the compute dtype; in a
+captured batch-1 decode step the dequantisation sits inside the product's reduction, which Inductor fuses,
+so each weight is read as its one byte and never materialised.
 
 Numerics against the model whose weights are the dequantised FP8 values: the dequantising path computes
 with exactly those weights, so its logits are equal up to the order of fp32 sums (the routed experts run
@@ -51,6 +53,10 @@ class Fp8Weight(nn.Module):
             wq = _pad_to(self.weight.view(torch.uint8), -1).view(FP8)
             y = fp8_gemm(xq, xs, wq, block_scales_per_row(self.weight_scale_inv, n))
             return y.to(x.dtype).view(*x.shape[:-1], n)
+        if torch.compiler.is_compiling() and x.numel() == k:  # one row, captured: dequantised inside the
+            # reduction that Inductor fuses, so each weight is read as its one byte and never materialised
+            w = dequantize_blocks(self.weight, self.weight_scale_inv)  # [n, k] fp32, fused into the sum
+            return (x.reshape(1, k).float() * w).sum(-1).to(x.dtype).view(*x.shape[:-1], n)
         return F.linear(x, self.dequantized(x.dtype))
 
     def extra_repr(self) -> str:

@@ -156,10 +156,8 @@ class Engine:
         # packed copy would go stale.
         own = model_dir is not None and self.ranks is None
         self.packed = own and pack_for_decode(self.model, self.device, cfg.pack_weights)
-        # A captured graph cannot hold the per-layer collectives of a torchrun launch, and captured, FP8 experts
-        # would be dequantised all at once each step.
-        fp8 = any(getattr(m, "resident_fp8", False) for m in self.model.modules())
-        eager = cfg.enforce_eager or self.ranks is not None or fp8
+        # A captured graph cannot hold the per-layer collectives of a torchrun launch.
+        eager = cfg.enforce_eager or self.ranks is not None
         self.eos_id = self.tokenizer.eos_id if self.tokenizer else self.model.cfg.eos_token_id
         self.grammars = Grammars(self.tokenizer, self.model.cfg.vocab_size) if self.tokenizer else None
         self.runner = ModelRunner(
