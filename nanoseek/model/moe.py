@@ -226,9 +226,9 @@ class RoutedExperts(nn.Module):
             return self.remote(self, x, weights, indices)
         if self.ep is None and not self.fp8 and not torch.is_grad_enabled():
             if torch.compiler.is_compiling():  # a captured step: static shapes, no sorting tokens by expert
-                # (FP8 experts: only the chosen ones, dequantised inside the products, never all of them)
-                few = self._few_tokens_pay(n * k) or self.resident_fp8
-                static = self._few_tokens_gathered if few else self._every_expert
+                # (FP8 experts: few pairs dequantise only the chosen experts, inside the products; many pairs
+                # dequantise each expert once, a bounded temporary where gathering would hold one per pair)
+                static = self._few_tokens_gathered if self._few_tokens_pay(n * k) else self._every_expert
                 return static(x, weights, indices)
             if self._few_tokens_pay(n * k) or self.resident_fp8 or self.packed:
                 return self._few_tokens(x, weights, indices)  # FP8: dequantise only the chosen experts
