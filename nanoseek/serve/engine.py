@@ -42,6 +42,7 @@ from nanoseek.serve.runner import ModelRunner, RowResult
 from nanoseek.serve.sampling import History, SamplingParams, needs_history
 from nanoseek.serve.scheduler import ScheduledRow, Scheduler
 from nanoseek.serve.sequence import Sequence, Status
+from nanoseek.serve.speculative import draftable
 from nanoseek.tokenizer import END_THINK, THINK, Tokenizer, load_tokenizer
 
 log = logging.getLogger("nanoseek.serve")
@@ -426,13 +427,9 @@ class Engine:
             else:
                 self.scheduler.finish(seq, "length")
 
-    def _draftable(self, seq: Sequence) -> bool:
-        p = seq.params  # penalties, biases and logprobs need the full sampler on every token: no drafts
-        return not needs_history(p) and p.logprobs is None and not p.logit_bias
-
     def _keep_hidden(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """Main-model hidden states the MTP module still has to see (speculative decoding only)."""
-        if self.speculative_tokens and self._draftable(seq):
+        if self.speculative_tokens and draftable(seq.params):
             spec = seq.spec
             spec.pending_hidden = hidden if spec.pending_hidden is None else torch.cat((spec.pending_hidden, hidden))
 
@@ -440,7 +437,7 @@ class Engine:
         """Draft k tokens for every sequence that is decoding, has its cache room, and samples plainly."""
         k, ready = self.speculative_tokens, []
         for seq in seqs:
-            if not self._draftable(seq) or seq.num_computed + 1 != len(seq) or seq.spec.pending_hidden is None:
+            if not draftable(seq.params) or seq.num_computed + 1 != len(seq) or seq.spec.pending_hidden is None:
                 continue
             if self.scheduler.reserve(seq, len(seq) + k):
                 ready.append(seq)

@@ -26,10 +26,10 @@ from torch._dynamo.utils import counters
 from nanoseek.model import Transformer
 from nanoseek.serve.grammar import Grammars
 from nanoseek.serve.kv_cache import LatentPool, StepCache
-from nanoseek.serve.sampling import Sampled, needs_history, sample_batch
+from nanoseek.serve.sampling import Sampled, sample_batch
 from nanoseek.serve.scheduler import ScheduledRow
 from nanoseek.serve.sequence import Sequence
-from nanoseek.serve.speculative import distribution, draft_token, verify
+from nanoseek.serve.speculative import distribution, draft_token, draftable, verify
 
 Row = tuple[Sequence, int, list[int]]  # a sequence, the position of its first fed token, the tokens fed
 PromptLogprob = tuple[float, dict[int, float] | None]
@@ -50,8 +50,7 @@ class RowResult:
 def plain(seq: Sequence) -> bool:
     """Greedy with nothing to compute per token but the argmax: no penalties, biases, logprobs or grammar."""
     p = seq.params
-    extras = needs_history(p) or p.logit_bias or seq.matcher is not None
-    return p.greedy and not extras and p.logprobs is None and p.prompt_logprobs is None
+    return p.greedy and draftable(p) and seq.matcher is None and p.prompt_logprobs is None
 
 
 def bucket(batch: int) -> int:

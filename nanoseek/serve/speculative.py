@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.serve.sampling import SamplingParams, filter_logits
+from nanoseek.serve.sampling import SamplingParams, filter_logits, needs_history
+
+
+def draftable(params: SamplingParams) -> bool:
+    """Whether a request takes drafts: penalties, biases and logprobs need the full sampler on every token."""
+    return not needs_history(params) and params.logprobs is None and not params.logit_bias
 
 
 def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
