@@ -9,10 +9,12 @@ A random model of the preset (tiny by default) is saved in the Hugging Face Deep
 to GGUF (f32, or bf16 with --dtype bf16) by llama.cpp's own `convert_hf_to_gguf.py`, which maps
 DeepseekV3ForCausalLM to its `deepseek2` architecture; our byte-level BPE's pre-tokenizer is unknown to the
 converter, so it is mapped to an existing name (`gpt-2`: only speed is compared, never text). Then both
-engines decode the same number of greedy tokens after the same prompt at batch 1, with the same thread
-count and the same weight dtype (nanoseek with its defaults: captured, packed where that pays), and the
-ratio is printed, with the roofline: the bytes of weights a token reads (cost.decode_step_bytes), the
-bandwidth each engine streams them at, and its fraction of what `sum` reads on this CPU.
+engines decode the same number of greedy tokens after the same prompt, with the same thread count and the
+same weight dtype (nanoseek with its defaults: captured, packed where that pays), and the ratio is printed,
+with the roofline: the bytes of weights a step reads (cost.decode_step_bytes), the bandwidth each engine
+streams them at, and its fraction of what `sum` reads on this CPU. `--batch B` decodes B sequences at once:
+llama.cpp through its batch API (one `llama_decode` of B tokens, one sequence id each, per step), as
+`llama-batched-bench` does.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nanoseek import Engine, SamplingParams, Transformer, get_preset, save_pretrained
@@ -54,11 +57,47 @@ def save_model(out: Path, preset: str) -> Path:
     return out
 
 
+class BatchedLlama:
+    """B greedy sequences decoded together through llama.cpp's batch API (one context, one sequence id each)."""
+
+    def __init__(self, llama, batch: int, context: int, threads: int) -> None:
+        import llama_cpp as lc
+
+        self.lc, self.batch = lc, batch
+        params = lc.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = batch * context, batch * context, batch * context
+        params.n_seq_max, params.kv_unified = batch, True
+        params.n_threads, params.n_threads_batch = threads, threads
+        self.ctx = lc.llama_init_from_model(llama._model.model, params)
+        self.vocab = llama.n_vocab()
+        self.tokens = lc.llama_batch_init(batch * context, 0, 1)
+
+    def _decode(self, rows: list[tuple[int, int, int, bool]]) -> list[int]:
+        """Feed (sequence, position, token, wants logits) rows; the greedy next token of each wanted row."""
+        b = self.tokens
+        for i, (seq, pos, token, wanted) in enumerate(rows):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = token, pos, 1, seq, wanted
+        b.n_tokens = len(rows)
+        if self.lc.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        wanted = [i for i, row in enumerate(rows) if row[3]]
+        logits = [np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, i), (self.vocab,)) for i in wanted]
+        return [int(row.argmax()) for row in logits]
+
+    def generate(self, prompt: list[int], new_tokens: int) -> None:
+        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+        rows = [(s, p, t, p == len(prompt) - 1) for s in range(self.batch) for p, t in enumerate(prompt)]
+        last = self._decode(rows)
+        for step in range(new_tokens - 1):
+            last = self._decode([(s, len(prompt) + step, last[s], True) for s in range(self.batch)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-cpp-source", type=Path, required=True, help="the sdist's vendor/llama.cpp folder")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the weights of both engines")
     args = parser.parse_args()
@@ -83,15 +122,18 @@ def main() -> None:
         ]
         subprocess.run(cmd, check=True, capture_output=True)
         llama = Llama(str(gguf), n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+        batched = BatchedLlama(llama, args.batch, args.new_tokens + 32, args.threads) if args.batch > 1 else None
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
         engine = Engine(model_dir, device="cpu", dtype=dtype)
         prompt = engine.tokenizer.encode_text("def fibonacci(n):")
-        n = args.new_tokens
+        n, batch = args.new_tokens, args.batch
 
         def ours() -> None:
-            engine.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+            engine.generate([prompt] * batch, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
         def theirs() -> None:
+            if batched is not None:
+                return batched.generate(prompt, n)
             llama.reset()
             for i, _ in enumerate(llama.generate(prompt, temp=0.0, reset=True)):
                 if i + 1 == n:
@@ -104,16 +146,17 @@ def main() -> None:
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
-        step = decode_step_bytes(engine.model.cfg, 1, 0, dtype.itemsize)  # the weights one token reads
-    rate = {name: n / statistics.median(t) for name, t in times.items()}
+        step = decode_step_bytes(engine.model.cfg, batch, 0, dtype.itemsize)  # the weights one step reads
+    rate = {name: n * batch / statistics.median(t) for name, t in times.items()}
     roofline = read_bandwidth()
     print(f"{cpu_features()}; `sum` reads {roofline / 1e9:.1f} GB/s")
     print(
-        f"preset {args.preset}, {args.dtype}, {args.threads} threads, batch 1, {n} greedy tokens after a short "
-        f"prompt, {step / 1e6:.1f} MB of weights per token:"
+        f"preset {args.preset}, {args.dtype}, {args.threads} threads, batch {batch}, {n} greedy tokens after a "
+        f"short prompt, {step / 1e6:.1f} MB of weights per step:"
     )
     for name, r in rate.items():
-        print(f"  {name:9s} {r:7.0f} tok/s, {r * step / 1e9:5.1f} GB/s, {r * step / roofline:4.0%} of the roofline")
+        streamed = r / batch * step  # steps per second times the bytes a step reads
+        print(f"  {name:9s} {r:7.0f} tok/s, {streamed / 1e9:5.1f} GB/s, {streamed / roofline:4.0%} of the roofline")
     print(f"  nanoseek / llama.cpp: {rate['nanoseek'] / rate['llama.cpp']:.2f}x")
 
 

@@ -439,6 +439,21 @@ def test_a_captured_decode_step_gives_the_eager_tokens(model):
     assert captured.block_manager.num_free == captured.block_manager.num_blocks
 
 
+def test_a_captured_step_of_many_rows_runs_each_expert_on_its_own_tokens(model):
+    """Past 4 (token, expert) pairs per expert, a captured step sorts the pairs by expert around an opaque op
+    (nanoseek::experts_by_group) instead of running every expert on every token: the eager greedy tokens."""
+    from torch.profiler import profile
+
+    prompts = [[1 + i, 2 + i, 3 + 2 * i, 5] for i in range(20)]  # 20 rows x 2 experts > 4 x 8 experts
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    eager = engine(model).generate(prompts, params)
+    captured = engine(model, enforce_eager=False, max_batched_tokens=128)
+    with profile() as prof:
+        outputs = captured.generate(prompts, params)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in eager]
+    assert any(event.name == "nanoseek::experts_by_group" for event in prof.events())
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_captured_mtp_drafting_and_verifying_give_the_eager_greedy_tokens(model, k):
     """Speculative decoding with its verifying step and the MTP module's steps captured: the tokens of plain

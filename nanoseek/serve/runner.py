@@ -24,6 +24,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from nanoseek.model import Transformer
+from nanoseek.model.moe import RoutedExperts
 from nanoseek.serve.grammar import Grammars
 from nanoseek.serve.kv_cache import LatentPool, StepCache
 from nanoseek.serve.sampling import Sampled, sample_batch
@@ -219,13 +220,15 @@ class ModelRunner:
     def capture(self, max_batch: int) -> None:
         """Compile the decode step now for batches up to max_batch (a server pays this at start-up, not in a
         request), on steps of idle rows that write to the scratch slot and read only it. On a CPU the batch is
-        dynamic: batch 1, a few rows and max_batch rows cover every graph the MoE's two static paths need; on
+        dynamic: batch 1 and the largest batch of each of the MoE's static paths cover every graph it needs; on
         CUDA every bucket. With MTP drafts, the widths of a verifying step and the MTP module's graphs too."""
         if not self.captured:
             return
         sizes = [1 << i for i in range(bucket(max_batch).bit_length())]
-        if self.dynamic_batch:
-            sizes = sorted({1, min(2, max_batch), max_batch})
+        if self.dynamic_batch:  # each of the MoE's paths, its dynamic graph marked at batches of 2 and more
+            experts = [m for m in self.model.modules() if isinstance(m, RoutedExperts)][:1]
+            paths = experts[0].captured_paths(self.model.cfg.num_experts_per_tok, max_batch) if experts else set()
+            sizes = sorted({1, min(2, max_batch), max_batch} | paths)
         widths = sorted({1, self.graph_tokens})
         hidden = self.model.cfg.hidden_size
         start = time.perf_counter()
