@@ -1,51 +1,57 @@
-"""Model-parallel inference (nanoseek.serve.parallel), for real: `torchrun` processes on gloo, the routed
-experts split over the ranks, against one process on the same checkpoint: greedy tokens identical,
-log-probabilities within 1e-5 (fp32), each rank holding its share of the experts, and a torchrun-launched
-`nanoseek serve` that answers the openai client as a lone server does."""
+"""Serving on a torchrun launch (nanoseek.serve.parallel), for real: `torchrun` processes on gloo, each rank
+with its own engine and a share of the routed experts, exchanging tokens by all-to-all, against one process on
+the same checkpoint: greedy tokens identical, log-probabilities within 1e-5 (fp32); a torchrun-launched
+`nanoseek serve` that answers the openai client as a lone server does, outlives its collective timeout while
+idle, and says so at once when a rank dies."""
 
 import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
+import pytest
 from serving import Server, free_port, make_model_dir
 
 SCRIPT = """
 import json, sys, torch
-from nanoseek import Engine, SamplingParams
+from nanoseek import SamplingParams
 from nanoseek.model.fp8_weights import resident_bytes
-from nanoseek.serve import parallel
+from nanoseek.serve.config import EngineConfig
+from nanoseek.serve.engine import Engine
+from nanoseek.serve.launch import expert_modules, from_env
+from nanoseek.serve.parallel import DataParallelFront, run_worker
 folder, weights, drafts = sys.argv[1], sys.argv[2], int(sys.argv[3])
-ranks = parallel.from_env()
-if ranks is not None and ranks.rank > 0:
-    dtype = parallel.share_dtype(ranks, None)
-    from nanoseek.checkpoint import from_pretrained
-    model = from_pretrained(folder, dtype=dtype, weights=weights, expert_shard=(ranks.rank, ranks.world),
-                            experts_only=True)
-    held = sum(resident_bytes(m) for m in parallel.expert_modules(model))
-    print(json.dumps({"rank": ranks.rank, "resident": held}), flush=True)
-    parallel.serve_experts(model, ranks, dtype)
-else:
-    engine = Engine(folder, device="cpu", dtype=torch.float32, weights=weights, cache_memory_mb=16,
-                    speculative_tokens=drafts, model_parallel=True)
-    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=None if drafts else 5)
-    outs = engine.generate([list(range(3, 40)), [7] * 20, list(range(100, 164))], params)
-    experts = sum(m.gate_up_proj.numel() * m.gate_up_proj.element_size() + m.down_proj.numel()
-                  * m.down_proj.element_size() for m in parallel.expert_modules(engine.model))
-    print(json.dumps({"rank": 0, "tokens": [o.token_ids for o in outs], "resident": resident_bytes(engine.model),
-                      "experts": experts, "drafted": engine.metrics.drafted_tokens,
-                      "logprobs": [[lp for lp, _ in o.logprobs] for o in outs],
-                      "top": [[sorted(alt.values()) for _, alt in o.logprobs] for o in outs]}), flush=True)
-    engine.close()
+cfg = EngineConfig(weights=weights, cache_memory_mb=16, speculative_tokens=drafts, enforce_eager=True)
+ranks = from_env()
+engine = Engine(folder, config=cfg, model_parallel=True)
+experts = sum(resident_bytes(m) for m in expert_modules(engine.model))
+rank = ranks.rank if ranks else 0
+print(json.dumps({"rank": rank, "resident": resident_bytes(engine.model), "experts": experts}), flush=True)
+if rank > 0:
+    sys.exit(run_worker(engine))
+front = DataParallelFront(engine) if ranks else engine
+params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=None if drafts else 5)
+prompts = [list(range(3, 40)), [7] * 20, list(range(100, 164)), [5, 6, 7, 8] * 5]
+outs = front.generate(prompts + [p[::-1] for p in prompts], params)
+stats = front.rank_stats()
+print(json.dumps({"rank": "front", "tokens": [o.token_ids for o in outs],
+                  "drafted": sum(s["drafted_tokens"] for s in stats),
+                  "finished": [s["finished"] for s in stats],
+                  "moe_bytes": sum(sum(s.get("moe_bytes", [])) for s in stats),
+                  "moe_tokens": sum(sum(s.get("moe_tokens", [])) for s in stats),
+                  "logprobs": [[lp for lp, _ in o.logprobs] for o in outs],
+                  "top": [[sorted(alt.values()) for _, alt in o.logprobs] for o in outs]}), flush=True)
+front.close()
 """
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_AUTO_DTYPE": "float32"}
 
 
-def run(folder, weights: str, ranks: int, drafts: int = 0) -> dict[int, dict]:
+def run(folder, weights: str, ranks: int, drafts: int = 0) -> dict:
     args = ["-c", SCRIPT, str(folder), weights, str(drafts)]
     cmd = [sys.executable, *args] if ranks == 1 else [*TORCHRUN, str(ranks), "--no-python", sys.executable, *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
@@ -54,32 +60,44 @@ def run(folder, weights: str, ranks: int, drafts: int = 0) -> dict[int, dict]:
     return {row["rank"]: row for row in rows}
 
 
-def test_two_ranks_decode_as_one_process_with_half_the_experts_each(tmp_path, tokenizer):
+def close(xs, ys, tol=1e-5) -> bool:
+    return all(abs(a - b) < tol for x, y in zip(xs, ys, strict=True) for a, b in zip(x, y, strict=True))
+
+
+def test_two_ranks_serve_eight_requests_with_the_replies_of_one_process(tmp_path, tokenizer):
+    """Data-parallel attention: each rank runs its own engine on the requests given to it (both get some),
+    each MoE layer exchanges tokens with the rank holding their experts: the tokens of one process, the
+    log-probabilities within 1e-5 (fp32)."""
     folder = make_model_dir(tmp_path / "model", tokenizer)
-    alone, split = run(folder, "fp32", 1)[0], run(folder, "fp32", 2)
-    assert split[0]["tokens"] == alone["tokens"]
-    worst = max(
-        abs(a - b)
-        for x, y in zip(alone["logprobs"], split[0]["logprobs"], strict=True)
-        for a, b in zip(x, y, strict=True)
-    )
-    assert worst < 1e-5, worst
-    assert all(
-        abs(a - b) < 1e-5
-        for x, y in zip(alone["top"], split[0]["top"], strict=True)
-        for p, q in zip(x, y, strict=True)
-        for a, b in zip(p, q, strict=True)
-    )
-    # Each rank holds half of the routed experts; rank 0 also everything else, ranks > 0 nothing else.
-    assert split[0]["experts"] * 2 == alone["experts"] and split[1]["resident"] == split[0]["experts"]
-    assert split[0]["resident"] == alone["resident"] - alone["experts"] // 2
+    alone, split = run(folder, "fp32", 1), run(folder, "fp32", 2)
+    assert split["front"]["tokens"] == alone["front"]["tokens"]
+    assert close(alone["front"]["logprobs"], split["front"]["logprobs"])
+    assert all(close(p, q) for p, q in zip(alone["front"]["top"], split["front"]["top"], strict=True))
+    assert all(n > 0 for n in split["front"]["finished"]) and sum(split["front"]["finished"]) == 8
+    # Every rank holds half of the routed experts, and everything else.
+    whole, experts = alone[0]["resident"], alone[0]["experts"]
+    for rank in (0, 1):
+        assert split[rank]["experts"] * 2 == experts and split[rank]["resident"] == whole - experts // 2
+
+
+def test_four_ranks_move_fewer_bytes_per_token_than_a_broadcast_would(tmp_path, tokenizer):
+    """All-to-all: a token travels only to the ranks holding its chosen experts (k = 2 of 8 experts over 4
+    ranks: at most 2 ranks), where the broadcast design sent every token to every other rank and reduced a
+    sum back from each: 3 x (row + routing + fp32 sum) per token and MoE layer."""
+    folder = make_model_dir(tmp_path / "model", tokenizer)
+    alone, split = run(folder, "fp32", 1)["front"], run(folder, "fp32", 4)["front"]
+    assert split["tokens"] == alone["tokens"]
+    hidden, k = 128, 2  # the tiny preset, fp32
+    broadcast = 3 * (hidden * 4 + k * (4 + 8) + hidden * 4)
+    measured = split["moe_bytes"] / split["moe_tokens"]
+    assert 0 < measured <= broadcast * k / 3, (measured, broadcast)
 
 
 def test_mtp_speculative_decoding_over_ranks_gives_the_plain_greedy_tokens(tmp_path, tokenizer):
-    """The MTP module's MoE layer is split too; its drafts, verified on rank 0, change no token."""
+    """The MTP module's MoE layer is exchanged too (ranks reach it in their own time): no token changes."""
     folder = make_model_dir(tmp_path / "model", tokenizer)
-    drafted = run(folder, "fp32", 2, drafts=1)[0]
-    assert drafted["tokens"] == run(folder, "fp32", 1)[0]["tokens"] and drafted["drafted"] > 0
+    drafted = run(folder, "fp32", 2, drafts=1)["front"]
+    assert drafted["tokens"] == run(folder, "fp32", 1)["front"]["tokens"] and drafted["drafted"] > 0
 
 
 def test_fp8_resident_weights_split_over_ranks_decode_as_one_process(tmp_path):
@@ -90,7 +108,7 @@ def test_fp8_resident_weights_split_over_ranks_decode_as_one_process(tmp_path):
 
     torch.manual_seed(0)
     save_pretrained(Transformer(get_preset("tiny")), tmp_path, fp8=True)
-    assert run(tmp_path, "fp8", 2)[0]["tokens"] == run(tmp_path, "fp8", 1)[0]["tokens"]
+    assert run(tmp_path, "fp8", 2)["front"]["tokens"] == run(tmp_path, "fp8", 1)["front"]["tokens"]
 
 
 def healthy(url: str) -> bool:
@@ -100,30 +118,110 @@ def healthy(url: str) -> bool:
         return False
 
 
-def test_a_torchrun_launched_server_answers_as_a_lone_server(tmp_path, tokenizer):
-    folder = make_model_dir(tmp_path / "model", tokenizer)
-    messages = [{"role": "user", "content": "Hello there"}]
+class Launch:
+    """`torchrun --nproc-per-node N -m nanoseek serve ...` on a free port, up once /health says ok."""
 
-    def ask(url: str) -> str:
-        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
-        reply = c.chat.completions.create(model="nanoseek", messages=messages, max_tokens=8, temperature=0)
-        return reply.choices[0].message.content
+    def __init__(self, folder, log, ranks: int = 2, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [*TORCHRUN, str(ranks), "-m", "nanoseek", "serve", "--model", str(folder), "--port", str(self.port)]
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [*cmd, "--enforce-eager", *args], stdout=out, stderr=subprocess.STDOUT, env=ENV
+            )
+        deadline = time.monotonic() + 120
+        while not healthy(self.url):
+            assert self.proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
 
-    with Server(folder, env={"NANOSEEK_AUTO_DTYPE": "float32"}) as lone:
-        expected = ask(lone.url)
-    port = free_port()
-    cmd = [*TORCHRUN, "2", "-m", "nanoseek", "serve", "--model", str(folder), "--port", str(port)]
-    with open(tmp_path / "log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def rank_process(torchrun: int, rank: int) -> int:
+    """The pid of a torchrun launch's worker of this rank (Linux /proc: its parent and its RANK variable)."""
+    for proc in Path("/proc").iterdir():
         try:
-            url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-            while not healthy(url):
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
-                time.sleep(0.3)
-            assert ask(url) == expected
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == torchrun and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    raise LookupError(f"no rank {rank} under {torchrun}")
+
+
+def ask(url: str, content: str, max_tokens: int = 8) -> str:
+    c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": content}]
+    reply = c.chat.completions.create(model="nanoseek", messages=messages, max_tokens=max_tokens, temperature=0)
+    return reply.choices[0].message.content
+
+
+def test_a_torchrun_launched_server_answers_as_a_lone_server_and_outlives_its_timeout_idle(tmp_path, tokenizer):
+    """8 concurrent requests over 2 ranks (both serve some, /metrics says which), the replies of a lone
+    server; then idle for 3x --dist-timeout, and it still answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = make_model_dir(tmp_path / "model", tokenizer)
+    questions = [f"Question {i}: what is {i} + {i}?" for i in range(8)]
+    with Server(folder, env={"NANOSEEK_AUTO_DTYPE": "float32"}) as lone:
+        expected = [ask(lone.url, q) for q in questions]
+    launch = Launch(folder, tmp_path / "log", 2, "--dist-timeout", "5")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(lambda q: ask(launch.url, q), questions)) == expected
+        metrics = httpx.get(launch.url + "/metrics", timeout=10).text
+        finished = {
+            line.split('rank="')[1].split('"')[0]: float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("nanoseek_rank_requests_finished_total{")
+        }
+        assert finished.keys() == {"0", "1"} and all(n > 0 for n in finished.values()), finished
+        assert 'nanoseek_moe_dispatched_tokens_total{layer="0",rank="1"}' in metrics
+        time.sleep(16)  # idle past 3 x the data plane's timeout: the control plane's heartbeat keeps it alive
+        assert healthy(launch.url) and ask(launch.url, questions[0]) == expected[0]
+    finally:
+        launch.stop()
+
+
+def test_a_killed_worker_turns_health_unhealthy_and_leaves_no_request_hanging(tmp_path, tokenizer):
+    """kill -9 of rank 1 while a long request runs: that request ends at once (a 503, or the connection
+    closing as torchrun brings the launch down), /health stops saying ok within 20 s, nothing hangs."""
+    import signal
+
+    folder = make_model_dir(tmp_path / "model", tokenizer)
+    launch = Launch(folder, tmp_path / "log", 2)
+    try:
+        worker = rank_process(launch.proc.pid, 1)
+        client = openai.OpenAI(base_url=launch.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "Tell me everything."}]
+        stream = client.chat.completions.create(model="nanoseek", messages=messages, max_tokens=900, stream=True)
+        next(iter(stream))  # the request is running
+        os.kill(worker, signal.SIGKILL)
+        start = time.monotonic()
+        try:
+            for _ in stream:
+                pass
+        except (openai.APIError, httpx.HTTPError):
+            pass
+        assert time.monotonic() - start < 20  # it ended: no hang
+        deadline = time.monotonic() + 20
+        while healthy(launch.url):
+            assert time.monotonic() < deadline, "/health still says ok 20 s after a rank died"
+            time.sleep(0.2)
+        try:
+            with pytest.raises(openai.APIError) as error:
+                ask(launch.url, "and now?")
+            assert getattr(error.value, "status_code", 503) == 503
+        except openai.APIConnectionError:
+            pass  # the launch is already down: refused, not hung
+        launch.proc.wait(timeout=60)  # torchrun brings the launch down
+    finally:
+        launch.stop()
 
 
 def test_an_engine_joins_a_torchrun_launch_only_when_asked(tmp_path, tokenizer):

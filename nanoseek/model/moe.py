@@ -180,8 +180,8 @@ class RoutedExperts(nn.Module):
         self.fp8 = False  # set by nanoseek.fp8.convert_to_fp8
         self.resident_fp8 = False  # E4M3 weights with 128x128 block scales (make_fp8_resident), for inference
         self.ep: ExpertGroup | None = None
-        # Model-parallel inference (nanoseek.serve.parallel): this rank holds experts [first_expert, +n_experts);
-        # on rank 0 `remote` sends each call's tokens to the other ranks and sums their partial outputs.
+        # Serving on a torchrun launch (nanoseek.serve.parallel): this rank holds experts [first_expert, +n_experts);
+        # `remote` (serve/exchange.py) sends each call's tokens to the ranks that hold their experts.
         self.first_expert = 0
         self.remote = None
         self.packed = False  # each expert's matrices registered with packed copies (kernels.register_packed)

@@ -35,7 +35,7 @@ from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.serve import errors
@@ -99,8 +99,10 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
     async def chat_page() -> HTMLResponse:
         return HTMLResponse(resources.files("nanoseek.serve").joinpath("static/index.html").read_text())
 
-    @app.get("/health")
-    async def health() -> dict:
+    @app.get("/health", response_model=None)
+    async def health() -> dict | JSONResponse:
+        if service.runner.failed is not None:
+            return JSONResponse({"status": "unavailable", "reason": service.runner.failed}, status_code=503)
         stats = engine.stats()
         return {
             "status": "ok",
@@ -388,10 +390,11 @@ def serve(cfg: ServeConfig) -> None:
 
 
 def run(cfg: ServeConfig) -> int:
-    """`nanoseek serve`: until stopped. Under torchrun the ranks > 0 serve their shares of the experts."""
-    from nanoseek.serve.parallel import run_as_expert_rank
+    """`nanoseek serve`: until stopped. Under torchrun the ranks > 0 run their engines on rank 0's orders."""
+    from nanoseek.serve.config import CACHE_UNIT
+    from nanoseek.serve.parallel import run_as_worker
 
-    if (code := run_as_expert_rank(cfg.model, cfg.engine.weights)) is not None:
+    if (code := run_as_worker(cfg.model, cfg.engine, CACHE_UNIT)) is not None:
         return code
     serve(cfg)
     return 0

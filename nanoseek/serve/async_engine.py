@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 
 from nanoseek.serve.engine import Engine, RequestOutput
+from nanoseek.serve.launch import LaunchLost
 from nanoseek.serve.sampling import SamplingParams
 
 log = logging.getLogger("nanoseek.serve")
@@ -24,14 +25,16 @@ log = logging.getLogger("nanoseek.serve")
 
 @dataclass(slots=True)
 class EngineError:
-    """Sent instead of an output when the engine refused or failed a request."""
+    """Sent instead of an output when the engine refused or failed a request: 500, or 503 when the engine
+    can no longer generate at all (a torchrun launch that lost a rank)."""
 
     request_id: str
     message: str
+    status: int = 500
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine):  # or serve/parallel.py's DataParallelFront, which has its API
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -45,10 +48,19 @@ class AsyncEngine:
         """Requests submitted and not yet finished (running, waiting or about to be added)."""
         return len(self._streams)
 
+    @property
+    def failed(self) -> str | None:
+        """Why the engine can no longer generate (None while it can)."""
+        return self.engine.failed
+
     def submit(self, ids: list[int], params: SamplingParams, cache_salt: str | None, out: asyncio.Queue) -> str:
         """Start a request; its RequestOutput snapshots (or an EngineError) arrive on `out`."""
         request_id = f"req-{next(self._ids)}"
         self._streams[request_id] = (asyncio.get_running_loop(), out)
+        if self.failed is not None:
+            out.put_nowait(EngineError(request_id, self.failed, 503))
+            self._streams.pop(request_id)
+            return request_id
         self._commands.put(("add", request_id, ids, params, cache_salt))
         return request_id
 
@@ -76,20 +88,30 @@ class AsyncEngine:
             request_id, ids, params, salt = args
             if request_id not in self._streams:  # cancelled before it was added
                 return
+            if self.failed is not None:
+                self._send(request_id, EngineError(request_id, self.failed, 503), last=True)
+                return
             try:
                 self.engine.add_request(ids, params, request_id=request_id, cache_salt=salt)
             except ValueError as e:
                 self._send(request_id, EngineError(request_id, str(e)), last=True)
         elif kind == "cancel":
             (request_id,) = args
-            self.engine.cancel(request_id)
+            if self.failed is None:
+                self.engine.cancel(request_id)
             self._streams.pop(request_id, None)
+
+    def _fail_all(self, message: str) -> None:
+        """The engine can no longer generate: every request in flight, and any that arrives, gets a 503."""
+        for request_id in list(self._streams):
+            self._send(request_id, EngineError(request_id, message, 503), last=True)
 
     def _run(self) -> None:
         engine = self.engine
         while not self._stopped:
-            try:  # wait for work when idle, else only look at what has arrived
-                command = self._commands.get(block=not engine.scheduler.has_work())
+            waits = engine.failed is not None or not engine.has_work()
+            try:  # wait for work when idle (a front's heartbeat aside), else only look at what has arrived
+                command = self._commands.get(block=waits, timeout=engine.heartbeat_s if waits else None)
             except queue.Empty:
                 command = None
             while command is not None:
@@ -103,10 +125,17 @@ class AsyncEngine:
                     command = self._commands.get_nowait()
                 except queue.Empty:
                     command = None
-            if self._stopped or not engine.scheduler.has_work():
+            if engine.failed is not None:
+                self._fail_all(engine.failed)
                 continue
             try:
+                if not engine.has_work():
+                    engine.idle()
+                    continue
                 outputs = engine.step()
+            except LaunchLost as e:
+                self._fail_all(str(e))
+                continue
             except Exception as e:  # a bug, not a request's fault: fail what is running, keep serving
                 log.exception("engine step failed")
                 for request_id in list(engine.sequences):

@@ -42,10 +42,15 @@ class EngineConfig:
     speculative_tokens: int = flag("MTP draft tokens per step (0: off)", default=0)
     cache_dir: str | None = flag("folder for the on-disk context cache", default=None)
     disk_cache_gb: float = flag("bound on the disk cache, LRU-evicted", default=8.0)
+    dist_timeout: float = flag(
+        "under torchrun: seconds before a collective of the MoE exchange between ranks times out (requests and "
+        "the heartbeat travel on a control group that waits for days: an idle server lives on)",
+        default=600.0,
+    )
 
     def __post_init__(self) -> None:
-        if self.disk_cache_gb <= 0 or self.cache_memory_mb <= 0:
-            raise ValueError("--disk-cache-gb and --cache-memory-mb must be positive")
+        if min(self.disk_cache_gb, self.cache_memory_mb, self.dist_timeout) <= 0:
+            raise ValueError("--disk-cache-gb, --cache-memory-mb and --dist-timeout must be positive")
         if self.max_seqs < 1 or self.max_batched_tokens < 1 or self.speculative_tokens < 0:
             raise ValueError("--max-seqs and --max-batched-tokens must be positive, --speculative-tokens >= 0")
         for name in ("weights", "pack_weights"):  # (the flags' choices, for settings made in Python)

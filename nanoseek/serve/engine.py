@@ -31,8 +31,9 @@ import torch
 
 from nanoseek.device import default_device
 from nanoseek.model import Transformer
-from nanoseek.serve import parallel
+from nanoseek.serve import launch
 from nanoseek.serve.config import EngineConfig
+from nanoseek.serve.exchange import ExpertExchange
 from nanoseek.serve.grammar import Grammars
 from nanoseek.serve.kv_cache import BlockManager, CacheSpec, LatentPool
 from nanoseek.serve.loader import fingerprint, load_model, pack_for_decode
@@ -83,6 +84,7 @@ class EngineMetrics:
     prefix_hit_tokens: int = 0
     disk_hit_tokens: int = 0
     preemptions: int = 0
+    finished: int = 0  # requests that left (done, stopped, cancelled or failed)
     decode_rows: int = 0  # (sequence, step) pairs that produced tokens
     drafted_tokens: int = 0  # speculative decoding: MTP drafts checked ...
     accepted_tokens: int = 0  # ... and kept
@@ -118,6 +120,9 @@ class Engine:
     a model folder (or a Transformer in memory, e.g. GRPO's policy), with the settings of `config`
     (serve/config.py's EngineConfig) and any of its fields given by name (`Engine(dir, max_seqs=8)`)."""
 
+    heartbeat_s: float | None = None  # how often a server's idle engine thread calls idle() (None: never)
+    failed: str | None = None  # why this engine can no longer generate (a data-parallel launch that lost a rank)
+
     def __init__(
         self,
         model: str | Path | Transformer,
@@ -133,8 +138,10 @@ class Engine:
         self.config = cfg = dataclasses.replace(config or EngineConfig(), **settings)
         self.device = torch.device(device) if device else default_device()
         model_dir = None if isinstance(model, Transformer) else Path(model)
-        # Under torchrun (model_parallel) this is rank 0, and the other ranks hold shares of the routed experts.
-        self.ranks = parallel.from_env(self.device) if model_parallel and model_dir is not None else None
+        # Under torchrun (model_parallel) this is one rank's engine (serve/parallel.py): it holds E / N of the
+        # routed experts and exchanges the tokens of each MoE layer with the other ranks.
+        parallel = model_parallel and model_dir is not None
+        self.ranks = launch.from_env(self.device, cfg.dist_timeout) if parallel else None
         if model_dir is None:
             self.model = model.to(self.device).eval()
         else:
@@ -142,6 +149,12 @@ class Engine:
             if tokenizer is None and (model_dir / "tokenizer.json").is_file():
                 tokenizer = model_dir
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+        self.exchange = None
+        if self.ranks is not None:
+            experts = launch.expert_modules(self.model)
+            placement = launch.home_placement(self.model.cfg.n_routed_experts, self.ranks.world)
+            k, rank, world = self.model.cfg.num_experts_per_tok, self.ranks.rank, self.ranks.world
+            self.exchange = ExpertExchange(experts, k, rank, world, placement)
         if cfg.speculative_tokens and not self.model.mtp:
             raise ValueError("speculative decoding drafts with the MTP module, and this model has none")
         self.speculative_tokens = cfg.speculative_tokens
@@ -206,14 +219,9 @@ class Engine:
         self.block_manager.forget_prefixes()
 
     def close(self) -> None:
-        """Finish writing the disk cache (call before the process ends to keep every block); release the
-        other ranks of a torchrun launch."""
+        """Finish writing the disk cache (call before the process ends to keep every block)."""
         if self.disk_cache is not None:
             self.disk_cache.close()
-        if self.ranks is not None:
-            parallel.stop(self.ranks)
-            parallel.leave()
-            self.ranks = None
 
     # --- requests --------------------------------------------------------------------------------
     def check_request(self, ids: list[int], params: SamplingParams) -> None:
@@ -283,6 +291,12 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.sequences)
 
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def idle(self) -> None:
+        """Called by a server's engine thread while nothing runs (a data-parallel front sends a heartbeat)."""
+
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -320,6 +334,7 @@ class Engine:
 
     def _retire(self, seq: Sequence) -> RequestOutput:
         self.sequences.pop(seq.id, None)
+        self.metrics.finished += 1
         return self._output(seq)
 
     # --- one engine step -------------------------------------------------------------------------
@@ -504,3 +519,23 @@ class Engine:
             "spec_acceptance": m.acceptance_rate,
             "spec_acceptance_by_position": m.acceptance_by_position,
         }
+
+    def rank_stats(self) -> list[dict]:
+        """Per rank of the launch (this engine alone: one) what /metrics labels by rank: requests running and
+        finished, cache blocks used, and per MoE layer the (token, rank) units sent to other ranks and received
+        from them, with the bytes sent and the tokens through the layer."""
+        blocks, m = self.block_manager, self.metrics
+        stats = {
+            **self.stats(),
+            "rank": self.ranks.rank if self.ranks else 0,
+            "finished": m.finished,
+            "steps": m.steps,
+            "blocks_used": blocks.num_blocks - blocks.num_free,
+            "drafted_tokens": m.drafted_tokens,
+            "accepted_tokens": m.accepted_tokens,
+        }
+        if self.exchange is not None:
+            ex = self.exchange.metrics
+            stats |= {"moe_dispatched": ex.dispatched, "moe_received": ex.received}
+            stats |= {"moe_bytes": ex.bytes_sent, "moe_tokens": ex.tokens}
+        return [stats]

@@ -103,6 +103,11 @@ def ledger_unavailable(reason: str) -> ApiError:
     return ApiError(503, message, type="server_error", code="ledger_unavailable", headers={"Retry-After": "5"})
 
 
+def engine_unavailable(reason: str) -> ApiError:
+    message = f"{reason}: this server cannot generate; retry on another"
+    return ApiError(503, message, type="server_error", code="engine_unavailable")
+
+
 # the context
 def text_exceeds_context(size: int, context: int, longest: int, param: str) -> ApiError:
     """Text refused before tokenising: `size` bytes hold more than `context` tokens of at most `longest` bytes."""

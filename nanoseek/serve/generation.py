@@ -82,7 +82,8 @@ class Generation:
             if isinstance(item, EngineError):
                 self.live.discard(item.request_id)
                 self.failed = True
-                raise ApiError(500, item.message, type="server_error")
+                code = "engine_unavailable" if item.status == 503 else None
+                raise ApiError(item.status, item.message, type="server_error", code=code)
             i, now = index[item.request_id], time.perf_counter()
             previous = self.latest[i]
             if previous.token_ids:

@@ -1,6 +1,6 @@
-"""What the engine serves, made ready: a model folder loaded in its inference dtype (rank 0's share of the experts
-under torchrun), its weights packed for the CPU's decode kernels where that pays, and the fingerprint that
-keys the prefix cache (what a cached latent depends on).
+"""What the engine serves, made ready: a model folder loaded in its inference dtype (under torchrun, with this
+rank's share of the routed experts), its weights packed for the CPU's decode kernels where that pays, and the
+fingerprint that keys the prefix cache (what a cached latent depends on).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from nanoseek.config import ModelConfig
 from nanoseek.device import inference_dtype
 from nanoseek.model import Transformer
-from nanoseek.serve import parallel
+from nanoseek.serve import launch
 from nanoseek.serve.packed import pack_model, packing_available, packing_pays
 
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -25,24 +25,19 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype | None,
     weights: str,
-    ranks: parallel.Ranks | None = None,
+    ranks: launch.Ranks | None = None,
 ) -> Transformer:
     """The model of a folder, in eval mode. `weights` bf16/fp32 make the weights' dtype the compute dtype;
-    otherwise dtype (None: the measured best for the device). Under torchrun this is rank 0, attached to the
-    other ranks, which hold shares of the routed experts."""
+    otherwise dtype (None: the measured best for the device; rank 0's under torchrun, where each rank holds
+    everything but the routed experts, and E / N of those)."""
     from nanoseek.checkpoint import from_pretrained
 
     dtype = dtype or WEIGHT_DTYPES.get(weights) or inference_dtype(device, ModelConfig.from_json(model_dir).hidden_size)
     if ranks is not None:
-        if ranks.rank != 0:
-            raise ValueError("ranks > 0 of a torchrun launch serve experts: nanoseek.serve.parallel.run_worker")
-        parallel.claim()
-        dtype = parallel.share_dtype(ranks, dtype)
-    shard = (0, ranks.world) if ranks is not None else None
-    model = from_pretrained(model_dir, dtype=dtype, device=device, weights=weights, expert_shard=shard)
-    if ranks is not None:
-        parallel.attach(model, ranks)
-    return model.eval()
+        launch.claim()
+        dtype = launch.share_dtype(ranks, dtype)
+    shard = (ranks.rank, ranks.world) if ranks is not None else None
+    return from_pretrained(model_dir, dtype=dtype, device=device, weights=weights, expert_shard=shard).eval()
 
 
 def pack_for_decode(model: Transformer, device: torch.device, pack_weights: str) -> bool:

@@ -1,166 +1,308 @@
-"""Model-parallel inference on torch.distributed: the routed experts, 97% of DeepSeek-V3's weights, split
-over the ranks of a torchrun launch (gloo on CPU, NCCL on CUDA).
+"""Serving on a torchrun launch as DeepSeek serves V3: data-parallel attention, expert parallelism by
+all-to-all (gloo on CPU, NCCL on CUDA).
 
     torchrun --nproc-per-node 8 -m nanoseek serve --model /models/DeepSeek-V3 --weights fp8
 
-Rank 0 runs the whole engine, unchanged: HTTP server, scheduler, sampler, paged latent cache, prefix cache,
-MTP drafts, and the attention, dense layers, shared experts, embedding and head, plus its E / N experts.
-At each MoE layer it broadcasts the layer's tokens and their routing; every rank runs the experts it holds
-on the tokens that chose them, and the partial sums are reduced onto rank 0. Ranks > 0 hold only their
-experts (everything else stays on the meta device, unread) and answer these calls until rank 0 stops.
+Every rank holds the attention, dense layers, shared experts, embedding and head, and E / N of the routed
+experts, and runs an engine of its own (scheduler, paged latent cache, prefix cache, sampler) on the requests
+given to it. Rank 0 also runs the HTTP front: it hands each request to a rank (`choose_rank`: the rank that
+has its prompt's first blocks cached, else the least loaded) and streams that rank's output back. Each MoE
+layer sends a token only to the ranks that hold its experts (serve/exchange.py); a rank without work steps
+with nothing to send, so that the collectives line up.
 
-Where this differs from DeepSeek's inference code (attention heads and dense layers tensor-parallel too):
-the latent cache, which MLA keeps small (70 KB per token for V3), lives once, on rank 0, with the prefix
-cache and the scheduler, so nothing about serving changes with N; rank 0 holds the ~4% that is not routed
-experts (about 25 GB of V3 in FP8) beside its share of them. Decode steps run eagerly under N > 1.
+Two planes, two process groups:
+- the data plane (each MoE layer's exchange) on the default group, whose collectives time out after
+  `--dist-timeout` seconds;
+- the control plane (requests, outputs, shutdown, a heartbeat every second while idle) on a gloo group with
+  a timeout of days, so that an idle server lives indefinitely. When a rank dies, the next control round
+  fails at once (the peer's socket closes): rank 0 fails every request with a 503, `/health` says why, and
+  the launch comes down; when rank 0 dies, the workers' round fails and they exit.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
-import torch
 import torch.distributed as dist
 
-from nanoseek.model.moe import RoutedExperts
+from nanoseek.serve.config import EngineConfig
+from nanoseek.serve.engine import Engine, RequestOutput
+from nanoseek.serve.kv_cache import block_hash
+from nanoseek.serve.launch import LaunchLost, from_env, leave
+from nanoseek.serve.output import releasable
+from nanoseek.serve.sampling import SamplingParams
 
-STOP = -1
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+log = logging.getLogger("nanoseek.serve")
+
+HEARTBEAT_S = 1.0  # rank 0 rounds at least this often, so that a dead rank is noticed while idle
+ROUTE_BLOCK = 64  # prompt blocks the front remembers per rank, to send a prompt where its prefix is cached
+ROUTE_MEMORY = 65_536  # remembered blocks, the oldest forgotten first
 
 
-@dataclass(frozen=True, slots=True)
-class Ranks:
+# --- the control plane's messages ------------------------------------------------------------------------
+@dataclass(slots=True)
+class Add:
     rank: int
-    world: int
-    device: torch.device
+    request_id: str
+    ids: list[int]
+    params: SamplingParams
+    cache_salt: str | bytes | None
 
 
-_ranks: Ranks | None = None
-_attached = False
+@dataclass(slots=True)
+class Orders:
+    """Rank 0 to every rank, once a round: requests to start and cancel, whether to step, whether to stop."""
+
+    adds: list[Add] = field(default_factory=list)
+    cancels: list[tuple[int, str]] = field(default_factory=list)
+    step: bool = False
+    stop: bool = False
 
 
-def from_env(device: torch.device | None = None) -> Ranks | None:
-    """The torchrun launch this process is part of (WORLD_SIZE, RANK, LOCAL_RANK), joined; None alone."""
-    global _ranks
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return None
-    if _ranks is not None:
-        return _ranks
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    _ranks = Ranks(dist.get_rank(), world, device)
-    return _ranks
+@dataclass(slots=True)
+class Report:
+    """Every rank to rank 0, once a round: its requests' outputs, requests it refused, its load and counters."""
+
+    rank: int
+    outputs: list[RequestOutput]
+    refused: list[tuple[str, str]]
+    has_work: bool
+    stats: dict
 
 
-def share_dtype(ranks: Ranks, dtype: torch.dtype | None) -> torch.dtype:
-    """Rank 0's compute dtype (its probe's choice), the same on every rank."""
-    code = torch.tensor([DTYPES.index(dtype) if dtype is not None else 0], device=ranks.device)
-    dist.broadcast(code, 0)
-    return DTYPES[int(code)]
+class RankEngine:
+    """One rank's engine and its part of the exchange: it applies rank 0's orders and steps its own requests,
+    then answers the other ranks' MoE rounds until every rank's step is over."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.rank = engine, engine.ranks.rank
+
+    def serve(self, orders: Orders) -> Report:
+        engine, refused, outputs = self.engine, [], []
+        for add in orders.adds:
+            if add.rank == self.rank:
+                try:
+                    engine.add_request(add.ids, add.params, request_id=add.request_id, cache_salt=add.cache_salt)
+                except ValueError as e:
+                    refused.append((add.request_id, str(e)))
+        for rank, request_id in orders.cancels:
+            if rank == self.rank and (out := engine.cancel(request_id)) is not None:
+                outputs.append(out)
+        if orders.step:
+            try:
+                outputs += engine.step()
+            finally:  # the other ranks may still be in their step's rounds
+                engine.exchange.finish(engine.model.embed_tokens.weight)
+        return Report(self.rank, outputs, refused, engine.scheduler.has_work(), engine.rank_stats()[0])
 
 
-def expert_modules(model: torch.nn.Module) -> list[RoutedExperts]:
-    return [m for m in model.modules() if isinstance(m, RoutedExperts)]
+def run_worker(engine: Engine) -> int:
+    """A rank > 0: follow rank 0's orders until it says stop (or is gone); the exit code."""
+    ranks, rank_engine = engine.ranks, RankEngine(engine)
+    try:
+        while True:
+            box: list = [None]
+            dist.broadcast_object_list(box, src=0, group=ranks.control)
+            orders: Orders = box[0]
+            if orders.stop:
+                return 0
+            report = rank_engine.serve(orders)
+            dist.gather_object(report, None, dst=0, group=ranks.control)
+    except (RuntimeError, ConnectionError) as e:  # rank 0 (or another rank) is gone
+        log.error("rank %d: the launch is gone (%s); exiting", ranks.rank, e)
+        return 1
+    finally:
+        engine.close()
+        leave()
 
 
-class RemoteExperts:
-    """Rank 0's side of one MoE layer: its tokens and routing out to every rank, the partial sums back."""
+class DataParallelFront:
+    """Rank 0's engine for the server and the terminal: the Engine API (add_request, cancel, step, generate,
+    stream, stats, close) over every rank's engine. Anything else is the local engine's (tokenizer, model,
+    check_request, ...): every rank serves the same model with the same settings."""
 
-    def __init__(self, ranks: Ranks, layer: int):
-        self.ranks, self.layer = ranks, layer
+    heartbeat_s = HEARTBEAT_S
 
-    def __call__(self, experts: RoutedExperts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
-        send(self.ranks, self.layer, x, weights, indices)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    def __init__(self, engine: Engine):
+        self.engine, self.ranks = engine, engine.ranks
+        self.local = RankEngine(engine)
+        self.world = self.ranks.world
+        self.where: dict[str, int] = {}  # live request -> its rank
+        self.load = [0] * self.world  # live requests per rank
+        self.busy = [False] * self.world  # whether a rank had work after the last round
+        self.stats_by_rank: list[dict] = engine.rank_stats() * self.world
+        self.blocks: OrderedDict[bytes, int] = OrderedDict()  # prompt block hash -> the rank that has it
+        self.failed: str | None = None
+        self._orders = Orders()
+        self._last_round = time.monotonic()
+        self._ids = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    # --- requests ----------------------------------------------------------------------------------------
+    def choose_rank(self, ids: list[int], cache_salt: str | bytes | None) -> int:
+        """The rank for a new request: the one holding most of its prompt's leading blocks (a prefix cache
+        hit there), else the least loaded. The seam for a smarter router (load in tokens, a queue model)."""
+        best, hits, parent = None, 0, self.engine.cache_root(cache_salt)
+        for start in range(0, len(ids) - ROUTE_BLOCK + 1, ROUTE_BLOCK):
+            parent = block_hash(parent, ids[start : start + ROUTE_BLOCK])
+            rank = self.blocks.get(parent)
+            if rank is None or (best is not None and rank != best):
+                break
+            best, hits = rank, hits + 1
+        if best is None:
+            best = min(range(self.world), key=lambda r: (self.load[r], r))
+        parent = self.engine.cache_root(cache_salt)
+        for start in range(0, len(ids) - ROUTE_BLOCK + 1, ROUTE_BLOCK):  # that rank will have these blocks
+            parent = block_hash(parent, ids[start : start + ROUTE_BLOCK])
+            self.blocks[parent] = best
+            self.blocks.move_to_end(parent)
+        while len(self.blocks) > ROUTE_MEMORY:
+            self.blocks.popitem(last=False)
+        return best
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        cache_salt: str | bytes | None = None,
+    ) -> str:
+        if self.failed is not None:
+            raise LaunchLost(self.failed)
+        params = params or SamplingParams()
+        ids = self.engine._encode(prompt)
+        self.engine.check_request(ids, params)  # every rank has the same model and limits
+        if request_id is None:
+            request_id, self._ids = f"dp-{self._ids}", self._ids + 1
+        rank = self.choose_rank(ids, cache_salt)
+        self.where[request_id] = rank
+        self.load[rank] += 1
+        self._orders.adds.append(Add(rank, request_id, ids, params, cache_salt))
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        rank = self.where.get(request_id)
+        if rank is not None:
+            self._orders.cancels.append((rank, request_id))
+
+    @property
+    def sequences(self) -> dict[str, int]:
+        return self.where
+
+    def has_work(self) -> bool:
+        return bool(self._orders.adds or self._orders.cancels or any(self.busy))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.where)
+
+    # --- rounds --------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One round: the orders out, every rank's step (those without work answer the others' MoE rounds),
+        the reports back. Raises LaunchLost when a rank is gone or the data plane timed out."""
+        if self.failed is not None:
+            raise LaunchLost(self.failed)
+        orders, self._orders = self._orders, Orders()
+        orders.step = bool(orders.adds) or any(self.busy)
         try:
-            out = experts.local_sum(x, weights, indices)
-        finally:  # the other ranks wait in this reduce: it is issued whatever happened here
-            dist.reduce(out, dst=0)
-        return out.to(x.dtype)
+            dist.broadcast_object_list([orders], src=0, group=self.ranks.control)
+            mine = self.local.serve(orders)
+            reports: list = [None] * self.world
+            dist.gather_object(mine, reports, dst=0, group=self.ranks.control)
+        except (RuntimeError, ConnectionError) as e:
+            self.failed = f"a rank of this torchrun launch is gone or timed out ({type(e).__name__})"
+            log.error("%s: %s", self.failed, e)
+            raise LaunchLost(self.failed) from e
+        self._last_round = time.monotonic()
+        outputs = []
+        for report in reports:
+            self.busy[report.rank] = report.has_work
+            self.stats_by_rank[report.rank] = report.stats
+            for request_id, message in report.refused:
+                outputs.append(RequestOutput(request_id, [], [], "", "error", error=message))
+            outputs += report.outputs
+        for out in outputs:
+            if out.finish_reason is not None and (rank := self.where.pop(out.request_id, None)) is not None:
+                self.load[rank] -= 1
+        return outputs
+
+    def idle(self) -> None:
+        """While nothing runs: a heartbeat round every HEARTBEAT_S, so that a dead rank is noticed."""
+        if time.monotonic() - self._last_round >= self.heartbeat_s:
+            self.step()
+
+    def close(self) -> None:
+        """Stop every rank (they exit their loops) and leave the launch."""
+        try:
+            if self.failed is None:
+                dist.broadcast_object_list([Orders(stop=True)], src=0, group=self.ranks.control)
+        except (RuntimeError, ConnectionError):
+            pass
+        finally:
+            self.engine.close()
+            leave()
+
+    # --- the Engine's conveniences -----------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[str | list[int]] | str,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        cache_salt: str | bytes | None = None,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp, cache_salt=cache_salt) for p, sp in zip(prompts, plist, strict=True)]
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            done |= {out.request_id: out for out in self.step() if out.finish_reason is not None}
+        return [done[i] for i in ids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        params = params or SamplingParams()
+        request_id, sent = self.add_request(prompt, params), 0
+        hold = max((len(s) for s in params.stop), default=1) - 1
+        while True:
+            out = next((o for o in self.step() if o.request_id == request_id), None)
+            if out is None:
+                continue
+            ready = len(out.text) if out.finish_reason else releasable(out.text, hold)
+            if ready > sent:
+                yield out.text[sent:ready]
+                sent = ready
+            if out.finish_reason:
+                return
+
+    def rank_stats(self) -> list[dict]:
+        """Each rank's Engine.rank_stats, as of the last round."""
+        return self.stats_by_rank
+
+    def stats(self) -> dict:
+        """The launch's totals (counts summed over the ranks, fractions averaged), as Engine.stats."""
+        per = self.stats_by_rank
+        total = {k: sum(s[k] for s in per) for k, v in per[0].items() if isinstance(v, (int, float)) and k != "rank"}
+        for k in ("cache_use", "mean_ttft_s", "mean_itl_s", "tokens_per_step", "spec_acceptance"):
+            total[k] = sum(s[k] for s in per) / len(per)
+        total["spec_acceptance_by_position"] = per[0]["spec_acceptance_by_position"]
+        return total
 
 
-def send(ranks: Ranks, layer: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
-    header = torch.tensor([layer, x.shape[0], indices.shape[1]], device=ranks.device)
-    dist.broadcast(header, 0)
-    for t in (x.contiguous(), weights.float().contiguous(), indices.contiguous()):
-        dist.broadcast(t, 0)
+def run_as_worker(model: str, config: EngineConfig, block_size: int = 16) -> int | None:
+    """Under torchrun, a rank > 0 runs its engine on rank 0's orders until rank 0 stops, and returns its exit
+    code; rank 0 and a lone process get None and go on to `engine_for`."""
+    ranks = from_env(timeout_s=config.dist_timeout)
+    if ranks is None or ranks.rank == 0:
+        return None
+    return run_worker(Engine(model, config=config, block_size=block_size, model_parallel=True))
 
 
-def claim() -> None:
-    """Rank 0's engine takes the launch: the other ranks serve one model's experts, so one engine."""
-    global _attached
-    if _attached:
-        raise RuntimeError(
-            "this torchrun launch already serves one model's experts: one model-parallel Engine per process"
-        )
-    _attached = True
-
-
-def attach(model: torch.nn.Module, ranks: Ranks) -> None:
-    """On rank 0: every MoE layer's experts call the other ranks."""
-    for layer, experts in enumerate(expert_modules(model)):
-        experts.remote = RemoteExperts(ranks, layer)
-
-
-def stop(ranks: Ranks) -> None:
-    """On rank 0: the other ranks leave their loops."""
-    dist.broadcast(torch.tensor([STOP, 0, 0], device=ranks.device), 0)
-
-
-def leave() -> None:
-    """Close the process group this module opened (every process of a launch does, at its end)."""
-    global _ranks
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    _ranks = None
-
-
-@torch.no_grad()
-def serve_experts(model: torch.nn.Module, ranks: Ranks, dtype: torch.dtype) -> int:
-    """On ranks > 0: answer rank 0's MoE calls with this rank's experts until it stops; the calls served."""
-    layers, hidden, served = expert_modules(model), model.cfg.hidden_size, 0
-    while True:
-        header = torch.empty(3, dtype=torch.long, device=ranks.device)
-        dist.broadcast(header, 0)
-        layer, n, k = header.tolist()
-        if layer == STOP:
-            return served
-        x = torch.empty(n, hidden, dtype=dtype, device=ranks.device)
-        weights = torch.empty(n, k, dtype=torch.float32, device=ranks.device)
-        indices = torch.empty(n, k, dtype=torch.long, device=ranks.device)
-        for t in (x, weights, indices):
-            dist.broadcast(t, 0)
-        dist.reduce(layers[layer].local_sum(x, weights, indices), dst=0)
-        served += 1
-
-
-def run_worker(model_dir: str, ranks: Ranks, weights: str = "auto") -> int:
-    """A rank > 0 of `torchrun ... nanoseek generate|chat|serve`: load this rank's experts, serve them."""
-    from nanoseek.checkpoint import from_pretrained
-
-    dtype = share_dtype(ranks, None)
-    model = from_pretrained(
-        model_dir,
-        dtype=dtype,
-        device=ranks.device,
-        weights=weights,
-        expert_shard=(ranks.rank, ranks.world),
-        experts_only=True,
-    )
-    serve_experts(model, ranks, dtype)
-    leave()
-    return 0
-
-
-def run_as_expert_rank(model_dir: str, weights: str = "auto") -> int | None:
-    """Under torchrun, a rank > 0 serves its share of the routed experts to rank 0 until rank 0 stops, and
-    returns its exit code; rank 0 and a lone process get None and go on to run the engine."""
-    ranks = from_env()
-    return run_worker(model_dir, ranks, weights) if ranks and ranks.rank > 0 else None
+def engine_for(model: str, config: EngineConfig, block_size: int = 16) -> Engine | DataParallelFront:
+    """The engine of `generate`, `chat` and `serve`: alone, an Engine; on rank 0 of a torchrun launch, the
+    front over every rank's engine."""
+    engine = Engine(model, config=config, block_size=block_size, model_parallel=True)
+    return DataParallelFront(engine) if engine.ranks is not None else engine

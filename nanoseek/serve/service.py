@@ -31,6 +31,7 @@ from nanoseek.serve.errors import ApiError
 from nanoseek.serve.generation import Generation
 from nanoseek.serve.grammar import json_grammar, tool_grammar
 from nanoseek.serve.metrics import ServerMetrics
+from nanoseek.serve.parallel import DataParallelFront, engine_for
 from nanoseek.serve.protocol import MAX_SEED, ChatCompletionRequest, SamplingRequest
 from nanoseek.serve.sampling import SamplingParams
 from nanoseek.tokenizer import (
@@ -98,10 +99,10 @@ def open_ledger(cfg: ServeConfig) -> Ledger:
 
 
 class Service:
-    def __init__(self, cfg: ServeConfig, engine: Engine | None = None):
+    def __init__(self, cfg: ServeConfig, engine: Engine | DataParallelFront | None = None):
         self.cfg = cfg
-        # under torchrun, the other ranks hold shares of the experts
-        self.engine = engine or Engine(cfg.model, config=cfg.engine, block_size=CACHE_UNIT, model_parallel=True)
+        # under torchrun, the front over every rank's engine (serve/parallel.py)
+        self.engine = engine or engine_for(cfg.model, cfg.engine, CACHE_UNIT)
         try:
             self.engine.capture()
             if self.engine.tokenizer is None:
@@ -343,6 +344,8 @@ class Service:
     def start(
         self, prompt: list[int], params: list[SamplingParams], key: str, meter: Meter, ticket: Ticket
     ) -> Generation:
+        if self.runner.failed is not None:
+            raise errors.engine_unavailable(self.runner.failed)
         salt = None if key == ANONYMOUS else key
         return Generation(self.runner, self.metrics, prompt, params, salt, meter, ticket.hold().release)
 

@@ -3,7 +3,8 @@
     nanoseek generate --model runs/tiny/model --prompt "def fib(n):" --max-tokens 64
     nanoseek chat --model runs/sft/model --temperature 0.7
 
-Under torchrun the ranks > 0 serve their shares of the experts to rank 0, which runs the engine.
+Under torchrun every rank runs an engine with its share of the experts (serve/parallel.py); rank 0 reads and
+prints.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import sys
 
 from nanoseek.serve.config import ChatConfig, GenerateConfig
 from nanoseek.serve.engine import Engine
-from nanoseek.serve.parallel import run_as_expert_rank
+from nanoseek.serve.parallel import DataParallelFront, engine_for, run_as_worker
 
 
 def generate(cfg: GenerateConfig) -> int:
-    if (code := run_as_expert_rank(cfg.model, cfg.engine.weights)) is not None:
+    if (code := run_as_worker(cfg.model, cfg.engine)) is not None:
         return code
-    engine = Engine(cfg.model, config=cfg.engine, model_parallel=True)
+    engine = engine_for(cfg.model, cfg.engine)
     try:
         prompt: str | list[int] = cfg.prompt
         if cfg.chat:
@@ -35,9 +36,9 @@ def generate(cfg: GenerateConfig) -> int:
 
 
 def chat(cfg: ChatConfig) -> int:
-    if (code := run_as_expert_rank(cfg.model, cfg.engine.weights)) is not None:
+    if (code := run_as_worker(cfg.model, cfg.engine)) is not None:
         return code
-    engine = Engine(cfg.model, config=cfg.engine, model_parallel=True)
+    engine = engine_for(cfg.model, cfg.engine)
     try:
         converse(engine, cfg)
         return 0
@@ -45,7 +46,7 @@ def chat(cfg: ChatConfig) -> int:
         engine.close()
 
 
-def converse(engine: Engine, cfg: ChatConfig) -> None:
+def converse(engine: Engine | DataParallelFront, cfg: ChatConfig) -> None:
     """Read a message, stream the reply, until an empty line or end of input."""
     messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
     print("nanoseek chat: type a message; an empty line or Ctrl-D quits.", file=sys.stderr)
