@@ -24,8 +24,9 @@ from nanoseek.serve.config import EngineConfig
 from nanoseek.serve.engine import Engine
 from nanoseek.serve.launch import expert_modules, from_env
 from nanoseek.serve.parallel import DataParallelFront, run_worker
-folder, weights, drafts = sys.argv[1], sys.argv[2], int(sys.argv[3])
-cfg = EngineConfig(weights=weights, cache_memory_mb=16, speculative_tokens=drafts, enforce_eager=True)
+folder, weights, drafts, redundant, load = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+cfg = EngineConfig(weights=weights, cache_memory_mb=16, speculative_tokens=drafts, enforce_eager=True,
+                   redundant_experts=redundant, expert_load=load or None)
 ranks = from_env()
 engine = Engine(folder, config=cfg, model_parallel=True)
 experts = sum(resident_bytes(m) for m in expert_modules(engine.model))
@@ -43,6 +44,7 @@ print(json.dumps({"rank": "front", "tokens": [o.token_ids for o in outs],
                   "finished": [s["finished"] for s in stats],
                   "moe_bytes": sum(sum(s.get("moe_bytes", [])) for s in stats),
                   "moe_tokens": sum(sum(s.get("moe_tokens", [])) for s in stats),
+                  "replica_pairs": sum(s.get("moe_replica_pairs", 0) for s in stats),
                   "logprobs": [[lp for lp, _ in o.logprobs] for o in outs],
                   "top": [[sorted(alt.values()) for _, alt in o.logprobs] for o in outs]}), flush=True)
 front.close()
@@ -51,8 +53,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_AUTO_DTYPE": "float32"}
 
 
-def run(folder, weights: str, ranks: int, drafts: int = 0) -> dict:
-    args = ["-c", SCRIPT, str(folder), weights, str(drafts)]
+def run(folder, weights: str, ranks: int, drafts: int = 0, redundant: int = 0, load: str = "") -> dict:
+    args = ["-c", SCRIPT, str(folder), weights, str(drafts), str(redundant), load]
     cmd = [sys.executable, *args] if ranks == 1 else [*TORCHRUN, str(ranks), "--no-python", sys.executable, *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -98,6 +100,39 @@ def test_mtp_speculative_decoding_over_ranks_gives_the_plain_greedy_tokens(tmp_p
     folder = make_model_dir(tmp_path / "model", tokenizer)
     drafted = run(folder, "fp32", 2, drafts=1)["front"]
     assert drafted["tokens"] == run(folder, "fp32", 1)["front"]["tokens"] and drafted["drafted"] > 0
+
+
+def test_redundant_copies_of_the_hottest_experts_take_their_share_and_change_no_reply(tmp_path, tokenizer):
+    """--redundant-experts 2 with a load file where experts 0 and 1 (both on rank 0) are hot: rank 1 gets
+    copies of them, computes some of their pairs, and the replies are one process's; at exit the load
+    measured while serving is added to the file."""
+    folder = make_model_dir(tmp_path / "model", tokenizer)
+    load_file = tmp_path / "load.json"
+    layers = 2  # the model's MoE layers: its second layer (the first is dense) and the MTP module's
+    load_file.write_text(json.dumps({"layers": [[1000, 900] + [10] * 6] * layers}))
+    alone = run(folder, "fp32", 1)["front"]
+    split = run(folder, "fp32", 2, redundant=2, load=str(load_file))["front"]
+    assert split["tokens"] == alone["tokens"] and split["replica_pairs"] > 0
+    written = json.loads(load_file.read_text())["layers"]
+    assert written[0][:2] != [1000, 900] and sum(written[0]) > 1000 + 900 + 60  # the served pairs were added
+
+
+def test_the_replica_plan_copies_the_hottest_experts_away_from_home():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from nanoseek.serve.exchange import plan_replicas
+
+    @settings(max_examples=50, deadline=None)
+    @given(st.lists(st.integers(0, 10_000), min_size=8, max_size=8), st.integers(1, 4), st.sampled_from([2, 4]))
+    def check(counts, redundant, world):
+        (placement,) = plan_replicas([counts], redundant, world)
+        copied = [e for e, ranks in enumerate(placement) if len(ranks) > 1]
+        hottest = sorted(range(8), key=lambda e: -counts[e])[:redundant]
+        assert sorted(copied) == sorted(hottest)
+        assert all(ranks[0] == e // (8 // world) and len(set(ranks)) == len(ranks) for e, ranks in enumerate(placement))
+
+    check()
 
 
 def test_fp8_resident_weights_split_over_ranks_decode_as_one_process(tmp_path):

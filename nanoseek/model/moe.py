@@ -183,6 +183,7 @@ class RoutedExperts(nn.Module):
         # Serving on a torchrun launch (nanoseek.serve.parallel): this rank holds experts [first_expert, +n_experts);
         # `remote` (serve/exchange.py) sends each call's tokens to the ranks that hold their experts.
         self.first_expert = 0
+        self.slot_of: torch.Tensor | None = None  # global expert -> stacked slot, once it holds redundant copies
         self.remote = None
         self.packed = False  # each expert's matrices registered with packed copies (kernels.register_packed)
 
@@ -294,16 +295,44 @@ class RoutedExperts(nn.Module):
         of them on one process; under model-parallel inference, this rank's share)."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # the k experts summed in fp32, rounded once
         tokens = torch.arange(indices.shape[0], device=indices.device).repeat_interleave(indices.shape[1])
-        slots = indices.flatten()
-        held = (slots >= self.first_expert) & (slots < self.first_expert + self.n_experts)
-        for expert in slots[held].unique().tolist():
-            picked = slots == expert
+        slots = self.local_slots(indices.flatten())
+        for slot in slots[slots >= 0].unique().tolist():
+            picked = slots == slot
             rows = tokens[picked]  # the tokens that chose this expert (each at most once)
-            gate_up, down = self.expert_weights(expert - self.first_expert, x.dtype)
+            gate_up, down = self.expert_weights(slot, x.dtype)
             gate, up = linear(x[rows], gate_up).chunk(2, dim=-1)  # on a packed copy of the weights, if any
             h = linear(F.silu(gate) * up, down)  # [rows, hidden]
             out.index_add_(0, rows, h.float() * weights.flatten()[picked].unsqueeze(-1).float())
         return out
+
+    def local_slots(self, experts: torch.Tensor) -> torch.Tensor:
+        """Where global expert ids lie in this module's stacked weights: its own [first_expert, + n_experts),
+        then any redundant copies of other ranks' experts (add_replica); -1 where not held (ids < 0 included)."""
+        if self.slot_of is None:
+            held = (experts >= self.first_expert) & (experts < self.first_expert + self.n_experts)
+            return torch.where(held, experts - self.first_expert, -1)
+        return torch.where(experts >= 0, self.slot_of.to(experts.device)[experts.clamp(min=0)], -1)
+
+    def expert_tensors(self) -> list[str]:
+        """The names of the per-expert stacked tensors (dim 0: the expert), scales included."""
+        names = ["gate_up_proj", "down_proj"]
+        return names + [n + "_scale_inv" for n in names] if self.resident_fp8 else names
+
+    @torch.no_grad()
+    def add_replica(self, expert: int, tensors: list[torch.Tensor], n_global: int) -> None:
+        """Hold a redundant copy of another rank's expert (serving's EPLB): its tensors, in expert_tensors()
+        order, appended after this module's own experts."""
+        if self.slot_of is None:
+            self.slot_of = torch.full((n_global,), -1, dtype=torch.long)
+            self.slot_of[self.first_expert : self.first_expert + self.n_experts] = torch.arange(self.n_experts)
+        self.slot_of[expert] = self.gate_up_proj.shape[0]
+        for name, tensor in zip(self.expert_tensors(), tensors, strict=True):
+            old = getattr(self, name)
+            grown = torch.cat((old, tensor.unsqueeze(0).to(old.device)))
+            if isinstance(old, nn.Parameter):
+                setattr(self, name, nn.Parameter(grown, requires_grad=False))
+            else:
+                setattr(self, name, grown)
 
     def _few_tokens_gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The loop above, static in shape for a captured graph (whose loops cannot depend on data): each

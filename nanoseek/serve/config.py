@@ -47,12 +47,28 @@ class EngineConfig:
         "the heartbeat travel on a control group that waits for days: an idle server lives on)",
         default=600.0,
     )
+    redundant_experts: int = flag(
+        "under torchrun: per MoE layer, give the N most loaded routed experts a second copy on another rank and "
+        "split their tokens between the copies (DeepSeek's EPLB); the load comes from --expert-load, else is "
+        "measured while serving",
+        default=0,
+        metavar="N",
+    )
+    expert_load: str | None = flag(
+        'a JSON file of (token, expert) pairs per expert per MoE layer ({"layers": [[...], ...]}): read at start '
+        "to place --redundant-experts, written at exit with the load measured while serving (added to it)",
+        default=None,
+        metavar="FILE",
+    )
 
     def __post_init__(self) -> None:
         if min(self.disk_cache_gb, self.cache_memory_mb, self.dist_timeout) <= 0:
             raise ValueError("--disk-cache-gb, --cache-memory-mb and --dist-timeout must be positive")
-        if self.max_seqs < 1 or self.max_batched_tokens < 1 or self.speculative_tokens < 0:
-            raise ValueError("--max-seqs and --max-batched-tokens must be positive, --speculative-tokens >= 0")
+        if self.max_seqs < 1 or self.max_batched_tokens < 1 or min(self.speculative_tokens, self.redundant_experts) < 0:
+            raise ValueError(
+                "--max-seqs and --max-batched-tokens must be positive, --speculative-tokens and "
+                "--redundant-experts >= 0"
+            )
         for name in ("weights", "pack_weights"):  # (the flags' choices, for settings made in Python)
             choices = EngineConfig.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in choices:

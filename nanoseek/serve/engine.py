@@ -33,7 +33,7 @@ from nanoseek.device import default_device
 from nanoseek.model import Transformer
 from nanoseek.serve import launch
 from nanoseek.serve.config import EngineConfig
-from nanoseek.serve.exchange import ExpertExchange
+from nanoseek.serve.exchange import ExpertExchange, home_placement
 from nanoseek.serve.grammar import Grammars
 from nanoseek.serve.kv_cache import BlockManager, CacheSpec, LatentPool
 from nanoseek.serve.loader import fingerprint, load_model, pack_for_decode
@@ -152,7 +152,7 @@ class Engine:
         self.exchange = None
         if self.ranks is not None:
             experts = launch.expert_modules(self.model)
-            placement = launch.home_placement(self.model.cfg.n_routed_experts, self.ranks.world)
+            placement = home_placement(self.model.cfg.n_routed_experts, self.ranks.world, len(experts))
             k, rank, world = self.model.cfg.num_experts_per_tok, self.ranks.rank, self.ranks.world
             self.exchange = ExpertExchange(experts, k, rank, world, placement)
         if cfg.speculative_tokens and not self.model.mtp:
@@ -537,5 +537,5 @@ class Engine:
         if self.exchange is not None:
             ex = self.exchange.metrics
             stats |= {"moe_dispatched": ex.dispatched, "moe_received": ex.received}
-            stats |= {"moe_bytes": ex.bytes_sent, "moe_tokens": ex.tokens}
+            stats |= {"moe_bytes": ex.bytes_sent, "moe_tokens": ex.tokens, "moe_replica_pairs": ex.replica_pairs}
         return [stats]

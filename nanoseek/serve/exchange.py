@@ -30,17 +30,21 @@ from nanoseek.model.moe import RoutedExperts
 @dataclass
 class ExchangeMetrics:
     """Per MoE layer: (token, rank) units this rank sent to other ranks, units it received from them, and
-    the bytes of both directions (rows, routing and returned sums); rounds entered."""
+    the bytes of both directions (rows, routing and returned sums); rounds entered; (token, expert) pairs of
+    this rank's tokens per expert (the load EPLB plans from), and pairs it computed on redundant copies."""
 
     dispatched: list[int]
     received: list[int]
     bytes_sent: list[int]
     tokens: list[int]  # this rank's tokens through each layer
+    load: torch.Tensor  # [layers, experts]
     rounds: int = 0
+    replica_pairs: int = 0
 
     @classmethod
-    def for_layers(cls, layers: int) -> ExchangeMetrics:
-        return cls([0] * layers, [0] * layers, [0] * layers, [0] * layers)
+    def for_layers(cls, layers: int, experts: int) -> ExchangeMetrics:
+        zeros = lambda: [0] * layers  # noqa: E731
+        return cls(zeros(), zeros(), zeros(), zeros(), torch.zeros(layers, experts, dtype=torch.long))
 
     def bytes_per_token(self) -> float:
         """Bytes a token moves between ranks per MoE layer, on average over the layers it went through."""
@@ -51,31 +55,59 @@ class ExchangeMetrics:
 @dataclass
 class ExpertExchange:
     """This rank's side of the exchange for the MoE layers of one model (`experts`, in module order: the
-    same order on every rank), over `group`. `placement[e]` lists the ranks holding expert e (its home rank
-    first, then any redundant copies); pairs are split between the copies by token."""
+    same order on every rank), over `group`. `placement[layer][e]` lists the ranks holding expert e (its
+    home rank first, then any redundant copies); a layer's pairs are split between the copies by token."""
 
     experts: list[RoutedExperts]
     top_k: int  # experts per token: the width of every rank's routing rows
     rank: int
     world: int
-    placement: list[list[int]]
+    placement: list[list[list[int]]]
     group: dist.ProcessGroup | None = None
     metrics: ExchangeMetrics = field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = ExchangeMetrics.for_layers(len(self.experts))
-        copies = max(len(ranks) for ranks in self.placement)
-        table = torch.full((len(self.placement), copies), -1, dtype=torch.long)
-        for expert, ranks in enumerate(self.placement):
-            table[expert, : len(ranks)] = torch.tensor(ranks)
-        self._copies = table  # [E, max copies] ranks, -1 padded
-        self._count = torch.tensor([len(ranks) for ranks in self.placement])
+        self.metrics = ExchangeMetrics.for_layers(len(self.experts), len(self.placement[0]))
+        self._place(self.placement)
         for layer, module in enumerate(self.experts):
             module.remote = _Layer(self, layer)
+
+    def _place(self, placement: list[list[list[int]]]) -> None:
+        self.placement = placement
+        copies = max(len(ranks) for layer in placement for ranks in layer)
+        table = torch.full((len(placement), len(placement[0]), copies), -1, dtype=torch.long)
+        for layer, experts in enumerate(placement):
+            for expert, ranks in enumerate(experts):
+                table[layer, expert, : len(ranks)] = torch.tensor(ranks)
+        self._copies = table  # [layers, E, max copies] ranks, -1 padded
+        self._count = (table >= 0).sum(-1)  # [layers, E]
+
+    @torch.no_grad()
+    def replicate(self, placement: list[list[list[int]]]) -> None:
+        """Take a placement with redundant copies (every rank calls this with the same one): each copy's
+        weights travel from the expert's home rank to the rank that will hold it, in one order on every rank
+        (point to point: only those two take part), then the new placement routes pairs to the copies."""
+        for layer, module in enumerate(self.experts):
+            n_global = len(placement[layer])
+            for expert, ranks in enumerate(placement[layer]):
+                home, held = ranks[0], self.placement[layer][expert]
+                for copy in (r for r in ranks[1:] if r not in held):
+                    if self.rank == home:
+                        slot = int(module.local_slots(torch.tensor([expert]))[0])
+                        for name in module.expert_tensors():
+                            dist.send(getattr(module, name)[slot].contiguous(), copy, group=self.group)
+                    elif self.rank == copy:
+                        tensors = [torch.empty_like(getattr(module, name)[0]) for name in module.expert_tensors()]
+                        for tensor in tensors:
+                            dist.recv(tensor, home, group=self.group)
+                        module.add_replica(expert, tensors, n_global)
+        self._place(placement)
 
     # --- the rounds -----------------------------------------------------------------------------------
     def call(self, layer: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """One MoE layer's routed output for this rank's tokens: x [N, hidden], weights/indices [N, k]."""
+        load = self.metrics.load[layer]
+        load += torch.bincount(indices.flatten().cpu(), minlength=load.shape[0])
         out, _ = self._round(layer, x, weights, indices)
         return out.to(x.dtype)
 
@@ -90,9 +122,9 @@ class ExpertExchange:
             served += 1
         return served
 
-    def _owners(self, indices: torch.Tensor) -> torch.Tensor:
+    def _owners(self, layer: int, indices: torch.Tensor) -> torch.Tensor:
         """The rank that computes each (token, slot) pair: the expert's copy picked by the token's index."""
-        copies, count = self._copies.to(indices.device), self._count.to(indices.device)
+        copies, count = self._copies[layer].to(indices.device), self._count[layer].to(indices.device)
         token = torch.arange(indices.shape[0], device=indices.device)[:, None].expand_as(indices)
         return copies[indices, token % count[indices]]
 
@@ -101,7 +133,7 @@ class ExpertExchange:
     ) -> tuple[torch.Tensor, bool]:
         n = indices.shape[0]
         device, world = x.device, self.world
-        owners = self._owners(indices) if n else indices
+        owners = self._owners(layer, indices) if n else indices
         goes = F.one_hot(owners, world).any(1) if n else torch.zeros(0, world, dtype=torch.bool, device=device)
         dest, token = goes.t().nonzero(as_tuple=True)  # units (destination, token), sorted by destination
         send_counts = goes.sum(0)
@@ -141,8 +173,9 @@ class ExpertExchange:
         k = (routing.shape[1] - 1) // 2
         layers, indices, weights = routing[:, 0].long(), routing[:, 1 : 1 + k].long(), routing[:, 1 + k :]
         for layer in layers.unique().tolist():
-            mine = (layers == layer).nonzero().squeeze(1)
-            out[mine] = self.experts[layer].local_sum(rows[mine], weights[mine], indices[mine])
+            mine, module = (layers == layer).nonzero().squeeze(1), self.experts[layer]
+            out[mine] = module.local_sum(rows[mine], weights[mine], indices[mine])
+            self.metrics.replica_pairs += int((module.local_slots(indices[mine]) >= module.n_experts).sum())
         return out
 
     def _count_traffic(
@@ -170,3 +203,27 @@ class _Layer:
 
     def __call__(self, experts: RoutedExperts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
         return self.exchange.call(self.layer, x, weights, indices)
+
+
+def home_placement(n_experts: int, world: int, layers: int) -> list[list[list[int]]]:
+    """Expert e lives on rank e // (E / N) in every layer: the contiguous shards from_pretrained loads."""
+    return [[[e // (n_experts // world)] for e in range(n_experts)] for _ in range(layers)]
+
+
+def plan_replicas(load: list[list[int]], redundant: int, world: int) -> list[list[list[int]]]:
+    """EPLB, greedily: in each MoE layer, the `redundant` most loaded experts get a second copy on the rank
+    with the least load at that moment (never the expert's own), and each copy is expected to take half of
+    the expert's pairs. load [layers][E]: (token, expert) pairs measured per expert."""
+    placement = home_placement(len(load[0]), world, len(load))
+    for layer, counts in enumerate(load):
+        ranks = placement[layer]
+        per_rank = [0.0] * world
+        for expert, count in enumerate(counts):
+            per_rank[ranks[expert][0]] += count
+        for expert in sorted(range(len(counts)), key=lambda e: -counts[e])[:redundant]:
+            home = ranks[expert][0]
+            copy = min((r for r in range(world) if r != home), key=lambda r: (per_rank[r], r))
+            ranks[expert].append(copy)
+            per_rank[home] -= counts[expert] / 2
+            per_rank[copy] += counts[expert] / 2
+    return placement

@@ -68,11 +68,6 @@ def expert_modules(model: torch.nn.Module) -> list[RoutedExperts]:
     return [m for m in model.modules() if isinstance(m, RoutedExperts)]
 
 
-def home_placement(n_experts: int, world: int) -> list[list[int]]:
-    """Expert e lives on rank e // (E / N): the contiguous shards that from_pretrained(expert_shard) loads."""
-    return [[e // (n_experts // world)] for e in range(n_experts)]
-
-
 def claim() -> None:
     """One data-parallel engine per process: its exchange is the launch's."""
     global _attached

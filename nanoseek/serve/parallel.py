@@ -21,16 +21,20 @@ Two planes, two process groups:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from nanoseek.serve.config import EngineConfig
 from nanoseek.serve.engine import Engine, RequestOutput
+from nanoseek.serve.exchange import plan_replicas
 from nanoseek.serve.kv_cache import block_hash
 from nanoseek.serve.launch import LaunchLost, from_env, leave
 from nanoseek.serve.output import releasable
@@ -41,6 +45,7 @@ log = logging.getLogger("nanoseek.serve")
 HEARTBEAT_S = 1.0  # rank 0 rounds at least this often, so that a dead rank is noticed while idle
 ROUTE_BLOCK = 64  # prompt blocks the front remembers per rank, to send a prompt where its prefix is cached
 ROUTE_MEMORY = 65_536  # remembered blocks, the oldest forgotten first
+REBALANCE_AFTER = 64  # steps of measured expert load before --redundant-experts places copies (no load file)
 
 
 # --- the control plane's messages ------------------------------------------------------------------------
@@ -55,12 +60,15 @@ class Add:
 
 @dataclass(slots=True)
 class Orders:
-    """Rank 0 to every rank, once a round: requests to start and cancel, whether to step, whether to stop."""
+    """Rank 0 to every rank, once a round: requests to start and cancel, whether to step, whether to stop;
+    a placement of redundant experts to take before stepping; whether to report the measured expert load."""
 
     adds: list[Add] = field(default_factory=list)
     cancels: list[tuple[int, str]] = field(default_factory=list)
     step: bool = False
     stop: bool = False
+    placement: list[list[list[int]]] | None = None
+    want_load: bool = False
 
 
 @dataclass(slots=True)
@@ -72,6 +80,7 @@ class Report:
     refused: list[tuple[str, str]]
     has_work: bool
     stats: dict
+    load: list[list[int]] | None = None  # (token, expert) pairs per MoE layer and expert, when asked
 
 
 class RankEngine:
@@ -83,6 +92,8 @@ class RankEngine:
 
     def serve(self, orders: Orders) -> Report:
         engine, refused, outputs = self.engine, [], []
+        if orders.placement is not None:
+            engine.exchange.replicate(orders.placement)
         for add in orders.adds:
             if add.rank == self.rank:
                 try:
@@ -97,7 +108,8 @@ class RankEngine:
                 outputs += engine.step()
             finally:  # the other ranks may still be in their step's rounds
                 engine.exchange.finish(engine.model.embed_tokens.weight)
-        return Report(self.rank, outputs, refused, engine.scheduler.has_work(), engine.rank_stats()[0])
+        load = engine.exchange.metrics.load.tolist() if orders.want_load else None
+        return Report(self.rank, outputs, refused, engine.scheduler.has_work(), engine.rank_stats()[0], load)
 
 
 def run_worker(engine: Engine) -> int:
@@ -140,6 +152,13 @@ class DataParallelFront:
         self._orders = Orders()
         self._last_round = time.monotonic()
         self._ids = 0
+        self._steps = 0  # rounds in which the ranks stepped
+        self._load: list[list[int]] | None = None  # the expert load gathered by the last round that asked
+        self.redundant = engine.config.redundant_experts
+        self.load_file = Path(engine.config.expert_load) if engine.config.expert_load else None
+        self.replicated = False
+        if self.redundant and self.load_file is not None and self.load_file.is_file():
+            self._replicate(read_load(self.load_file, engine.exchange.metrics.load.shape))
 
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
@@ -219,7 +238,10 @@ class DataParallelFront:
             log.error("%s: %s", self.failed, e)
             raise LaunchLost(self.failed) from e
         self._last_round = time.monotonic()
+        self._steps += orders.step
         outputs = []
+        if orders.want_load:
+            self._load = sum(torch.tensor(r.load) for r in reports).tolist()
         for report in reports:
             self.busy[report.rank] = report.has_work
             self.stats_by_rank[report.rank] = report.stats
@@ -229,7 +251,35 @@ class DataParallelFront:
         for out in outputs:
             if out.finish_reason is not None and (rank := self.where.pop(out.request_id, None)) is not None:
                 self.load[rank] -= 1
+        self._plan_redundancy(orders)
         return outputs
+
+    # --- redundant experts (EPLB) ---------------------------------------------------------------------------
+    def _plan_redundancy(self, orders: Orders) -> None:
+        """With --redundant-experts and no load file: after REBALANCE_AFTER steps, ask the ranks for the load
+        they measured, and with it place the copies (once)."""
+        if not self.redundant or self.replicated:
+            return
+        if orders.want_load and self._load is not None:
+            self._replicate(self._load)
+        elif self._steps >= REBALANCE_AFTER:
+            self._orders.want_load = True
+
+    def _replicate(self, load: list[list[int]]) -> None:
+        placement = plan_replicas(load, self.redundant, self.world)
+        self._orders.placement, self.replicated = placement, True
+        hot = [[e for e, ranks in enumerate(layer) if len(ranks) > 1] for layer in placement]
+        log.info("redundant experts per MoE layer (from the measured load): %s", hot)
+
+    def _write_load(self) -> None:
+        """At exit: the load measured while serving, added to the file's (so that a restart places copies)."""
+        self.replicated = True  # (this last round's load is for the file, not for placing copies now)
+        self._orders.want_load = True
+        self.step()
+        load = torch.tensor(self._load)
+        if self.load_file.is_file():
+            load += torch.tensor(read_load(self.load_file, load.shape))
+        self.load_file.write_text(json.dumps({"layers": load.tolist()}))
 
     def idle(self) -> None:
         """While nothing runs: a heartbeat round every HEARTBEAT_S, so that a dead rank is noticed."""
@@ -240,6 +290,8 @@ class DataParallelFront:
         """Stop every rank (they exit their loops) and leave the launch."""
         try:
             if self.failed is None:
+                if self.load_file is not None:
+                    self._write_load()
                 dist.broadcast_object_list([Orders(stop=True)], src=0, group=self.ranks.control)
         except (RuntimeError, ConnectionError):
             pass
@@ -290,6 +342,22 @@ class DataParallelFront:
             total[k] = sum(s[k] for s in per) / len(per)
         total["spec_acceptance_by_position"] = per[0]["spec_acceptance_by_position"]
         return total
+
+
+def read_load(path: Path, shape: tuple[int, int]) -> list[list[int]]:
+    """An --expert-load file: {"layers": [[pairs per expert] per MoE layer]}, of shape [MoE layers, experts]
+    (the MTP module's MoE layer last)."""
+    try:
+        layers = json.loads(path.read_text())["layers"]
+        found = tuple(torch.tensor(layers, dtype=torch.long).shape)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'--expert-load {path}: expected {{"layers": [[pairs per expert], ...]}} ({e})') from None
+    if found != tuple(shape):
+        raise ValueError(
+            f"--expert-load {path} holds {found} (MoE layers, experts); this model has {tuple(shape)} "
+            "(its MTP module's MoE layer last): measure it again for this model"
+        )
+    return layers
 
 
 def run_as_worker(model: str, config: EngineConfig, block_size: int = 16) -> int | None:
