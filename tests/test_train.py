@@ -233,26 +233,45 @@ def test_bf16_gradient_accumulation_matches_the_full_batch_to_bf16_rounding(data
     assert relative(grads_acc, grads) < 2 * BF16_EPS
 
 
-def test_metrics_report_bits_per_byte_flops_and_mfu(data_dir, tmp_path):
-    """val_bpb is the validation loss per byte of text, in bits: the summed token losses (nats) over the
-    UTF-8 bytes the target tokens decode to; FLOP/s are the tokens/s times cost.py's FLOPs per token."""
+def test_metrics_report_bits_per_byte_flops_and_mfu(tokenizer, tmp_path):
+    """val_bpb is the validation loss per byte of text, in bits: the summed losses (nats) of the targets that
+    carry text over the UTF-8 bytes they decode to (a special token's target has no bytes, and its loss is
+    left out, as nanochat does); FLOP/s are the tokens/s times cost.py's FLOPs per token."""
     import math
 
-    from nanoseek.cost import flops_per_token
+    import torch.nn.functional as F
 
-    trainer = make_trainer(data_dir, tmp_path, steps=2, eval_every=2, sample_tokens=0, peak_flops=1e12)
+    from nanoseek.cost import flops_per_token
+    from nanoseek.data import prepare
+
+    docs = tmp_path / "docs"  # short documents, so that validation windows hold their EOS targets
+    docs.mkdir()
+    for i in range(200):
+        (docs / f"d{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n")
+    short = tmp_path / "data"
+    prepare(sorted(docs.iterdir()), tokenizer, short, val_permille=500, progress=False, fim_rate=0.0)
+    tokenizer.save(short / "tokenizer")
+    trainer = make_trainer(short, tmp_path / "run", steps=2, eval_every=2, sample_tokens=0, peak_flops=1e12)
     metrics = trainer.fit()[-1]
     trainer.val_loader.load_state_dict({"epoch": 0, "cursor": 0})
     n = min(trainer.cfg.eval_batches, trainer.val_loader.n_windows // trainer.val_loader.batch_size)
-    tokens = text_bytes = 0
+    special = {t for t in range(trainer.tokenizer.vocab_size) if trainer.tokenizer.decode([t], True) == ""}
+    loss_sum = text_bytes = 0.0
+    saw_special = False
     for _ in range(n):
-        _, targets = trainer.inputs_and_targets(trainer.val_loader.next_batch())
-        tokens += targets.numel()
+        inputs, targets = trainer.inputs_and_targets(trainer.val_loader.next_batch())
+        with torch.no_grad():
+            losses = F.cross_entropy(trainer.model(inputs).flatten(0, 1), targets.flatten(), reduction="none")
+        text = torch.tensor([t not in special for t in targets.flatten().tolist()])
+        saw_special |= not text.all()
+        loss_sum += losses[text].sum().item()
         text_bytes += sum(
             len(trainer.tokenizer.decode(row.tolist(), skip_special_tokens=True).encode()) for row in targets
         )
-    expected = metrics["val_loss"] * tokens / math.log(2) / text_bytes
+    assert saw_special  # documents end in EOS: the case that matters
+    expected = loss_sum / math.log(2) / text_bytes
     assert metrics["val_bpb"] == pytest.approx(expected, rel=0.02)  # windows cut characters at their edges
     per_token = flops_per_token(trainer.model.cfg, trainer.cfg.seq_len, training=True).total
     assert metrics["flops_per_s"] == pytest.approx(metrics["tokens_per_s"] * per_token)
     assert metrics["mfu"] == pytest.approx(metrics["flops_per_s"] / 1e12)
+    assert metrics["peak_flops"] == metrics["peak_flops_dense"] == 1e12 and metrics["mfu_dense"] == metrics["mfu"]

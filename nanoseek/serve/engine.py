@@ -140,8 +140,11 @@ class Engine:
         model_dir = None if isinstance(model, Transformer) else Path(model)
         # Under torchrun (model_parallel) this is one rank's engine (serve/parallel.py): it holds E / N of the
         # routed experts and exchanges the tokens of each MoE layer with the other ranks.
-        parallel = model_parallel and model_dir is not None
-        self.ranks = launch.from_env(self.device, cfg.dist_timeout) if parallel else None
+        self.ranks = None
+        if model_parallel and model_dir is not None:  # a plain "cuda" means this rank's GPU (LOCAL_RANK)
+            local = self.device.type == "cuda" and self.device.index is None
+            self.ranks = launch.from_env(None if local else self.device, cfg.dist_timeout)
+            self.device = self.ranks.device if self.ranks else self.device
         if model_dir is None:
             self.model = model.to(self.device).eval()
         else:

@@ -45,10 +45,19 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, mtp: bool) -> float:
     return flops_per_token(cfg, seq_len, training=True, mtp=mtp).total
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, given: float | None = None) -> tuple[float, str]:
-    """The device's peak FLOP/s and where the figure comes from (probed once per process and kind)."""
+def peak_flops(
+    device: torch.device, dtype: torch.dtype, given: float | None = None, fp8: bool = False
+) -> tuple[float, str]:
+    """The device's peak FLOP/s and where the figure comes from (probed once per process and kind). fp8: the
+    peak of FP8 GEMMs, which an FP8 run's MFU is against (on a GPU with FP8 tensor cores, twice bf16's;
+    elsewhere FP8 is emulated in `dtype`, so that dtype's peak)."""
     if given:
         return given, "--peak-flops"
+    if fp8 and device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for key, gpu in GPUS.items():
+            if key in name and gpu.fp8_flops:
+                return gpu.fp8_flops, f"{gpu.name} datasheet, dense fp8"
     return _device_peak(device, dtype)
 
 

@@ -122,7 +122,9 @@ class Trainer:
         self.run = RunFolder(self.out, "train", dataclasses.asdict(cfg), RESUME_MUST_MATCH)
         self.token_bytes, self.val_bpb = token_bytes(self.tokenizer), None
         self.flops_per_token = train_flops_per_token(self.model.cfg, cfg.seq_len, mtp=self.mtp_depths > 0)
-        self.peak_flops, self.peak_source = peak_flops(self.device, self.amp_dtype, cfg.peak_flops)
+        # MFU against the peak of the run's GEMMs (FP8's for an FP8 run), and against the compute dtype's too
+        self.peak_flops, self.peak_source = peak_flops(self.device, self.amp_dtype, cfg.peak_flops, fp8=cfg.fp8)
+        self.dense_peak = peak_flops(self.device, self.amp_dtype, cfg.peak_flops)[0]
         self.teacher = None
         if cfg.kl_weight > 0:  # logit distillation: the teacher only scores, never trains
             from nanoseek.checkpoint import from_pretrained
@@ -273,6 +275,8 @@ class Trainer:
         metrics["tokens_per_s"] = inputs.numel() * self.par.world / seconds
         metrics["flops_per_s"] = metrics["tokens_per_s"] * self.flops_per_token  # all ranks together
         metrics["mfu"] = metrics["flops_per_s"] / (self.peak_flops * self.par.world)
+        metrics["mfu_dense"] = metrics["flops_per_s"] / (self.dense_peak * self.par.world)
+        metrics["peak_flops"], metrics["peak_flops_dense"] = self.peak_flops, self.dense_peak
         metrics["tokens"] = self.tokens
         used = [(name, load) for (name, _), load in zip(self.moe, loads, strict=True) if load.sum() > 0]
         metrics["max_over_mean_load"] = {n: round((ld.max() / ld.mean()).item(), 4) for n, ld in used}
@@ -287,18 +291,23 @@ class Trainer:
         self.model.eval()
         self.val_loader.load_state_dict({"epoch": 0, "cursor": 0})  # the same windows every time
         n = min(self.cfg.eval_batches, self.val_loader.n_windows // self.val_loader.batch_size)
-        # Summed token losses, trained tokens, their bytes of text: one mean over all, and bits per byte.
-        total = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # Summed token losses and trained tokens (the loss, a mean over all), and the losses of the targets
+        # that carry text with their bytes (bits per byte: a special token's target has no bytes, so its loss
+        # is left out, as nanochat does).
+        total = torch.zeros(4, dtype=torch.float64, device=self.device)
+        sizes = self.token_bytes.to(self.device)
         for _ in range(n):
             inputs, targets = self.inputs_and_targets(self.val_loader.next_batch())
-            targets = targets.to(self.device)
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            text = torch.where(sizes[targets.clamp(min=0)] > 0, targets, IGNORE)
             with self.autocast():
-                loss_sum = self.forward(inputs.to(self.device), targets=targets)[0]
+                loss_sum = self.forward(inputs, targets=targets)[0]
+                text_sum = loss_sum if torch.equal(text, targets) else self.forward(inputs, targets=text)[0]
             kept = targets[targets != IGNORE]
-            n_bytes = self.token_bytes.to(self.device)[kept].sum()
-            total += torch.stack([loss_sum.double(), kept.new_tensor(kept.numel()).double(), n_bytes])
-        loss_sum, count, n_bytes = parallel.all_reduce_sum(total, self.par).tolist()
-        self.val_bpb = bits_per_byte(loss_sum, n_bytes)
+            count, n_bytes = kept.new_tensor(kept.numel()).double(), sizes[kept].sum()
+            total += torch.stack([loss_sum.double(), count, text_sum.double(), n_bytes])
+        loss_sum, count, text_sum, n_bytes = parallel.all_reduce_sum(total, self.par).tolist()
+        self.val_bpb = bits_per_byte(text_sum, n_bytes)
         return loss_sum / max(count, 1)
 
     def samples(self) -> dict[str, str]:
