@@ -281,3 +281,37 @@ def test_chaos_mixed_traffic_changes_no_answer_and_the_ledger_matches_the_client
     assert billed["a"]["completion_tokens"] == sum(u["completion_tokens"] for u in told["a"])
     streamed = sum(u["completion_tokens"] for u in told["b"])
     assert streamed + 0.95 * delivered <= billed["b"]["completion_tokens"] <= streamed + 600
+
+
+def chunked(body: dict):
+    """A request body sent with Transfer-Encoding: chunked (no Content-Length), in two pieces."""
+    data = json.dumps(body).encode()
+    yield data[:10]
+    yield data[10:]
+
+
+def test_a_chunked_streamed_request_is_answered_and_the_server_stays_responsive(server):
+    """A chunked body once froze the server for good: the body-limit middleware answered every later
+    receive() with an empty request, so the stream's disconnect watch spun on the event loop."""
+    body = {"model": "nanoseek", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 5}
+    headers = {"Authorization": "Bearer key-a", "Content-Type": "application/json"}
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", content=chunked(body), headers=headers, timeout=20
+    ) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "data: [DONE]" and len(events) > 2
+    start = time.monotonic()
+    assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+    assert time.monotonic() - start < 2
+
+
+def test_a_chunked_request_whose_client_leaves_stops_and_is_not_billed_in_full(server):
+    """A chunked, non-streamed request whose client goes away is cancelled, as a sized one is."""
+    body = {"model": "nanoseek", "messages": [{"role": "user", "content": "count"}], "max_tokens": 900}
+    headers = {"Authorization": "Bearer key-a", "Content-Type": "application/json"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", content=chunked(body), headers=headers, timeout=1.5)
+    deadline = time.monotonic() + 10
+    while server.health()["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.health()["running"] == 0  # cancelled, not run to 900 tokens

@@ -539,6 +539,10 @@ class Engine:
         }
         if self.exchange is not None:
             ex = self.exchange.metrics
-            stats |= {"moe_dispatched": ex.dispatched, "moe_received": ex.received}
-            stats |= {"moe_bytes": ex.bytes_sent, "moe_tokens": ex.tokens, "moe_replica_pairs": ex.replica_pairs}
+            stats |= {"moe_dispatched": list(ex.dispatched), "moe_received": list(ex.received)}
+            stats |= {
+                "moe_bytes": list(ex.bytes_sent),
+                "moe_tokens": list(ex.tokens),
+                "moe_replica_pairs": ex.replica_pairs,
+            }
         return [stats]

@@ -187,11 +187,13 @@ class BodyLimit:
             size, more = size + len(chunks[-1]), message.get("more_body", False)
             if size > self.max_bytes:
                 return await self._refuse(scope, send, 413, self._too_large())
-        body = b"".join(chunks)
+        body: bytes | None = b"".join(chunks)
 
-        async def replay():
+        async def replay():  # the body once, then the connection's own messages (its disconnect above all)
             nonlocal body
-            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
+            if body is None:
+                return await receive()
+            message, body = {"type": "http.request", "body": body, "more_body": False}, None
             return message
 
         return await self.app(scope, replay, send)
