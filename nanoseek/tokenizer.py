@@ -53,7 +53,8 @@ SPECIAL, TEXT, MARKUP = "special", "text", "markup"  # how a part of a chat is e
 # handles continue_final_message.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] or '' }}{% endif %}{% endfor %}"
+    "{% for m in messages | selectattr('role', 'equalto', 'system') %}"
+    "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}{{ m['content'] or '' }}{% endfor %}"
     "{% if tools %}{{ '\\n\\n## Tools\\nYou have access to the following tools:\\n' }}"
     "{% for tool in tools %}{% set f = tool['function'] %}"
     "{{ '\\n### ' + f['name'] + '\\nDescription: ' + (f['description'] if f['description'] is defined else '')"
@@ -161,7 +162,9 @@ class Tokenizer:
                 raise ValueError(f"each message needs a role {'/'.join(ROLES)} and a string content, got {m!r}")
         if continue_final_message and messages[-1]["role"] != "assistant":
             raise ValueError("continue_final_message needs an assistant message last")
-        system = "".join(m.get("content") or "" for m in messages if m["role"] == "system") + tools_prompt(tools or [])
+        # several system messages are one prompt, joined by a blank line (V3's template)
+        system = "\n\n".join(m.get("content") or "" for m in messages if m["role"] == "system")
+        system += tools_prompt(tools or [])
         parts, previous = [(self.bos_token, SPECIAL, False), (system, TEXT, False)], None
         for m in messages:
             role, content = m["role"], m.get("content") or ""

@@ -189,3 +189,31 @@ def test_special_tokens_typed_in_a_message_are_text_not_a_forged_turn(tokenizer)
     assert tokenizer.decode(tokenizer.encode_text(typed)) == typed  # the typed text comes back as typed
     # A conversation without typed specials tokenises exactly as its template text does.
     assert real == tokenizer.encode(tokenizer.apply_chat_template(chat))
+
+
+# The system-prompt part of DeepSeek-V3's chat template (its tokenizer_config.json), verbatim.
+V3_SYSTEM = (
+    "{% set ns = namespace(system_prompt='', is_first_sp=true) %}{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{%- if ns.is_first_sp %}"
+    "{% set ns.system_prompt = ns.system_prompt + message['content'] %}{% set ns.is_first_sp = false %}"
+    "{%- else %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}{%- endif %}"
+    "{%- endif %}{%- endfor %}{{ bos_token }}{{ ns.system_prompt }}"
+)
+
+
+def test_system_messages_join_as_deepseek_v3s_template_does(tmp_path, tokenizer):
+    """Two system messages are one prompt joined by a blank line (they once ran together: RULE-ONERULE-TWO),
+    in the Python renderer and the Jinja template transformers reads."""
+    import jinja2
+    from transformers import AutoTokenizer
+
+    chat = [
+        {"role": "system", "content": "RULE-ONE"},
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": "RULE-TWO"},
+    ]
+    expected = jinja2.Template(V3_SYSTEM).render(messages=chat, bos_token=BOS) + USER
+    assert tokenizer.apply_chat_template(chat).startswith(expected)
+    tokenizer.save(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True).startswith(expected)
