@@ -105,9 +105,10 @@ def hf_tensor_map(model: Transformer) -> tuple[dict[str, torch.Tensor], set[str]
 
 # --- saving ---------------------------------------------------------------------------------------
 def is_fp8_weight(key: str, t: torch.Tensor) -> bool:
-    """The projections DeepSeek-V3 ships in FP8: attention and MLP/expert matrices (not gate, embeddings,
-    head, norms, or the MTP modules' eh_proj)."""
-    return t.ndim == 2 and key.endswith("_proj.weight") and (".self_attn." in key or ".mlp." in key)
+    """The projections DeepSeek-V3 ships in FP8: attention (kv_a_proj_with_mqa included) and MLP/expert
+    matrices (not gate, embeddings, head, norms, or the MTP modules' eh_proj)."""
+    projection = key.endswith(("_proj.weight", ".kv_a_proj_with_mqa.weight"))
+    return t.ndim == 2 and projection and (".self_attn." in key or ".mlp." in key)
 
 
 def save_pretrained(

@@ -87,3 +87,25 @@ def test_cost_reports_weights_per_gpu_kv_tokens_and_a_decode_bound():
     # Batch 1 reads the activated weights once: about 37B parameters (plus MTP-free head) in FP8.
     assert 30e9 < bounds[0]["bytes_per_step"] < 45e9
     assert serving["deepseek_decode_tokens_per_h800_node"] == 14.8e3
+
+
+def test_kv_a_proj_with_mqa_is_saved_loaded_and_kept_in_fp8_as_deepseek_ships_it(tmp_path):
+    """DeepSeek-V3's FP8 checkpoint has kv_a_proj_with_mqa in F8_E4M3 with a [ceil(576/128), ceil(in/128)]
+    scale: V3's 576 rows (512 latent + 64 RoPE) leave a partial last block of scales."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny").replace(kv_lora_rank=512, qk_rope_head_dim=64)  # V3's 576 latent + RoPE rows
+    model = Transformer(cfg)
+    save_pretrained(model, tmp_path, fp8=True)
+    key = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    with safe_open(str(next(tmp_path.glob("*.safetensors"))), "pt") as f:
+        weight, scale = f.get_tensor(key), f.get_tensor(key + "_scale_inv")
+    assert weight.dtype == torch.float8_e4m3fn and tuple(weight.shape) == (576, cfg.hidden_size)
+    assert tuple(scale.shape) == (5, 1)
+    resident = from_pretrained(tmp_path, dtype=torch.float32, weights="auto")
+    assert isinstance(resident.layers[0].self_attn.kv_a_proj_with_mqa, Fp8Weight)
+    dense = from_pretrained(tmp_path, dtype=torch.float32, weights="fp32")
+    ids = torch.arange(1, 20)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(resident(ids), dense(ids), rtol=1e-4, atol=1e-4)

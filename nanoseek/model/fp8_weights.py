@@ -69,9 +69,10 @@ def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 def is_fp8_projection(name: str, module: nn.Module) -> bool:
-    """The projections DeepSeek-V3 ships in FP8: attention and MLP matrices; not the MTP modules' eh_proj,
-    the output head or the router (see checkpoint.is_fp8_weight, which names the same by their keys)."""
-    return type(module) is nn.Linear and name.endswith("_proj") and name != "eh_proj" and module.bias is None
+    """The projections DeepSeek-V3 ships in FP8: attention (kv_a_proj_with_mqa included) and MLP matrices; not
+    the MTP modules' eh_proj, the output head or the router (checkpoint.is_fp8_weight names the same by key)."""
+    projection = name.endswith(("_proj", "kv_a_proj_with_mqa")) and name != "eh_proj"
+    return type(module) is nn.Linear and projection and module.bias is None
 
 
 def make_fp8_resident(model: nn.Module) -> nn.Module:
