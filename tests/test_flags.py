@@ -112,3 +112,12 @@ def test_a_list_flag_needs_a_value_and_a_type_it_cannot_parse_is_refused():
 
     with pytest.raises(TypeError, match="cannot parse"):
         add_dataclass_flags(argparse.ArgumentParser(), Unparseable)
+
+
+@pytest.mark.parametrize("key", ["", "   "])
+def test_an_empty_admin_key_is_refused_at_start(key):
+    """An unset variable (--admin-key "$ADMIN") once opened /metrics to a bare `Authorization: Bearer`."""
+    from nanoseek.serve.config import ServeConfig
+
+    with pytest.raises(ValueError, match="--admin-key"):
+        ServeConfig(model="m", admin_key=key)

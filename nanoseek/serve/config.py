@@ -151,6 +151,8 @@ class ServeConfig:
             raise ValueError("--max-concurrent-per-key must be 0 (no limit) or positive")
         if min(self.max_pending, self.max_body_bytes) < 1:
             raise ValueError("--max-pending and --max-body-bytes must be positive")
+        if self.admin_key is not None and not self.admin_key.strip():
+            raise ValueError("--admin-key is empty (an unset variable?): give a key, or leave the flag out")
 
     @property
     def names(self) -> list[str]:
