@@ -127,6 +127,12 @@ def test_lax_types_lone_surrogates_and_impossible_sizes_are_400s(server):
     raw = b'{"model": "nanoseek", "messages": [{"role": "user", "content": "\\ud800"}]}'
     r = post(server, "/v1/chat/completions", raw)
     assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+    tool = (
+        b'{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "description": "\\ud800"}}}'
+    )
+    raw = b'{"model": "nanoseek", "messages": [{"role": "user", "content": "hi"}], "tools": [' + tool + b"]}"
+    r = post(server, "/v1/chat/completions", raw)  # a 500 once: `parameters` is text too
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], r.text
     r = post(server, "/v1/completions", {"model": "nanoseek", "prompt": ["a", "b"], "n": 9, "max_tokens": 1})
     assert r.status_code == 400 and "--max-pending" in r.json()["error"]["message"]  # 18 > 16: never fits
 

@@ -8,6 +8,7 @@ OpenAI's prompt_tokens_details.cached_tokens and completion_tokens_details.reaso
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -31,8 +32,15 @@ def _utf8(text: str) -> str:
     return text
 
 
+def _utf8_json(value: dict) -> dict:
+    """A JSON object (a tool's parameters, a response schema) is text too: no lone surrogate anywhere in it."""
+    _utf8(json.dumps(value, ensure_ascii=False))
+    return value
+
+
 # Strict types, as OpenAI's API: "5", true and "yes" are not numbers or booleans.
 Text = Annotated[str, AfterValidator(_utf8)]
+JsonObject = Annotated[dict, AfterValidator(_utf8_json)]
 Stop = Annotated[Text, Field(min_length=1, max_length=256)]
 Number = Annotated[float, Field(strict=True)]  # an int is a number too; a string or a bool is not
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
@@ -67,7 +75,7 @@ FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # OpenAI
 class FunctionDefinition(Strict):
     name: FunctionName
     description: Text | None = None
-    parameters: dict | None = None  # a JSON Schema of the arguments
+    parameters: JsonObject | None = None  # a JSON Schema of the arguments
     strict: StrictBool | None = None  # the arguments must validate against it (decoding is constrained)
 
 
@@ -125,7 +133,7 @@ class StreamOptions(Strict):
 class JsonSchemaFormat(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
     description: Text | None = None
-    schema_: dict | None = Field(None, alias="schema")  # None: any JSON object
+    schema_: JsonObject | None = Field(None, alias="schema")  # None: any JSON object
     strict: StrictBool | None = None  # honoured either way: decoding is always constrained to the schema
 
 
