@@ -46,6 +46,13 @@ def run_cost(cfg, plan: dict[str, Any], stages: dict[str, Any]) -> dict[str, Any
     }
 
 
+def balance(loads: dict[str, float] | None) -> str:
+    """The last step's max / mean expert load per MoE layer (1.0: balanced), for the pretrain row."""
+    if not loads:
+        return ""
+    return "; expert load max/mean at the end " + ", ".join(f"{layer} {v:.2f}" for layer, v in loads.items())
+
+
 def write_report(out: Path, preset: str, cfg, plan: dict[str, Any], stages: dict[str, Any]) -> list[Path]:
     """report.json, report.md and a self-contained report.html (plots inlined) in `out`."""
     import base64
@@ -119,6 +126,7 @@ def write_report(out: Path, preset: str, cfg, plan: dict[str, Any], stages: dict
         + (f" ({s['pretrain']['val_bpb']:.3f} bits/byte)" if s["pretrain"].get("val_bpb") else "")
         + f", {s['pretrain']['tokens_per_s']:.0f} tok/s"
         + (f", MFU {s['pretrain']['mfu']:.1%}" if s["pretrain"].get("mfu") else "")
+        + balance(s["pretrain"].get("max_over_mean_load"))
         + " |",
         f"| fp8 | {s['fp8']['seconds']:.0f} | {gpu_s['fp8']:.3g} | FP8 / BF16 final loss "
         f"{s['fp8']['final_loss_ratio']:.3f}, speed {s['fp8']['speed_ratio']:.2f}x |",

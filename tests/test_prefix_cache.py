@@ -1,6 +1,7 @@
 """The disk tier of the prefix cache and the engine's cache namespaces."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -150,3 +151,17 @@ def test_start_up_removes_dead_writers_half_files_but_not_a_live_servers(tmp_pat
         half.write_bytes(b"half a block")
     DiskCache(tmp_path)
     assert not half_dead.exists() and half_live.exists()
+
+
+def test_a_huge_file_under_a_blocks_name_is_a_miss_read_never(tmp_path):
+    """A 3 GiB (sparse) file under a block's name once stalled the engine 25 s and took memory to 6.7 GB:
+    a file larger than any block this cache writes is refused by its size, unread, and removed."""
+    digest = b"\x07" * 16
+    (tmp_path / digest.hex()[:2]).mkdir()
+    huge = tmp_path / digest.hex()[:2] / f"{digest.hex()}.kv"
+    with open(huge, "wb") as f:
+        f.truncate(3 * 2**30)
+    cache = DiskCache(tmp_path, max_file_bytes=2**20)
+    start = time.monotonic()
+    assert cache.get(digest) is None and cache.corrupt == 1 and not huge.exists()
+    assert time.monotonic() - start < 1

@@ -188,7 +188,10 @@ class Engine:
         )
         self.disk_cache = None
         if cfg.cache_dir is not None:
-            self.disk_cache = DiskCache(cfg.cache_dir, int(cfg.disk_cache_gb * 2**30), self.fingerprint)
+            block_bytes = self.spec.bytes_per_token * block_size  # a file is this, a header and tensor names
+            self.disk_cache = DiskCache(
+                cfg.cache_dir, int(cfg.disk_cache_gb * 2**30), self.fingerprint, max_file_bytes=2 * block_bytes + 2**16
+            )
             self.block_manager.on_register = self._persist_block
         load = self._load_block if self.disk_cache is not None else None
         copy = lambda src, dst: self.pool.copy_block(self._block_slots(src), self._block_slots(dst))  # noqa: E731

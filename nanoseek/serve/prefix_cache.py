@@ -33,23 +33,39 @@ DIGEST, FINGERPRINT, CHECKSUM = 16, 16, 32
 HEADER = len(MAGIC) + DIGEST + FINGERPRINT + CHECKSUM
 
 
-def _read_regular(path: Path) -> bytes:
-    """The bytes of a regular file; OSError for anything else (never blocks on a FIFO, never follows links)."""
+class TooLarge(ValueError):
+    """A file under a block's name larger than any block this cache writes."""
+
+
+def _read_regular(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most max_bytes; OSError for anything else (never blocks on a FIFO,
+    never follows links), TooLarge (unread) for a bigger file."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError(f"{path} is not a regular file")
-        return f.read()
+        if st.st_size > max_bytes:
+            raise TooLarge(f"{path} holds {st.st_size} bytes, more than a block's {max_bytes}")
+        return f.read(max_bytes + 1)
 
 
 class DiskCache:
-    def __init__(self, directory: str | Path, max_bytes: int = 8 * 2**30, fingerprint: bytes = bytes(FINGERPRINT)):
+    def __init__(
+        self,
+        directory: str | Path,
+        max_bytes: int = 8 * 2**30,
+        fingerprint: bytes = bytes(FINGERPRINT),
+        max_file_bytes: int = 256 * 2**20,
+    ):
+        """max_file_bytes: the largest block file read (the engine passes its block's size and headroom); a
+        bigger file under a block's name is corrupt, refused by its size."""
         if len(fingerprint) != FINGERPRINT:
             raise ValueError(f"the model fingerprint must be {FINGERPRINT} bytes")
         self.fingerprint = fingerprint
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.max_bytes = max_bytes
+        self.max_bytes, self.max_file_bytes = max_bytes, max_file_bytes
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
         for shard in self.dir.iterdir():  # half files that this host's dead writers left; live ones stay
@@ -83,11 +99,13 @@ class DiskCache:
             self._index.move_to_end(name)
         path = self._path(name)
         try:
-            data = _read_regular(path)
+            data = _read_regular(path, self.max_file_bytes)
         except OSError:  # evicted meanwhile, unreadable, or not a regular file: a plain miss
             self.misses += 1
             self._forget(name)
             return None
+        except TooLarge:
+            data = b""  # corrupt: counted and removed below
         try:
             holds = data[len(MAGIC) : len(MAGIC) + DIGEST]
             model = data[len(MAGIC) + DIGEST : len(MAGIC) + DIGEST + FINGERPRINT]

@@ -47,7 +47,12 @@ class RecipeConfig(RunConfig):
     beta2: float = flag("AdamW beta2", default=0.95)
     mtp_lambda: float = flag("weight of the MTP loss (V3: 0.3, then 0.1)", default=0.3)
     balance_alpha: float = flag("weight of the sequence-wise balance loss, per MoE layer", default=1e-4)
-    bias_gamma: float = flag("aux-loss-free bias update speed; 0 turns it off", default=1e-3)
+    bias_gamma: float | None = flag(
+        "aux-loss-free bias update speed: after each step b_i += gamma * sign(mean load - load_i); default V3's "
+        "1e-3, raised to 2.5 / --steps for runs under 2,500 steps (so that a bias can move as far as it must); "
+        "0 turns it off",
+        default=None,
+    )
     eval_batches: int = flag("validation batches per evaluation", default=4)
     sample_tokens: int = flag("tokens sampled per prompt at evaluation steps; 0: none", default=48)
     keep: int = flag("checkpoints to keep", default=3)

@@ -7,7 +7,8 @@ teacher's traces) from a model folder.
 
 Loss = next-token cross-entropy + mtp_lambda * mean MTP cross-entropy (V3 Sec. 2.2.2, eq. 24-25)
 + balance_alpha * the sequence-wise balance loss (Sec. 2.1.2, eq. 17-20). After every optimizer step,
-each MoE gate's bias moves by bias_gamma * sign(mean load - load) (auxiliary-loss-free balancing).
+each MoE gate's bias moves by bias_gamma * sign(mean load - load) (auxiliary-loss-free balancing; gamma V3's
+1e-3, raised for short runs: moe.bias_gamma_for).
 AdamW, warmup then cosine or WSD, clipping, accumulation, bf16 autocast where the hardware is fast at
 it, exact resume from atomic checkpoints.
 """
@@ -30,7 +31,7 @@ from nanoseek.data import IGNORE, ChatLoader, PackedLoader, ensure_default_data
 from nanoseek.device import default_device, default_dtype
 from nanoseek.fp8 import convert_to_fp8
 from nanoseek.model import Transformer
-from nanoseek.model.moe import update_balancing_bias
+from nanoseek.model.moe import bias_gamma_for, update_balancing_bias
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
 from nanoseek.train import parallel
 from nanoseek.train.config import SFTConfig, TrainConfig
@@ -136,6 +137,7 @@ class Trainer:
                 raise ValueError(f"logit distillation needs one vocabulary: {sizes}")
         self.step, self.tokens = 0, 0
         self.moe = self.model.moe_layers()
+        self.bias_gamma = cfg.bias_gamma if cfg.bias_gamma is not None else bias_gamma_for(cfg.steps)
         self.writer = None
 
     def _loaders(self) -> tuple[PackedLoader | ChatLoader, PackedLoader | ChatLoader | None]:
@@ -264,10 +266,10 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if cfg.bias_gamma > 0:
+        if self.bias_gamma > 0:
             for load, (_, moe) in zip(loads, self.moe, strict=True):
                 if load.sum() > 0:
-                    update_balancing_bias(moe.gate, load, cfg.bias_gamma)
+                    update_balancing_bias(moe.gate, load, self.bias_gamma)
         self.step += 1
         seconds = time.perf_counter() - start
         metrics: dict[str, Any] = {"step": self.step, **totals, "grad_norm": grad_norm, "lr": lr}
