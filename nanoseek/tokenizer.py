@@ -86,6 +86,22 @@ CHAT_TEMPLATE = (
 )
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-to-character map (the ByteLevel pre-tokenizer's), inverted: character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_alphabet()
+
+
 class Tokenizer:
     """A thin wrapper: encode/decode, the chat template, and the ids the trainer and engine need."""
 
@@ -139,6 +155,22 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token: int) -> bytes:
+        """A token's own raw bytes (part of a character, for a character split over tokens): byte-level BPE
+        spells each byte as one character of GPT-2's byte alphabet; a special token is its UTF-8 text."""
+        piece = self.tok.id_to_token(token) or ""
+        if piece in self._specials or not self._byte_level:
+            return self.decode([token]).encode()
+        return bytes(_BYTE_OF[c] for c in piece)
+
+    @functools.cached_property
+    def _specials(self) -> set[str]:
+        return {t.content for t in self.tok.get_added_tokens_decoder().values()}
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        return "ByteLevel" in json.dumps(json.loads(self.tok.to_str()).get("decoder"))
 
     def chat_parts(
         self,

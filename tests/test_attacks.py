@@ -313,7 +313,12 @@ def test_a_chunked_streamed_request_is_answered_and_the_server_stays_responsive(
 
 def test_a_chunked_request_whose_client_leaves_stops_and_is_not_billed_in_full(server):
     """A chunked, non-streamed request whose client goes away is cancelled, as a sized one is."""
-    body = {"model": "nanoseek", "messages": [{"role": "user", "content": "count"}], "max_tokens": 900}
+    body = {
+        "model": "nanoseek",
+        "messages": [{"role": "user", "content": "count"}],
+        "max_tokens": 900,
+        "temperature": 0,
+    }
     headers = {"Authorization": "Bearer key-a", "Content-Type": "application/json"}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", content=chunked(body), headers=headers, timeout=1.5)
@@ -321,3 +326,29 @@ def test_a_chunked_request_whose_client_leaves_stops_and_is_not_billed_in_full(s
     while server.health()["running"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.health()["running"] == 0  # cancelled, not run to 900 tokens
+
+
+def test_lax_logit_bias_keys_and_malformed_tool_turns_are_400s_naming_the_field(server):
+    """int() takes " 5 ", "+5", "٥" and "1_0": token ids are ASCII digits; an out-of-range id is the
+    logit_bias field's fault; a tool message needs its tool_call_id and an assistant call before it, and an
+    assistant's call arguments are JSON (OpenAI answers each with a 400)."""
+    chat = {"model": "nanoseek", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    for key in (" 5 ", "+5", "٥", "1_0", "99999999"):
+        r = post(server, "/v1/chat/completions", chat | {"logit_bias": {key: 1}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", (key, r.text)
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    user, answered = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}
+    for messages in (
+        [user, {"role": "tool", "content": "42", "tool_call_id": "c1"}],  # an orphan result
+        [user, answered, {"role": "tool", "content": "42"}],  # no tool_call_id
+        [user, answered | {"tool_calls": [call | {"function": {"name": "g", "arguments": "not json"}}]}],
+    ):
+        r = post(server, "/v1/chat/completions", chat | {"messages": messages, "tools": tools})
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages"), (messages, r.text)
+    ok = post(
+        server,
+        "/v1/chat/completions",
+        chat | {"messages": [user, answered, {"role": "tool", "content": "4", "tool_call_id": "c1"}]},
+    )
+    assert ok.status_code == 200, ok.text

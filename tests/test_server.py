@@ -270,3 +270,20 @@ def test_metrics_expose_latencies_tokens_cache_hits_and_load(server):
         "nanoseek_spec_decode_acceptance_rate",
     ):
         assert name in text, name
+
+
+def test_streamed_completion_text_offsets_run_on_across_chunks_as_the_whole_replys(server):
+    """text_offset is each token's place in the whole text (the echoed prompt included), not in its chunk:
+    the streamed offsets equal the non-streamed ones (they once restarted at 0 in every chunk)."""
+    c = client(server)
+    options = dict(model="nanoseek", prompt="def add(a, b):", max_tokens=12, temperature=0, logprobs=1)
+    whole = c.completions.create(**options).choices[0].logprobs.text_offset
+    streamed = [
+        o
+        for ch in c.completions.create(stream=True, **options)
+        if ch.choices[0].logprobs
+        for o in ch.choices[0].logprobs.text_offset
+    ]
+    assert streamed == whole and whole == sorted(whole) and len(set(whole)) > 1
+    echoed = c.completions.create(echo=True, **options | {"logprobs": None, "max_tokens": 1}).choices[0].text
+    assert echoed.startswith("def add(a, b):")

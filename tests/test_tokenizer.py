@@ -217,3 +217,15 @@ def test_system_messages_join_as_deepseek_v3s_template_does(tmp_path, tokenizer)
     tokenizer.save(tmp_path)
     hf = AutoTokenizer.from_pretrained(tmp_path)
     assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True).startswith(expected)
+
+
+def test_chat_logprob_bytes_are_each_tokens_raw_bytes(tokenizer):
+    """A character split over tokens: each token's bytes are its own raw bytes, which add up to the reply's
+    UTF-8 (they were the bytes of U+FFFD, 81 bytes for 26)."""
+    from nanoseek.serve.protocol import chat_logprobs
+
+    reply = '{"v": "😀 中文 🧪"}'
+    ids = tokenizer.encode(reply)
+    content = chat_logprobs(tokenizer, ids, [(0.0, {t: 0.0}) for t in ids], top=1)["content"]
+    assert b"".join(bytes(e["bytes"]) for e in content) == reply.encode()
+    assert all(e["bytes"] == e["top_logprobs"][0]["bytes"] for e in content)

@@ -101,8 +101,9 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
 
     @app.get("/health", response_model=None)
     async def health() -> dict | JSONResponse:
-        if service.runner.failed is not None:
-            return JSONResponse({"status": "unavailable", "reason": service.runner.failed}, status_code=503)
+        reason = service.runner.failed or ledger.unavailable  # a failed engine, or a ledger that takes no writes
+        if reason is not None:
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         stats = engine.stats()
         return {
             "status": "ok",
@@ -318,13 +319,14 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
         def echoed(p: int) -> str:
             return "" if not body.echo else prompts[p] if isinstance(prompts[p], str) else tokenizer.decode(encoded[p])
 
-        def logprobs_of(out: RequestOutput, new: slice = slice(None)) -> dict | None:
+        def logprobs_of(out: RequestOutput, new: slice = slice(None), offset: int = 0) -> dict | None:
+            """offset: where the first of these tokens lies in the whole text (the echoed prompt included)."""
             if body.logprobs is None:
                 return None
             if body.scoring:  # the prompt's tokens first (the first scored by nothing), then the reply's
                 ids, logprobs = out.prompt_token_ids + out.token_ids, out.prompt_logprobs + out.logprobs
                 return completion_logprobs(tokenizer, ids, logprobs)
-            return completion_logprobs(tokenizer, out.token_ids[new], out.logprobs[new])
+            return completion_logprobs(tokenizer, out.token_ids[new], out.logprobs[new], offset)
 
         def usage_now() -> dict:
             return usage(
@@ -343,7 +345,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
                 {
                     "index": p * body.n + j,
                     "text": echoed(p) + out.text,
-                    "logprobs": logprobs_of(out),
+                    "logprobs": logprobs_of(out, offset=len(echoed(p))),
                     "finish_reason": out.finish_reason,
                 }
                 for p, outs in enumerate(results)
@@ -353,6 +355,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
 
         base = head | ({"usage": None} if body.include_usage else {})
         deltas, sent_logprobs = [TextDeltas(body.stop_list) for _ in range(body.n)], [0] * body.n
+        offsets = [len(echoed(0))] * body.n  # text_offset runs on across chunks, as in the whole text
 
         def chunk(j: int, text: str, logprobs: dict | None = None, finish: str | None = None) -> str:
             return sse(base | {"choices": [{"index": j, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
@@ -360,7 +363,9 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
         def chunks(j: int, out: RequestOutput, finished: bool):
             piece = deltas[j].advance({"reasoning_content": "", "content": out.text}, finished).get("content")
             if piece or finished:  # log-probs of held-back tokens go with the next chunk
-                yield chunk(j, piece or "", logprobs_of(out, slice(sent_logprobs[j], None)), out.finish_reason)
+                new = slice(sent_logprobs[j], len(out.logprobs))
+                yield chunk(j, piece or "", logprobs_of(out, new, offsets[j]), out.finish_reason)
+                offsets[j] += sum(len(tokenizer.decode([t])) for t in out.token_ids[new])
                 sent_logprobs[j] = len(out.logprobs)
 
         opening = [chunk(j, echoed(0)) for j in range(body.n if body.echo else 0)]

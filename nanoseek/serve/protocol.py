@@ -11,7 +11,7 @@ import itertools
 import json
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 from pydantic_core import PydanticCustomError
 
 from nanoseek.serve.sampling import SamplingParams
@@ -44,6 +44,7 @@ JsonObject = Annotated[dict, AfterValidator(_utf8_json)]
 Stop = Annotated[Text, Field(min_length=1, max_length=256)]
 Number = Annotated[float, Field(strict=True)]  # an int is a number too; a string or a bool is not
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+TokenKey = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]  # a token id as a JSON key: ASCII digits, nothing else
 
 
 def refused(why: str, allowed: tuple = (None,)):
@@ -163,7 +164,9 @@ class SamplingRequest(Strict):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = Field(None, max_length=256)  # an end-user id for abuse tracking: accepted
-    logit_bias: dict[str, Annotated[float, Field(strict=True, ge=-100, le=100)]] | None = Field(None, max_length=300)
+    logit_bias: dict[TokenKey, Annotated[float, Field(strict=True, ge=-100, le=100)]] | None = Field(
+        None, max_length=300
+    )
     service_tier: Literal["auto", "default"] | None = None  # there is one tier
     store: refused("store: nanoseek keeps no completions for later retrieval", allowed=(None, False)) = None
     metadata: refused("metadata: it tags stored completions, and nanoseek stores none") = None
@@ -199,6 +202,29 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True  # False: at most one call per reply
+
+    @field_validator("messages")
+    @classmethod
+    def _tool_turns(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        """OpenAI's rules for tool turns: a tool message answers (by tool_call_id) a call of the assistant
+        message before it; an assistant's call arguments are JSON."""
+        calls: list[str | None] | None = None  # the ids of the calls the last assistant turn made
+        for i, m in enumerate(messages):
+            if m.role == "tool":
+                if m.tool_call_id is None:
+                    raise ValueError(f"messages[{i}]: a tool message needs the tool_call_id of the call it answers")
+                if calls is None:
+                    raise ValueError(f"messages[{i}]: a tool message must follow an assistant message with tool_calls")
+                if any(calls) and m.tool_call_id not in calls:
+                    raise ValueError(f"messages[{i}]: tool_call_id {m.tool_call_id!r} answers no call before it")
+                continue
+            calls = [c.id for c in m.tool_calls] if m.role == "assistant" and m.tool_calls else None
+            for call in m.tool_calls or []:
+                try:
+                    json.loads(call.function.arguments)
+                except ValueError:
+                    raise ValueError(f"messages[{i}]: the arguments of {call.function.name} are not JSON") from None
+        return messages
 
     @property
     def tool_mode(self) -> str | None:
@@ -264,8 +290,7 @@ def chat_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list, to
     """OpenAI's chat logprobs: per token its text, bytes, log-probability and the top alternatives."""
 
     def entry(token: int, logprob: float) -> dict:
-        text = tokenizer.decode([token])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": tokenizer.decode([token]), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token))}
 
     content = []
     for token, (logprob, alternatives) in zip(token_ids, logprobs, strict=False):

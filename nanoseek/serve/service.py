@@ -331,14 +331,13 @@ class Service:
             raise ApiError(400, str(e), param=param) from None
         return params
 
-    @staticmethod
-    def logit_bias(body: SamplingRequest) -> dict[int, float]:
-        try:
-            return {int(token): bias for token, bias in (body.logit_bias or {}).items()}
-        except ValueError:
-            raise ApiError(
-                400, 'logit_bias maps token ids (as strings, e.g. "42") to biases in [-100, 100]', param="logit_bias"
-            ) from None
+    def logit_bias(self, body: SamplingRequest) -> dict[int, float]:
+        """Token ids (ASCII digits, checked by the request model) in this model's vocabulary, and their biases."""
+        bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
+        vocab = self.engine.model.cfg.vocab_size
+        if any(token >= vocab for token in bias):
+            raise ApiError(400, f"logit_bias token ids must lie in [0, {vocab})", param="logit_bias")
+        return bias
 
     # --- generations ---------------------------------------------------------------------------------
     def start(
