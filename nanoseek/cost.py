@@ -868,7 +868,11 @@ def format_serving_report(report: dict[str, Any], name: str) -> str:
 def prices_flag() -> str:
     """The API prices option of every command that prices or bills (cost, serve, ledger): one name, one default
     (DeepSeek-V3's list prices in CNY)."""
-    return flag("per million tokens: cache-hit,cache-miss,output", default="0.5,2,8")
+    return flag(
+        "per million tokens: cache-hit,cache-miss,output (a ledger records each request's cost at the prices in "
+        "force when it ran; `nanoseek ledger` uses these only to price an old ledger once)",
+        default="0.5,2,8",
+    )
 
 
 def currency_flag() -> str:

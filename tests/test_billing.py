@@ -97,7 +97,7 @@ def test_a_running_request_holds_back_only_what_it_has_not_delivered(tmp_path):
     assert ledger.flush()
     account = ledger.account("k")
     assert account.reserved == Decimal("0.0028") and account.balance() == Decimal("0.01478")
-    assert account.can_afford(PRICES, Decimal("0.00802"))  # /user/balance's is_available agrees with admission
+    assert account.can_afford(Decimal("0.00802"))  # /user/balance's is_available agrees with admission
     ledger.open("k", 10, 1000)  # 0.01198 is left after open requests: admitted
     running.deliver(0, 10, 1000)
     running.close()

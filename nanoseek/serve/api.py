@@ -133,7 +133,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
     async def balance(key: str = Depends(account)) -> dict:
         """DeepSeek's balance shape; available while the balance, less open requests, pays for a minimal one."""
         account_now = await asyncio.to_thread(ledger.account, key, True)
-        left = account_now.balance(ledger.prices)
+        left = account_now.balance()
         amount = f"{left:.2f}" if left is not None else "inf"
         info = {
             "currency": ledger.prices.currency,
@@ -141,7 +141,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
             "granted_balance": amount,
             "topped_up_balance": "0.00",
         }
-        return {"is_available": account_now.can_afford(ledger.prices, ledger.minimal_cost()), "balance_infos": [info]}
+        return {"is_available": account_now.can_afford(ledger.minimal_cost()), "balance_infos": [info]}
 
     # --- vLLM's tokenizer routes: clients tokenise with the server's own tokenizer (lm-eval does) ----------
     @app.post("/tokenize")

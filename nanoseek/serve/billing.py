@@ -134,10 +134,10 @@ class Account:
     reserved: Decimal = Decimal(0)  # what open requests may still spend beyond what they delivered
 
     # `prices` is unused (costs are recorded); kept for the callers that pass the table (api.py).
-    def balance(self, prices: PriceTable | None = None) -> Decimal | None:
+    def balance(self) -> Decimal | None:
         return None if self.granted is None else self.granted - self.cost
 
-    def can_afford(self, prices: PriceTable | None, amount: Decimal) -> bool:
+    def can_afford(self, amount: Decimal) -> bool:
         balance = self.balance()
         return balance is None or balance - self.reserved >= amount
 
@@ -365,7 +365,7 @@ class Ledger:
             account = self._account(db, hashed)
             if account.granted is None:
                 return None
-            if not account.can_afford(self.prices, worst):
+            if not account.can_afford(worst):
                 left = account.balance() - account.reserved
                 raise InsufficientBalance(
                     f"this key's balance ({max(left, Decimal(0)):.6f} {self.prices.currency} after open requests) "
