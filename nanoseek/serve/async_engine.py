@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import uuid
 from dataclasses import dataclass
 
 from nanoseek.serve.engine import Engine, RequestOutput
@@ -31,6 +32,18 @@ class EngineError:
     request_id: str
     message: str
     status: int = 500
+
+
+def log_failure(what: str, trace: bool = True) -> str:
+    """Log a failure with its details under a fresh id, which is all the client is told (an exception's text
+    can hold source paths, hosts and ports: a gloo error once reached a 500 body)."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("%s (error id %s)", what, error_id, exc_info=trace)
+    return error_id
+
+
+def internal_error(request_id: str, error_id: str) -> EngineError:
+    return EngineError(request_id, f"internal engine error: the server's log has the details (error id {error_id})")
 
 
 class AsyncEngine:
@@ -117,10 +130,10 @@ class AsyncEngine:
             while command is not None:
                 try:
                     self._handle(command)
-                except Exception as e:  # one request's command: it fails alone, the engine goes on
-                    log.exception("engine command %s failed", command[0])
+                except Exception:  # one request's command: it fails alone, the engine goes on
+                    error_id = log_failure(f"engine command {command[0]} failed")
                     if command[0] == "add":
-                        self._send(command[1], EngineError(command[1], f"internal engine error: {e}"), last=True)
+                        self._send(command[1], internal_error(command[1], error_id), last=True)
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:
@@ -136,15 +149,15 @@ class AsyncEngine:
             except LaunchLost as e:
                 self._fail_all(str(e))
                 continue
-            except Exception as e:  # a bug, not a request's fault: fail what is running, keep serving
-                log.exception("engine step failed")
+            except Exception:  # a bug, not a request's fault: fail what is running, keep serving
+                error_id = log_failure("engine step failed")
                 for request_id in list(engine.sequences):
                     engine.cancel(request_id)
-                    self._send(request_id, EngineError(request_id, f"internal engine error: {e}"), last=True)
+                    self._send(request_id, internal_error(request_id, error_id), last=True)
                 continue
             for output in outputs:
                 if output.finish_reason == "error":
-                    error = EngineError(output.request_id, f"internal engine error: {output.error}")
-                    self._send(output.request_id, error, last=True)
+                    error_id = log_failure(f"request {output.request_id} failed: {output.error}", trace=False)
+                    self._send(output.request_id, internal_error(output.request_id, error_id), last=True)
                 else:
                     self._send(output.request_id, output, last=output.finish_reason is not None)
