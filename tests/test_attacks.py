@@ -352,3 +352,34 @@ def test_lax_logit_bias_keys_and_malformed_tool_turns_are_400s_naming_the_field(
         chat | {"messages": [user, answered, {"role": "tool", "content": "4", "tool_call_id": "c1"}]},
     )
     assert ok.status_code == 200, ok.text
+
+
+def test_tool_call_arguments_and_tool_descriptions_are_length_checked_before_tokenising(server):
+    """Text that holds more tokens than the context is refused unread wherever it sits: an earlier call's
+    arguments (1.55M tokens were once tokenised by /tokenize) or a tool's description."""
+    big = "x" * 300_000
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": json.dumps({"a": big})}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    r = post(server, "/tokenize", {"model": "nanoseek", "messages": messages})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    tools = [{"type": "function", "function": {"name": "f", "description": big, "parameters": {"type": "object"}}}]
+    chat = {"model": "nanoseek", "messages": [{"role": "user", "content": "hi"}], "tools": tools, "max_tokens": 1}
+    r = post(server, "/v1/chat/completions", chat)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+
+
+def test_prompt_log_probs_are_bounded_per_request(server):
+    """64 prompts with echo, logprobs 20 and max_tokens 0 once built 36 MB on the event loop: a request
+    asks for at most MAX_SCORED_ENTRIES log-probabilities, and the answer is built off the loop."""
+    from nanoseek.serve.protocol import MAX_SCORED_ENTRIES
+
+    unit = "def f(x):\n    return x + 1\n"
+    per_unit = len(post(server, "/tokenize", {"model": "nanoseek", "prompt": unit}).json()["tokens"])
+    prompt = unit * (900 // per_unit)  # about 900 tokens, within the tiny model's 1024 positions
+    tokens = len(post(server, "/tokenize", {"model": "nanoseek", "prompt": prompt}).json()["tokens"])
+    body = {"model": "nanoseek", "prompt": [prompt] * 16, "echo": True, "logprobs": 20, "max_tokens": 0}
+    assert 16 * tokens * 21 > MAX_SCORED_ENTRIES  # (16: this server's --max-pending)
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", r.text
+    few = post(server, "/v1/completions", body | {"prompt": [prompt] * 2, "logprobs": 1})
+    assert few.status_code == 200 and len(few.json()["choices"][0]["logprobs"]["tokens"]) >= tokens - 1  # no BOS

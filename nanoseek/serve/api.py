@@ -27,6 +27,7 @@ Choices, documented for clients:
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 import uuid
@@ -43,6 +44,7 @@ from nanoseek.serve.engine import Engine, RequestOutput
 from nanoseek.serve.errors import ApiError, BodyLimit, validation_error
 from nanoseek.serve.generation import EventStream, TextDeltas, sse, stream_events
 from nanoseek.serve.protocol import (
+    MAX_SCORED_ENTRIES,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -301,6 +303,10 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
     async def complete(body: CompletionRequest, request: Request, key: str, ticket: Ticket, prompts: list):
         encoded = await service.completion_prompts(prompts, body.suffix)
         scored = body.logprobs if body.scoring else None  # echo with logprobs: the prompt's log-probs too
+        if scored is not None:
+            entries = sum(len(ids) + body.max_tokens for ids in encoded) * body.n * (scored + 1)
+            if entries > MAX_SCORED_ENTRIES:
+                raise errors.too_many_scored(entries, MAX_SCORED_ENTRIES)
         sampling = [service.sampling_params(body, p, body.max_tokens, body.logprobs, "prompt", scored) for p in encoded]
         jobs = list(zip(encoded, sampling, strict=True))
         meters = await service.reserve(key, jobs)
@@ -341,17 +347,25 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
             finally:
                 for g in generations:
                     g.close()
-            choices = [
-                {
-                    "index": p * body.n + j,
-                    "text": echoed(p) + out.text,
-                    "logprobs": logprobs_of(out, offset=len(echoed(p))),
-                    "finish_reason": out.finish_reason,
-                }
-                for p, outs in enumerate(results)
-                for j, out in enumerate(outs)
-            ]
-            return head | {"choices": choices, "usage": usage_now()}
+
+            def answer() -> dict:
+                choices = [
+                    {
+                        "index": p * body.n + j,
+                        "text": echoed(p) + out.text,
+                        "logprobs": logprobs_of(out, offset=len(echoed(p))),
+                        "finish_reason": out.finish_reason,
+                    }
+                    for p, outs in enumerate(results)
+                    for j, out in enumerate(outs)
+                ]
+                return head | {"choices": choices, "usage": usage_now()}
+
+            if body.logprobs is None:
+                return answer()
+            # log-probabilities can run to megabytes of JSON: built and encoded off the event loop
+            content = await asyncio.to_thread(lambda: json.dumps(answer()).encode())
+            return Response(content, media_type="application/json")
 
         base = head | ({"usage": None} if body.include_usage else {})
         deltas, sent_logprobs = [TextDeltas(body.stop_list) for _ in range(body.n)], [0] * body.n

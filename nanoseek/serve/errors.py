@@ -108,6 +108,14 @@ def engine_unavailable(reason: str) -> ApiError:
     return ApiError(503, message, type="server_error", code="engine_unavailable")
 
 
+def too_many_scored(entries: int, limit: int) -> ApiError:
+    message = (
+        f"this request asks for {entries} log-probabilities (scored tokens x n x (1 + logprobs)); a request may ask "
+        f"for at most {limit}: send fewer prompts per request, or a smaller logprobs"
+    )
+    return ApiError(400, message, param="logprobs", code="too_many_logprobs")
+
+
 # the context
 def text_exceeds_context(size: int, context: int, longest: int, param: str) -> ApiError:
     """Text refused before tokenising: `size` bytes hold more than `context` tokens of at most `longest` bytes."""

@@ -21,6 +21,7 @@ DEFAULTS = SamplingParams()
 
 MAX_SEED = 2**63 - 1
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_SCORED_ENTRIES = 262_144  # log-probabilities (scored tokens x (1 + top)) one echoed request may ask for
 
 
 def _utf8(text: str) -> str:

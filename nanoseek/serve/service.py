@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -198,7 +199,11 @@ class Service:
     ) -> list[int]:
         """The chat template's ids. An earlier reply's reasoning (before its </think>) is not fed back, as
         DeepSeek's multi-turn rule; a prefix message (the last, an assistant's) is continued."""
-        self.check_text_length([m["content"] for m in messages], "messages")
+        calls = [c["function"] for m in messages for c in m.get("tool_calls") or []]
+        texts = [m["content"] for m in messages] + [f["name"] + f["arguments"] for f in calls]
+        self.check_text_length(texts, "messages")  # every text the template renders, before tokenising
+        if tools:
+            self.check_text_length([*texts, json.dumps(tools, ensure_ascii=False)], "tools")
         if thinking is not None and self.tokenizer.tok.token_to_id(END_THINK) is None:
             raise ApiError(
                 400, "this model's tokenizer has no <think> tokens: it cannot switch thinking", param="thinking"
