@@ -287,3 +287,17 @@ def test_streamed_completion_text_offsets_run_on_across_chunks_as_the_whole_repl
     assert streamed == whole and whole == sorted(whole) and len(set(whole)) > 1
     echoed = c.completions.create(echo=True, **options | {"logprobs": None, "max_tokens": 1}).choices[0].text
     assert echoed.startswith("def add(a, b):")
+
+
+def test_tokenize_adds_bos_as_vllms_does_and_text_completions_do_not(server):
+    """Settled: /tokenize follows vLLM (add_special_tokens, default true, puts BOS first); a text completion's
+    prompt has no BOS, as nanoseek's pretraining windows never had one (documents end in EOS instead)."""
+    c = client(server)
+    text = "def add(a, b):"
+    auth = {"Authorization": "Bearer key-a"}
+    counted = httpx.post(server.url + "/tokenize", json={"model": "nanoseek", "prompt": text}, headers=auth).json()
+    body = {"model": "nanoseek", "prompt": text, "add_special_tokens": False}
+    plain = httpx.post(server.url + "/tokenize", json=body, headers=auth).json()
+    assert counted["tokens"][1:] == plain["tokens"] and counted["count"] == plain["count"] + 1
+    out = c.completions.create(model="nanoseek", prompt=text, max_tokens=1, temperature=0)
+    assert out.usage.prompt_tokens == plain["count"]

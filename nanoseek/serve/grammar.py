@@ -37,6 +37,21 @@ def json_schema_rule(schema: dict) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)
 
 
+def closed(schema: object) -> object:
+    """A strict function's schema, as OpenAI's strict mode reads it: every object holds its declared keys
+    only (additionalProperties false where the schema leaves it open), nested schemas included."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) if isinstance(v, (dict, list)) else v for k, v in schema.items()}
+    if "properties" in out and isinstance(out["properties"], dict):  # a map of names, each one a schema
+        out["properties"] = {name: closed(s) for name, s in schema["properties"].items()}
+    if out.get("type") == "object" or "properties" in out:
+        out.setdefault("additionalProperties", False)
+    return out
+
+
 def special(tokenizer: Tokenizer, token: str) -> str:
     return f"<[{tokenizer.special_id(token)}]>"
 
@@ -59,7 +74,9 @@ def tool_grammar(tokenizer: Tokenizer, tools: Sequence[dict], mode: str, paralle
     for i, tool in enumerate(tools):
         f = tool["function"]
         head = json.dumps(f"{f['name']}\n```json\n")  # the name and the fence, as one Lark string
-        functions.append(f'f{i}: {head} {json_schema_rule(f.get("parameters") or {"type": "object"})} "\\n```"')
+        schema = f.get("parameters") or {"type": "object"}
+        schema = closed(schema) if f.get("strict") else schema
+        functions.append(f'f{i}: {head} {json_schema_rule(schema)} "\\n```"')
     more = ' ("\\n" call)*' if parallel and mode in ("auto", "required") else ""
     begin, end = special(tokenizer, TOOL_CALLS_BEGIN), special(tokenizer, TOOL_CALLS_END)
     call, sep, call_end = (
