@@ -1,5 +1,5 @@
 """Expert balance at our run length: V3's bias update speed (gamma 1e-3) against nanoseek's default for a short
-run (moe.bias_gamma_for: 2.5 / steps, at most 0.01), in the same run on the tiny speedrun's pretraining.
+run (moe.bias_gamma_for: 1.25 / steps, at most 0.005), in the same run on the tiny speedrun's pretraining.
 
     python benchmarks/bench_balancing.py [--steps 250] [--out docs/balancing.png]
     python benchmarks/bench_balancing.py --runs RUN_V3 RUN_DEFAULT     # plot two finished `nanoseek train` runs

@@ -154,18 +154,18 @@ def test_aux_free_bias_changes_only_with_gamma(data_dir, tmp_path):
 
 
 def test_the_default_bias_rate_fits_the_run_length(data_dir, tmp_path):
-    """V3's gamma (1e-3) over its ~250k steps; a short run raises it to 2.5 / steps (at most 0.01), so that its
-    biases can travel as far as they must in the steps it has. One step moves each bias by exactly that rate
-    (the sign rule)."""
+    """V3's gamma (1e-3) over its ~250k steps; a short run raises it to 1.25 / steps (at most 0.005), so that
+    its biases can travel as far as they must in the steps it has. One step moves each bias by exactly that
+    rate (the sign rule)."""
     from nanoseek.model.moe import bias_gamma_for
 
-    assert bias_gamma_for(1000) == pytest.approx(2.5e-3) and bias_gamma_for(250_000) == 1e-3
-    assert bias_gamma_for(250) == bias_gamma_for(4) == 0.01
+    assert bias_gamma_for(500) == pytest.approx(2.5e-3) and bias_gamma_for(250_000) == 1e-3
+    assert bias_gamma_for(250) == bias_gamma_for(4) == 0.005
     trainer = make_trainer(data_dir, tmp_path, steps=4)
-    assert trainer.bias_gamma == 0.01
+    assert trainer.bias_gamma == 0.005
     trainer.train_step()
     moved = trainer.model.layers[1].mlp.gate.e_score_correction_bias.abs()
-    assert torch.allclose(moved[moved > 0], torch.tensor(0.01))
+    assert torch.allclose(moved[moved > 0], torch.tensor(0.005))
 
 
 def test_corrupt_checkpoint_is_a_clear_error(data_dir, tmp_path):

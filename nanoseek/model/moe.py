@@ -391,15 +391,16 @@ def sequence_balance_loss(logits: torch.Tensor, indices: torch.Tensor, cfg: Mode
 
 
 V3_BIAS_GAMMA = 1e-3  # V3's bias update speed, over ~250k steps (14.3T tokens; then 0 for the last 500B)
-BIAS_TRAVEL = 2.5  # how far a bias must be able to move over a run: the sigmoid scores' useful range and more
-MAX_BIAS_GAMMA = 0.01  # faster, a step's sign flips would swing the routing more than they correct it
+BIAS_TRAVEL = 1.25  # how far a bias must be able to move over a run: beyond the sigmoid scores' spread
+MAX_BIAS_GAMMA = 0.005  # faster, a step's sign flips swing the routing more than they correct it
 
 
 def bias_gamma_for(steps: int) -> float:
     """The bias update speed for a run of `steps`: V3's 1e-3, raised for short runs to BIAS_TRAVEL / steps (at
-    most 0.01), so that an expert that starts hot can be cooled within the run. Measured on the tiny speedrun
-    (250 steps): at 1e-3 two experts stay hot to the end (max/mean load 1.86 in one layer); at 0.01 every
-    layer ends at <= 1.2 (docs/balancing.png)."""
+    most 0.005), so that an expert that starts hot can be cooled within the run. Measured on the tiny speedrun
+    (250 steps, benchmarks/bench_balancing.py): at 1e-3 two experts stay hot to the end (max/mean load 1.86
+    in one layer), val loss 2.814; at 0.005 every layer ends at <= 1.16, val loss 2.820; at 0.01, <= 1.20
+    and 2.829 (docs/balancing.png)."""
     return min(MAX_BIAS_GAMMA, max(V3_BIAS_GAMMA, BIAS_TRAVEL / steps))
 
 
