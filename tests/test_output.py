@@ -54,3 +54,21 @@ def test_characters_split_over_several_tokens_in_a_row_all_come_out_whole(tokeni
     out = TextOutput(tokenizer, stop=[])
     streamed = "".join(out.add(i) for i in ids) + out.flush()
     assert streamed == out.text == text
+
+
+def test_stop_strings_end_the_content_and_never_cut_a_tool_calls_arguments(tokenizer):
+    """Settled: a stop string ends the reply's text; inside tool calls (their name and JSON arguments) it is
+    data, so a call is never cut into invalid JSON."""
+    from nanoseek.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
+
+    call = f'{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}function{TOOL_SEP}f\n```json\n{{"a": "}}"}}\n```{TOOL_CALL_END}'
+    out = TextOutput(tokenizer, stop=["}"])
+    for i in tokenizer.encode("Let me call it." + call + TOOL_CALLS_END):
+        out.add(i)
+    assert not out.stopped and out.text.endswith('{"a": "}"}\n```')
+    before = TextOutput(tokenizer, stop=["}"])
+    for i in tokenizer.encode("a } b" + call):
+        before.add(i)
+        if before.stopped:
+            break
+    assert before.stopped and before.text == "a "

@@ -85,8 +85,9 @@ class TextOutput:
         return self.text[start:]
 
     def _cut_at_stop(self, new_start: int) -> None:
-        """A stop string can only end in the new text: search from hold characters before it."""
-        if not self.stop:
+        """A stop string can only end in the new text: search from hold characters before it. Inside tool
+        calls (their names and JSON arguments) a stop string is data: a call is never cut."""
+        if not self.stop or self.tool_calls_at is not None:
             return
         tail = max(0, new_start - self.hold)
         found = [i for i in (self.text.find(s, tail) for s in self.stop) if i >= 0]
