@@ -293,7 +293,10 @@ class Tokenizer:
 
 
 def tools_prompt(tools: Sequence[dict]) -> str:
-    """The tools' descriptions for the system prompt, and the call format (as DeepSeek-V3's tool prompts)."""
+    """The tools' descriptions for the system prompt, and the call format. Settled: DeepSeek-V3's own template
+    renders no tool descriptions, so they follow V3.1's wording ("## Tools", "### name", "Description",
+    "Parameters", "IMPORTANT: ALWAYS adhere..."), while the example call is V3's format (function<sep>name,
+    arguments in a json fence), the one tool_call_parts renders, the grammar constrains and the parser reads."""
     if not tools:
         return ""
     lines = ["\n\n## Tools\nYou have access to the following tools:\n"]

@@ -229,3 +229,20 @@ def test_chat_logprob_bytes_are_each_tokens_raw_bytes(tokenizer):
     content = chat_logprobs(tokenizer, ids, [(0.0, {t: 0.0}) for t in ids], top=1)["content"]
     assert b"".join(bytes(e["bytes"]) for e in content) == reply.encode()
     assert all(e["bytes"] == e["top_logprobs"][0]["bytes"] for e in content)
+
+
+def test_the_tools_prompt_shows_the_call_format_the_template_renders_and_the_parser_reads(tokenizer):
+    """V3.1's description wording with V3's call format: the example in the prompt is a call rendered by
+    tool_call_parts with placeholder name and arguments, and parse_tool_calls reads such a call back."""
+    from nanoseek.serve.tools import parse_tool_calls
+    from nanoseek.tokenizer import TOOL_CALLS_BEGIN, tool_call_parts, tools_prompt
+
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add.", "parameters": {}}}]
+    placeholder = [{"type": "function", "function": {"name": "tool_call_name", "arguments": "tool_call_arguments"}}]
+    example = "".join(text for text, _ in tool_call_parts(placeholder))
+    assert example in tools_prompt(tools) and tools_prompt(tools).startswith("\n\n## Tools\n")
+    real = [{"type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}]
+    rendered = "".join(text for text, _ in tool_call_parts(real))
+    assert rendered.startswith(TOOL_CALLS_BEGIN)
+    calls = parse_tool_calls(tokenizer, tokenizer.encode(rendered)[1:])  # the tokens after calls-begin
+    assert [(c.name, c.arguments) for c in calls] == [("add", '{"a": 1}')]
