@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import shutil
+import time
 import warnings
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -250,31 +251,51 @@ def checkpoint_keys(model_dir: Path, files: list[Path] | None = None) -> dict[st
 
 
 FINGERPRINT_FILE = ".nanoseek-fingerprint.json"
+# The coarsest file-timestamp tick in use (FAT's 2 s; ext4, xfs and tmpfs tick every few ms): a file changed
+# twice within one tick keeps its ctime.
+RACY_NS = 2 * 10**9
 
 
-def weights_fingerprint(model_dir: str | Path) -> bytes:
-    """A 16-byte hash of config.json and every byte of the weight files: corrupt or retrained weights never
-    share a prefix cache with the healthy model. Hashed once, then remembered beside the files by their
-    sizes and modification times (a read-only folder is hashed again at each load)."""
-    path = Path(model_dir)
-    files = [path / "config.json", *weight_files(path)]
-    stamp = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
-    remembered = path / FINGERPRINT_FILE
-    try:
-        saved = json.loads(remembered.read_text())
-        if saved["files"] == stamp:
-            return bytes.fromhex(saved["blake2b"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+def _stamp(file: Path) -> list[int]:
+    """What any write to a file changes: size, mtime and inode can be kept or put back (os.utime), but
+    ctime moves on at every write and at every utime, and no user call sets it."""
+    st = file.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
+def _hash_files(files: list[Path]) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     for f in files:
         h.update(f.name.encode() + b"\0")
         with open(f, "rb") as stream:
             while chunk := stream.read(2**23):
                 h.update(chunk)
-    with contextlib.suppress(OSError):  # a read-only folder: hashed again next time
-        remembered.write_text(json.dumps({"files": stamp, "blake2b": h.hexdigest()}) + "\n")
     return h.digest()
+
+
+def weights_fingerprint(model_dir: str | Path) -> bytes:
+    """A 16-byte hash of config.json and every byte of the weight files: corrupt or retrained weights never
+    share a prefix cache with the healthy model. Hashed once, then remembered beside the files with each
+    file's _stamp (a read-only folder is hashed again at each load). Bytes flipped in place with the mtime
+    put back still move ctime; a file whose ctime lies within RACY_NS of when the hash was remembered may
+    have changed again within that tick, so it is hashed again (git's rule for "racily clean" files)."""
+    path = Path(model_dir)
+    files = [path / "config.json", *weight_files(path)]
+    stamp = {f.name: _stamp(f) for f in files}
+    remembered = path / FINGERPRINT_FILE
+    try:
+        saved = json.loads(remembered.read_text())
+        settled = max(ctime for *_, ctime in stamp.values()) < saved["written_ns"] - RACY_NS
+        if saved["files"] == stamp and settled:
+            return bytes.fromhex(saved["blake2b"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    written_ns = time.time_ns()  # taken before hashing: a write during the hash is after it, so never trusted
+    digest = _hash_files(files)
+    record = {"files": stamp, "written_ns": written_ns, "blake2b": digest.hex()}
+    with contextlib.suppress(OSError):  # a read-only folder: hashed again next time
+        atomic_write(remembered, json.dumps(record) + "\n", fsync=False)  # a torn file is only hashed again
+    return digest
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -290,19 +311,60 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_fits_in_memory(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, need: int | None = None) -> None:
-    """Refuse, before allocating, a config whose weights cannot fit (a typo'd hidden_size of 1e9 asks 16 TB).
-    need: the weights' bytes when known (a model on the meta device), else estimated from the config."""
-    from nanoseek.cost import model_stats
+def estimate_weight_bytes(
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    fp8: bool = False,
+    expert_shard: tuple[int, int] | None = None,
+    experts_only: bool = False,
+) -> int:
+    """The weights' bytes from the config's arithmetic alone, a little under the exact count (norms, block
+    scales and RoPE tables left out), with no layer built or even looped over: a typo'd num_hidden_layers
+    of 10**12 is priced at once. fp8: projections at one byte per parameter (FP8-resident); expert_shard
+    (rank, world): E / world routed experts per MoE layer; experts_only: those experts alone."""
+    from nanoseek.cost import attention_params, expert_params
 
+    h, wide = cfg.hidden_size, dtype.itemsize
+    narrow = 1 if fp8 else wide
+    blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers  # MTP modules are MoE blocks too
+    moe = blocks - cfg.first_k_dense_replace if cfg.n_routed_experts else 0
+    experts = cfg.n_routed_experts // (expert_shard[1] if expert_shard else 1)
+    routed = moe * experts * expert_params(cfg) * narrow
+    if experts_only:
+        return routed
+    projections = blocks * attention_params(cfg) + (blocks - moe) * 3 * h * cfg.intermediate_size
+    projections += moe * cfg.n_shared_experts * expert_params(cfg)
+    head = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)  # embedding and output head
+    kept = head + moe * cfg.n_routed_experts * h + cfg.num_nextn_predict_layers * 2 * h * h  # routers, eh_proj
+    return routed + projections * narrow + kept * wide
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n < 2**70 else f"{n / 2**30:.2e} GiB"
+
+
+def check_fits_in_memory(
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    need: int | None = None,
+    *,
+    fp8: bool = False,
+    expert_shard: tuple[int, int] | None = None,
+    experts_only: bool = False,
+) -> None:
+    """Refuse, before allocating, a config whose weights cannot fit (a typo'd hidden_size of 1e9 asks 16 TB).
+    need: the weights' bytes when known (a model on the meta device), else estimate_weight_bytes."""
     if need is None:
-        need = model_stats(cfg, dtype_bytes=torch.finfo(dtype).bits // 8).params_total * (torch.finfo(dtype).bits // 8)
+        need = estimate_weight_bytes(cfg, dtype, fp8, expert_shard, experts_only)
     have = available_memory(device)
     if have is not None and need > have:
+        kept = f"{dtype} with FP8 projections" if fp8 else str(dtype)
         raise CheckpointError(
-            f"this config's weights need about {need / 2**30:,.1f} GiB in {dtype} and {device} has "
-            f"{have / 2**30:,.1f} GiB available: check config.json (hidden_size {cfg.hidden_size}, "
-            f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts)"
+            f"this config's weights need about {_gib(need)} in {kept} and {device} has {_gib(have)} "
+            f"available: check config.json (hidden_size {cfg.hidden_size:,}, {cfg.num_hidden_layers:,} layers, "
+            f"{cfg.n_routed_experts:,} experts); if those are right, keep the weights in FP8 (--weights fp8, "
+            "about 1 byte per parameter), split the experts over GPUs (torchrun), or use a machine with more memory"
         )
 
 
@@ -347,6 +409,48 @@ def dequantize_fp8(
         problems.append(f"missing tensor {partner} (the partner of {key})")
 
 
+_STORED_NAME = {dtype: name for name, dtype in _STORED.items()}
+
+
+def _counted(n: int, what: str) -> str:
+    return f"{n} {what} value{'s' if n != 1 else ''}"
+
+
+def tensor_problem(key: str, t: torch.Tensor) -> str | None:
+    """What is wrong with a checkpoint tensor as stored, whatever model it fills (None: nothing): values that
+    are not finite, or a dtype the format has no place for. One pass over a healthy tensor."""
+    if t.dtype == FP8:
+        if key.endswith(SCALE_SUFFIX):
+            return f"stored as F8_E4M3, but a block scale ({SCALE_SUFFIX}) is F32"
+        nan = int(((t.view(torch.uint8) & 0x7F) == 0x7F).sum())  # E4M3FN has NaN and no infinity
+        return _counted(nan, "NaN") if nan else None
+    if not t.is_floating_point():
+        return (
+            f"stored as {_STORED_NAME.get(t.dtype, t.dtype)} ({t.dtype}), but weights are floating point "
+            f"(F32, BF16, F16, or F8_E4M3 with a {SCALE_SUFFIX})"
+        )
+    if bool(torch.isfinite(t).all()):
+        return None
+    nan = int(t.isnan().sum())
+    inf = int(t.isinf().sum())
+    return " and ".join(_counted(n, what) for n, what in ((nan, "NaN"), (inf, "infinite")) if n)
+
+
+def _screened(tensors: Iterator[tuple[str, torch.Tensor]], corrupt: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors as they are read, each checked once (tensor_problem) before the copy into the model would
+    take it silently: a NaN weight turns every answer into an error, an int32 one into nonsense. Integers
+    are not passed on (quantising them would fail unnamed)."""
+    for key, t in tensors:
+        if problem := tensor_problem(key, t):
+            corrupt.append(f"{key}: {problem}")
+        if t.is_floating_point():
+            yield key, t
+
+
+def _listed(problems: list[str]) -> str:
+    return "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+
+
 @torch.no_grad()
 def load_weights(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Copy checkpoint tensors into the model, dequantizing FP8 ones; every problem is reported by name."""
@@ -354,7 +458,8 @@ def load_weights(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor]]
     resident = frozenset(k for k, t in targets.items() if t.dtype == FP8)
     seen: set[str] = set()
     problems: list[str] = []
-    for key, t in dequantize_fp8(tensors, problems, resident):
+    corrupt: list[str] = []
+    for key, t in dequantize_fp8(_screened(tensors, corrupt), problems, resident):
         if key in copies:
             seen.add(key)
             continue
@@ -367,10 +472,14 @@ def load_weights(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor]]
             continue
         target.copy_(t)
         seen.add(key)
+    if corrupt:  # before the fit: a refused tensor would be reported missing as well
+        raise CheckpointError(
+            f"the checkpoint is corrupt ({len(corrupt)} tensors):\n  {_listed(corrupt)}\n"
+            "copy it again from its source, or convert it again (nanoseek convert) from a healthy checkpoint"
+        )
     problems += [f"missing tensor {k} {tuple(targets[k].shape)}" for k in sorted(set(targets) - seen - copies)]
     if problems:
-        shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
-        raise CheckpointError(f"checkpoint does not fit the config ({len(problems)} problems):\n  {shown}")
+        raise CheckpointError(f"checkpoint does not fit the config ({len(problems)} problems):\n  {_listed(problems)}")
 
 
 WEIGHTS = ("auto", "fp8", "bf16", "fp32")
@@ -409,6 +518,10 @@ def from_pretrained(
         stored = [_SAFETENSORS_DTYPES[d] for d in keys.values() if d in _SAFETENSORS_DTYPES]
         dtype = max(set(stored), key=stored.count) if stored else torch.float32
     resident = weights == "fp8" or (weights == "auto" and any(d == "F8_E4M3" for d in keys.values()))
+    # Priced from the config before anything is built: a meta-device model of a typo'd 10**6 layers alone
+    # fills the memory, and check_fits_in_memory below only sees the model once it is built.
+    target = torch.device(device or "cpu")
+    check_fits_in_memory(cfg, dtype, target, fp8=resident, expert_shard=expert_shard, experts_only=experts_only)
     with torch.device("meta"):  # no memory and no random init for weights that are overwritten anyway
         model = Transformer(cfg)
     if expert_shard is not None:
@@ -423,7 +536,7 @@ def from_pretrained(
         make_fp8_resident(model)
     cast_except_fp8(model, dtype)
     held = [m for m in model.modules() if hasattr(m, "keep_experts")] if experts_only else [model]
-    check_fits_in_memory(cfg, dtype, torch.device(device or "cpu"), need=sum(resident_bytes(m) for m in held))
+    check_fits_in_memory(cfg, dtype, target, need=sum(resident_bytes(m) for m in held))
     for module in held:
         module.to_empty(device=device or "cpu")
     model.tie_weights()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,74 @@ from typing import Any
 from nanoseek.flags import flag
 
 IGNORE = -100  # the label of a token that trains nothing (torch's and transformers' ignore_index)
+
+
+def _is_number(v: object) -> bool:
+    # bool is an int subclass, and a huge int (10**400) has no float: neither is a float setting.
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+# Each kind of field, by its annotation as written (`from __future__ import annotations` keeps them strings).
+_FITS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": _is_number,
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "None": lambda v: v is None,
+    "YarnScaling": lambda v: isinstance(v, YarnScaling),
+}
+_EXPECTS = {
+    "int": "an integer",
+    "float": "a finite number",
+    "bool": "true or false",
+    "str": "a string",
+    "None": "null",
+    "YarnScaling": "a rope scaling object",
+}
+
+
+_JSON_TYPES = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+    dict: "an object",
+}
+
+
+def _shown(value: object) -> str:
+    """A value as config.json spells it, and its JSON type: '"128" (a string)', cut short."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({_JSON_TYPES.get(type(value), 'a ' + type(value).__name__)})" if value is not None else text
+
+
+def check_type(name: str, value: object, annotation: str) -> None:
+    """Raise a ValueError naming the setting, what it got and what it expects, unless value fits annotation."""
+    kinds = annotation.split(" | ")
+    if not any(_FITS[kind](value) for kind in kinds):
+        expects = " or ".join(_EXPECTS[kind] for kind in kinds)
+        raise ValueError(f"{name} must be {expects}, got {_shown(value)}")
+    if _FITS["int"](value) and not -(2**63) <= value < 2**63:  # no tensor is that large, and sums would overflow
+        raise ValueError(f"{name} must be an integer below 2**63 (torch's largest size), got {_shown(value)}")
+
+
+def _check_fields(obj: Any, prefix: str = "") -> None:
+    """Type-check every field of a config dataclass; an int given for a float setting becomes a float."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        check_type(prefix + f.name, value, f.type)
+        if f.type.startswith("float") and _FITS["int"](value):
+            setattr(obj, f.name, float(value))
 
 
 @dataclass(slots=True)
@@ -30,6 +99,7 @@ class YarnScaling:
     mscale_all_dim: float | None = None
 
     def __post_init__(self) -> None:
+        _check_fields(self, prefix="rope_scaling ")
         if self.factor < 1.0:
             raise ValueError(f"rope scaling factor must be >= 1, got {self.factor}")
         if self.original_max_position_embeddings <= 0:
@@ -70,6 +140,7 @@ class ModelConfig:
     eos_token_id: int | None = 1
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         positive = (
             "vocab_size",
             "hidden_size",
@@ -78,10 +149,27 @@ class ModelConfig:
             "kv_lora_rank",
             "qk_rope_head_dim",
             "v_head_dim",
+            "max_position_embeddings",
+            "rope_theta",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ValueError(f"q_lora_rank must be positive or null (a plain q_proj), got {self.q_lora_rank}")
+        # Negative sizes would reach torch as tensor shapes; negative counts would silently mean none.
+        non_negative = (
+            "intermediate_size",
+            "moe_intermediate_size",
+            "qk_nope_head_dim",
+            "n_routed_experts",
+            "n_shared_experts",
+            "rms_norm_eps",
+            "initializer_range",
+        )
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
@@ -125,6 +213,9 @@ class ModelConfig:
     # --- Hugging Face config.json -------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Every setting is type-checked (by __post_init__): a wrong one is a ValueError that names it."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object of settings, got a {type(d).__name__}")
         unsupported = {
             "hidden_act": ("silu",),
             "moe_layer_freq": (1,),
@@ -144,8 +235,11 @@ class ModelConfig:
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             kwargs["num_nextn_predict_layers"] = d["num_mtp_layers"]
         # transformers 5.x nests rope_theta in rope_parameters; DeepSeek's releases keep it top level.
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        kwargs["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+        key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+        rope = d.get(key) or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{key} must be a JSON object, got {_shown(rope)}")
+        kwargs["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))  # checked by __post_init__
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind == "yarn":
             yarn_names = {f.name for f in dataclasses.fields(YarnScaling)}
@@ -156,7 +250,10 @@ class ModelConfig:
                         "yarn rope scaling needs 'factor' or both max_position_embeddings and "
                         "'original_max_position_embeddings'"
                     )
-                yarn["factor"] = d["max_position_embeddings"] / yarn["original_max_position_embeddings"]
+                check_type("max_position_embeddings", d["max_position_embeddings"], "int")
+                original = yarn["original_max_position_embeddings"]
+                check_type("rope_scaling original_max_position_embeddings", original, "int")
+                yarn["factor"] = d["max_position_embeddings"] / original
             kwargs["rope_scaling"] = YarnScaling(**yarn)
         elif kind != "default":
             raise ValueError(f"unsupported rope type {kind!r}: nanoseek implements 'default' and 'yarn'")
@@ -189,7 +286,19 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}: pass a Hugging Face model folder")
-        return cls.from_hf_dict(json.loads(path.read_text()))
+        fix = "write it again (save_pretrained writes one) or copy the model's own config.json"
+        try:
+            settings = json.loads(path.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(
+                f"{path} is not a JSON object of model settings: it is not valid JSON ({e}); {fix}"
+            ) from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path} is not a JSON object of model settings: it holds {_shown(settings)}; {fix}")
+        try:
+            return cls.from_hf_dict(settings)
+        except ValueError as e:  # the file too, not only the setting: the server reads more than one
+            raise ValueError(f"{path}: {e}") from None
 
     def save_json(self, path: str | Path, **extra: Any) -> None:
         Path(path).write_text(json.dumps({**self.to_hf_dict(), **extra}, indent=2, sort_keys=True) + "\n")

@@ -359,16 +359,43 @@ def _token_text(value: object) -> str | None:
     return value.get("content") if isinstance(value, dict) else value  # type: ignore[return-value]
 
 
+def _special_tokens(file: Path) -> tuple[str, str, str]:
+    """(bos, eos, pad) from tokenizer_config.json if there is one, else nanoseek's; a file that is not a JSON
+    object of them is named."""
+    config: object = {}
+    if file.is_file():
+        try:
+            config = json.loads(file.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            config = e
+    fix = "fix it, or remove it to use nanoseek's special tokens"
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} is not a JSON object of tokenizer settings ({config}): {fix}")
+    tokens = []
+    for name, default in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", PAD)):
+        token = _token_text(config.get(name)) or default
+        if not isinstance(token, str):
+            raise ValueError(f'{file}: {name} must be a string or {{"content": a string}}, got {token!r}: {fix}')
+        tokens.append(token)
+    return tokens[0], tokens[1], tokens[2]
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer.json file or a folder holding one (and, optionally, tokenizer_config.json)."""
+    """Load a tokenizer.json file or a folder holding one (and, optionally, tokenizer_config.json). A file
+    that is not a tokenizer, or lacks its special tokens, is a ValueError that names it."""
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer.json at {path}: train one with `nanoseek tokenizer train`")
-    tok = HFTokenizer.from_file(str(file))
-    config_file = file.with_name("tokenizer_config.json")
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    bos = _token_text(config.get("bos_token")) or BOS
-    eos = _token_text(config.get("eos_token")) or EOS
-    pad = _token_text(config.get("pad_token")) or PAD
-    return Tokenizer(tok, bos_token=bos, eos_token=eos, pad_token=pad)
+    try:
+        tok = HFTokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises bare Exceptions for a file it cannot read
+        raise ValueError(
+            f"{file} is not a tokenizer ({e}): copy the model's own tokenizer.json, or train one with "
+            "`nanoseek tokenizer train`"
+        ) from None
+    bos, eos, pad = _special_tokens(file.with_name("tokenizer_config.json"))
+    try:
+        return Tokenizer(tok, bos_token=bos, eos_token=eos, pad_token=pad)
+    except ValueError as e:  # a special token the vocabulary lacks: say which file
+        raise ValueError(f"{file}: {e} (name the right one in tokenizer_config.json)") from None

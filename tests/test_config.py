@@ -184,3 +184,97 @@ def test_rope_frequencies_stay_fp32_in_a_bf16_model_built_or_loaded(tmp_path):
     save_pretrained(model, str(tmp_path))
     loaded = from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert loaded.embed_tokens.weight.dtype == torch.bfloat16 and torch.equal(loaded.rotary_emb.inv_freq, exact)
+
+
+def _tiny_hf(**changes) -> dict:
+    """The tiny preset's config.json without rope_parameters, so that a top-level rope_theta is the one read."""
+    d = get_preset("tiny").to_hf_dict()
+    del d["rope_parameters"]
+    return d | changes
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expects"),
+    [
+        ("hidden_size", 128.5, "an integer"),
+        ("hidden_size", "128", "an integer"),
+        ("hidden_size", True, "an integer"),
+        ("num_hidden_layers", None, "an integer"),
+        ("q_lora_rank", "64", "an integer or null"),
+        ("routed_scaling_factor", "2.5", "a finite number"),
+        ("rms_norm_eps", float("nan"), "a finite number"),
+        ("rope_theta", "1e4", "a finite number"),
+        ("norm_topk_prob", 1, "true or false"),
+        ("scoring_func", ["sigmoid"], "a string"),
+        ("bos_token_id", 0.5, "an integer or null"),
+        ("num_hidden_layers", 10**30, r"an integer below 2\*\*63 \(torch's largest size\)"),
+    ],
+)
+def test_a_wrongly_typed_field_names_the_field_what_it_got_and_what_it_expects(tmp_path, key, value, expects):
+    (tmp_path / "config.json").write_text(json.dumps(_tiny_hf(**{key: value})))
+    with pytest.raises(ValueError, match=rf"config\.json: {key} must be {expects}, got ") as e:
+        ModelConfig.from_json(tmp_path)
+    assert json.dumps(value) in str(e.value)
+
+
+# Wrong values for each kind of field (a field's annotation, as written: "int | None" is an int field).
+WRONG = {
+    "int": ["1", 1.5, True, ["1"]],
+    "float": ["1", True, float("inf"), {"a": 1}],
+    "bool": [1, "true", None],
+    "str": [1, None],
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        (f.name, value)
+        for f in dataclasses.fields(ModelConfig)
+        if f.name != "rope_scaling"
+        for value in WRONG[f.type.split(" | ")[0]]
+    ],
+)
+def test_every_field_is_type_checked(name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be "):
+        ModelConfig.from_hf_dict(_tiny_hf(**{name: value}))
+
+
+def test_integers_are_accepted_as_floats_and_become_floats():
+    cfg = ModelConfig.from_hf_dict(_tiny_hf(routed_scaling_factor=2, rope_theta=50000))
+    assert cfg.routed_scaling_factor == 2.0 and isinstance(cfg.routed_scaling_factor, float)
+    assert isinstance(cfg.rope_theta, float)
+
+
+@pytest.mark.parametrize(
+    ("rope", "message"),
+    [
+        ({"rope_type": "yarn", "factor": "40"}, 'rope_scaling factor must be a finite number, got "40"'),
+        ({"rope_type": "yarn", "original_max_position_embeddings": 64.5}, "original_max_position_embeddings"),
+        ([1, 2], "rope_parameters must be a JSON object"),
+    ],
+)
+def test_wrongly_typed_rope_settings_are_named(rope, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_dict(_tiny_hf(rope_parameters=rope))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"intermediate_size": -1}, "intermediate_size must be >= 0"),
+        ({"n_routed_experts": -8}, "n_routed_experts must be >= 0"),
+        ({"max_position_embeddings": 0}, "max_position_embeddings must be positive"),
+        ({"rope_theta": -1.0}, "rope_theta must be positive"),
+    ],
+)
+def test_out_of_range_values_are_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(get_preset("tiny"), **changes)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", "\xff\xfe"])
+def test_a_config_json_that_is_not_a_json_object_names_the_file(tmp_path, text):
+    (tmp_path / "config.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"config\.json is not a JSON object"):
+        ModelConfig.from_json(tmp_path)

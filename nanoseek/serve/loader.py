@@ -30,13 +30,18 @@ def load_model(
     """The model of a folder, in eval mode. `weights` bf16/fp32 make the weights' dtype the compute dtype;
     otherwise dtype (None: the measured best for the device; rank 0's under torchrun, where each rank holds
     everything but the routed experts, and E / N of those)."""
-    from nanoseek.checkpoint import from_pretrained
+    from nanoseek.checkpoint import check_fits_in_memory, from_pretrained
 
-    dtype = dtype or WEIGHT_DTYPES.get(weights) or inference_dtype(device, ModelConfig.from_json(model_dir).hidden_size)
+    cfg = ModelConfig.from_json(model_dir)  # a wrongly typed setting is named here, before any work
+    shard = (ranks.rank, ranks.world) if ranks is not None else None
+    # Priced before the dtype probe, which multiplies a [4 hidden, hidden] matrix, at the fewest bytes the
+    # weights can take (from_pretrained prices them again once the dtype is known).
+    narrowest = dtype or WEIGHT_DTYPES.get(weights) or torch.bfloat16
+    check_fits_in_memory(cfg, narrowest, device, fp8=weights in ("fp8", "auto"), expert_shard=shard)
+    dtype = dtype or WEIGHT_DTYPES.get(weights) or inference_dtype(device, cfg.hidden_size)
     if ranks is not None:
         launch.claim()
         dtype = launch.share_dtype(ranks, dtype)
-    shard = (ranks.rank, ranks.world) if ranks is not None else None
     return from_pretrained(model_dir, dtype=dtype, device=device, weights=weights, expert_shard=shard).eval()
 
 
