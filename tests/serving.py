@@ -1,4 +1,5 @@
-"""Helpers for the server tests: a small model folder, and a real `nanoseek serve` process on a free port."""
+"""Helpers for the server tests: a small model folder, the app in this process (reached through httpx's ASGI
+transport), and a real `nanoseek serve` process on a free port, for the tests that kill a server or share one."""
 
 from __future__ import annotations
 
@@ -10,11 +11,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import torch
 
 from nanoseek import Transformer, get_preset, save_pretrained
+
+if TYPE_CHECKING:
+    import openai
+
+    from nanoseek.serve.config import ServeConfig
+    from nanoseek.serve.engine import Engine
 
 
 def make_model_dir(out: Path, tokenizer, layers: int = 2) -> Path:
@@ -33,6 +41,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class InProcess:
+    """`create_app` in this process, reached through httpx's ASGI transport: no port, no subprocess, one event
+    loop with the test. The transport runs no lifespan: `async with` runs the app's (whose shutdown closes
+    the engine thread and the ledger). A response comes back whole, streams too: a test that holds a stream
+    open runs its request as a task and cancels it to leave, as a client that hangs up."""
+
+    base_url = "http://nanoseek"
+
+    def __init__(self, cfg: ServeConfig, engine: Engine | None = None):
+        from nanoseek.serve.api import create_app  # imported here: the subprocess tests need no server code
+
+        self.app = create_app(cfg, engine)
+
+    def client(self, key: str | None = None) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        transport = httpx.ASGITransport(app=self.app)
+        return httpx.AsyncClient(transport=transport, base_url=self.base_url, headers=headers, timeout=60)
+
+    def openai(self, key: str, prefix: str = "/v1") -> openai.AsyncOpenAI:
+        import openai
+
+        return openai.AsyncOpenAI(
+            base_url=self.base_url + prefix, api_key=key, max_retries=0, timeout=60, http_client=self.client()
+        )
+
+    async def __aenter__(self) -> InProcess:
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._lifespan.__aexit__(*exc)
 
 
 class Server:

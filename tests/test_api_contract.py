@@ -1,22 +1,36 @@
-"""DeepSeek's API contract beyond plain chat, against a real `nanoseek serve` with the real `openai` client:
-every field either honoured or refused with a 400 naming it, thinking on and off (and a reasoning model
-alias), chat prefix completion and the beta routes, logit_bias, per-key concurrency limits."""
+"""DeepSeek's API contract beyond plain chat, against the app in this process (a real Engine on a tiny
+model, reached through httpx's ASGI transport) with the real `openai` client: every field either honoured or
+refused with a 400 naming it, thinking on and off (and a reasoning model alias), chat prefix completion and
+the beta routes, logit_bias, per-key concurrency limits; and /openapi.json, which documents every response
+and stream chunk as they are served."""
 
+import asyncio
 import json
 import time
 
-import httpx
 import jsonschema
 import openai
 import pytest
 import torch
-from serving import Server, make_model_dir
+from fastapi.routing import APIRoute
+from serving import InProcess, make_model_dir
 
 from nanoseek.checkpoint import from_pretrained
+from nanoseek.serve import protocol
+from nanoseek.serve.config import CACHE_UNIT, EngineConfig, ServeConfig
+from nanoseek.serve.engine import Engine
+from nanoseek.serve.routes import ROUTERS
 from nanoseek.tokenizer import ASSISTANT, END_THINK, THINK
+
+pytestmark = pytest.mark.anyio
 
 GREEDY = dict(max_tokens=6, temperature=0)
 LIMIT = 2  # --max-concurrent-per-key
+
+
+@pytest.fixture(scope="module")
+def anyio_backend():
+    return "asyncio"
 
 
 @pytest.fixture(scope="module")
@@ -25,31 +39,37 @@ def model_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
+async def server(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("contract-server")
     (root / "keys.txt").write_text("key-a\nkey-b\n")
-    keys = str(root / "keys.txt")
-    args = ["--api-keys", keys, "--reasoning-model-name", "deepseek-reasoner", "--max-concurrent-per-key", str(LIMIT)]
+    cfg = ServeConfig(
+        model=str(model_dir),
+        engine=EngineConfig(enforce_eager=True),
+        api_keys=str(root / "keys.txt"),
+        reasoning_model_name="deepseek-reasoner",
+        max_concurrent_per_key=LIMIT,
+    )
     # fp32 whatever the CPU: log-probabilities are compared with a direct fp32 forward pass.
-    with Server(model_dir, *args, log=root / "server.log", env={"NANOSEEK_AUTO_DTYPE": "float32"}) as s:
+    engine = Engine(model_dir, config=cfg.engine, dtype=torch.float32, block_size=CACHE_UNIT)
+    async with InProcess(cfg, engine) as s:
         yield s
 
 
-def client(server: Server, key: str = "key-a", beta: bool = False) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + ("/beta" if beta else "/v1"), api_key=key, max_retries=0, timeout=60)
+def client(server: InProcess, key: str = "key-a", beta: bool = False) -> openai.AsyncOpenAI:
+    return server.openai(key, "/beta" if beta else "/v1")
 
 
-def ask(c: openai.OpenAI, messages, model: str = "nanoseek", **kwargs):
-    return c.chat.completions.create(model=model, messages=messages, **(GREEDY | kwargs))
+async def ask(c: openai.AsyncOpenAI, messages, model: str = "nanoseek", **kwargs):
+    return await c.chat.completions.create(model=model, messages=messages, **(GREEDY | kwargs))
 
 
 def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def completion_of(server: Server, ids: list[int], max_tokens: int = GREEDY["max_tokens"]) -> tuple[str, list[int]]:
+async def completion_of(server: InProcess, ids: list[int], max_tokens: int = GREEDY["max_tokens"]) -> tuple[str, int]:
     """The greedy continuation of a token-id prompt through /v1/completions: the text and its prompt size."""
-    r = client(server).completions.create(model="nanoseek", prompt=ids, max_tokens=max_tokens, temperature=0)
+    r = await client(server).completions.create(model="nanoseek", prompt=ids, max_tokens=max_tokens, temperature=0)
     return r.choices[0].text, r.usage.prompt_tokens
 
 
@@ -70,15 +90,15 @@ def completion_of(server: Server, ids: list[int], max_tokens: int = GREEDY["max_
         ("service_tier", "flex"),
     ],
 )
-def test_a_field_nanoseek_does_not_serve_is_a_400_that_names_it(server, field, value):
+async def test_a_field_nanoseek_does_not_serve_is_a_400_that_names_it(server, field, value):
     with pytest.raises(openai.BadRequestError) as e:
-        ask(client(server), user("hi"), extra_body={field: value})
+        await ask(client(server), user("hi"), extra_body={field: value})
     assert e.value.body["param"].split(".")[0] == field, e.value.body
     assert e.value.body["code"] in ("unsupported_parameter", "unrecognized_argument", "invalid_value")
 
 
-def test_fields_clients_send_as_defaults_are_accepted(server):
-    reply = ask(
+async def test_fields_clients_send_as_defaults_are_accepted(server):
+    reply = await ask(
         client(server),
         user("hi"),
         user="someone",
@@ -90,120 +110,117 @@ def test_fields_clients_send_as_defaults_are_accepted(server):
     assert reply.choices[0].finish_reason == "length"
 
 
-def test_a_message_field_nobody_defines_is_a_400(server):
+async def test_a_message_field_nobody_defines_is_a_400(server):
     with pytest.raises(openai.BadRequestError) as e:
-        ask(client(server), [{"role": "user", "content": "hi", "mood": "happy"}])
+        await ask(client(server), [{"role": "user", "content": "hi", "mood": "happy"}])
     assert e.value.body["param"] == "messages.0.mood"
 
 
-def test_thinking_enabled_opens_think_and_the_reply_is_reasoning(server, tokenizer):
+async def test_thinking_enabled_opens_think_and_the_reply_is_reasoning(server, tokenizer):
     c = client(server)
-    thinking = ask(c, user("why?"), extra_body={"thinking": {"type": "enabled"}})
+    thinking = await ask(c, user("why?"), extra_body={"thinking": {"type": "enabled"}})
     ids = [*tokenizer.apply_chat_template(user("why?"), tokenize=True), tokenizer.special_id(THINK)]
-    text, prompt_tokens = completion_of(server, ids)
+    text, prompt_tokens = await completion_of(server, ids)
     assert thinking.usage.prompt_tokens == prompt_tokens
     message = thinking.choices[0].message
     assert message.content + message.reasoning_content == text  # an untrained model: no </think> in 6 tokens
     assert message.reasoning_content and thinking.usage.completion_tokens_details.reasoning_tokens == 6
     # The reasoning alias thinks by default; its thinking field can turn that off.
-    alias = ask(c, user("why?"), model="deepseek-reasoner")
+    alias = await ask(c, user("why?"), model="deepseek-reasoner")
     assert alias.choices[0].message.reasoning_content == message.reasoning_content
 
 
-def test_thinking_disabled_closes_think_and_the_reply_is_content(server, tokenizer):
+async def test_thinking_disabled_closes_think_and_the_reply_is_content(server, tokenizer):
     c = client(server)
-    direct = ask(c, user("why?"), model="deepseek-reasoner", extra_body={"thinking": {"type": "disabled"}})
+    direct = await ask(c, user("why?"), model="deepseek-reasoner", extra_body={"thinking": {"type": "disabled"}})
     ids = [*tokenizer.apply_chat_template(user("why?"), tokenize=True), tokenizer.special_id(END_THINK)]
-    text, prompt_tokens = completion_of(server, ids)
+    text, prompt_tokens = await completion_of(server, ids)
     assert direct.usage.prompt_tokens == prompt_tokens
     message = direct.choices[0].message
     assert message.content == text and not getattr(message, "reasoning_content", None)
     assert direct.usage.completion_tokens_details.reasoning_tokens == 0
 
 
-def test_an_earlier_replys_reasoning_is_not_fed_back(server):
+async def test_an_earlier_replys_reasoning_is_not_fed_back(server):
     c = client(server)
     plain = [*user("2+2?"), {"role": "assistant", "content": "4"}, *user("and 3+3?")]
     thought = "two and two make four"
     answer = {"role": "assistant", "content": f"<think>{thought}</think>4", "reasoning_content": thought}
     reasoned = [*user("2+2?"), answer, *user("and 3+3?")]
-    a, b = ask(c, plain), ask(c, reasoned)
+    a, b = await ask(c, plain), await ask(c, reasoned)
     assert a.usage.prompt_tokens == b.usage.prompt_tokens
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
 @pytest.mark.parametrize("beta", [False, True], ids=["v1", "beta"])
-def test_chat_prefix_completion_continues_the_last_assistant_message(server, tokenizer, beta):
+async def test_chat_prefix_completion_continues_the_last_assistant_message(server, tokenizer, beta):
     messages = [*user("write a function"), {"role": "assistant", "content": "def add(a, b):", "prefix": True}]
-    reply = ask(client(server, beta=beta), messages)
+    reply = await ask(client(server, beta=beta), messages)
     ids = tokenizer.apply_chat_template(user("write a function"), tokenize=True)
     assert ids[-1] == tokenizer.special_id(ASSISTANT)
-    text, prompt_tokens = completion_of(server, ids + tokenizer.encode("def add(a, b):"))
+    text, prompt_tokens = await completion_of(server, ids + tokenizer.encode("def add(a, b):"))
     assert (reply.usage.prompt_tokens, reply.choices[0].message.content) == (prompt_tokens, text)
 
 
-def test_prefix_anywhere_but_on_a_last_assistant_message_is_a_400(server):
+async def test_prefix_anywhere_but_on_a_last_assistant_message_is_a_400(server):
     with pytest.raises(openai.BadRequestError) as e:
-        ask(client(server), [{"role": "user", "content": "hi", "prefix": True}])
+        await ask(client(server), [{"role": "user", "content": "hi", "prefix": True}])
     assert e.value.body["param"] == "messages"
 
 
-def test_fill_in_the_middle_on_the_beta_route(server):
+async def test_fill_in_the_middle_on_the_beta_route(server):
     c = client(server, beta=True)
-    beta = c.completions.create(model="nanoseek", prompt="def f(x):\n    return ", suffix="\n", **GREEDY)
-    v1 = client(server).completions.create(model="nanoseek", prompt="def f(x):\n    return ", suffix="\n", **GREEDY)
+    fim = dict(model="nanoseek", prompt="def f(x):\n    return ", suffix="\n", **GREEDY)
+    beta, v1 = await c.completions.create(**fim), await client(server).completions.create(**fim)
     assert beta.choices[0].text == v1.choices[0].text
 
 
-def test_logit_bias_forces_and_bans_tokens(server, tokenizer):
+async def test_logit_bias_forces_and_bans_tokens(server, tokenizer):
     c = client(server)
     forced = tokenizer.encode("Z")[0]
-    reply = ask(c, user("hi"), logit_bias={str(forced): 100})
+    reply = await ask(c, user("hi"), logit_bias={str(forced): 100})
     assert reply.choices[0].message.content == "Z" * 6
-    plain = ask(c, user("hi"), max_tokens=1, logprobs=True)
+    plain = await ask(c, user("hi"), max_tokens=1, logprobs=True)
     first = tokenizer.encode(plain.choices[0].logprobs.content[0].token)[0]
-    banned = ask(c, user("hi"), max_tokens=1, logit_bias={str(first): -100})
+    banned = await ask(c, user("hi"), max_tokens=1, logit_bias={str(first): -100})
     assert banned.choices[0].message.content != plain.choices[0].message.content
     with pytest.raises(openai.BadRequestError) as e:
-        ask(c, user("hi"), logit_bias={"not-a-token": 1})
+        await ask(c, user("hi"), logit_bias={"not-a-token": 1})
     assert e.value.body["param"] == "logit_bias"
 
 
-def test_best_of_other_than_n_is_a_400(server):
+async def test_best_of_other_than_n_is_a_400(server):
     with pytest.raises(openai.BadRequestError) as e:
-        client(server).completions.create(model="nanoseek", prompt="x", best_of=3, **GREEDY)
+        await client(server).completions.create(model="nanoseek", prompt="x", best_of=3, **GREEDY)
     assert e.value.body["param"] == "best_of"
 
 
-def test_a_key_over_its_concurrency_limit_gets_429_with_retry_after_and_others_do_not(server):
+async def test_a_key_over_its_concurrency_limit_gets_429_with_retry_after_and_others_do_not(server):
     body = {"model": "nanoseek", "messages": user("count"), "max_tokens": 900, "temperature": 0, "stream": True}
-    headers = {"Authorization": "Bearer key-b"}
-    with httpx.Client(timeout=60) as http:
-        streams = [
-            http.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers) for _ in range(LIMIT)
-        ]
-        lines = []
-        for s in streams:
-            lines.append(s.__enter__().iter_lines())
-            next(lines[-1])  # the stream is running
+    async with server.client("key-b") as http, server.client() as probe:
+        streams = [asyncio.create_task(http.post("/v1/chat/completions", json=body)) for _ in range(LIMIT)]
+        while (await probe.get("/health")).json()["pending"] < LIMIT:  # both streams are running
+            assert not any(s.done() for s in streams), "a stream ended before the limit was reached"
+            await asyncio.sleep(0.01)
         with pytest.raises(openai.RateLimitError) as e:
-            ask(client(server, key="key-b"), user("hi"))
+            await ask(client(server, key="key-b"), user("hi"))
         assert e.value.response.headers["retry-after"] == "1" and e.value.body["code"] == "concurrency_limit"
-        assert ask(client(server, key="key-a"), user("hi")).choices  # another key is not limited
+        assert (await ask(client(server, key="key-a"), user("hi"))).choices  # another key is not limited
         for s in streams:
-            s.__exit__(None, None, None)  # the client leaves: the server cancels, and the slots come back
+            s.cancel()  # the client leaves (as a dropped connection cancels the app): the slots come back
+        await asyncio.gather(*streams, return_exceptions=True)
     deadline = time.monotonic() + 30
     while True:
         try:
-            assert ask(client(server, key="key-b"), user("hi")).choices
+            assert (await ask(client(server, key="key-b"), user("hi"))).choices
             break
         except openai.RateLimitError:
             assert time.monotonic() < deadline, "the key's slots never came back"
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
 
 
 @pytest.mark.parametrize("as_ids", [False, True], ids=["text", "token-ids"])
-def test_echo_logprobs_score_the_prompt_as_a_direct_forward_pass_also_from_the_cache(
+async def test_echo_logprobs_score_the_prompt_as_a_direct_forward_pass_also_from_the_cache(
     server, model_dir, tokenizer, as_ids
 ):
     text = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n" * 3
@@ -214,7 +231,7 @@ def test_echo_logprobs_score_the_prompt_as_a_direct_forward_pass_also_from_the_c
     want = expected[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
     c = client(server)
     for max_tokens in (0, 1, 0):  # the third: the prompt's blocks are cached by now
-        r = c.completions.create(
+        r = await c.completions.create(
             model="nanoseek",
             prompt=ids if as_ids else text,
             echo=True,
@@ -233,13 +250,13 @@ def test_echo_logprobs_score_the_prompt_as_a_direct_forward_pass_also_from_the_c
         assert lp.text_offset[:3] == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
 
 
-def test_max_tokens_0_without_echo_logprobs_and_streamed_scoring_are_400s(server):
+async def test_max_tokens_0_without_echo_logprobs_and_streamed_scoring_are_400s(server):
     c = client(server)
     with pytest.raises(openai.BadRequestError) as e:
-        c.completions.create(model="nanoseek", prompt="x", max_tokens=0)
+        await c.completions.create(model="nanoseek", prompt="x", max_tokens=0)
     assert e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as e:
-        c.completions.create(model="nanoseek", prompt="x", max_tokens=1, echo=True, logprobs=1, stream=True)
+        await c.completions.create(model="nanoseek", prompt="x", max_tokens=1, echo=True, logprobs=1, stream=True)
     assert e.value.body["param"] == "stream"
 
 
@@ -285,15 +302,15 @@ NAMED = {"type": "function", "function": {"name": "weather"}}
 
 
 @pytest.mark.parametrize(("choice", "names"), [("required", None), (NAMED, ["weather"])])
-def test_required_and_named_tool_choice_give_a_call_that_validates_streamed_or_not(server, choice, names):
+async def test_required_and_named_tool_choice_give_a_call_that_validates_streamed_or_not(server, choice, names):
     c = client(server)
     one = dict(tools=[ADD, WEATHER], tool_choice=choice, parallel_tool_calls=False, **TOOL_TURN)
-    reply = ask(c, user("what is 2 + 3?"), **one)
+    reply = await ask(c, user("what is 2 + 3?"), **one)
     [choice0] = reply.choices
     called = validate_calls(choice0.message.tool_calls)
     assert called and (names is None or called == names) and choice0.finish_reason == "tool_calls"
     assert choice0.message.content == ""
-    chunks = list(ask(c, user("what is 2 + 3?"), stream=True, **one))
+    chunks = [chunk async for chunk in await ask(c, user("what is 2 + 3?"), stream=True, **one)]
     streamed = [d for ch in chunks for d in (ch.choices[0].delta.tool_calls or [])]
     assert [(d.index, d.function.name, d.function.arguments) for d in streamed] == [
         (i, call.function.name, call.function.arguments) for i, call in enumerate(choice0.message.tool_calls)
@@ -302,8 +319,8 @@ def test_required_and_named_tool_choice_give_a_call_that_validates_streamed_or_n
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_parallel_tool_calls_may_call_several_tools_each_well_formed(server):
-    reply = ask(
+async def test_parallel_tool_calls_may_call_several_tools_each_well_formed(server):
+    reply = await ask(
         client(server),
         user("2 + 3 and the weather in Lima"),
         tools=[ADD, WEATHER],
@@ -314,29 +331,29 @@ def test_parallel_tool_calls_may_call_several_tools_each_well_formed(server):
     assert len(validate_calls(reply.choices[0].message.tool_calls)) > 1  # an untrained model calls again and again
 
 
-def test_tool_choice_none_never_calls_and_the_tools_are_still_in_the_prompt(server):
+async def test_tool_choice_none_never_calls_and_the_tools_are_still_in_the_prompt(server):
     c = client(server)
-    with_tools = ask(c, user("2 + 3?"), tools=[ADD], tool_choice="none", max_tokens=20, temperature=0)
-    plain = ask(c, user("2 + 3?"), max_tokens=20, temperature=0)
+    with_tools = await ask(c, user("2 + 3?"), tools=[ADD], tool_choice="none", max_tokens=20, temperature=0)
+    plain = await ask(c, user("2 + 3?"), max_tokens=20, temperature=0)
     assert not with_tools.choices[0].message.tool_calls and with_tools.choices[0].finish_reason == "length"
     assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 20
 
 
-def test_auto_with_a_strict_function_calls_it_well_formed_or_answers_in_text(server):
+async def test_auto_with_a_strict_function_calls_it_well_formed_or_answers_in_text(server):
     strict = {"type": "function", "function": {**ADD["function"], "strict": True}}
-    reply = ask(client(server), user("2 + 3?"), tools=[strict], tool_choice="auto", **TOOL_TURN)
+    reply = await ask(client(server), user("2 + 3?"), tools=[strict], tool_choice="auto", **TOOL_TURN)
     message = reply.choices[0].message
     assert validate_calls(message.tool_calls or []) or message.content
 
 
-def test_a_tool_conversation_renders_the_calls_and_their_results(server, tokenizer):
+async def test_a_tool_conversation_renders_the_calls_and_their_results(server, tokenizer):
     call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
     messages = [
         *user("2 + 3?"),
         {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "call_1", "content": "5"},
     ]
-    reply = ask(client(server), messages, tools=[ADD], max_tokens=4, temperature=0)
+    reply = await ask(client(server), messages, tools=[ADD], max_tokens=4, temperature=0)
     ids = tokenizer.apply_chat_template(messages, tokenize=True, tools=[ADD])
     assert reply.usage.prompt_tokens == len(ids)
     assert tokenizer.decode(ids).endswith(
@@ -346,7 +363,7 @@ def test_a_tool_conversation_renders_the_calls_and_their_results(server, tokeniz
     )
 
 
-def test_tool_requests_that_cannot_hold_are_400s(server):
+async def test_tool_requests_that_cannot_hold_are_400s(server):
     c = client(server)
     for kwargs, param in [
         (dict(tool_choice="required"), "tool_choice"),
@@ -356,11 +373,11 @@ def test_tool_requests_that_cannot_hold_are_400s(server):
         (dict(tools=[ADD], tool_choice="required", response_format={"type": "json_object"}), "response_format"),
     ]:  # and a prefix to continue under a grammar (which would start after text it does not see):
         with pytest.raises(openai.BadRequestError) as e:
-            ask(c, user("hi"), **kwargs)
+            await ask(c, user("hi"), **kwargs)
         assert e.value.body["param"].split(".")[0] == param, (kwargs, e.value.body)
     prefix = [*user("hi"), {"role": "assistant", "content": '{"a": ', "prefix": True}]
     with pytest.raises(openai.BadRequestError) as e:
-        ask(c, prefix, response_format={"type": "json_object"})
+        await ask(c, prefix, response_format={"type": "json_object"})
     assert e.value.body["param"] == "messages"
 
 
@@ -375,25 +392,26 @@ PERSON = {
 }
 
 
-def test_json_schema_output_from_an_untrained_model_validates_streamed_or_not(server):
+async def test_json_schema_output_from_an_untrained_model_validates_streamed_or_not(server):
     c = client(server)
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
-    reply = ask(c, user("who?"), response_format=fmt, max_tokens=200, temperature=0)
+    reply = await ask(c, user("who?"), response_format=fmt, max_tokens=200, temperature=0)
     jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
     assert reply.choices[0].finish_reason == "stop"
-    chunks = list(ask(c, user("who?"), response_format=fmt, max_tokens=200, temperature=0, stream=True))
+    stream = await ask(c, user("who?"), response_format=fmt, max_tokens=200, temperature=0, stream=True)
+    chunks = [chunk async for chunk in stream]
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == reply.choices[0].message.content
-    sampled = ask(c, user("who?"), response_format=fmt, max_tokens=200, temperature=1.0, seed=3, n=3)
+    sampled = await ask(c, user("who?"), response_format=fmt, max_tokens=200, temperature=1.0, seed=3, n=3)
     for choice in sampled.choices:
         jsonschema.validate(json.loads(choice.message.content), PERSON)
 
 
-def test_json_object_output_parses_and_a_reasoning_reply_is_constrained_after_its_think(server, tokenizer):
+async def test_json_object_output_parses_and_a_reasoning_reply_is_constrained_after_its_think(server, tokenizer):
     c = client(server)
-    reply = ask(c, user("json please"), response_format={"type": "json_object"}, max_tokens=300, temperature=0)
+    reply = await ask(c, user("json please"), response_format={"type": "json_object"}, max_tokens=300, temperature=0)
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
     end_think = str(tokenizer.special_id(END_THINK))
-    thought = ask(
+    thought = await ask(
         c,
         user("json please"),
         model="deepseek-reasoner",
@@ -409,33 +427,146 @@ def test_json_object_output_parses_and_a_reasoning_reply_is_constrained_after_it
 @pytest.mark.parametrize(
     "schema", [{"if": {"type": "string"}, "then": {"maxLength": 2}, "else": {}}, {"type": "string", "pattern": "(?=x)"}]
 )
-def test_a_schema_feature_that_cannot_be_enforced_is_a_400_naming_it(server, schema):
+async def test_a_schema_feature_that_cannot_be_enforced_is_a_400_naming_it(server, schema):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
     with pytest.raises(openai.BadRequestError) as e:
-        ask(client(server), user("hi"), response_format=fmt)
+        await ask(client(server), user("hi"), response_format=fmt)
     assert e.value.body["param"] == "response_format" and e.value.body["code"] == "unsupported_schema"
     assert ("if" in e.value.message and "else" in e.value.message) or "look-around" in e.value.message
 
 
-def test_vllm_tokenizer_routes_tokenise_with_the_servers_tokenizer(server, tokenizer):
-    headers = {"Authorization": "Bearer key-a"}
+async def test_vllm_tokenizer_routes_tokenise_with_the_servers_tokenizer(server, tokenizer):
     text = "def f(x):\n    return x<｜end▁of▁sentence｜>"
-    r = httpx.post(server.url + "/tokenize", json={"prompt": text, "add_special_tokens": False}, headers=headers)
-    assert r.json()["tokens"] == tokenizer.encode(text) and r.json()["count"] == len(tokenizer.encode(text))
-    assert r.json()["tokens"][-1] == tokenizer.eos_id  # special-token strings are the special tokens, as vLLM's
-    with_bos = httpx.post(server.url + "/tokenize", json={"prompt": text}, headers=headers).json()["tokens"]
-    assert with_bos == [tokenizer.bos_id, *tokenizer.encode(text)]
-    chat = httpx.post(server.url + "/tokenize", json={"messages": user("hi")}, headers=headers).json()
-    assert chat["tokens"] == tokenizer.apply_chat_template(user("hi"), tokenize=True)
-    back = httpx.post(server.url + "/detokenize", json={"tokens": r.json()["tokens"]}, headers=headers).json()
-    assert back == {"prompt": text}
-    info = httpx.get(server.url + "/tokenizer_info", headers=headers).json()
-    assert info["eos_token"] == tokenizer.eos_token and info["bos_token"] == tokenizer.bos_token
-    for path, body in [("/detokenize", {"tokens": [10**9]}), ("/tokenize", {}), ("/tokenize", {"prompt": 5})]:
-        r = httpx.post(server.url + path, json=body, headers=headers)
-        assert r.status_code == 400 and "error" in r.json(), (path, r.text)
-    assert httpx.post(server.url + "/tokenize", json={"prompt": "x"}).status_code == 401
-    r = httpx.post(
-        server.url + "/tokenize", json={"messages": user("hi"), "continue_final_message": True}, headers=headers
-    )
-    assert r.status_code == 400 and "assistant" in r.json()["error"]["message"]
+    async with server.client("key-a") as http:
+        r = await http.post("/tokenize", json={"prompt": text, "add_special_tokens": False})
+        assert r.json()["tokens"] == tokenizer.encode(text) and r.json()["count"] == len(tokenizer.encode(text))
+        assert r.json()["tokens"][-1] == tokenizer.eos_id  # special-token strings are the special tokens, as vLLM's
+        with_bos = (await http.post("/tokenize", json={"prompt": text})).json()["tokens"]
+        assert with_bos == [tokenizer.bos_id, *tokenizer.encode(text)]
+        chat = (await http.post("/tokenize", json={"messages": user("hi")})).json()
+        assert chat["tokens"] == tokenizer.apply_chat_template(user("hi"), tokenize=True)
+        back = (await http.post("/detokenize", json={"tokens": r.json()["tokens"]})).json()
+        assert back == {"prompt": text}
+        info = (await http.get("/tokenizer_info")).json()
+        assert info["eos_token"] == tokenizer.eos_token and info["bos_token"] == tokenizer.bos_token
+        for path, body in [("/detokenize", {"tokens": [10**9]}), ("/tokenize", {}), ("/tokenize", {"prompt": 5})]:
+            r = await http.post(path, json=body)
+            assert r.status_code == 400 and "error" in r.json(), (path, r.text)
+        r = await http.post("/tokenize", json={"messages": user("hi"), "continue_final_message": True})
+        assert r.status_code == 400 and "assistant" in r.json()["error"]["message"]
+    async with server.client() as anonymous:
+        assert (await anonymous.post("/tokenize", json={"prompt": "x"})).status_code == 401
+
+
+# --- /openapi.json: every response documented, as it is served ----------------------------------------------
+STREAMS = {"/chat/completions": "ChatCompletionChunk", "/completions": "CompletionChunk"}
+
+
+async def openapi_spec(server: InProcess) -> dict:
+    async with server.client() as http:
+        return (await http.get("/openapi.json")).json()
+
+
+def refs(node) -> list[str]:
+    """Every $ref in a JSON document."""
+    if isinstance(node, dict):
+        own = [node["$ref"]] if "$ref" in node else []
+        return own + [r for value in node.values() for r in refs(value)]
+    return [r for value in node for r in refs(value)] if isinstance(node, list) else []
+
+
+async def test_openapi_lists_a_response_schema_for_every_route_and_the_stream_chunks(server):
+    spec = await openapi_spec(server)
+    schemas = spec["components"]["schemas"]
+    routes = [route for router in ROUTERS for route in router.routes if isinstance(route, APIRoute)]
+    listed = {(route.path, method.lower()) for route in routes if route.include_in_schema for method in route.methods}
+    assert {(path, method) for path, ops in spec["paths"].items() for method in ops} == listed
+    assert {route.path for route in routes if not route.include_in_schema} == {"/", "/metrics"}  # not API
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            responses = op["responses"]
+            assert "422" not in responses, path  # invalid requests are 400s, in the error envelope
+            for status, response in responses.items():
+                ref = response["content"]["application/json"]["schema"]["$ref"]
+                name = ref.rsplit("/", 1)[-1]
+                assert schemas[name]["properties"], (path, method, status)
+                error = "HealthUnavailable" if path == "/health" else "ErrorResponse"
+                assert status == "200" or name == error, (path, method, status)
+            stream = responses["200"]["content"].get("text/event-stream")
+            chunk = next((name for suffix, name in STREAMS.items() if path.endswith(suffix)), None)
+            assert (stream is None) == (chunk is None), path
+            if chunk is not None:
+                data = stream["itemSchema"]["properties"]["data"]
+                assert data["contentMediaType"] == "application/json"
+                assert {r.rsplit("/", 1)[-1] for r in refs(data["contentSchema"])} == {chunk, "ErrorResponse"}
+    assert {"ChatCompletionChunk", "ChatDelta", "ToolCallDelta", "CompletionChunk"} <= schemas.keys()
+    assert all(r.removeprefix("#/components/schemas/") in schemas for r in refs(spec)), "a $ref that resolves nowhere"
+
+
+def documented(spec: dict, name: str, data: dict) -> None:
+    """`data` is what /openapi.json says `name` is (the published schema), and has no field it leaves out."""
+    jsonschema.validate(data, {"$ref": f"#/components/schemas/{name}", "components": spec["components"]})
+    model = getattr(protocol, name)
+    assert model.model_validate(data).model_dump(mode="json", exclude_unset=True) == data, name
+
+
+def events(body: str) -> list[dict]:
+    data = [event.removeprefix("data: ") for event in body.split("\n\n") if event]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+CHAT = {"model": "nanoseek", "messages": user("hi"), "max_tokens": 5, "temperature": 0}
+CALLS = {"tools": [ADD], "tool_choice": "required", "max_tokens": 60}
+USAGE = {"stream_options": {"include_usage": True}}
+PROMPT = {"model": "nanoseek", "prompt": "def f", "max_tokens": 4, "temperature": 0}
+
+
+# Each route's replies, whole and streamed, with each optional part: logprobs, reasoning, tool calls, usage.
+REPLIES = {
+    "chat-n-logprobs": ("/v1/chat/completions", CHAT | {"n": 2, "logprobs": True, "top_logprobs": 2}, "ChatCompletion"),
+    "chat-reasoning": ("/v1/chat/completions", CHAT | {"model": "deepseek-reasoner"}, "ChatCompletion"),
+    "chat-tool-calls": ("/v1/chat/completions", CHAT | CALLS, "ChatCompletion"),
+    "chat-stream-usage-logprobs": (
+        "/v1/chat/completions",
+        CHAT | USAGE | {"stream": True, "logprobs": True},
+        "ChatCompletionChunk",
+    ),
+    "chat-stream-reasoning": (
+        "/v1/chat/completions",
+        CHAT | {"model": "deepseek-reasoner", "stream": True},
+        "ChatCompletionChunk",
+    ),
+    "chat-stream-tool-calls": ("/v1/chat/completions", CHAT | CALLS | {"stream": True}, "ChatCompletionChunk"),
+    "completion-prompts-n": ("/v1/completions", PROMPT | {"prompt": ["a", "b"], "n": 2}, "Completion"),
+    "completion-echo-logprobs": ("/v1/completions", PROMPT | {"echo": True, "logprobs": 2}, "Completion"),
+    "completion-stream-usage-logprobs": (
+        "/v1/completions",
+        PROMPT | USAGE | {"stream": True, "logprobs": 1, "n": 2},
+        "CompletionChunk",
+    ),
+    "completion-stream-echo": ("/v1/completions", PROMPT | {"stream": True, "echo": True}, "CompletionChunk"),
+    "error": ("/v1/chat/completions", CHAT | {"model": "nope"}, "ErrorResponse"),
+    "tokenize-strs": ("/tokenize", {"prompt": "x", "return_token_strs": True}, "TokenizeResponse"),
+    "tokenize": ("/tokenize", {"prompt": "x"}, "TokenizeResponse"),
+    "detokenize": ("/detokenize", {"tokens": [5, 6]}, "DetokenizeResponse"),
+    "tokenizer-info": ("/tokenizer_info", None, "TokenizerInfo"),
+    "models": ("/v1/models", None, "ModelList"),
+    "billing": ("/v1/billing", None, "BillingSummary"),
+    "balance": ("/user/balance", None, "UserBalance"),
+    "health": ("/health", None, "Health"),
+}
+
+
+@pytest.mark.parametrize(("path", "body", "name"), REPLIES.values(), ids=REPLIES.keys())
+async def test_every_reply_and_stream_chunk_is_what_openapi_documents(server, path, body, name):
+    spec = await openapi_spec(server)
+    async with server.client("key-a") as http:
+        r = await (http.get(path) if body is None else http.post(path, json=body))
+    if r.headers["content-type"].startswith("text/event-stream"):
+        chunks = events(r.text)
+        assert len(chunks) > 2
+        for chunk in chunks:
+            documented(spec, "ErrorResponse" if "error" in chunk else name, chunk)
+    else:
+        documented(spec, name, r.json())

@@ -133,7 +133,6 @@ class Account:
     cost: Decimal = Decimal(0)  # as recorded: each request at the prices in force when it ran
     reserved: Decimal = Decimal(0)  # what open requests may still spend beyond what they delivered
 
-    # `prices` is unused (costs are recorded); kept for the callers that pass the table (api.py).
     def balance(self) -> Decimal | None:
         return None if self.granted is None else self.granted - self.cost
 

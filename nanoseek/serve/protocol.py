@@ -1,8 +1,14 @@
 """The OpenAI / DeepSeek API's shapes: request models (validated, bounded, so that no field value can
-reach the engine unchecked) and the pieces of responses (usage, logprobs, reasoning split).
+reach the engine unchecked), response models (what /openapi.json documents), and the builders of the
+pieces the generation routes send as dicts (usage, logprobs).
 
 Usage follows DeepSeek's: prompt_cache_hit_tokens + prompt_cache_miss_tokens = prompt_tokens, with
 OpenAI's prompt_tokens_details.cached_tokens and completion_tokens_details.reasoning_tokens beside.
+
+The small routes (models, billing, tokenizer, health) are serialised through their response models. The
+generation routes build dicts, streamed chunks above all (a model per chunk costs time per token), and
+whole replies too: logprobs can run to megabytes, and json.dumps keeps their bytes as they always were.
+Their models document those dicts; tests check that every reply and chunk matches them exactly.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from nanoseek.serve.sampling import SamplingParams
@@ -273,6 +280,256 @@ class TokenizeRequest(Strict):
 class DetokenizeRequest(Strict):
     model: Text | None = None
     tokens: list[StrictInt] = Field(max_length=1 << 20)
+
+
+# --- responses ------------------------------------------------------------------------------------------
+# Every field is sent, null where typed `| None`, except those with a default: left out of a reply that has
+# none (`| Absent`: never null). Required fields in the schema are the ones always sent.
+Absent = SkipJsonSchema[None]
+FinishReason = Literal["stop", "length"]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str  # invalid_request_error, authentication_error, not_found_error, rate_limit_error, ...
+    param: str | None  # the request field at fault
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope: every error status, and the error event that ends a failed stream."""
+
+    error: ErrorDetail
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int
+
+
+class Usage(BaseModel):
+    """DeepSeek's usage (prompt_cache_hit_tokens + prompt_cache_miss_tokens = prompt_tokens) with OpenAI's details."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_cache_hit_tokens: int
+    prompt_cache_miss_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]  # the token's UTF-8 bytes (a token can hold part of a character)
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class FunctionCallReply(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallReply(BaseModel):
+    id: str  # the same in every chunk and reply of one request
+    type: Literal["function"]
+    function: FunctionCallReply
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+    reasoning_content: str | Absent = None  # a reply that reasoned: the text before its </think>
+    tool_calls: list[ToolCallReply] | Absent = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | Literal["tool_calls"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str  # the served weights' fingerprint
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ToolCallDelta(ToolCallReply):
+    index: int  # each call is streamed whole, in one chunk
+
+
+class ChatDelta(BaseModel):
+    """One piece of a choice: its role and an empty content first, then reasoning, content or tool calls."""
+
+    role: Literal["assistant"] | Absent = None
+    content: str | Absent = None
+    reasoning_content: str | Absent = None
+    tool_calls: list[ToolCallDelta] | Absent = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | Literal["tool_calls"] | None  # set on a choice's last chunk
+
+
+class ChatCompletionChunk(BaseModel):
+    """An event of a streamed chat completion."""
+
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str
+    object: Literal["chat.completion.chunk"]
+    # Only with stream_options.include_usage: null on every chunk, and a last chunk with no choices holds it.
+    usage: Usage | None = None
+    choices: list[ChatChunkChoice]
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy shape; an echoed prompt's first token, which nothing predicts, has null log-probabilities."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int  # prompt index x n + choice
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(CompletionChoice):
+    finish_reason: FinishReason | None  # set on a choice's last chunk
+
+
+class CompletionChunk(BaseModel):
+    """An event of a streamed completion."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    usage: Usage | None = None  # as in ChatCompletionChunk
+    choices: list[CompletionChunkChoice]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TokenPrices(BaseModel):
+    cache_hit_input: float
+    cache_miss_input: float
+    output: float
+
+
+class BillingUsage(BaseModel):
+    requests: int
+    prompt_cache_hit_tokens: int
+    prompt_cache_miss_tokens: int
+    completion_tokens: int
+
+
+class BillingSummary(BaseModel):
+    """GET /v1/billing: the key's totals, their cost, its balance (null: unlimited) and the price table."""
+
+    object: Literal["billing.summary"]
+    currency: str
+    per_million_tokens: TokenPrices
+    usage: BillingUsage
+    cost: float
+    balance: float | None
+    reserved: float  # what open requests may still spend
+
+
+class BalanceInfo(BaseModel):
+    currency: str
+    total_balance: str  # two decimals, or "inf" for a key without a balance
+    granted_balance: str
+    topped_up_balance: str
+
+
+class UserBalance(BaseModel):
+    """DeepSeek's GET /user/balance."""
+
+    is_available: bool
+    balance_infos: list[BalanceInfo]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None  # with return_token_strs
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str
+    bos_token: str
+    eos_token: str
+    pad_token: str | None
+    chat_template: str
+    model_max_length: int
+    vocab_size: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    running: int
+    waiting: int
+    pending: int  # requests in flight, counted against --max-pending
+
+
+class HealthUnavailable(BaseModel):
+    """/health's 503: a failed engine, or a ledger that takes no writes."""
+
+    status: Literal["unavailable"]
+    reason: str
 
 
 def usage(prompt: int, cached: int, completion: int, reasoning: int = 0) -> dict:

@@ -1,6 +1,6 @@
 """What the API's routes stand on: the server's settings, and a small service object that authenticates,
 admits, reserves the bill, turns a request into token ids and sampling parameters, and starts and
-collects generations. The routes (api.py) only shape requests and responses."""
+collects generations. The routes (serve/routes/) only shape requests and responses."""
 
 from __future__ import annotations
 

@@ -1,0 +1,32 @@
+"""The caller's money: GET /v1/billing (its totals, cost, balance and the price table) and DeepSeek's
+GET /user/balance. The ledger is SQLite: read off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+
+from nanoseek.serve.protocol import BalanceInfo, BillingSummary, UserBalance
+from nanoseek.serve.routes.common import ApiKey, ServiceDep, error_docs
+
+router = APIRouter()
+
+
+@router.get("/v1/billing", response_model=BillingSummary, responses=error_docs(401))
+async def billing(service: ServiceDep, key: ApiKey) -> BillingSummary:
+    """This key's token totals, their cost, its balance, and the price table."""
+    return BillingSummary.model_validate(await asyncio.to_thread(service.ledger.summary, key))
+
+
+@router.get("/user/balance", response_model=UserBalance, responses=error_docs(401))
+async def balance(service: ServiceDep, key: ApiKey) -> UserBalance:
+    """DeepSeek's balance shape; available while the balance, less open requests, pays for a minimal one."""
+    ledger = service.ledger
+    account = await asyncio.to_thread(ledger.account, key, True)
+    left = account.balance()
+    amount = f"{left:.2f}" if left is not None else "inf"
+    info = BalanceInfo(
+        currency=ledger.prices.currency, total_balance=amount, granted_balance=amount, topped_up_balance="0.00"
+    )
+    return UserBalance(is_available=account.can_afford(ledger.minimal_cost()), balance_infos=[info])
