@@ -7,6 +7,9 @@ from typing import Any
 
 from nanoseek.flags import flag, inherit
 
+# torch.distributed.pipelining's schedules that `--pp-schedule` offers (train/pipeline.py maps them to classes)
+PP_SCHEDULES = ("dualpipev", "zbv", "interleaved1f1b", "1f1b", "gpipe")
+
 
 @dataclass(slots=True)
 class RunConfig:
@@ -49,7 +52,8 @@ class RecipeConfig(RunConfig):
     balance_alpha: float = flag("weight of the sequence-wise balance loss, per MoE layer", default=1e-4)
     bias_gamma: float | None = flag(
         "aux-loss-free bias update speed: after each step b_i += gamma * sign(mean load - load_i); default V3's "
-        "1e-3, raised to 2.5 / --steps for runs under 2,500 steps (so that a bias can move as far as it must); "
+        "1e-3, raised to 1.25 / --steps (at most 0.005) for runs under 1,250 steps (a bias must be able to move "
+        "far enough within the run); "
         "0 turns it off",
         default=None,
     )
@@ -58,6 +62,18 @@ class RecipeConfig(RunConfig):
     keep: int = flag("checkpoints to keep", default=3)
     fp8: bool = flag("FP8 GEMMs with DeepSeek-V3's 1x128 / 128x128 scaling", default=False)
     ep: int = flag("expert-parallel group size (under torchrun); must divide the process count", default=1)
+    pp: int = flag(
+        "pipeline-parallel stages (under torchrun): the decoder layers split over pp ranks; pp x ep must divide "
+        "the process count (the rest is data parallel)",
+        default=1,
+    )
+    pp_schedule: str = flag(
+        "pipeline schedule: dualpipev (DeepSeek's DualPipe, V-shaped), zbv (zero bubble, V-shaped), "
+        "interleaved1f1b (2 stages per rank, round-robin), 1f1b or gpipe (1 stage per rank); the "
+        "micro-batches are --micro-batch-size rows (default: 2 per stage)",
+        default="dualpipev",
+        choices=list(PP_SCHEDULES),
+    )
     compile: bool = flag("torch.compile the model", default=False)
     tensorboard: bool = flag("also log to --out/tensorboard", default=False)
     device: str = flag("auto, cpu or cuda", default="auto")
@@ -78,6 +94,10 @@ class RecipeConfig(RunConfig):
             raise ValueError("--schedule must be cosine or wsd")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError("--dtype must be auto, float32 or bfloat16")
+        if self.ep < 1 or self.pp < 1:
+            raise ValueError("--ep and --pp must be at least 1")
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ValueError(f"--pp-schedule must be one of {', '.join(PP_SCHEDULES)}")
 
     def recipe(self) -> dict[str, Any]:
         """These settings as keyword arguments (for the TrainConfig that a fine-tuning command runs)."""

@@ -1,6 +1,7 @@
-"""Data parallelism (FSDP2) plus expert parallelism, on torch.distributed.
+"""Data parallelism (FSDP2) plus expert parallelism, on torch.distributed; pipeline stages around them.
 
     torchrun --nproc-per-node 2 -m nanoseek train --preset tiny --ep 2 --out runs/ep2
+    torchrun --nproc-per-node 4 -m nanoseek train --preset tiny --pp 2 --ep 2 --out runs/pp2ep2
 
 The world of N processes is a dp x ep mesh: rank = dp_index * ep + ep_index, so an EP group is ep
 consecutive ranks (one node's GPUs, where all_to_all is fastest). Dense weights are sharded over all N
@@ -9,6 +10,11 @@ group instead (rank i of the group keeps experts [i E/ep, (i+1) E/ep)) and repli
 their gradients are all-reduced over that dimension by hand. Every rank reads batch_size / N rows of
 each global batch, so 1 or N processes see the same data per step, and gradients are averaged over all
 N ranks, so the same global batch gives the same update.
+
+With pipeline parallelism (--pp P, train/pipeline.py) the mesh is pp x dp x ep, pp outermost: each of
+the P stage positions holds N / P ranks, the stage's replicas, which shard and average exactly as above
+(FSDP over the replicas, EP groups inside them), and the ranks of one replica pass activations down
+its pipeline. With pp = 1 this is the dp x ep mesh above, rank for rank.
 
 Backends: gloo on CPU, NCCL on CUDA, picked from the device. Checkpoints are written in full (every
 tensor gathered, every expert in place) so a run saved with N ranks resumes with any other number.
@@ -24,7 +30,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nanoseek.model import Transformer
 from nanoseek.model.expert_parallel import ExpertGroup
 from nanoseek.model.moe import RoutedExperts
 
@@ -39,8 +44,10 @@ class Parallel:
     world: int = 1
     local_rank: int = 0
     ep: int = 1
-    world_mesh: object = None
-    mesh: object = None  # 2-D ("dp", "ep")
+    pp: int = 1
+    fsdp_mesh: object = None  # 1-D, what FSDP shards over: every rank, or (pp > 1) this stage's replicas
+    mesh: object = None  # ("dp", "ep"), or ("pp", "dp", "ep") with pipeline stages
+    pp_group: object = None  # this replica's pipeline: one rank per stage position
     expert_group: ExpertGroup | None = field(default=None)
 
     @property
@@ -52,26 +59,48 @@ class Parallel:
         return self.rank == 0
 
     @property
+    def replicas(self) -> int:
+        """Data-parallel copies of each stage (dp x ep): all ranks without pipeline stages."""
+        return self.world // self.pp
+
+    @property
+    def replica_rank(self) -> int:
+        """This rank's place among its stage's replicas: which rows of the global batch it reads."""
+        return self.rank % self.replicas
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.replicas
+
+    @property
     def dp(self) -> int:
-        return self.world // self.ep
+        return self.replicas // self.ep
 
 
-def init(ep: int, device_type: str) -> Parallel:
+def init(ep: int, device_type: str, pp: int = 1) -> Parallel:
     """Join the process group that torchrun describes (WORLD_SIZE, RANK, ...); a single process needs none."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        if ep != 1:
-            raise ValueError(f"--ep {ep} needs {ep} or a multiple of {ep} processes: launch with torchrun")
+        if ep != 1 or pp != 1:
+            flags = f"--ep {ep}" if pp == 1 else f"--pp {pp} x --ep {ep}" if ep > 1 else f"--pp {pp}"
+            raise ValueError(f"{flags} needs {ep * pp} or a multiple of {ep * pp} processes: launch with torchrun")
         return Parallel()
-    if world % ep:
-        raise ValueError(f"--ep {ep} must divide the number of processes ({world})")
+    if world % (ep * pp):
+        flags = f"--ep {ep}" if pp == 1 else f"--pp {pp} x --ep {ep}"
+        raise ValueError(f"{flags} must divide the number of processes ({world})")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     from torch.distributed.device_mesh import init_device_mesh
 
-    par = Parallel(rank=dist.get_rank(), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")), ep=ep)
-    par.world_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("world",))
-    par.mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    par = Parallel(rank=dist.get_rank(), world=world, local_rank=local_rank, ep=ep, pp=pp)
+    if pp == 1:
+        par.fsdp_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("world",))
+        par.mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
+    else:  # pp outermost: rank = pp_rank * replicas + dp_index * ep + ep_index
+        par.mesh = init_device_mesh(device_type, (pp, par.dp, ep), mesh_dim_names=("pp", "dp", "ep"))
+        stages = init_device_mesh(device_type, (pp, par.replicas), mesh_dim_names=("pp", "replica"))
+        par.fsdp_mesh, par.pp_group = stages["replica"], stages["pp"].get_group()
     if ep > 1:
         par.expert_group = ExpertGroup(par.mesh["ep"].get_group(), par.rank % ep, ep)
     return par
@@ -81,9 +110,18 @@ def is_expert(name: str) -> bool:
     return name.endswith(EXPERT_SUFFIXES)
 
 
-def apply(model: Transformer, par: Parallel, param_dtype: torch.dtype | None = None) -> Transformer:
-    """Shard the routed experts over the EP group, then everything else with FSDP2 over all ranks."""
-    if not par.distributed:
+def apply(
+    model: nn.Module,
+    par: Parallel,
+    param_dtype: torch.dtype | None = None,
+    blocks: list[nn.Module] | None = None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Shard the routed experts over the EP group, then everything else with FSDP2 over the replicas: each
+    block (default: a Transformer's decoder layers and MTP modules; a pipeline stage names its own), then
+    the root. reshard_after_forward=False keeps a block's gathered weights until its backward (a pipeline
+    stage runs many micro-batches per step: one all-gather per step, not one per micro-batch)."""
+    if par.replicas == 1:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -94,10 +132,10 @@ def apply(model: Transformer, par: Parallel, param_dtype: torch.dtype | None = N
                 module.shard(par.expert_group)
                 experts |= {module.gate_up_proj, module.down_proj}
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    kwargs = {"mesh": par.world_mesh, "mp_policy": policy}
+    kwargs = {"mesh": par.fsdp_mesh, "mp_policy": policy, "reshard_after_forward": reshard_after_forward}
     if experts:
         kwargs["ignored_params"] = experts  # placed by expert parallelism, synced in sync_expert_grads
-    for block in [*model.layers, *model.mtp]:
+    for block in [*model.layers, *model.mtp] if blocks is None else blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
@@ -110,7 +148,8 @@ def expert_params(model: nn.Module) -> list[nn.Parameter]:
 @torch.no_grad()
 def sync_expert_grads(model: nn.Module, par: Parallel) -> None:
     """Expert-parallel gradients: each rank's experts received every EP peer's tokens, so their gradient
-    sums those ranks' losses; add the dp replicas' and divide by N to match FSDP's average."""
+    sums those ranks' losses; add the dp replicas' and divide by the replicas (N without pipeline stages) to
+    match FSDP's average."""
     if par.expert_group is None:
         return
     for p in expert_params(model):
@@ -118,7 +157,7 @@ def sync_expert_grads(model: nn.Module, par: Parallel) -> None:
             continue
         if par.dp > 1:
             dist.all_reduce(p.grad, group=par.mesh["dp"].get_group())
-        p.grad.div_(par.world)
+        p.grad.div_(par.replicas)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -170,6 +209,25 @@ def barrier(par: Parallel) -> None:
 def all_reduce_sum(t: torch.Tensor, par: Parallel) -> torch.Tensor:
     if par.distributed:
         dist.all_reduce(t)
+    return t
+
+
+def any_rank(flag: bool, par: Parallel) -> bool:
+    """Whether the flag is set on any rank (collective): for a choice that every rank must make alike."""
+    if not par.distributed:
+        return flag
+    t = torch.tensor(float(flag), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def replica_sum(t: torch.Tensor, par: Parallel) -> torch.Tensor:
+    """Sum over the ranks that read different rows of the batch: every rank, or with pipeline stages the
+    stage's replicas (the ranks of one pipeline read the same rows)."""
+    if par.pp == 1:
+        return all_reduce_sum(t, par)
+    if par.replicas > 1:
+        dist.all_reduce(t, group=par.fsdp_mesh.get_group())
     return t
 
 

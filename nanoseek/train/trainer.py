@@ -3,6 +3,7 @@ teacher's traces) from a model folder.
 
     nanoseek train --preset tiny --steps 300 --out runs/tiny     # trains on Python's own stdlib source
     torchrun --nproc-per-node 2 -m nanoseek train --preset tiny --ep 2 --out runs/ep2   # FSDP2 + EP
+    torchrun --nproc-per-node 2 -m nanoseek train --preset tiny --pp 2 --out runs/pp2   # pipeline stages
     nanoseek sft --model runs/tiny/model --data chat.jsonl --out runs/sft   # loss on assistant tokens only
 
 Loss = next-token cross-entropy + mtp_lambda * mean MTP cross-entropy (V3 Sec. 2.2.2, eq. 24-25)
@@ -75,14 +76,14 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
-        self.par = parallel.init(cfg.ep, self.device.type)
+        self.par = parallel.init(cfg.ep, self.device.type, cfg.pp)
         if self.device.type == "cuda" and self.par.distributed:
             self.device = torch.device("cuda", self.par.local_rank)
             torch.cuda.set_device(self.device)
-        if cfg.batch_size % (self.par.world * max(1, cfg.micro_batch_size)):
+        if cfg.batch_size % (self.par.replicas * max(1, cfg.micro_batch_size)):
             raise ValueError(
-                f"--batch-size {cfg.batch_size} must split evenly over {self.par.world} process(es) "
-                f"and --micro-batch-size {cfg.micro_batch_size}"
+                f"--batch-size {cfg.batch_size} must split evenly over {self.par.replicas} data-parallel "
+                f"process(es) and --micro-batch-size {cfg.micro_batch_size}"
             )
         self.amp_dtype = default_dtype(self.device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         self.data_dir = Path(cfg.data) if cfg.data else None
@@ -111,12 +112,24 @@ class Trainer:
                 f"--seq-len must lie in ({model_cfg.num_nextn_predict_layers}, "
                 f"{model_cfg.max_position_embeddings}] for this model"
             )
+        if cfg.pp > 1:
+            from nanoseek.train import pipeline
+
+            pipeline.check_supported(cfg, model_cfg)
         torch.manual_seed(cfg.seed)  # every rank builds the same initial model, then keeps its shards
         self.model = (initial or Transformer(model_cfg)).to(self.device)
         if cfg.fp8:
             convert_to_fp8(self.model)
+        self.moe_names = [name for name, _ in self.model.moe_layers()]  # the whole model's, before any pruning
         gpu_bf16 = self.device.type == "cuda" and self.amp_dtype == torch.bfloat16
-        parallel.apply(self.model, self.par, param_dtype=torch.bfloat16 if gpu_bf16 else None)
+        param_dtype = torch.bfloat16 if gpu_bf16 else None
+        self.pipeline = None
+        if cfg.pp > 1:  # this rank keeps its stages' modules only
+            self.pipeline = pipeline.Pipeline(
+                self.model, self.par, cfg, self.device, self.mtp_depths, self.autocast, param_dtype
+            )
+        else:
+            parallel.apply(self.model, self.par, param_dtype=param_dtype)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.loader, self.val_loader = self._loaders()
@@ -141,7 +154,8 @@ class Trainer:
         self.writer = None
 
     def _loaders(self) -> tuple[PackedLoader | ChatLoader, PackedLoader | ChatLoader | None]:
-        cfg, rank, world = self.cfg, self.par.rank, self.par.world
+        # The ranks of one pipeline read the same rows: the rows split over the data-parallel replicas.
+        cfg, rank, world = self.cfg, self.par.replica_rank, self.par.replicas
         if cfg.objective == "sft":
             train = ChatLoader(
                 self.data_dir, self.tokenizer, "train", cfg.batch_size, cfg.seq_len, cfg.seed, rank, world
@@ -179,7 +193,8 @@ class Trainer:
 
     @property
     def mtp_depths(self) -> int:
-        return len(self.model.mtp) if self.model.mtp and self.cfg.mtp_lambda > 0 else 0
+        # From the config: a pipeline rank without the last stage holds no MTP module.
+        return self.model.cfg.num_nextn_predict_layers if self.cfg.mtp_lambda > 0 else 0
 
     def compute_loss(
         self,
@@ -227,28 +242,49 @@ class Trainer:
         return self.teacher(inputs)  # in eval mode: no routing statistics, no gradients
 
     def train_step(self) -> dict[str, Any]:
-        cfg = self.cfg
         start = time.perf_counter()
         self.model.train()
         inputs, targets = self.inputs_and_targets(self.loader.next_batch())
-        size = cfg.micro_batch_size or len(inputs)
-        chunks = list(zip(inputs.split(size), targets.split(size), strict=True))
-        loads = [torch.zeros(m.cfg.n_routed_experts, device=self.device) for _, m in self.moe]
-        # The step's trained tokens over every micro-batch and rank (one all-reduce): each token loss is
+        # The step's trained tokens over every micro-batch and replica (one all-reduce): each token loss is
         # divided by them once (compute_loss).
-        counts = parallel.all_reduce_sum(trained_tokens(targets, self.mtp_depths).to(self.device).float(), self.par)
+        counts = trained_tokens(targets, self.mtp_depths).to(self.device).float()
+        counts = parallel.replica_sum(counts, self.par)
+        if self.pipeline is None:
+            totals, loads = self.forward_backward(inputs, targets, counts)
+            extra = {}
+        else:
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            totals, loads, extra = self.pipeline.step(inputs, targets, counts)
+        return self.optimizer_step(totals, loads, inputs.numel(), start) | extra
+
+    def forward_backward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One process's part of a step, micro-batch by micro-batch: (the loss parts as its shares of the step's
+        means, the expert loads of its MoE layers)."""
+        size = self.cfg.micro_batch_size or len(inputs)
+        chunks = list(zip(inputs.split(size), targets.split(size), strict=True))
+        loads = {name: torch.zeros(m.cfg.n_routed_experts, device=self.device) for name, m in self.moe}
         totals: dict[str, torch.Tensor] = {}
         for x, y in chunks:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             parts = self.compute_loss(x, y, counts, chunks=len(chunks), world=self.par.world)
             parts["loss"].backward()
-            for load, (_, moe) in zip(loads, self.moe, strict=True):
+            for name, moe in self.moe:
                 if moe.expert_load is not None:
-                    load += moe.expert_load
+                    loads[name] += moe.expert_load
             parts["balance_loss"] = parts["balance_loss"] / (len(chunks) * self.par.world)  # a mean over all
             for k, v in parts.items():
                 if k != "loss":
                     totals[k] = totals.get(k, 0.0) + v.detach().float()
+        return totals, loads
+
+    def optimizer_step(
+        self, totals: dict[str, torch.Tensor], loads: dict[str, torch.Tensor], rows: int, start: float
+    ) -> dict[str, Any]:
+        """Sum the ranks' loss shares and expert loads, clip, step the optimizer and the balancing biases;
+        the step's metrics. rows: the tokens this rank's replica read."""
+        cfg = self.cfg
         # Every rank reports the step's global means and balances with the global expert loads.
         names = list(totals)
         sums = parallel.all_reduce_sum(torch.stack([totals[k] for k in names]), self.par)
@@ -257,8 +293,7 @@ class Trainer:
         totals["loss"] = (
             totals["lm_loss"] + cfg.mtp_lambda * totals["mtp_loss"] + cfg.balance_alpha * totals["balance_loss"] + kl
         )
-        for load in loads:
-            parallel.all_reduce_sum(load, self.par)
+        loads = self.global_loads(loads)
         parallel.sync_expert_grads(self.model, self.par)
         grad_norm = parallel.clip_grad_norm(self.model, cfg.grad_clip, self.par)
         lr = lr_at(self.step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
@@ -267,23 +302,33 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.bias_gamma > 0:
-            for load, (_, moe) in zip(loads, self.moe, strict=True):
-                if load.sum() > 0:
-                    update_balancing_bias(moe.gate, load, self.bias_gamma)
+            for name, moe in self.moe:
+                if loads[name].sum() > 0:
+                    update_balancing_bias(moe.gate, loads[name], self.bias_gamma)
         self.step += 1
         seconds = time.perf_counter() - start
         metrics: dict[str, Any] = {"step": self.step, **totals, "grad_norm": grad_norm, "lr": lr}
-        self.tokens += inputs.numel() * self.par.world  # all ranks together (padding included in SFT)
-        metrics["tokens_per_s"] = inputs.numel() * self.par.world / seconds
+        self.tokens += rows * self.par.replicas  # all replicas together (padding included in SFT)
+        metrics["tokens_per_s"] = rows * self.par.replicas / seconds
         metrics["flops_per_s"] = metrics["tokens_per_s"] * self.flops_per_token  # all ranks together
         metrics["mfu"] = metrics["flops_per_s"] / (self.peak_flops * self.par.world)
         metrics["mfu_dense"] = metrics["flops_per_s"] / (self.dense_peak * self.par.world)
         metrics["peak_flops"], metrics["peak_flops_dense"] = self.peak_flops, self.dense_peak
         metrics["tokens"] = self.tokens
-        used = [(name, load) for (name, _), load in zip(self.moe, loads, strict=True) if load.sum() > 0]
+        used = [(name, load) for name, load in loads.items() if load.sum() > 0]
         metrics["max_over_mean_load"] = {n: round((ld.max() / ld.mean()).item(), 4) for n, ld in used}
         metrics["expert_load"] = {n: (ld / ld.sum()).tolist() for n, ld in used}
         return metrics
+
+    def global_loads(self, loads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every MoE layer's expert loads summed over all ranks (one all-reduce; a pipeline rank fills in the
+        layers it holds, zeros elsewhere)."""
+        experts = self.model.cfg.n_routed_experts
+        local = torch.zeros(len(self.moe_names), experts, device=self.device)
+        for i, name in enumerate(self.moe_names):
+            if name in loads:
+                local[i] = loads[name].to(self.device)
+        return dict(zip(self.moe_names, parallel.all_reduce_sum(local, self.par), strict=True))
 
     # --- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -302,9 +347,9 @@ class Trainer:
             inputs, targets = self.inputs_and_targets(self.val_loader.next_batch())
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             text = torch.where(sizes[targets.clamp(min=0)] > 0, targets, IGNORE)
-            with self.autocast():
-                loss_sum = self.forward(inputs, targets=targets)[0]
-                text_sum = loss_sum if torch.equal(text, targets) else self.forward(inputs, targets=text)[0]
+            loss_sum, text_sum = self.eval_sums(inputs, targets, text)
+            if self.pipeline is not None and not self.pipeline.holds_last:
+                continue  # the last stage's ranks count each replica's tokens once
             kept = targets[targets != IGNORE]
             count, n_bytes = kept.new_tensor(kept.numel()).double(), sizes[kept].sum()
             total += torch.stack([loss_sum.double(), count, text_sum.double(), n_bytes])
@@ -312,23 +357,50 @@ class Trainer:
         self.val_bpb = bits_per_byte(text_sum, n_bytes)
         return loss_sum / max(count, 1)
 
+    def eval_sums(
+        self, inputs: torch.Tensor, targets: torch.Tensor, text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summed loss of a batch and that of its text tokens (collective under a pipeline)."""
+        if self.pipeline is not None:
+            return self.pipeline.eval_sums(inputs, targets, text)
+        # A second pass for the text tokens where some rank's targets hold special tokens: on all ranks or none,
+        # since a sharded forward is collective (one rank's extra pass would wait forever for its peers).
+        second = parallel.any_rank(not torch.equal(text, targets), self.par)
+        with self.autocast():
+            loss_sum = self.forward(inputs, targets=targets)[0]
+            text_sum = self.forward(inputs, targets=text)[0] if second else loss_sum
+        return loss_sum, text_sum
+
     def samples(self) -> dict[str, str]:
         n, context = self.cfg.sample_tokens, self.cfg.seq_len
         if n <= 0:
             return {}
+        model = self.model
+        if self.pipeline is not None:  # the whole model, gathered to the first process, samples there
+            model_state, _ = self.full_state()
+            if not self.par.is_main:
+                return {}
+            model = self.plain_model(model_state).to(self.device)
         prompts = list(SAMPLE_PROMPTS)
         if isinstance(self.loader, ChatLoader):  # fine-tuning: the first held-out (or training) conversations
             chats = (self.val_loader or self.loader).prompts[:2]
             prompts = [self.tokenizer.apply_chat_template(m) for m in chats]
         return {
-            p: sample_text(self.model, self.tokenizer, p, n, seed=1000 * self.step + i, max_context=context)
+            p: sample_text(model, self.tokenizer, p, n, seed=1000 * self.step + i, max_context=context)
             for i, p in enumerate(prompts)
         }
 
     # --- run folder (train/run.py) -------------------------------------------------------------
+    def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The model and optimizer tensors as one process holds them (collective; under a pipeline only the
+        first process gets them)."""
+        if self.pipeline is not None:
+            return self.pipeline.full_state(self.model, self.optimizer)
+        return parallel.full_state(self.model, self.optimizer, self.par)
+
     def save(self) -> None:
-        """Gather the full state on every rank (collective); the first process writes it."""
-        model_state, optim_state = parallel.full_state(self.model, self.optimizer, self.par)
+        """Gather the full state (collective); the first process writes it."""
+        model_state, optim_state = self.full_state()
         if self.par.is_main:
             extra = {"loader": self.loader.state_dict(), "tokens": self.tokens}
             self.run.save(self.step, model_state, optim_state, extra, self.cfg.keep)
@@ -337,17 +409,24 @@ class Trainer:
 
     def export_model(self, model_state: dict[str, torch.Tensor]) -> None:
         """The latest weights as a Hugging Face folder with the tokenizer, swapped in atomically."""
+        self.run.export(self.plain_model(model_state), self.tokenizer)
+
+    def plain_model(self, model_state: dict[str, torch.Tensor]) -> Transformer:
+        """A one-process Transformer on the CPU holding a full state."""
         with torch.device("meta"):
             plain = Transformer(self.model.cfg)
         plain.to_empty(device="cpu")
         plain.load_state_dict(model_state, strict=False)  # strict below: the full state has every tensor
         plain.tie_weights()
         plain.rotary_emb.reset_parameters()
-        self.run.export(plain, self.tokenizer)
+        return plain
 
     def restore(self, saved: tuple[dict, dict, dict]) -> None:
         model_state, optim_state, extra = saved
-        parallel.load_full_state(self.model, self.optimizer, model_state, optim_state, self.par)
+        if self.pipeline is not None:
+            self.pipeline.load_full_state(self.model, self.optimizer, model_state, optim_state)
+        else:
+            parallel.load_full_state(self.model, self.optimizer, model_state, optim_state, self.par)
         self.loader.load_state_dict(extra["loader"])
         self.step, self.tokens = int(extra["step"]), int(extra.get("tokens", 0))
 
