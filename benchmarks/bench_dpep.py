@@ -50,24 +50,6 @@ from pathlib import Path
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
 
 
-def save_model(out: Path, preset: str) -> Path:
-    """A random model of the preset with a tokenizer trained on the standard library (bench_llamacpp's)."""
-    import torch
-
-    from nanoseek import Transformer, get_preset, save_pretrained
-    from nanoseek.data import iter_texts, stdlib_files
-    from nanoseek.tokenizer import train_tokenizer
-
-    tokenizer = train_tokenizer(
-        iter_texts(stdlib_files()[::50]), vocab_size=get_preset(preset).vocab_size, show_progress=False
-    )
-    torch.manual_seed(0)
-    cfg = get_preset(preset).replace(vocab_size=tokenizer.vocab_size, num_nextn_predict_layers=0)
-    save_pretrained(Transformer(cfg), str(out))
-    tokenizer.save(out)
-    return out
-
-
 def prompts_for(engine, requests: int) -> list[list[int]]:
     """`requests` prompts of 16 to 250 tokens, windows of standard-library text (random ids without a
     tokenizer): the same on every run of this machine."""
@@ -195,6 +177,7 @@ def main() -> None:
     if min(args.requests, args.new_tokens, args.repeats) < 1:
         parser.error("--requests, --new-tokens and --repeats must be positive")
     import torch
+    from bench_llamacpp import save_model  # the same random model and stdlib tokenizer (benchmarks/ is on the path)
 
     from nanoseek.config import ModelConfig
     from nanoseek.device import cpu_features

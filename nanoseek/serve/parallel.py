@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -300,20 +300,7 @@ class DataParallelFront:
             leave()
 
     # --- the Engine's conveniences -----------------------------------------------------------------------
-    def generate(
-        self,
-        prompts: Sequence[str | list[int]] | str,
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
-        cache_salt: str | bytes | None = None,
-    ) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
-        ids = [self.add_request(p, sp, cache_salt=cache_salt) for p, sp in zip(prompts, plist, strict=True)]
-        done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
-            done |= {out.request_id: out for out in self.step() if out.finish_reason is not None}
-        return [done[i] for i in ids]
+    generate = Engine.generate  # it needs only add_request and step, which the front has
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
         params = params or SamplingParams()
