@@ -46,6 +46,57 @@ def run_cost(cfg, plan: dict[str, Any], stages: dict[str, Any]) -> dict[str, Any
     }
 
 
+def provenance() -> dict[str, Any]:
+    """What reproducing a card needs, as nanochat's report header gives it: the code (git commit, and whether
+    the tree had uncommitted changes), the machine (CPU, cores, AMX, AVX512-BF16), the software (torch,
+    Python, threads), the date and the command line."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    import torch
+
+    from nanoseek.device import cpu_has_fast_bf16, cpu_name
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        flags = []
+    commit = git("rev-parse", "HEAD")
+    return {
+        "commit": commit or "unknown (not a git checkout)",
+        "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "amx": cpu_has_fast_bf16(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["nanoseek" if sys.argv[0].endswith("nanoseek") else sys.argv[0], *sys.argv[1:]]),
+    }
+
+
+def header_line(p: dict[str, Any]) -> str:
+    dirty = " with uncommitted changes" if p["uncommitted_changes"] else ""
+    yes = lambda b: "yes" if b else "no"  # noqa: E731
+    return (
+        f"Commit `{p['commit'][:12]}`{dirty}; {p['cpu']}, {p['cores']} cores (AMX {yes(p['amx'])}, AVX512-BF16 "
+        f"{yes(p['avx512_bf16'])}); torch {p['torch']}, Python {p['python']}, {p['threads']} threads; "
+        f"{p['date']}; `{p['command']}`."
+    )
+
+
 def balance(loads: dict[str, float] | None) -> str:
     """The last step's max / mean expert load per MoE layer (1.0: balanced), for the pretrain row."""
     if not loads:
@@ -96,8 +147,10 @@ def write_report(out: Path, preset: str, cfg, plan: dict[str, Any], stages: dict
     cost = run_cost(cfg, plan, stages)
     stages = dict(stages) | {"report": {"seconds": round(time.perf_counter() - start, 1)}}
     total = sum(s["seconds"] for s in stages.values())
+    header = provenance()
     report = {
         "preset": preset,
+        "header": header,
         "plan": plan,
         "total_seconds": round(total, 1),
         "stages": stages,
@@ -111,6 +164,8 @@ def write_report(out: Path, preset: str, cfg, plan: dict[str, Any], stages: dict
     gpu_s = cost["gpu_seconds"]
     lines = [
         f"# nanoseek speedrun: preset {preset}",
+        "",
+        header_line(header),
         "",
         f"{total / 60:.1f} minutes on this machine, from nothing to a model that reasons in the R1 format.",
         "",

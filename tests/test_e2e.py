@@ -48,6 +48,9 @@ def test_a_shortened_speedrun_writes_the_report_card_and_a_rerun_resumes(tmp_pat
     assert inference["read_gb_per_s"] > 0 and all(0 < f < 1 for f in inference["roofline_fraction"].values())
     assert "GB/s roofline" in (out / "report.md").read_text()
     assert "expert load max/mean at the end layers.1" in (out / "report.md").read_text()
+    header = report["header"]  # reproducible: the commit, the machine, the software, the command
+    assert header["command"].endswith("speedrun --plan quick --out " + str(out)) and header["torch"]
+    assert f"Commit `{header['commit'][:12]}`" in (out / "report.md").read_text()
     # A killed GRPO stage: its result goes, its checkpoints stay; a rerun redoes only that stage, resuming.
     finished = {s: (out / s / "result.json").stat().st_mtime for s in stages[:-1]}
     (out / "grpo" / "result.json").unlink()
