@@ -1,6 +1,6 @@
-"""The calculator tool of agentic RL: arithmetic expressions parsed by Python's `ast` and evaluated by a
-small interpreter, never `eval`'d, in exact rationals, with bounded input, numbers and work. Errors come back
-as text the model can read, as a tool result would.
+"""The calculator tool (the `calculator` task's tool-use conversations, agentic RL): arithmetic expressions
+parsed by Python's `ast` and evaluated by a small interpreter, never `eval`'d, in exact rationals, with
+bounded input, numbers and work. Errors come back as text the model can read, as a tool result would.
 
     calculate("12 * (34 + 5)")   # "468"
     calculate("7 / 2")           # "3.5"
@@ -28,6 +28,7 @@ TOOL = {  # the tool as OpenAI's API (and nanoseek's chat template) describes it
             "type": "object",
             "properties": {"expression": {"type": "string", "description": "for example 12 * (34 + 5)"}},
             "required": ["expression"],
+            "additionalProperties": False,
         },
     },
 }

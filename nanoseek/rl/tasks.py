@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanoseek.rl import calculator
 from nanoseek.rl.config import TaskWriteConfig
 
 INSTRUCTION = "Think step by step inside <think></think>, then give the result inside <answer></answer>."
@@ -197,21 +198,6 @@ class Countdown(Task):
         return f"<think>Combine the numbers step by step.</think><answer>{problem.answer}</answer>"
 
 
-CALCULATOR = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression of integers: + - * / and parentheses.",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string"}},
-            "required": ["expression"],
-            "additionalProperties": False,
-        },
-    },
-}
-
-
 @dataclass
 class Calculator(Task):
     """Products and sums of multi-digit numbers with a calculator tool: a solved example calls the tool in
@@ -220,7 +206,7 @@ class Calculator(Task):
 
     digits: int = 3
     name = "calculator"
-    tools = [CALCULATOR]  # noqa: RUF012 - a class constant, like name
+    tools = [calculator.TOOL]  # noqa: RUF012 - a class constant, like name
 
     def generate(self, rng: random.Random) -> Problem:
         low, high = 10 ** (self.digits - 1), 10**self.digits - 1
@@ -238,18 +224,9 @@ class Calculator(Task):
         return [
             *problem.messages(),
             {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": "call_0", "content": calculate(problem.meta["expression"])},
+            {"role": "tool", "tool_call_id": "call_0", "content": calculator.calculate(problem.meta["expression"])},
             {"role": "assistant", "content": self.solution(problem)},
         ]
-
-
-def calculate(expression: str) -> str:
-    """The calculator tool: the value of an expression, or why there is none."""
-    result = evaluate_expression(expression)
-    if result is None:
-        return "error: only integers, + - * / and parentheses"
-    value = result[0]
-    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
 
 
 @dataclass
