@@ -161,6 +161,7 @@ def test_the_default_bias_rate_fits_the_run_length(data_dir, tmp_path):
 
     assert bias_gamma_for(500) == pytest.approx(2.5e-3) and bias_gamma_for(250_000) == 1e-3
     assert bias_gamma_for(250) == bias_gamma_for(4) == 0.005
+    assert bias_gamma_for(350, init="runs/tiny/model") == 1e-3  # a fine-tune keeps its learnt routing
     trainer = make_trainer(data_dir, tmp_path, steps=4)
     assert trainer.bias_gamma == 0.005
     trainer.train_step()

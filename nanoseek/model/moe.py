@@ -395,12 +395,16 @@ BIAS_TRAVEL = 1.25  # how far a bias must be able to move over a run: beyond the
 MAX_BIAS_GAMMA = 0.005  # faster, a step's sign flips swing the routing more than they correct it
 
 
-def bias_gamma_for(steps: int) -> float:
-    """The bias update speed for a run of `steps`: V3's 1e-3, raised for short runs to BIAS_TRAVEL / steps (at
-    most 0.005), so that an expert that starts hot can be cooled within the run. Measured on the tiny speedrun
-    (250 steps, benchmarks/bench_balancing.py): at 1e-3 two experts stay hot to the end (max/mean load 1.86
-    in one layer), val loss 2.814; at 0.005 every layer ends at <= 1.16, val loss 2.820; at 0.01, <= 1.20
-    and 2.829 (docs/balancing.png)."""
+def bias_gamma_for(steps: int, init: str | None = None) -> float:
+    """The bias update speed for a run of `steps`: V3's 1e-3, raised for short runs from scratch to
+    BIAS_TRAVEL / steps (at most 0.005), so that an expert that starts hot can be cooled within the run.
+    Measured on the tiny speedrun (250 steps, benchmarks/bench_balancing.py): at 1e-3 two experts stay hot to
+    the end (max/mean load 1.86 in one layer), val loss 2.814; at 0.005 every layer ends at <= 1.16, val loss
+    2.820; at 0.01, <= 1.20 and 2.829 (docs/balancing.png). A fine-tune (`init`, a model folder) keeps V3's
+    rate: its routing is learnt, and moving it faster undoes that (the speedrun's SFT: held-out pass@1 0.32 at
+    1.25 / 350 steps against 0.60 at 1e-3, from the same pretrained model)."""
+    if init:
+        return V3_BIAS_GAMMA
     return min(MAX_BIAS_GAMMA, max(V3_BIAS_GAMMA, BIAS_TRAVEL / steps))
 
 

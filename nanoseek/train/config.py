@@ -52,8 +52,8 @@ class RecipeConfig(RunConfig):
     balance_alpha: float = flag("weight of the sequence-wise balance loss, per MoE layer", default=1e-4)
     bias_gamma: float | None = flag(
         "aux-loss-free bias update speed: after each step b_i += gamma * sign(mean load - load_i); default V3's "
-        "1e-3, raised to 1.25 / --steps (at most 0.005) for runs under 1,250 steps (a bias must be able to move "
-        "far enough within the run); "
+        "1e-3, raised to 1.25 / --steps (at most 0.005) for runs from scratch under 1,250 steps (a bias must be "
+        "able to move far enough within the run; a fine-tune keeps 1e-3); "
         "0 turns it off",
         default=None,
     )

@@ -150,7 +150,7 @@ class Trainer:
                 raise ValueError(f"logit distillation needs one vocabulary: {sizes}")
         self.step, self.tokens = 0, 0
         self.moe = self.model.moe_layers()
-        self.bias_gamma = cfg.bias_gamma if cfg.bias_gamma is not None else bias_gamma_for(cfg.steps)
+        self.bias_gamma = cfg.bias_gamma if cfg.bias_gamma is not None else bias_gamma_for(cfg.steps, cfg.init)
         self.writer = None
 
     def _loaders(self) -> tuple[PackedLoader | ChatLoader, PackedLoader | ChatLoader | None]:
