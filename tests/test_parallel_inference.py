@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,14 +25,18 @@ from nanoseek.serve.config import EngineConfig
 from nanoseek.serve.engine import Engine
 from nanoseek.serve.launch import expert_modules, from_env
 from nanoseek.serve.parallel import DataParallelFront, run_worker
-folder, weights, drafts, redundant, load = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+folder, weights, drafts, redundant, load, out = sys.argv[1:]
+drafts, redundant = int(drafts), int(redundant)
 cfg = EngineConfig(weights=weights, cache_memory_mb=16, speculative_tokens=drafts, enforce_eager=True,
                    redundant_experts=redundant, expert_load=load or None)
 ranks = from_env()
 engine = Engine(folder, config=cfg, model_parallel=True)
 experts = sum(resident_bytes(m) for m in expert_modules(engine.model))
 rank = ranks.rank if ranks else 0
-print(json.dumps({"rank": rank, "resident": resident_bytes(engine.model), "experts": experts}), flush=True)
+def report(row):  # a file per row: ranks writing to one pipe interleave their lines
+    with open(f"{out}/{row['rank']}.json", "w") as f:
+        json.dump(row, f)
+report({"rank": rank, "resident": resident_bytes(engine.model), "experts": experts})
 if rank > 0:
     sys.exit(run_worker(engine))
 front = DataParallelFront(engine) if ranks else engine
@@ -39,14 +44,14 @@ params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=
 prompts = [list(range(3, 40)), [7] * 20, list(range(100, 164)), [5, 6, 7, 8] * 5]
 outs = front.generate(prompts + [p[::-1] for p in prompts], params)
 stats = front.rank_stats()
-print(json.dumps({"rank": "front", "tokens": [o.token_ids for o in outs],
+report({"rank": "front", "tokens": [o.token_ids for o in outs],
                   "drafted": sum(s["drafted_tokens"] for s in stats),
                   "finished": [s["finished"] for s in stats],
                   "moe_bytes": sum(sum(s.get("moe_bytes", [])) for s in stats),
                   "moe_tokens": sum(sum(s.get("moe_tokens", [])) for s in stats),
                   "replica_pairs": sum(s.get("moe_replica_pairs", 0) for s in stats),
                   "logprobs": [[lp for lp, _ in o.logprobs] for o in outs],
-                  "top": [[sorted(alt.values()) for _, alt in o.logprobs] for o in outs]}), flush=True)
+                  "top": [[sorted(alt.values()) for _, alt in o.logprobs] for o in outs]})
 front.close()
 """
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
@@ -54,11 +59,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_AUTO_DTYPE": "float32"}
 
 
 def run(folder, weights: str, ranks: int, drafts: int = 0, redundant: int = 0, load: str = "") -> dict:
-    args = ["-c", SCRIPT, str(folder), weights, str(drafts), str(redundant), load]
+    out = Path(tempfile.mkdtemp(dir=folder.parent))
+    args = ["-c", SCRIPT, str(folder), weights, str(drafts), str(redundant), load, str(out)]
     cmd = [sys.executable, *args] if ranks == 1 else [*TORCHRUN, str(ranks), "--no-python", sys.executable, *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(path.read_text()) for path in out.glob("*.json")]
     return {row["rank"]: row for row in rows}
 
 
