@@ -3,10 +3,12 @@
     pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/llcpp && tar xzf /tmp/llcpp/*.tar.gz -C /tmp/llcpp
     pip install llama-cpp-python            # builds llama.cpp from source (about 10 minutes on 2 cores)
     python benchmarks/bench_llamacpp.py --llama-cpp-source /tmp/llcpp/llama_cpp_python-*/vendor/llama.cpp \
-        [--preset small] [--dtype bf16]
+        [--preset small] [--dtype bf16|int8]
 
 A random model of the preset (tiny by default) is saved in the Hugging Face DeepSeek-V3 format, converted
-to GGUF (f32, or bf16 with --dtype bf16) by llama.cpp's own `convert_hf_to_gguf.py`, which maps
+to GGUF (f32; bf16 with --dtype bf16; q8_0 with --dtype int8, against nanoseek's `--weights int8`, whose
+weights and head are int8 with a scale per row where q8_0 has one per 32 weights) by llama.cpp's own
+`convert_hf_to_gguf.py`, which maps
 DeepseekV3ForCausalLM to its `deepseek2` architecture; our byte-level BPE's pre-tokenizer is unknown to the
 converter, so it is mapped to an existing name (`gpt-2`: only speed is compared, never text). Then both
 engines decode the same number of greedy tokens after the same prompt, with the same thread count and the
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +47,20 @@ import conversion.base
 conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"  # speed only: any known name
 runpy.run_path(source + "/convert_hf_to_gguf.py", run_name="__main__")
 """
+
+
+class Mode(NamedTuple):
+    outtype: str  # llama.cpp's (convert_hf_to_gguf.py --outtype)
+    compute: torch.dtype  # nanoseek's
+    weights: str  # nanoseek's --weights
+    bytes: float  # per weight (int8: the scales add 4 bytes per row, q8_0's 2 per 32 weights)
+
+
+DTYPES = {
+    "fp32": Mode("f32", torch.float32, "fp32", 4),
+    "bf16": Mode("bf16", torch.bfloat16, "bf16", 2),
+    "int8": Mode("q8_0", torch.float32, "int8", 1),
+}
 
 
 def save_model(out: Path, preset: str) -> Path:
@@ -99,7 +116,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the weights of both engines")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="the weights of both engines")
     args = parser.parse_args()
     try:
         from llama_cpp import Llama
@@ -118,13 +135,13 @@ def main() -> None:
             "--outfile",
             str(gguf),
             "--outtype",
-            {"fp32": "f32", "bf16": "bf16"}[args.dtype],
+            DTYPES[args.dtype].outtype,
         ]
         subprocess.run(cmd, check=True, capture_output=True)
         llama = Llama(str(gguf), n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
         batched = BatchedLlama(llama, args.batch, args.new_tokens + 32, args.threads) if args.batch > 1 else None
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-        engine = Engine(model_dir, device="cpu", dtype=dtype)
+        mode = DTYPES[args.dtype]
+        engine = Engine(model_dir, device="cpu", dtype=mode.compute, weights=mode.weights)
         prompt = engine.tokenizer.encode_text("def fibonacci(n):")
         n, batch = args.new_tokens, args.batch
 
@@ -146,7 +163,7 @@ def main() -> None:
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
-        step = decode_step_bytes(engine.model.cfg, batch, 0, dtype.itemsize)  # the weights one step reads
+        step = decode_step_bytes(engine.model.cfg, batch, 0, mode.bytes)  # the weights one step reads
     rate = {name: n * batch / statistics.median(t) for name, t in times.items()}
     roofline = read_bandwidth()
     print(f"{cpu_features()}; `sum` reads {roofline / 1e9:.1f} GB/s")

@@ -1,5 +1,6 @@
 """Weights in memory: resident bytes, peak memory while loading, and decode speed for each `weights` mode
-(fp8 kept in E4M3 with 128x128 block scales, bf16, fp32), the same checkpoint, in one run.
+(fp8 kept in E4M3 with 128x128 block scales, int8 with a scale per row, bf16, fp32), the same checkpoint, in one
+run.
 
     python benchmarks/bench_weights.py [--preset small] [--new-tokens 64]
 
@@ -7,8 +8,9 @@ The checkpoint is the preset with random weights saved in DeepSeek-V3's FP8 form
 fresh process, which reports its resident weight bytes and how far its RSS rose during the load (peak,
 against what stays once loaded; RSS after importing torch subtracted): the loader reads tensors one by
 one from the safetensors files into their places, so no second copy of the model is ever held. Decode is
-greedy, batch 1, compute dtype fp32 for the fp32 mode and bf16 for the others, with the engine's defaults
-(captured): the FP8 mode dequantises each weight inside the batch-1 products' fused reductions on this CPU.
+greedy, batch 1, compute dtype fp32 for the fp32 and int8 modes and bf16 for the others, with the engine's
+defaults (captured): the FP8 and int8 modes dequantise each weight inside the batch-1 products' fused
+reductions on this CPU. int8 is quantised once loaded (its peak is the compute dtype's model).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def status(field):  # this process's memory, in bytes, from the kernel
 
 folder, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 before = status("VmRSS")
-dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+dtype = torch.float32 if mode in ("fp32", "int8") else torch.bfloat16
 engine = Engine(folder, device="cpu", dtype=dtype, weights=mode, cache_memory_mb=16)
 grown, peak = status("VmRSS") - before, status("VmHWM") - before
 params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
@@ -58,7 +60,7 @@ def main() -> None:
         torch.manual_seed(0)
         save_pretrained(Transformer(get_preset(args.preset)), Path(tmp), fp8=True)
         rows = {}
-        for mode in ("fp32", "bf16", "fp8"):
+        for mode in ("fp32", "bf16", "fp8", "int8"):
             out = subprocess.run(
                 [sys.executable, "-c", CHILD, tmp, mode, str(args.new_tokens)],
                 capture_output=True,

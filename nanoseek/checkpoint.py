@@ -30,6 +30,7 @@ from nanoseek.flags import flag
 from nanoseek.fp8 import FP8, dequantize_blocks, quantize_blocks
 from nanoseek.model import Transformer
 from nanoseek.model.fp8_weights import cast_except_fp8, make_fp8_resident, resident_bytes
+from nanoseek.model.int8_weights import quantize_int8
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -482,7 +483,7 @@ def load_weights(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor]]
         raise CheckpointError(f"checkpoint does not fit the config ({len(problems)} problems):\n  {_listed(problems)}")
 
 
-WEIGHTS = ("auto", "fp8", "bf16", "fp32")
+WEIGHTS = ("auto", "fp8", "int8", "bf16", "fp32")
 
 
 def from_pretrained(
@@ -496,7 +497,8 @@ def from_pretrained(
     """Load a Hugging Face DeepSeek-V3 model folder, reading each tensor straight from the safetensors
     files into its place (no second copy of the model on the way). dtype: the compute dtype (None: the
     checkpoint's). weights: "fp8" keeps the projections in E4M3 with their 128x128 block scales (quantising
-    a higher-precision checkpoint), "bf16" / "fp32" dequantise them, "auto" keeps an FP8 checkpoint FP8;
+    a higher-precision checkpoint), "int8" quantises them and the head to int8 with a scale per row once loaded
+    (model/int8_weights.py: CPU decode), "bf16" / "fp32" dequantise them, "auto" keeps an FP8 checkpoint FP8;
     None (training, conversion) dequantises to dtype. expert_shard (rank, world): hold only this rank's
     contiguous E / world routed experts (model-parallel inference); experts_only: nothing else either (the
     other tensors stay on the meta device, unread)."""
@@ -542,6 +544,8 @@ def from_pretrained(
     model.tie_weights()
     load_weights(model, read_checkpoint(path, skip=hf_tensor_map(model)[1]))
     model.rotary_emb.reset_parameters()  # a non-persistent buffer: recomputed, not loaded
+    if weights == "int8":
+        quantize_int8(model)
     return model.eval()
 
 

@@ -469,7 +469,7 @@ def test_captured_mtp_drafting_and_verifying_give_the_eager_greedy_tokens(model,
 
 @pytest.mark.parametrize(
     ("setting", "message"),
-    [({"weights": "int4"}, "auto, fp8, bf16, fp32"), ({"max_seqs": 0}, "--max-seqs"), ({"bogus": 1}, "bogus")],
+    [({"weights": "int4"}, "auto, fp8, int8, bf16, fp32"), ({"max_seqs": 0}, "--max-seqs"), ({"bogus": 1}, "bogus")],
 )
 def test_engine_settings_made_in_python_are_checked_as_the_flags_are(model, setting, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -64,8 +64,9 @@ class Fp8Weight(nn.Module):
 
 
 def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """A projection's weight matrix in `dtype`, whether it is kept in FP8 or not (MLA's absorbed kv_b_proj)."""
-    return linear.dequantized(dtype) if isinstance(linear, Fp8Weight) else linear.weight.to(dtype)
+    """A projection's weight matrix in `dtype`, whether it is kept quantised (FP8, int8) or not (MLA's absorbed
+    kv_b_proj)."""
+    return linear.dequantized(dtype) if hasattr(linear, "dequantized") else linear.weight.to(dtype)
 
 
 def is_fp8_projection(name: str, module: nn.Module) -> bool:

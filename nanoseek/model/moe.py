@@ -178,7 +178,9 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # per expert [gate_proj; up_proj]
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.fp8 = False  # set by nanoseek.fp8.convert_to_fp8
-        self.resident_fp8 = False  # E4M3 weights with 128x128 block scales (make_fp8_resident), for inference
+        # Inference weights kept quantised: "fp8" (E4M3, 128x128 block scales: make_fp8_resident) or "int8" (a
+        # scale per row: make_int8_resident), dequantised at use, only the experts chosen.
+        self.quantized: str | None = None
         self.ep: ExpertGroup | None = None
         # Serving on a torchrun launch (nanoseek.serve.parallel): this rank holds experts [first_expert, +n_experts);
         # `remote` (serve/exchange.py) sends each call's tokens to the ranks that hold their experts.
@@ -211,13 +213,32 @@ class RoutedExperts(nn.Module):
         gate_up = torch.empty(e, 2 * blocks(two_i // 2), blocks(h), device=device)
         self.register_buffer("gate_up_proj_scale_inv", gate_up)
         self.register_buffer("down_proj_scale_inv", torch.empty(e, blocks(h), blocks(two_i // 2), device=device))
-        self.resident_fp8 = True
+        self.quantized = "fp8"
+
+    @torch.no_grad()
+    def make_int8_resident(self) -> int:
+        """Quantise the loaded experts to int8 with an fp32 scale per row (nanoseek.model.int8_weights); returns
+        how many matrices."""
+        from nanoseek.model.int8_weights import quantize_rows
+
+        for name in ("gate_up_proj", "down_proj"):
+            q, scale = quantize_rows(getattr(self, name))
+            delattr(self, name)
+            self.register_buffer(name, q)
+            self.register_buffer(name + "_scale", scale)
+        self.quantized = "int8"
+        return 2 * self.gate_up_proj.shape[0]
 
     def expert_weights(self, experts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate_up and down weights of `experts` (an index, indices or a slice) in `dtype`: views of the
-        stacked parameters, or their FP8 blocks dequantised now (only the experts asked for)."""
-        if not self.resident_fp8:
+        stacked parameters, or their quantised values dequantised now (only the experts asked for)."""
+        if self.quantized is None:
             return self.gate_up_proj[experts], self.down_proj[experts]
+        if self.quantized == "int8":
+            from nanoseek.model.int8_weights import dequantize_rows
+
+            gate_up = dequantize_rows(self.gate_up_proj[experts], self.gate_up_proj_scale[experts])
+            return gate_up.to(dtype), dequantize_rows(self.down_proj[experts], self.down_proj_scale[experts]).to(dtype)
         from nanoseek.fp8 import dequantize_blocks
 
         w, s = self.gate_up_proj[experts], self.gate_up_proj_scale_inv[experts]
@@ -244,15 +265,15 @@ class RoutedExperts(nn.Module):
             return self.remote(self, x, weights, indices)
         if self.ep is None and not self.fp8 and not torch.is_grad_enabled():
             if torch.compiler.is_compiling():  # a captured step: static shapes, no sorting tokens by expert
-                # (FP8 experts: few pairs dequantise only the chosen experts, inside the products; more pairs
+                # (Quantised experts: few pairs dequantise only the chosen ones, inside the products; more pairs
                 # dequantise each expert once, a bounded temporary where gathering would hold one per pair)
                 if self._few_tokens_pay(n * k):
                     return self._few_tokens_gathered(x, weights, indices)
-                if self._sorting_pays(n * k) and not self.resident_fp8:
+                if self._sorting_pays(n * k) and self.quantized is None:
                     return self._by_expert(x, weights, indices)
                 return self._every_expert(x, weights, indices)
-            if self._few_tokens_pay(n * k) or self.resident_fp8 or self.packed:
-                return self._few_tokens(x, weights, indices)  # FP8: dequantise only the chosen experts
+            if self._few_tokens_pay(n * k) or self.quantized or self.packed:
+                return self._few_tokens(x, weights, indices)  # quantised: dequantise only the chosen experts
         flat = indices.flatten()  # [N * k]
         order = flat.argsort(stable=True)  # sort (token, slot) pairs by expert
         counts = torch.bincount(flat, minlength=self.n_experts)
@@ -316,7 +337,8 @@ class RoutedExperts(nn.Module):
     def expert_tensors(self) -> list[str]:
         """The names of the per-expert stacked tensors (dim 0: the expert), scales included."""
         names = ["gate_up_proj", "down_proj"]
-        return names + [n + "_scale_inv" for n in names] if self.resident_fp8 else names
+        suffix = {"fp8": "_scale_inv", "int8": "_scale"}.get(self.quantized or "")
+        return names + [n + suffix for n in names] if suffix else names
 
     @torch.no_grad()
     def add_replica(self, expert: int, tensors: list[torch.Tensor], n_global: int) -> None:

@@ -18,10 +18,11 @@ class EngineConfig:
     (generate, chat, serve, grpo, distill, eval), so that an option has one name everywhere."""
 
     weights: str = flag(
-        "projection weights in memory: fp8 (E4M3 with 128x128 block scales, about 1 byte per parameter), bf16 "
-        "or fp32 (dequantised); auto: fp8 for an FP8 checkpoint",
+        "projection weights in memory: fp8 (E4M3 with 128x128 block scales, about 1 byte per parameter), int8 "
+        "(projections and head with a scale per row, quantised at load: the fastest CPU decode), bf16 or fp32 "
+        "(dequantised); auto: fp8 for an FP8 checkpoint",
         default="auto",
-        choices=["auto", "fp8", "bf16", "fp32"],
+        choices=["auto", "fp8", "int8", "bf16", "fp32"],
     )
     fp8_cache: bool = flag("keep the latent KV cache in FP8", default=False)
     enforce_eager: bool = flag(

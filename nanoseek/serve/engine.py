@@ -167,7 +167,8 @@ class Engine:
         num_blocks = max(2, int(cfg.cache_memory_mb * 2**20) // (self.spec.bytes_per_token * block_size))
         self.block_manager = BlockManager(num_blocks, block_size)
         self.pool = LatentPool(self.spec, num_blocks * block_size + 1, self.device)  # + the runner's scratch slot
-        layout = repr((self.spec, block_size))
+        # The weights' storage types too: the same folder held as int8 or FP8 computes other latents.
+        layout = repr((self.spec, block_size, sorted({str(t.dtype) for t in self.model.state_dict().values()})))
         self.fingerprint = fingerprint(self.model, layout, model_dir, every_byte=cfg.cache_dir is not None)
         # Only the engine's own weights are packed: a model passed in may be training (GRPO's policy), and a
         # packed copy would go stale.
