@@ -17,7 +17,7 @@ import torch
 
 import nanoseek
 from nanoseek import CheckpointError, Transformer, get_preset
-from nanoseek.model.moe import Gate, sequence_balance_loss, update_balancing_bias
+from nanoseek.model.moe import BalancingHook, Gate, sequence_balance_loss, update_balancing_bias
 from nanoseek.train.trainer import TrainConfig, Trainer, mtp_targets
 
 pytestmark = pytest.mark.auto_dtype  # CI runs this module again with the other CPU kind's auto dtype
@@ -60,6 +60,26 @@ def test_bias_update_moves_overloaded_experts_down_and_idle_ones_up():
     update_balancing_bias(gate, load, gamma=1e-3)
     expected = torch.tensor([-1e-3, 1e-3, 0.0, 0.0, 0.0, 0.0, 1e-3, 1e-3])
     torch.testing.assert_close(gate.e_score_correction_bias, expected)
+
+
+def test_the_balancing_hook_moves_the_biases_once_per_optimizer_step_with_the_loads_handed_over():
+    """The bias update rides on the optimizer's step (a post-step hook): the loads of the step move each named
+    gate once, after the weights moved; a step with no loads handed over moves nothing; the router's weights
+    are the optimizer's, the bias never is."""
+    gates = {"model.layers.1": Gate(get_preset("tiny")), "model.layers.2": Gate(get_preset("tiny"))}
+    optimizer = torch.optim.SGD([g.weight for g in gates.values()], lr=0.1)
+    hook = BalancingHook(optimizer, gates, gamma=1e-3)
+    hook.loads = {"model.layers.1": torch.tensor([40.0, 0.0, 10.0, 10.0, 10.0, 10.0, 0.0, 0.0])}
+    for g in gates.values():
+        g.weight.grad = torch.ones_like(g.weight)
+    weight_before = gates["model.layers.1"].weight.detach().clone()
+    optimizer.step()
+    expected = torch.tensor([-1e-3, 1e-3, 0.0, 0.0, 0.0, 0.0, 1e-3, 1e-3])
+    torch.testing.assert_close(gates["model.layers.1"].e_score_correction_bias, expected)
+    torch.testing.assert_close(gates["model.layers.1"].weight, weight_before - 0.1)
+    assert not gates["model.layers.2"].e_score_correction_bias.any()  # no loads for it
+    optimizer.step()  # the loads were spent
+    torch.testing.assert_close(gates["model.layers.1"].e_score_correction_bias, expected)
 
 
 def test_sequence_balance_loss_by_hand():

@@ -440,6 +440,24 @@ def update_balancing_bias(gate: Gate, load: torch.Tensor, gamma: float) -> None:
     gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
 
 
+class BalancingHook:
+    """The bias update as an optimizer step hook (torchtitan's `register_moe_load_balancing_hook`): the trainer
+    hands over the step's global expert loads (`loads`, by MoE layer name) and each optimizer step, once it has
+    run, moves the gates' biases by them. The loads are spent: a step without new ones moves nothing."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, gates: dict[str, Gate], gamma: float):
+        self.gates, self.gamma = gates, gamma
+        self.loads: dict[str, torch.Tensor] = {}
+        optimizer.register_step_post_hook(self.after_step)
+
+    def after_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        for name, gate in self.gates.items():
+            load = self.loads.get(name)
+            if load is not None and load.sum() > 0:
+                update_balancing_bias(gate, load, self.gamma)
+        self.loads = {}
+
+
 class MoE(nn.Module):
     """Shared plus routed experts. In training mode each forward leaves `expert_load` (tokens per expert,
     detached, for the bias update) and `balance_loss` (differentiable) for the trainer to collect."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from nanoseek.rl.tasks import get_task
 from nanoseek.serve.engine import Engine
 from nanoseek.serve.sampling import SamplingParams
 from nanoseek.tokenizer import load_tokenizer
-from nanoseek.train import parallel
+from nanoseek.train import loop, parallel
 from nanoseek.train.optim import build_optimizer, lr_at
 from nanoseek.train.run import RunFolder
 
@@ -203,33 +202,40 @@ class GRPOTrainer:
         parallel.load_full_state(self.policy, self.optimizer, model_state, optim_state, self.par)
         self.step = int(extra["step"])
 
+    # --- the loop (train/loop.py) ------------------------------------------------------------------
+    name = "grpo"
+
+    @property
+    def steps(self) -> int:
+        return self.cfg.steps
+
+    @property
+    def eval_every(self) -> int:
+        return self.cfg.eval_every
+
+    @property
+    def save_every(self) -> int:
+        return self.cfg.save_every
+
+    def before(self) -> dict[str, Any] | None:
+        """Held-out pass@1 of the starting policy, the run's first row."""
+        if not self.test_problems:
+            return None
+        row = {"step": 0, "eval/pass_at_1": self.evaluate()}
+        tqdm.write(f"step 0 | held-out pass@1 {row['eval/pass_at_1']:.3f}")
+        return row
+
+    def eval_into(self, metrics: dict[str, Any]) -> list[str]:
+        if not self.test_problems:
+            return []
+        metrics["eval/pass_at_1"] = self.evaluate()
+        return [f"step {self.step} | held-out pass@1 {metrics['eval/pass_at_1']:.3f}"]
+
+    def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
+        return {"reward": f"{metrics['reward']:.3f}", "len": f"{metrics['completions/mean_length']:.0f}"}
+
     def fit(self) -> list[dict[str, Any]]:
-        cfg = self.cfg
-        saved = self.run.start(cfg.resume)
-        if saved is not None:
-            self.restore(saved)
-        history = []
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="grpo", unit="step", disable=not cfg.progress)
-        with self.run.open_metrics(self.step, cfg.resume) as log:
-            if self.step == 0 and self.test_problems:
-                before = {"step": 0, "eval/pass_at_1": self.evaluate()}
-                bar.write(f"step 0 | held-out pass@1 {before['eval/pass_at_1']:.3f}")
-                log.write(json.dumps(before) + "\n")
-                history.append(before)
-            while self.step < cfg.steps:
-                metrics = self.train_step()
-                if self.test_problems and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                    metrics["eval/pass_at_1"] = self.evaluate()
-                    bar.write(f"step {self.step} | held-out pass@1 {metrics['eval/pass_at_1']:.3f}")
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-                history.append(metrics)
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward']:.3f}", len=f"{metrics['completions/mean_length']:.0f}")
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                    self.save()
-        bar.close()
-        return history
+        return loop.fit(self, self.run, self.cfg.resume, self.cfg.progress)
 
 
 def run(cfg: GRPOConfig) -> int:

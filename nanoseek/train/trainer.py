@@ -17,7 +17,6 @@ it, exact resume from atomic checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,16 +24,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from nanoseek.config import ModelConfig, get_preset
 from nanoseek.data import IGNORE, ChatLoader, PackedLoader, ensure_default_data
 from nanoseek.device import default_device, default_dtype
 from nanoseek.fp8 import convert_to_fp8
 from nanoseek.model import Transformer
-from nanoseek.model.moe import bias_gamma_for, update_balancing_bias
+from nanoseek.model.moe import BalancingHook, bias_gamma_for
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
-from nanoseek.train import parallel
+from nanoseek.train import loop, parallel
 from nanoseek.train.config import SFTConfig, TrainConfig
 from nanoseek.train.optim import build_optimizer, lr_at
 from nanoseek.train.run import RunFolder
@@ -73,65 +71,17 @@ def mtp_targets(targets: torch.Tensor, depth: int) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig | None = None, tokenizer: Tokenizer | None = None):
-        self.cfg = cfg
-        self.out = Path(cfg.out)
-        self.device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
-        self.par = parallel.init(cfg.ep, self.device.type, cfg.pp)
-        if self.device.type == "cuda" and self.par.distributed:
-            self.device = torch.device("cuda", self.par.local_rank)
-            torch.cuda.set_device(self.device)
-        if cfg.batch_size % (self.par.replicas * max(1, cfg.micro_batch_size)):
-            raise ValueError(
-                f"--batch-size {cfg.batch_size} must split evenly over {self.par.replicas} data-parallel "
-                f"process(es) and --micro-batch-size {cfg.micro_batch_size}"
-            )
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.device, self.par = self._placement()
         self.amp_dtype = default_dtype(self.device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-        self.data_dir = Path(cfg.data) if cfg.data else None
-        initial = None
-        if cfg.init:  # fine-tuning: the model folder brings its config and tokenizer
-            from nanoseek.checkpoint import from_pretrained
-
-            initial = from_pretrained(cfg.init, dtype=torch.float32)
-            model_cfg, tokenizer = initial.cfg, tokenizer or load_tokenizer(cfg.init)
-        if self.data_dir is None:  # built once, by the first process
-            vocab = (model_cfg or get_preset(cfg.preset)).vocab_size
-            if self.par.is_main:
-                self.data_dir = ensure_default_data(vocab, progress=cfg.progress)
-            parallel.barrier(self.par)
-            self.data_dir = ensure_default_data(vocab, progress=False)
-        self.tokenizer = tokenizer or load_tokenizer(self.data_dir / "tokenizer")
-        model_cfg = model_cfg or get_preset(cfg.preset)
-        if initial is None:
-            model_cfg = model_cfg.replace(
-                vocab_size=self.tokenizer.vocab_size,
-                bos_token_id=self.tokenizer.bos_id,
-                eos_token_id=self.tokenizer.eos_id,
-            )
-        if not model_cfg.num_nextn_predict_layers < cfg.seq_len <= model_cfg.max_position_embeddings:
-            raise ValueError(
-                f"--seq-len must lie in ({model_cfg.num_nextn_predict_layers}, "
-                f"{model_cfg.max_position_embeddings}] for this model"
-            )
-        if cfg.pp > 1:
-            from nanoseek.train import pipeline
-
-            pipeline.check_supported(cfg, model_cfg)
-        torch.manual_seed(cfg.seed)  # every rank builds the same initial model, then keeps its shards
-        self.model = (initial or Transformer(model_cfg)).to(self.device)
-        if cfg.fp8:
-            convert_to_fp8(self.model)
-        self.moe_names = [name for name, _ in self.model.moe_layers()]  # the whole model's, before any pruning
-        gpu_bf16 = self.device.type == "cuda" and self.amp_dtype == torch.bfloat16
-        param_dtype = torch.bfloat16 if gpu_bf16 else None
-        self.pipeline = None
-        if cfg.pp > 1:  # this rank keeps its stages' modules only
-            self.pipeline = pipeline.Pipeline(
-                self.model, self.par, cfg, self.device, self.mtp_depths, self.autocast, param_dtype
-            )
-        else:
-            parallel.apply(self.model, self.par, param_dtype=param_dtype)
+        initial, model_cfg, self.tokenizer, self.data_dir = self._starting_point(model_cfg, tokenizer)
+        self.model, self.moe_names, self.pipeline = self._model(initial, model_cfg)
+        self.moe = self.model.moe_layers()  # this rank's (a pipeline stage holds some)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        self.bias_gamma = cfg.bias_gamma if cfg.bias_gamma is not None else bias_gamma_for(cfg.steps, cfg.init)
+        gates = {name: moe.gate for name, moe in self.moe}
+        self.balancing = BalancingHook(self.optimizer, gates, self.bias_gamma) if self.bias_gamma > 0 else None
         self.loader, self.val_loader = self._loaders()
         self.run = RunFolder(self.out, "train", dataclasses.asdict(cfg), RESUME_MUST_MATCH)
         self.token_bytes, self.val_bpb = token_bytes(self.tokenizer), None
@@ -139,19 +89,88 @@ class Trainer:
         # MFU against the peak of the run's GEMMs (FP8's for an FP8 run), and against the compute dtype's too
         self.peak_flops, self.peak_source = peak_flops(self.device, self.amp_dtype, cfg.peak_flops, fp8=cfg.fp8)
         self.dense_peak = peak_flops(self.device, self.amp_dtype, cfg.peak_flops)[0]
-        self.teacher = None
-        if cfg.kl_weight > 0:  # logit distillation: the teacher only scores, never trains
+        self.teacher = self._teacher() if cfg.kl_weight > 0 else None
+        self.step, self.tokens = 0, 0
+
+    # --- the builders -------------------------------------------------------------------------------
+    def _placement(self) -> tuple[torch.device, parallel.Parallel]:
+        """The device and the process layout (one process, or this rank's place under torchrun)."""
+        cfg = self.cfg
+        device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
+        par = parallel.init(cfg.ep, device.type, cfg.pp)
+        if device.type == "cuda" and par.distributed:
+            device = torch.device("cuda", par.local_rank)
+            torch.cuda.set_device(device)
+        if cfg.batch_size % (par.replicas * max(1, cfg.micro_batch_size)):
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} must split evenly over {par.replicas} data-parallel "
+                f"process(es) and --micro-batch-size {cfg.micro_batch_size}"
+            )
+        return device, par
+
+    def _starting_point(
+        self, model_cfg: ModelConfig | None, tokenizer: Tokenizer | None
+    ) -> tuple[Transformer | None, ModelConfig, Tokenizer, Path]:
+        """(the model to fine-tune or None, the model's config, the tokenizer, the data folder). A fine-tune's
+        model folder brings its config and tokenizer; a fresh model takes the tokenizer's vocabulary."""
+        cfg, initial = self.cfg, None
+        if cfg.init:
             from nanoseek.checkpoint import from_pretrained
 
-            self.teacher = from_pretrained(cfg.teacher, dtype=torch.float32, device=self.device).eval()
-            self.teacher.requires_grad_(False)
-            if self.teacher.cfg.vocab_size != self.model.cfg.vocab_size:
-                sizes = f"the teacher has {self.teacher.cfg.vocab_size} tokens, the student {self.model.cfg.vocab_size}"
-                raise ValueError(f"logit distillation needs one vocabulary: {sizes}")
-        self.step, self.tokens = 0, 0
-        self.moe = self.model.moe_layers()
-        self.bias_gamma = cfg.bias_gamma if cfg.bias_gamma is not None else bias_gamma_for(cfg.steps, cfg.init)
-        self.writer = None
+            initial = from_pretrained(cfg.init, dtype=torch.float32)
+            model_cfg, tokenizer = initial.cfg, tokenizer or load_tokenizer(cfg.init)
+        data_dir = Path(cfg.data) if cfg.data else None
+        if data_dir is None:  # built once, by the first process
+            vocab = (model_cfg or get_preset(cfg.preset)).vocab_size
+            if self.par.is_main:
+                ensure_default_data(vocab, progress=cfg.progress)
+            parallel.barrier(self.par)
+            data_dir = ensure_default_data(vocab, progress=False)
+        tokenizer = tokenizer or load_tokenizer(data_dir / "tokenizer")
+        model_cfg = model_cfg or get_preset(cfg.preset)
+        if initial is None:
+            model_cfg = model_cfg.replace(
+                vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id
+            )
+        if not model_cfg.num_nextn_predict_layers < cfg.seq_len <= model_cfg.max_position_embeddings:
+            raise ValueError(
+                f"--seq-len must lie in ({model_cfg.num_nextn_predict_layers}, "
+                f"{model_cfg.max_position_embeddings}] for this model"
+            )
+        return initial, model_cfg, tokenizer, data_dir
+
+    def _model(self, initial: Transformer | None, model_cfg: ModelConfig):
+        """The model on its device, FP8 if asked, laid out over the processes: (model, the whole model's MoE
+        layer names, the pipeline or None)."""
+        cfg = self.cfg
+        if cfg.pp > 1:
+            from nanoseek.train import pipeline
+
+            pipeline.check_supported(cfg, model_cfg)
+        torch.manual_seed(cfg.seed)  # every rank builds the same initial model, then keeps its shards
+        model = (initial or Transformer(model_cfg)).to(self.device)
+        if cfg.fp8:
+            convert_to_fp8(model)
+        moe_names = [name for name, _ in model.moe_layers()]  # before a pipeline rank drops its other stages
+        gpu_bf16 = self.device.type == "cuda" and self.amp_dtype == torch.bfloat16
+        param_dtype = torch.bfloat16 if gpu_bf16 else None
+        if cfg.pp > 1:  # this rank keeps its stages' modules only
+            depths = model_cfg.num_nextn_predict_layers if cfg.mtp_lambda > 0 else 0
+            stages = pipeline.Pipeline(model, self.par, cfg, self.device, depths, self.autocast, param_dtype)
+            return model, moe_names, stages
+        parallel.apply(model, self.par, param_dtype=param_dtype)
+        return model, moe_names, None
+
+    def _teacher(self) -> Transformer:
+        """Logit distillation's teacher: it only scores, never trains."""
+        from nanoseek.checkpoint import from_pretrained
+
+        teacher = from_pretrained(self.cfg.teacher, dtype=torch.float32, device=self.device).eval()
+        teacher.requires_grad_(False)
+        if teacher.cfg.vocab_size != self.model.cfg.vocab_size:
+            sizes = f"the teacher has {teacher.cfg.vocab_size} tokens, the student {self.model.cfg.vocab_size}"
+            raise ValueError(f"logit distillation needs one vocabulary: {sizes}")
+        return teacher
 
     def _loaders(self) -> tuple[PackedLoader | ChatLoader, PackedLoader | ChatLoader | None]:
         # The ranks of one pipeline read the same rows: the rows split over the data-parallel replicas.
@@ -299,12 +318,10 @@ class Trainer:
         lr = lr_at(self.step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.balancing is not None:
+            self.balancing.loads = loads  # the biases move once the optimizer has stepped
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.bias_gamma > 0:
-            for name, moe in self.moe:
-                if loads[name].sum() > 0:
-                    update_balancing_bias(moe.gate, loads[name], self.bias_gamma)
         self.step += 1
         seconds = time.perf_counter() - start
         metrics: dict[str, Any] = {"step": self.step, **totals, "grad_norm": grad_norm, "lr": lr}
@@ -430,56 +447,41 @@ class Trainer:
         self.loader.load_state_dict(extra["loader"])
         self.step, self.tokens = int(extra["step"]), int(extra.get("tokens", 0))
 
-    # --- the loop ---------------------------------------------------------------------------
+    # --- the loop (train/loop.py) ------------------------------------------------------------------
+    name = "train"
+
+    @property
+    def steps(self) -> int:
+        return self.cfg.steps
+
+    @property
+    def eval_every(self) -> int:
+        return self.cfg.eval_every
+
+    @property
+    def save_every(self) -> int:
+        return self.cfg.save_every
+
+    def before(self) -> None:
+        return None
+
+    def eval_into(self, metrics: dict[str, Any]) -> list[str]:
+        metrics["val_loss"] = self.evaluate()  # every rank: the forward pass is collective
+        metrics["val_bpb"] = self.val_bpb
+        metrics["samples"] = self.samples()
+        return [f"step {self.step} | {prompt!r} -> {text[:120]!r}" for prompt, text in metrics["samples"].items()]
+
+    def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
+        return {
+            "loss": f"{metrics['loss']:.3f}",
+            "tok_s": f"{metrics['tokens_per_s']:.0f}",
+            "mfu": f"{metrics['mfu']:.1%}",
+            "lr": f"{metrics['lr']:.2e}",
+        }
+
     def fit(self) -> list[dict[str, Any]]:
         cfg = self.cfg
-        main = self.par.is_main  # the first process alone writes logs, progress and files
-        saved = self.run.start(cfg.resume, write=main)
-        if saved is not None:
-            self.restore(saved)
-        if cfg.tensorboard and main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
-        history = []
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not (cfg.progress and main))
-        with self.run.open_metrics(self.step, cfg.resume) if main else nullcontext() as log:
-            while self.step < cfg.steps:
-                metrics = self.train_step()
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    metrics["val_loss"] = self.evaluate()  # every rank: the forward pass is collective
-                    metrics["val_bpb"] = self.val_bpb
-                    metrics["samples"] = self.samples()
-                    for prompt, text in metrics["samples"].items():
-                        if main:
-                            bar.write(f"step {self.step} | {prompt!r} -> {text[:120]!r}")
-                if main:
-                    log.write(json.dumps(metrics) + "\n")
-                    log.flush()
-                    self._tensorboard(metrics)
-                history.append(metrics)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.3f}",
-                    tok_s=f"{metrics['tokens_per_s']:.0f}",
-                    mfu=f"{metrics['mfu']:.1%}",
-                    lr=f"{metrics['lr']:.2e}",
-                )
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                    self.save()
-        bar.close()
-        if self.writer is not None:
-            self.writer.close()
-        return history
-
-    def _tensorboard(self, metrics: dict[str, Any]) -> None:
-        if self.writer is None:
-            return
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "step":
-                self.writer.add_scalar(key, value, self.step)
+        return loop.fit(self, self.run, cfg.resume, cfg.progress, self.par.is_main, cfg.tensorboard)
 
 
 def train(cfg: TrainConfig) -> int:
