@@ -71,10 +71,13 @@ def _device_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     n = 1024
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b  # warm-up
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 1.0:
-        a @ b
-        runs += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * n**3 * runs / (time.perf_counter() - start), f"measured {dtype} matmul on {device.type}"
+    best = 0.0
+    for _ in range(5):  # the best of five 0.2 s windows: a shared machine's slow moments are not its peak
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 0.2:
+            a @ b
+            runs += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * n**3 * runs / (time.perf_counter() - start))
+    return best, f"measured {dtype} matmul on {device.type} (best of five 0.2 s windows)"
