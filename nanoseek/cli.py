@@ -90,7 +90,7 @@ COMMANDS = (
     Command(
         "ledger",
         "serve.config:LedgerConfig",
-        "serve.billing:print_ledger",
+        "serve.ledger_report:print_ledger",
         "per-key usage, cost and balance from a serving ledger",
     ),
     Command("task write", "rl.config:TaskWriteConfig", "rl.tasks:write", "problems as JSONL"),

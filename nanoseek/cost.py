@@ -959,7 +959,7 @@ class CostConfig(ModelSource):
 
 
 def print_cost(cfg: CostConfig) -> int:
-    from nanoseek.serve.billing import PriceTable
+    from nanoseek.serve.prices import PriceTable
 
     if cfg.serving_report:
         report = serving_report(cfg.model_config(), ServingAssumptions(price_per_gpu_hour=cfg.price_per_gpu_hour))

@@ -17,7 +17,7 @@ import openai
 import pytest
 from serving import Server, make_model_dir
 
-from nanoseek.serve.billing import Ledger
+from nanoseek.serve.ledger import Ledger
 
 FP32 = {"NANOSEEK_AUTO_DTYPE": "float32"}
 ADMIN = "admin-secret"

@@ -10,15 +10,11 @@ from decimal import Decimal
 
 import pytest
 
-from nanoseek.serve import billing
-from nanoseek.serve.billing import (
-    InsufficientBalance,
-    Ledger,
-    LedgerUnavailable,
-    PriceTable,
-    read_api_keys,
-    usage_report,
-)
+from nanoseek.serve import ledger as ledger_module
+from nanoseek.serve.keys import read_api_keys
+from nanoseek.serve.ledger import InsufficientBalance, Ledger, LedgerUnavailable
+from nanoseek.serve.ledger_report import usage_report
+from nanoseek.serve.prices import PriceTable
 
 PRICES = PriceTable.parse("0.5, 2, 8", "CNY")
 
@@ -49,7 +45,7 @@ def test_reservations_keep_a_burst_within_the_balance(tmp_path):
 
 def test_two_processes_share_one_ledger_and_every_request_is_recorded(tmp_path):
     script = (
-        "import sys; from nanoseek.serve.billing import Ledger\n"
+        "import sys; from nanoseek.serve.ledger import Ledger\n"
         "ledger = Ledger(sys.argv[1])\n"
         "for _ in range(10):\n"
         "    m = ledger.open('k', 3, 5); m.deliver(1, 2, 5); m.close()\n"
@@ -105,14 +101,14 @@ def test_a_running_request_holds_back_only_what_it_has_not_delivered(tmp_path):
 
 
 def test_a_dead_servers_reservations_lapse_with_its_lease_without_a_restart(tmp_path, monkeypatch):
-    monkeypatch.setattr(billing, "LEASE_SECONDS", 1.0)
-    monkeypatch.setattr(billing, "RENEW_EVERY", 0.2)
+    monkeypatch.setattr(ledger_module, "LEASE_SECONDS", 1.0)
+    monkeypatch.setattr(ledger_module, "RENEW_EVERY", 0.2)
     ledger = Ledger(tmp_path / "l.db", PRICES)
     ledger.grant({"k": Decimal("0.01")})
     script = (
-        "import sys, time; from nanoseek.serve import billing\n"
-        "billing.LEASE_SECONDS, billing.RENEW_EVERY = 1.0, 0.2\n"
-        "billing.Ledger(sys.argv[1]).open('k', 0, 1250)\n"  # the whole balance: 1250 output tokens at 8
+        "import sys, time; from nanoseek.serve import ledger\n"
+        "ledger.LEASE_SECONDS, ledger.RENEW_EVERY = 1.0, 0.2\n"
+        "ledger.Ledger(sys.argv[1]).open('k', 0, 1250)\n"  # the whole balance: 1250 output tokens at 8
         "print('reserved', flush=True)\n"
         "time.sleep(120)\n"
     )

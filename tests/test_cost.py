@@ -79,7 +79,7 @@ def test_gpu_hours_tokens_and_api_price_by_hand():
     from decimal import Decimal
 
     from nanoseek.cost import GPUS, gpu_hours, parse_count, serving_footprint
-    from nanoseek.serve.billing import PriceTable
+    from nanoseek.serve.prices import PriceTable
 
     assert parse_count("14.8T") == 14.8e12 and parse_count("61.4B") == 61.4e9 and parse_count("2k") == 2000
     with pytest.raises(ValueError, match="not a count"):

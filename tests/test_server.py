@@ -10,7 +10,7 @@ import openai
 import pytest
 from serving import Server, make_model_dir
 
-from nanoseek.serve.billing import Ledger
+from nanoseek.serve.ledger import Ledger
 
 pytestmark = pytest.mark.auto_dtype  # CI runs this module again with the other CPU kind's auto dtype
 

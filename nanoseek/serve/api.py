@@ -21,7 +21,7 @@ Choices, documented for clients:
   most 64 * floor(P / 64) of them (its last token is computed again even then, for its logits).
 - Money: admission reserves a request's worst case against the key's balance (402 when the balance less
   open reservations cannot cover it), usage is written to the SQLite ledger as it is delivered, and a
-  ledger that cannot be written turns billed requests away with a 503 until it can (billing.py).
+  ledger that cannot be written turns billed requests away with a 503 until it can (ledger.py).
 - Strangers: bodies over --max-body-bytes get a 413 before they are read; tokenising, templating and the
   ledger run off the event loop; special-token strings typed into messages or text prompts are text
   (only the chat template opens a turn); with --api-keys, /metrics needs --admin-key.

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from fastapi.responses import StreamingResponse
 
 from nanoseek.serve.async_engine import AsyncEngine, EngineError
-from nanoseek.serve.billing import Meter
 from nanoseek.serve.engine import RequestOutput
 from nanoseek.serve.errors import ApiError
+from nanoseek.serve.ledger import Meter
 from nanoseek.serve.metrics import ServerMetrics
 from nanoseek.serve.output import releasable
 from nanoseek.serve.sampling import SamplingParams

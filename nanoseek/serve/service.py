@@ -17,22 +17,16 @@ from fastapi import Request
 
 from nanoseek.serve import errors
 from nanoseek.serve.async_engine import AsyncEngine
-from nanoseek.serve.billing import (
-    InsufficientBalance,
-    Ledger,
-    LedgerUnavailable,
-    Meter,
-    PriceTable,
-    default_ledger_path,
-    read_api_keys,
-)
 from nanoseek.serve.config import CACHE_UNIT, ServeConfig
 from nanoseek.serve.engine import Engine, RequestOutput
 from nanoseek.serve.errors import ApiError
 from nanoseek.serve.generation import Generation
 from nanoseek.serve.grammar import json_grammar, tool_grammar
+from nanoseek.serve.keys import read_api_keys
+from nanoseek.serve.ledger import InsufficientBalance, Ledger, LedgerUnavailable, Meter, default_ledger_path
 from nanoseek.serve.metrics import ServerMetrics
 from nanoseek.serve.parallel import DataParallelFront, engine_for
+from nanoseek.serve.prices import PriceTable
 from nanoseek.serve.protocol import MAX_SEED, ChatCompletionRequest, SamplingRequest
 from nanoseek.serve.sampling import SamplingParams
 from nanoseek.tokenizer import (

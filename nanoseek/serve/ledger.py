@@ -1,8 +1,8 @@
-"""Cache-aware billing: DeepSeek's price table (cache-hit input, cache-miss input, output per million
-tokens), per-key accounts with optional balances, and a ledger in SQLite that server processes share.
+"""The billing ledger: per-key accounts with optional balances, reservations and usage in SQLite, which
+server processes share. Prices are prices.py's; the keys file and key hashing are keys.py's; the report of
+`nanoseek ledger` is ledger_report.py's.
 
-    nanoseek serve --model DIR --api-keys keys.txt --prices 0.5,2,8 --currency CNY [--ledger ledger.db]
-    nanoseek ledger --ledger keys.ledger.db [--csv]
+    nanoseek serve --model DIR --api-keys keys.txt [--ledger ledger.db]
 
 Money is never spent twice and never left unrecorded:
 - Admission reserves a request's worst case (prompt at the cache-miss price + n x max_tokens at the output
@@ -26,19 +26,14 @@ Money is never spent twice and never left unrecorded:
 - An older ledger is brought up to date when opened: its keys are hashed, and its past usage is priced
   once, at the prices of the process that opens it (`meta` says so and at which prices).
 
-Costs are exact decimals computed from token totals, so the sum of the per-request costs is the cost of
-the sums.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
 import os
-import secrets
 import socket
 import sqlite3
 import threading
@@ -46,13 +41,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 
-from nanoseek.serve.config import LedgerConfig
+from nanoseek.serve.keys import key_hash, key_hint, new_secret
+from nanoseek.serve.prices import PriceTable
 
 log = logging.getLogger("nanoseek.serve")
-MILLION = Decimal(1_000_000)
 WRITE_EVERY = 0.01  # seconds between the writer's transactions: a killed server loses at most this much usage
 LEASE_SECONDS = 15.0  # a process's reservations lapse this long after its last renewal
 RENEW_EVERY = 5.0  # the writer renews its lease this often: two renewals can fail before it lapses
@@ -90,35 +85,6 @@ LIVE_RESERVATIONS = "SELECT amount, used FROM reservations JOIN leases USING (ow
 RENEW_LEASE = "INSERT INTO leases VALUES (?, ?) ON CONFLICT (owner) DO UPDATE SET expires = excluded.expires"
 # An account's totals in the JSON ledger of nanoseek before SQLite, in the order of ADD_USAGE.
 JSON_TOTALS = ("requests", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens")
-
-
-@dataclass(frozen=True, slots=True)
-class PriceTable:
-    """Prices per million tokens; the default is DeepSeek-V3's launch table, in yuan."""
-
-    cache_hit: Decimal = Decimal("0.5")
-    cache_miss: Decimal = Decimal("2")
-    output: Decimal = Decimal("8")
-    currency: str = "CNY"
-
-    @classmethod
-    def parse(cls, prices: str, currency: str = "CNY") -> PriceTable:
-        """'HIT,MISS,OUTPUT' per million tokens, e.g. '0.5,2,8'."""
-        parts = prices.split(",")
-        try:
-            hit, miss, out = (Decimal(p.strip()) for p in parts)
-        except Exception as e:
-            raise ValueError(f"--prices takes three numbers HIT,MISS,OUTPUT per million tokens, got {prices!r}") from e
-        if not all(p.is_finite() and p >= 0 for p in (hit, miss, out)):
-            raise ValueError("prices must be finite and not negative")
-        return cls(hit, miss, out, currency)
-
-    def cost(self, hit_tokens: int, miss_tokens: int, output_tokens: int) -> Decimal:
-        return (hit_tokens * self.cache_hit + miss_tokens * self.cache_miss + output_tokens * self.output) / MILLION
-
-    def as_dict(self) -> dict:
-        per = {"cache_hit_input": self.cache_hit, "cache_miss_input": self.cache_miss, "output": self.output}
-        return {"currency": self.currency, "per_million_tokens": {k: float(v) for k, v in per.items()}}
 
 
 @dataclass(slots=True)
@@ -186,7 +152,7 @@ class Ledger:
             ("add_decimal", 2, lambda a, b: str(Decimal(a) + Decimal(b))),
             ("price", 3, lambda hit, miss, out: str(self.prices.cost(hit, miss, out))),
             ("key_hash", 1, self._hash),
-            ("key_hint", 1, _hint),
+            ("key_hint", 1, key_hint),
         ):
             self._db.create_function(name, arity, fn, deterministic=True)
         try:
@@ -221,7 +187,7 @@ class Ledger:
             db.execute(statement)
         row = db.execute("SELECT value FROM meta WHERE name = 'key_secret'").fetchone()
         if row is None:
-            row = (secrets.token_hex(32),)
+            row = (new_secret(),)
             db.execute("INSERT INTO meta VALUES ('key_secret', ?)", row)
         self._secret = bytes.fromhex(row[0])
         self._renew(db)
@@ -285,7 +251,7 @@ class Ledger:
                 raise LedgerUnavailable(self._lost)
 
     def _hash(self, key: str) -> str:
-        return hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()
+        return key_hash(self._secret, key)
 
     def _account(self, db: sqlite3.Connection, key: str) -> Account:
         """The account of a key's HMAC, with what its requests under a live lease may still spend."""
@@ -312,7 +278,7 @@ class Ledger:
     # --- accounts ----------------------------------------------------------------------------------
     def grant(self, balances: dict[str, Decimal | None]) -> None:
         """Set keys' balances (from the keys file); accounts keep their spending."""
-        rows = [(self._hash(k), _hint(k), None if b is None else str(b)) for k, b in balances.items()]
+        rows = [(self._hash(k), key_hint(k), None if b is None else str(b)) for k, b in balances.items()]
         self._write(lambda db: db.executemany(GRANT, rows))
 
     def account(self, key: str, settled: bool = False) -> Account:
@@ -359,7 +325,7 @@ class Ledger:
         hashed = self._hash(key)
 
         def reserve(db):
-            db.execute(OPEN_ACCOUNT, (hashed, _hint(key), None))
+            db.execute(OPEN_ACCOUNT, (hashed, key_hint(key), None))
             self._renew(db)  # and so the reservations of dead processes go
             account = self._account(db, hashed)
             if account.granted is None:
@@ -487,7 +453,7 @@ class Ledger:
                 return
             for key, granted, requests, hit, miss, out in rows:
                 hashed, cost = self._hash(key), str(self.prices.cost(hit, miss, out))
-                db.execute(OPEN_ACCOUNT, (hashed, _hint(key), granted))
+                db.execute(OPEN_ACCOUNT, (hashed, key_hint(key), granted))
                 db.execute(ADD_USAGE, (requests, hit, miss, out, cost, hashed))
                 db.execute(INSERT_USAGE, (hashed, f"imported:{path.name}", time.time(), hit, miss, out, cost))
             db.execute("INSERT INTO meta VALUES (?, ?)", (f"imported:{path.resolve()}", str(time.time())))
@@ -495,55 +461,6 @@ class Ledger:
         self._write(take)
         path.rename(path.with_name(path.name + ".imported"))
         return True
-
-
-def usage_report(ledger: Ledger, as_csv: bool = False) -> str:
-    """Every account's usage, recorded cost, balance and open reservations: a table, or CSV for a
-    spreadsheet. An account shows as its HMAC's first characters and its key's last ones."""
-    import csv
-    import io
-
-    head = [
-        "account",
-        "key",
-        "requests",
-        "cache_hit_tokens",
-        "cache_miss_tokens",
-        "output_tokens",
-        f"cost_{ledger.prices.currency}",
-        "balance",
-        "reserved",
-    ]
-    rows = []
-    for a in ledger.accounts():
-        balance = a.balance()
-        rows.append(
-            [
-                a.key[:8],
-                f"...{a.hint}",
-                a.requests,
-                a.hit,
-                a.miss,
-                a.output,
-                f"{a.cost:.6f}",
-                "unlimited" if balance is None else f"{balance:.6f}",
-                f"{a.reserved:.6f}",
-            ]
-        )
-    if as_csv:
-        out = io.StringIO()
-        csv.writer(out, lineterminator="\n").writerows([head, *rows])
-        return out.getvalue()
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    return (
-        "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows])
-        + "\n"
-    )
-
-
-def _hint(key: str) -> str:
-    """A key's last characters for reports: at most 4, and at most a quarter of it."""
-    return key[len(key) - min(4, len(key) // 4) :]
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -568,48 +485,3 @@ def default_ledger_path(api_keys: str | None) -> Path:
         return keys.with_name(keys.stem + ".ledger.db")
     data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(data) / "nanoseek" / "ledger.db"
-
-
-def read_api_keys(path: str | Path) -> dict[str, Decimal | None]:
-    """One key per line, optionally followed by its balance; blank lines and '#' comments are skipped.
-    Refused, naming the line: a balance that is not a finite number >= 0, a duplicate key, a key that
-    an HTTP header cannot carry. A UTF-8 byte-order mark is read as such."""
-    keys: dict[str, Decimal | None] = {}
-    seen: dict[str, int] = {}
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
-        fields = line.split("#", 1)[0].split()
-        if not fields:
-            continue
-        where = f"{path}:{number}"
-        if len(fields) > 2:
-            raise ValueError(f"{where}: expected 'KEY [BALANCE]', got {line!r}")
-        key = fields[0]
-        if not (key.isascii() and key.isprintable()):
-            raise ValueError(f"{where}: a key must be printable ASCII (it travels in an HTTP header)")
-        if key in seen:
-            raise ValueError(f"{where}: the key on line {seen[key]} appears again")
-        seen[key] = number
-        balance = None
-        if len(fields) == 2:
-            try:
-                balance = Decimal(fields[1])
-            except InvalidOperation:
-                raise ValueError(f"{where}: the balance {fields[1]!r} is not a number") from None
-            if not balance.is_finite() or balance < 0:
-                raise ValueError(f"{where}: the balance {fields[1]!r} must be a finite number >= 0")
-        keys[key] = balance
-    if not keys:
-        raise ValueError(f"{path} lists no API keys")
-    return keys
-
-
-def print_ledger(cfg: LedgerConfig) -> int:
-    """`nanoseek ledger`: the usage report of a serving ledger, as a table or CSV."""
-    if not Path(cfg.ledger).is_file():
-        raise FileNotFoundError(f"no ledger at {cfg.ledger}: pass the --ledger file `nanoseek serve` writes")
-    ledger = Ledger(cfg.ledger, PriceTable.parse(cfg.prices, cfg.currency))
-    try:
-        print(usage_report(ledger, as_csv=cfg.csv), end="")
-    finally:
-        ledger.close()
-    return 0
