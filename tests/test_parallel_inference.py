@@ -6,6 +6,7 @@ idle, and says so at once when a rank dies."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -261,6 +262,116 @@ def test_a_killed_worker_turns_health_unhealthy_and_leaves_no_request_hanging(tm
         except openai.APIConnectionError:
             pass  # the launch is already down: refused, not hung
         launch.proc.wait(timeout=60)  # torchrun brings the launch down
+    finally:
+        launch.stop()
+
+
+class BareLaunch:
+    """`nanoseek serve` as N gloo ranks without torchrun: each rank a process of its own (WORLD_SIZE, RANK and the
+    rendezvous set by hand), so that when one rank dies the others meet it alone; torchrun would stop them all at
+    once and hide what they do."""
+
+    def __init__(self, folder, tmp_path, ranks: int = 2):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp_path / "launch.log"
+        cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", str(folder), "--port", str(self.port)]
+        rendezvous = {"WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        env = {**ENV, **rendezvous, "XDG_DATA_HOME": str(tmp_path / "data")}
+        with open(self.log, "wb") as out:
+            self.procs = [
+                subprocess.Popen(
+                    [*cmd, "--enforce-eager"],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                )
+                for rank in range(ranks)
+            ]
+        deadline = time.monotonic() + 120
+        while not healthy(self.url):
+            alive = all(p.poll() is None for p in self.procs)
+            assert alive and time.monotonic() < deadline, self.log.read_text()[-3000:]
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def unavailable(payload: dict, port: int) -> str:
+    """An engine_unavailable 503's body (or a stream's error event): OpenAI's envelope, naming no source file, host
+    or port; its message."""
+    assert set(payload) == {"error"}, payload
+    error = payload["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["type"] == "server_error" and error["code"] == "engine_unavailable", error
+    message = error["message"]
+    assert not re.search(r"\.(cc|cpp|h|py)\b|/|127\.0\.0\.1|localhost|:\d+|" + str(port), message), message
+    return message
+
+
+def test_a_dead_worker_fails_the_requests_in_flight_and_new_ones_with_a_503(tmp_path, tokenizer):
+    """kill -9 of rank 1 while two requests run (a stream and a plain one), with rank 0 left alive (no torchrun to
+    stop it): the stream ends with an error event and the plain request with a 503, both engine_unavailable in
+    OpenAI's envelope with no internal path or port; /health is 503 with the reason; a new request gets the same
+    503; rank 0 stays up to say so."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = make_model_dir(tmp_path / "model", tokenizer)
+    launch = BareLaunch(folder, tmp_path)
+    chat = launch.url + "/v1/chat/completions"
+    body = {"model": "nanoseek", "messages": [{"role": "user", "content": "Tell me everything."}]}
+    body |= {"max_tokens": 900, "temperature": 0}
+    try:
+        with ThreadPoolExecutor(1) as pool, httpx.stream("POST", chat, json=body | {"stream": True}, timeout=60) as sse:
+            plain = pool.submit(httpx.post, chat, json=body, timeout=60)
+            events = (line[len("data: ") :] for line in sse.iter_lines() if line.startswith("data: "))
+            next(events)  # the stream runs
+            deadline = time.monotonic() + 30
+            while httpx.get(launch.url + "/health", timeout=5).json()["running"] < 2:  # and so does the plain one
+                assert time.monotonic() < deadline and not plain.done()
+                time.sleep(0.1)
+            os.kill(launch.procs[1].pid, signal.SIGKILL)
+            start = time.monotonic()
+            rest = list(events)
+            reply = plain.result(timeout=20)
+            assert time.monotonic() - start < 20  # no hang
+        assert rest and rest[-1] != "[DONE]"
+        port = launch.port
+        reason = unavailable(json.loads(rest[-1]), port)
+        assert reply.status_code == 503 and unavailable(reply.json(), port) == reason
+        health = httpx.get(launch.url + "/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        assert health.json()["reason"] and health.json()["reason"] in reason
+        again = httpx.post(chat, json=body, timeout=20)
+        assert again.status_code == 503 and unavailable(again.json(), port) == reason
+        assert launch.procs[0].poll() is None  # rank 0 is up, saying why it cannot serve
+    finally:
+        launch.stop()
+
+
+def test_the_worker_exits_when_rank_0_dies(tmp_path, tokenizer):
+    """kill -9 of rank 0 (no torchrun to stop the rest): the idle worker, waiting on the control plane whose timeout
+    is days, sees rank 0's sockets close and exits on its own within seconds, with a non-zero code."""
+    import signal
+
+    folder = make_model_dir(tmp_path / "model", tokenizer)
+    launch = BareLaunch(folder, tmp_path)
+    try:
+        time.sleep(2)  # a few idle heartbeats
+        os.kill(launch.procs[0].pid, signal.SIGKILL)
+        start = time.monotonic()
+        code = launch.procs[1].wait(timeout=30)
+        assert time.monotonic() - start < 15 and code != 0, launch.log.read_text()[-3000:]
     finally:
         launch.stop()
 

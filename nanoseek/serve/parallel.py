@@ -234,7 +234,7 @@ class DataParallelFront:
             reports: list = [None] * self.world
             dist.gather_object(mine, reports, dst=0, group=self.ranks.control)
         except (RuntimeError, ConnectionError) as e:
-            self.failed = f"a rank of this torchrun launch is gone or timed out ({type(e).__name__})"
+            self.failed = f"a rank of this launch is gone or timed out ({type(e).__name__})"
             log.error("%s: %s", self.failed, e)
             raise LaunchLost(self.failed) from e
         self._last_round = time.monotonic()
