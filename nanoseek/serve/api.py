@@ -6,8 +6,9 @@ Routes: POST /v1/chat/completions (also /chat/completions), POST /v1/completions
 `suffix` for fill-in-the-middle), GET /v1/models, GET /v1/billing and DeepSeek's GET /user/balance,
 GET /health, GET /metrics (Prometheus), and the chat page at /. This module assembles the app: the
 Service on app.state, the body limit, the error envelope, and the routers of serve/routes/ (one per
-endpoint family), which only shape requests and responses; service.py authenticates, admits, bills and
-runs generations, generation.py streams them. /openapi.json documents every request and response
+endpoint family), which only shape requests and responses; the Service (service.py) admits and bills
+(admission.py), builds prompts and sampling parameters (preprocess.py) and runs generations, which
+generation.py streams. /openapi.json documents every request and response
 (protocol.py's models), stream chunks included.
 
 Choices, documented for clients:

@@ -25,7 +25,8 @@ async def chat_page() -> HTMLResponse:
     responses={503: {"model": HealthUnavailable, "description": "this server cannot take requests"}},
 )
 async def health(service: ServiceDep) -> Health | JSONResponse:
-    reason = service.runner.failed or service.ledger.unavailable  # a failed engine, or a ledger that takes no writes
+    # a failed engine, or a ledger that takes no writes
+    reason = service.runner.failed or service.admission.ledger.unavailable
     if reason is not None:
         return JSONResponse(HealthUnavailable(status="unavailable", reason=reason).model_dump(), status_code=503)
     stats = service.engine.stats()
@@ -34,5 +35,5 @@ async def health(service: ServiceDep) -> Health | JSONResponse:
 
 @router.get("/metrics", include_in_schema=False)
 async def prometheus(request: Request, service: ServiceDep) -> Response:
-    service.authorize_admin(request)
+    service.admission.authorize_admin(request)
     return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -16,13 +16,13 @@ router = APIRouter()
 @router.get("/v1/billing", response_model=BillingSummary, responses=error_docs(401))
 async def billing(service: ServiceDep, key: ApiKey) -> BillingSummary:
     """This key's token totals, their cost, its balance, and the price table."""
-    return BillingSummary.model_validate(await asyncio.to_thread(service.ledger.summary, key))
+    return BillingSummary.model_validate(await asyncio.to_thread(service.admission.ledger.summary, key))
 
 
 @router.get("/user/balance", response_model=UserBalance, responses=error_docs(401))
 async def balance(service: ServiceDep, key: ApiKey) -> UserBalance:
     """DeepSeek's balance shape; available while the balance, less open requests, pays for a minimal one."""
-    ledger = service.ledger
+    ledger = service.admission.ledger
     account = await asyncio.to_thread(ledger.account, key, True)
     left = account.balance()
     amount = f"{left:.2f}" if left is not None else "inf"

@@ -13,11 +13,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from nanoseek.serve import errors
+from nanoseek.serve.admission import Ticket
 from nanoseek.serve.engine import RequestOutput
 from nanoseek.serve.generation import EventStream, TextDeltas, sse, stream_events
 from nanoseek.serve.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, chat_logprobs, usage
 from nanoseek.serve.routes.common import GENERATING, ApiKey, ServiceDep, error_docs, event_stream
-from nanoseek.serve.service import Service, Ticket
+from nanoseek.serve.service import Service
 from nanoseek.serve.tools import ToolCall, parse_tool_calls
 
 router = APIRouter()
@@ -31,7 +32,7 @@ DOCS = {
 @router.post("/chat/completions", **DOCS)
 @router.post("/beta/chat/completions", **DOCS)  # DeepSeek's beta route (prefix completion is served on all three)
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep, key: ApiKey) -> Response:
-    ticket = service.admit(body, body.n, key)
+    ticket = service.admission.admit(body, body.n, key)
     with ticket.released_on_error():
         return await chat(service, body, request, key, ticket)
 
@@ -41,15 +42,16 @@ async def chat(service: Service, body: ChatCompletionRequest, request: Request, 
     prefix = body.messages[-1].prefix
     if any(m.prefix for m in body.messages[:-1]) or (prefix and body.messages[-1].role != "assistant"):
         raise errors.misplaced_prefix()
-    tools = service.check_tools(body)
+    preprocess = service.preprocess
+    tools = preprocess.check_tools(body)
     thinking = service.cfg.thinks(body.model, body.thinking and body.thinking.type)
-    prompt = await service.chat_prompt(
+    prompt = await preprocess.chat_prompt(
         [m.template_dict() for m in body.messages], None if prefix else thinking, prefix, tools
     )
     top = (body.top_logprobs or 0) if body.logprobs else None
-    params = service.sampling_params(body, prompt, body.max_completion_tokens or body.max_tokens, top, "messages")
-    await service.steer(body, prompt, params)
-    [meter] = await service.reserve(key, [(prompt, params)])
+    params = preprocess.sampling_params(body, prompt, body.max_completion_tokens or body.max_tokens, top, "messages")
+    await preprocess.steer(body, prompt, params)
+    [meter] = await service.admission.reserve(key, [(prompt, params)])
     generation = service.start(prompt, params, key, meter, ticket)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     head = {

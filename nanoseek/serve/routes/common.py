@@ -23,7 +23,7 @@ async def service(request: Request) -> Service:
 
 async def api_key(request: Request) -> str:
     """The caller's API key; 401 without a valid one."""
-    return request.app.state.service.authenticate(request)
+    return request.app.state.service.admission.authenticate(request)
 
 
 ServiceDep = Annotated[Service, Depends(service)]

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from nanoseek.serve import errors
+from nanoseek.serve.admission import Ticket
 from nanoseek.serve.engine import RequestOutput
 from nanoseek.serve.errors import ApiError
 from nanoseek.serve.generation import EventStream, TextDeltas, sse, stream_events
@@ -28,7 +29,7 @@ from nanoseek.serve.protocol import (
     usage,
 )
 from nanoseek.serve.routes.common import GENERATING, ApiKey, ServiceDep, error_docs, event_stream
-from nanoseek.serve.service import Service, Ticket
+from nanoseek.serve.service import Service
 from nanoseek.tokenizer import FIM_HOLE
 
 router = APIRouter()
@@ -62,7 +63,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
         raise ApiError(
             400, "best_of must equal n: nanoseek returns every choice it generates, unranked", param="best_of"
         )
-    ticket = service.admit(body, body.n * len(prompts), key)
+    ticket = service.admission.admit(body, body.n * len(prompts), key)
     with ticket.released_on_error():
         return await complete(service, body, request, key, ticket, prompts)
 
@@ -70,16 +71,16 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 async def complete(
     service: Service, body: CompletionRequest, request: Request, key: str, ticket: Ticket, prompts: list
 ) -> Response:
-    tokenizer = service.tokenizer
-    encoded = await service.completion_prompts(prompts, body.suffix)
+    tokenizer, preprocess = service.tokenizer, service.preprocess
+    encoded = await preprocess.completion_prompts(prompts, body.suffix)
     scored = body.logprobs if body.scoring else None  # echo with logprobs: the prompt's log-probs too
     if scored is not None:
         entries = sum(len(ids) + body.max_tokens for ids in encoded) * body.n * (scored + 1)
         if entries > MAX_SCORED_ENTRIES:
             raise errors.too_many_scored(entries, MAX_SCORED_ENTRIES)
-    sampling = [service.sampling_params(body, p, body.max_tokens, body.logprobs, "prompt", scored) for p in encoded]
+    sampling = [preprocess.sampling_params(body, p, body.max_tokens, body.logprobs, "prompt", scored) for p in encoded]
     jobs = list(zip(encoded, sampling, strict=True))
-    meters = await service.reserve(key, jobs)
+    meters = await service.admission.reserve(key, jobs)
     # Every prompt goes to the engine before any is awaited, so they batch.
     generations = [
         service.start(ids, params, key, meter, ticket) for (ids, params), meter in zip(jobs, meters, strict=True)

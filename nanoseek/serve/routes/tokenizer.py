@@ -27,14 +27,14 @@ async def tokenize(body: TokenizeRequest, service: ServiceDep, key: ApiKey) -> T
         raise ApiError(400, "send a prompt or messages (one of them)", param="prompt")
     tokenizer = service.tokenizer
     if body.messages is not None:
-        ids = await service.chat_prompt(
+        ids = await service.preprocess.chat_prompt(
             [m.template_dict() for m in body.messages],
             None,
             body.continue_final_message,
             add_generation_prompt=body.add_generation_prompt,
         )
     else:
-        service.check_text_length([body.prompt], "prompt")
+        service.preprocess.check_text_length([body.prompt], "prompt")
         ids = await asyncio.to_thread(tokenizer.encode, body.prompt)
         ids = [tokenizer.bos_id, *ids] if body.add_special_tokens else ids
     strs = [tokenizer.tok.id_to_token(i) for i in ids] if body.return_token_strs else None
