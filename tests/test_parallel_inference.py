@@ -26,8 +26,8 @@ from nanoseek.serve.config import EngineConfig
 from nanoseek.serve.engine import Engine
 from nanoseek.serve.launch import expert_modules, from_env
 from nanoseek.serve.parallel import DataParallelFront, run_worker
-folder, weights, drafts, redundant, load, out = sys.argv[1:]
-drafts, redundant = int(drafts), int(redundant)
+folder, weights, drafts, redundant, load, rebalance, out = sys.argv[1:]
+drafts, redundant, rebalance = int(drafts), int(redundant), int(rebalance)
 cfg = EngineConfig(weights=weights, cache_memory_mb=16, speculative_tokens=drafts, enforce_eager=True,
                    redundant_experts=redundant, expert_load=load or None)
 ranks = from_env()
@@ -41,6 +41,8 @@ report({"rank": rank, "resident": resident_bytes(engine.model), "experts": exper
 if rank > 0:
     sys.exit(run_worker(engine))
 front = DataParallelFront(engine) if ranks else engine
+if rebalance:
+    front.rebalance_after = rebalance
 params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=None if drafts else 5)
 prompts = [list(range(3, 40)), [7] * 20, list(range(100, 164)), [5, 6, 7, 8] * 5]
 outs = front.generate(prompts + [p[::-1] for p in prompts], params)
@@ -51,6 +53,8 @@ report({"rank": "front", "tokens": [o.token_ids for o in outs],
                   "moe_bytes": sum(sum(s.get("moe_bytes", [])) for s in stats),
                   "moe_tokens": sum(sum(s.get("moe_tokens", [])) for s in stats),
                   "replica_pairs": sum(s.get("moe_replica_pairs", 0) for s in stats),
+                  "placement": engine.exchange.placement if ranks else None,
+                  "measured": getattr(front, "_load", None),
                   "logprobs": [[lp for lp, _ in o.logprobs] for o in outs],
                   "top": [[sorted(alt.values()) for _, alt in o.logprobs] for o in outs]})
 front.close()
@@ -59,9 +63,11 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_AUTO_DTYPE": "float32"}
 
 
-def run(folder, weights: str, ranks: int, drafts: int = 0, redundant: int = 0, load: str = "") -> dict:
+def run(
+    folder, weights: str, ranks: int, drafts: int = 0, redundant: int = 0, load: str = "", rebalance: int = 0
+) -> dict:
     out = Path(tempfile.mkdtemp(dir=folder.parent))
-    args = ["-c", SCRIPT, str(folder), weights, str(drafts), str(redundant), load, str(out)]
+    args = ["-c", SCRIPT, str(folder), weights, str(drafts), str(redundant), load, str(rebalance), str(out)]
     cmd = [sys.executable, *args] if ranks == 1 else [*TORCHRUN, str(ranks), "--no-python", sys.executable, *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -122,6 +128,55 @@ def test_redundant_copies_of_the_hottest_experts_take_their_share_and_change_no_
     assert split["tokens"] == alone["tokens"] and split["replica_pairs"] > 0
     written = json.loads(load_file.read_text())["layers"]
     assert written[0][:2] != [1000, 900] and sum(written[0]) > 1000 + 900 + 60  # the served pairs were added
+
+
+def test_without_a_load_file_the_copies_are_planned_from_the_load_measured_while_serving(tmp_path, tokenizer):
+    """--redundant-experts 2 and no --expert-load: after `rebalance_after` steps (REBALANCE_AFTER, 64, in a server;
+    3 here) the front gathers the (token, expert) pairs every rank measured and places copies of each layer's two
+    hottest experts by them; the copies compute pairs from then on, and the replies are one process's."""
+    from nanoseek.serve.exchange import plan_replicas
+
+    folder = make_model_dir(tmp_path / "model", tokenizer)
+    alone = run(folder, "fp32", 1)["front"]
+    split = run(folder, "fp32", 2, redundant=2, rebalance=3)["front"]
+    assert split["tokens"] == alone["tokens"]
+    measured = split["measured"]
+    assert measured is not None and sum(measured[0]) > 0  # (the MTP module's layer, [1], ran no drafts: zeros)
+    assert split["placement"] == plan_replicas(measured, 2, 2)  # copies from what was measured, not a file
+    assert all(sum(len(ranks) > 1 for ranks in layer) == 2 for layer in split["placement"])
+    assert split["replica_pairs"] > 0
+
+
+def test_a_malformed_load_file_is_refused_naming_the_file_and_the_expected_shape(tmp_path):
+    from nanoseek.serve.parallel import read_load
+
+    path = tmp_path / "load.json"
+    bad = {
+        "not JSON": "{layers: [[1, 2]]",
+        "no layers": json.dumps({"experts": [[1] * 8] * 2}),
+        "a list": json.dumps([[1] * 8] * 2),
+        "ragged": json.dumps({"layers": [[1] * 8, [1] * 7]}),
+        "text counts": json.dumps({"layers": [["1"] * 8] * 2}),
+        "fractions": json.dumps({"layers": [[1.5] * 8] * 2}),
+        "negative": json.dumps({"layers": [[-1] + [1] * 7] * 2}),
+        "booleans": json.dumps({"layers": [[True] * 8] * 2}),
+        "NaN": json.dumps({"layers": [[float("nan")] * 8] * 2}),
+        "past int64": json.dumps({"layers": [[2**63] * 8] * 2}),
+        "layers a dict": json.dumps({"layers": {"0": [1] * 8}}),
+        "flat": json.dumps({"layers": [1] * 8}),
+        "wrong shape": json.dumps({"layers": [[1] * 8] * 3}),
+    }
+    for what, text in bad.items():
+        path.write_text(text)
+        with pytest.raises(ValueError, match="--expert-load") as error:
+            read_load(path, (2, 8))
+            pytest.fail(f"{what}: accepted")
+        message = str(error.value)
+        assert str(path) in message and ("(2, 8)" in message or "[pairs per expert]" in message), (what, message)
+    path.write_text(json.dumps({"layers": [[3] * 8, [0] * 8]}))
+    assert read_load(path, (2, 8)) == [[3] * 8, [0] * 8]
+    with pytest.raises(ValueError, match="--expert-load"):
+        read_load(tmp_path / "missing.json", (2, 8))
 
 
 def test_the_replica_plan_copies_the_hottest_experts_away_from_home():

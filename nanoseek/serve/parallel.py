@@ -138,6 +138,7 @@ class DataParallelFront:
     check_request, ...): every rank serves the same model with the same settings."""
 
     heartbeat_s = HEARTBEAT_S
+    rebalance_after = REBALANCE_AFTER
 
     def __init__(self, engine: Engine):
         self.engine, self.ranks = engine, engine.ranks
@@ -256,13 +257,13 @@ class DataParallelFront:
 
     # --- redundant experts (EPLB) ---------------------------------------------------------------------------
     def _plan_redundancy(self, orders: Orders) -> None:
-        """With --redundant-experts and no load file: after REBALANCE_AFTER steps, ask the ranks for the load
+        """With --redundant-experts and no load file: after `rebalance_after` steps, ask the ranks for the load
         they measured, and with it place the copies (once)."""
         if not self.redundant or self.replicated:
             return
         if orders.want_load and self._load is not None:
             self._replicate(self._load)
-        elif self._steps >= REBALANCE_AFTER:
+        elif self._steps >= self.rebalance_after:
             self._orders.want_load = True
 
     def _replicate(self, load: list[list[int]]) -> None:
@@ -333,12 +334,27 @@ class DataParallelFront:
 
 def read_load(path: Path, shape: tuple[int, int]) -> list[list[int]]:
     """An --expert-load file: {"layers": [[pairs per expert] per MoE layer]}, of shape [MoE layers, experts]
-    (the MTP module's MoE layer last)."""
+    (the MTP module's MoE layer last), counts whole and >= 0. Anything else is refused, naming the file and why."""
+    expected = f'expected {{"layers": [[pairs per expert], ...]}} of shape {tuple(shape)} (MoE layers, experts)'
+
+    def refused(why: str) -> ValueError:
+        return ValueError(f"--expert-load {path}: {why}; {expected}")
+
     try:
         layers = json.loads(path.read_text())["layers"]
-        found = tuple(torch.tensor(layers, dtype=torch.long).shape)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f'--expert-load {path}: expected {{"layers": [[pairs per expert], ...]}} ({e})') from None
+    except OSError as e:
+        raise refused(f"cannot be read ({e.strerror})") from None
+    except ValueError as e:  # not JSON (or not text)
+        raise refused(f"not JSON ({e})") from None
+    except (KeyError, TypeError):
+        raise refused('no "layers" in it') from None
+    if not isinstance(layers, list) or not all(isinstance(layer, list) for layer in layers):
+        raise refused('"layers" is not a list of lists')
+    if any(type(n) is not int or not 0 <= n < 2**63 for layer in layers for n in layer):
+        raise refused("a count is not a whole number >= 0")
+    if len({len(layer) for layer in layers}) > 1:
+        raise refused("its layers differ in length")
+    found = (len(layers), len(layers[0]) if layers else 0)
     if found != tuple(shape):
         raise ValueError(
             f"--expert-load {path} holds {found} (MoE layers, experts); this model has {tuple(shape)} "
