@@ -197,6 +197,73 @@ def test_the_replica_plan_copies_the_hottest_experts_away_from_home():
     check()
 
 
+def routing_front(world: int):
+    """A DataParallelFront over a stand-in engine: its choice of rank alone, no process group."""
+    import torch
+
+    from nanoseek.serve.config import EngineConfig
+    from nanoseek.serve.engine import Engine
+    from nanoseek.serve.launch import Ranks
+    from nanoseek.serve.parallel import DataParallelFront
+
+    class Stand:
+        ranks = Ranks(0, world, torch.device("cpu"))
+        config = EngineConfig()
+        fingerprint = b"a model"
+        cache_root = Engine.cache_root
+
+        def rank_stats(self) -> list[dict]:
+            return [{}]
+
+        def _encode(self, prompt):
+            return prompt
+
+        def check_request(self, ids, params) -> None:
+            pass
+
+    return DataParallelFront(Stand())
+
+
+def test_a_shared_system_prompt_spreads_over_the_ranks():
+    """16 requests whose prompts share a 128-token system prompt, then differ: a block match once sent all of them
+    to the rank that took the first (the others idle); now both ranks hold the head after a few, and the load is
+    even."""
+    front = routing_front(2)
+    system = list(range(1000, 1128))
+    for i in range(16):
+        front.add_request(system + [i] * 30)
+    assert sorted(front.load) == [8, 8], front.load
+
+
+def test_choose_rank_follows_the_cached_prefix_while_its_rank_is_not_much_busier():
+    """No cached block: the least loaded rank (ties to the lower); a prompt whose leading 64-token blocks went to
+    a rank goes there again (the longest run of blocks wins, the least loaded of its holders); another cache salt
+    never matches; the cached rank is left for the least loaded one only past both balance thresholds."""
+    from nanoseek.serve.parallel import BALANCE_ABS, BALANCE_REL, pick_rank
+
+    front = routing_front(4)
+    head, tail, other = list(range(64)), list(range(64, 128)), list(range(500, 564))
+    front.load = [1, 1, 0, 0]
+    assert front.choose_rank(head + tail, None) == 2  # nothing cached: the least loaded, the lower of 2 and 3
+    front.load = [0, 0, 1, 0]
+    assert front.choose_rank(head + tail + [7], None) == 2  # both blocks cached on 2, one request busier: there
+    assert front.choose_rank(head + tail, "another key") == 0  # no match across salts
+    assert front.choose_rank(head + other, None) == 2  # the head matches on 2
+    front.load = [0, 0, 9, 0]
+    assert front.choose_rank(head, None) == 0  # 2 is past both thresholds: the least loaded, which now holds head
+    front.load = [0, 0, 2, 0]
+    assert front.choose_rank(head + tail, None) == 2  # 2 holds both blocks, 0 only the first: the longer run
+    assert front.choose_rank(head, None) == 0  # the first block alone: held by 0 and 2, 0 less loaded
+    assert front.choose_rank(list(range(40)), None) == 0  # under a block: nothing to match
+    # the balance rule alone
+    low = 20
+    assert pick_rank([low + BALANCE_ABS, low], {0}) == 0  # within the absolute slack
+    assert pick_rank([int(low * BALANCE_REL), low], {0}) == 0  # within the relative one
+    assert pick_rank([int(low * BALANCE_REL) + 1, low], {0}) == 1  # past both: the least loaded
+    assert pick_rank([BALANCE_ABS + 1, 0], {0}) == 1  # an idle rank takes it
+    assert pick_rank([3, 3, 3], set()) == 0 and pick_rank([3, 1, 1], {0, 2}) == 2
+
+
 def test_fp8_resident_weights_split_over_ranks_decode_as_one_process(tmp_path):
     import torch
 

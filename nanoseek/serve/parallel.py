@@ -5,10 +5,11 @@ all-to-all (gloo on CPU, NCCL on CUDA).
 
 Every rank holds the attention, dense layers, shared experts, embedding and head, and E / N of the routed
 experts, and runs an engine of its own (scheduler, paged latent cache, prefix cache, sampler) on the requests
-given to it. Rank 0 also runs the HTTP front: it hands each request to a rank (`choose_rank`: the rank that
-has its prompt's first blocks cached, else the least loaded) and streams that rank's output back. Each MoE
-layer sends a token only to the ranks that hold its experts (serve/exchange.py); a rank without work steps
-with nothing to send, so that the collectives line up.
+given to it. Rank 0 also runs the HTTP front: it hands each request to a rank (`choose_rank`: of the ranks
+with most of its prompt's leading blocks cached, the least loaded, unless it is well above the least loaded rank
+of all: `pick_rank`) and streams that rank's output back. Each MoE layer sends a token only to the ranks that
+hold its experts (serve/exchange.py); a rank without work steps with nothing to send, so that the collectives
+line up.
 
 Two planes, two process groups:
 - the data plane (each MoE layer's exchange) on the default group, whose collectives time out after
@@ -46,6 +47,11 @@ HEARTBEAT_S = 1.0  # rank 0 rounds at least this often, so that a dead rank is n
 ROUTE_BLOCK = 64  # prompt blocks the front remembers per rank, to send a prompt where its prefix is cached
 ROUTE_MEMORY = 65_536  # remembered blocks, the oldest forgotten first
 REBALANCE_AFTER = 64  # steps of measured expert load before --redundant-experts places copies (no load file)
+# A rank with the prompt's prefix cached is preferred while its load (live requests) is within BALANCE_ABS of the
+# least loaded rank's, or within BALANCE_REL times it (SGLang's cache-aware router: balance_abs_threshold 64,
+# balance_rel_threshold 1.5; its absolute slack is for routers over whole servers, a rank runs at most max_seqs).
+BALANCE_ABS = 4
+BALANCE_REL = 1.5
 
 
 # --- the control plane's messages ------------------------------------------------------------------------
@@ -148,7 +154,7 @@ class DataParallelFront:
         self.load = [0] * self.world  # live requests per rank
         self.busy = [False] * self.world  # whether a rank had work after the last round
         self.stats_by_rank: list[dict] = engine.rank_stats() * self.world
-        self.blocks: OrderedDict[bytes, int] = OrderedDict()  # prompt block hash -> the rank that has it
+        self.blocks: OrderedDict[bytes, set[int]] = OrderedDict()  # prompt block hash -> the ranks sent it
         self.failed: str | None = None
         self._orders = Orders()
         self._last_round = time.monotonic()
@@ -166,22 +172,22 @@ class DataParallelFront:
 
     # --- requests ----------------------------------------------------------------------------------------
     def choose_rank(self, ids: list[int], cache_salt: str | bytes | None) -> int:
-        """The rank for a new request: the one holding most of its prompt's leading blocks (a prefix cache
-        hit there), else the least loaded. The seam for a smarter router (load in tokens, a queue model)."""
-        best, hits, parent = None, 0, self.engine.cache_root(cache_salt)
+        """The rank for a new request (`pick_rank`'s rule), remembered as holding its prompt's blocks. The seam
+        for a smarter router (load in tokens, a queue model)."""
+        parent, hashes = self.engine.cache_root(cache_salt), []
         for start in range(0, len(ids) - ROUTE_BLOCK + 1, ROUTE_BLOCK):
             parent = block_hash(parent, ids[start : start + ROUTE_BLOCK])
-            rank = self.blocks.get(parent)
-            if rank is None or (best is not None and rank != best):
+            hashes.append(parent)
+        holders: set[int] = set()  # the ranks holding the longest run of leading blocks
+        for i, h in enumerate(hashes):
+            longer = self.blocks.get(h, set()) & (holders if i else set(range(self.world)))
+            if not longer:
                 break
-            best, hits = rank, hits + 1
-        if best is None:
-            best = min(range(self.world), key=lambda r: (self.load[r], r))
-        parent = self.engine.cache_root(cache_salt)
-        for start in range(0, len(ids) - ROUTE_BLOCK + 1, ROUTE_BLOCK):  # that rank will have these blocks
-            parent = block_hash(parent, ids[start : start + ROUTE_BLOCK])
-            self.blocks[parent] = best
-            self.blocks.move_to_end(parent)
+            holders = longer
+        best = pick_rank(self.load, holders)
+        for h in hashes:  # that rank will have these blocks
+            self.blocks.setdefault(h, set()).add(best)
+            self.blocks.move_to_end(h)
         while len(self.blocks) > ROUTE_MEMORY:
             self.blocks.popitem(last=False)
         return best
@@ -330,6 +336,21 @@ class DataParallelFront:
             total[k] = sum(s[k] for s in per) / len(per)
         total["spec_acceptance_by_position"] = per[0]["spec_acceptance_by_position"]
         return total
+
+
+def pick_rank(load: list[int], holders: set[int]) -> int:
+    """The rank for a request, given each rank's load (live requests) and the ranks holding the longest cached
+    prefix of its prompt (empty: none holds any). Of the holders, the least loaded, while its load is not much
+    above the least loaded rank's: within BALANCE_ABS requests of it, or BALANCE_REL times it (SGLang's
+    cache-aware router switches to the shortest queue past both thresholds); else the least loaded rank. Ties
+    go to the lower rank. So a system prompt that every request shares is cached on more ranks as the load
+    grows, instead of sending every request to the rank that took the first."""
+    least = min(range(len(load)), key=lambda r: (load[r], r))
+    if not holders:
+        return least
+    cached = min(holders, key=lambda r: (load[r], r))
+    near = load[cached] - load[least] <= BALANCE_ABS or load[cached] <= BALANCE_REL * load[least]
+    return cached if near else least
 
 
 def read_load(path: Path, shape: tuple[int, int]) -> list[list[int]]:
