@@ -602,6 +602,10 @@ def prefill_throughput(cfg: ModelConfig, layout: Layout, a: ServingAssumptions) 
     # A hit is a prompt's head, so the computed tail sits at positions hit_rate * P .. P and attends to
     # (1 + hit_rate) * P / 2 keys on average; flops_per_token takes twice the mean keys as its seq_len.
     fp8, bf16 = flops_by_precision(cfg, layout.prompt_len * (1 + layout.hit_rate), training=False, mtp=False)
+    # A prefill needs logits at each prompt's last position only (they sample its first output token): one pass
+    # of the head per prompt, not per computed token (4% of a 2K prompt's FLOP time).
+    tail = layout.prompt_len * (1 - layout.hit_rate)
+    bf16 -= 2 * cfg.vocab_size * cfg.hidden_size * (1 - 1 / tail)
     compute = compute_seconds(fp8, bf16, gpu, a.mfu("prefill"))
     comm = link_seconds(*link_bytes_per_token(cfg, a, layout.prefill_nodes, layout.gpus_per_node, True), gpu, a)
     computed = layout.gpus_per_node / overlapped(compute, comm, a.overlap)
@@ -811,6 +815,8 @@ def assumption_notes(a: ServingAssumptions, cfg: ModelConfig) -> list[str]:
         f"MTP acceptance {a.mtp_acceptance:g}"
         + (" (the overview does not mention MTP)" if not a.mtp_acceptance else " (each step also verifies a draft)"),
         "routing uniform and balanced (EPLB) over the routed experts and their redundant copies",
+        "the output head runs once per prompt in prefill (its last position samples the first token), once per "
+        "token in decode",
         f"DeepSeek's requests alike: prompt / output = the day's {day['input_tokens'] / 1e9:.0f}B / "
         f"{day['output_tokens'] / 1e9:.0f}B and prompt + output / 2 = {day['kv_len_per_output_token']:,} KV per "
         f"output token, so a {DEEPSEEK_DAY6.prompt_len:,.0f}-token mean prompt; a cache hit is a prompt's head and "

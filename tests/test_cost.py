@@ -180,12 +180,17 @@ def test_deepseeks_serving_day_is_rebuilt_within_15_percent():
 
 
 def test_sglang_straddles_its_published_figures():
-    """The same assumptions on SGLang's 96 H100s: its saturated 2K-prompt prefill runs hotter than V3's training
-    utilisation and its decode cooler (its own breakdown: MoE kernels 25% slower than DeepSeek's, combine
-    busy-waiting), so prefill lands 16% under and decode 17% over: outside the 15% aim, on opposite sides."""
+    """The same assumptions on SGLang's 96 H100s. Prefill, with the head run once per prompt, lands 12% under
+    (its saturated benchmark of identical 2K prompts runs hotter than V3's training utilisation): within 15%.
+    Decode stays 17% over, outside the aim: the model overlaps the all-to-all perfectly (two micro-batches: 78 ms
+    of compute hides 64 of all-to-all, 1.8x faster than their sum) where SGLang's own ablation measures two-batch
+    overlap at 1.255x (its low-latency kernels hold every SM while sending and receiving, and its dispatch
+    busy-waits); a share of non-overlapped all-to-all would have to be fitted to SGLang's own figures."""
     figs = figures(serving(), layout=1)
-    assert -0.2 < figs["prefill"]["diff"] < -0.1
-    assert 0.1 < figs["decode"]["diff"] < 0.2
+    assert -0.15 < figs["prefill"]["diff"] < -0.1
+    assert 0.15 < figs["decode"]["diff"] < 0.2
+    decode = serving()["layouts"][1]["details"]["decode"]
+    assert decode["compute_s"] + decode["comm_s"] > 1.8 * decode["step_s"]  # the overlap the model assumes
     per_million = 8 * 2.0 / (figs["decode"]["derived"] * 3600) * 1e6  # a decode node's hour over its tokens
     assert figs["cost_per_million_output"]["derived"] == pytest.approx(per_million)
 
@@ -226,12 +231,16 @@ def test_prefill_and_decode_throughput_by_hand():
     fp8 = 2 * (stats.params_active - 2 * embedding)  # every activated weight but the lookup and the BF16 head
     report = serving(prefill_mfu=mfu, decode_mfu=mfu)
     # Prefill: cache hits are prompt heads, so a computed token sees (1 + hit) * P / 2 keys, 2 x 128 x (192 + 128)
-    # FLOPs each per layer; hits cost nothing, so input tokens = computed tokens / (1 - hit).
+    # FLOPs each per layer; hits cost nothing, so input tokens = computed tokens / (1 - hit). The head's logits
+    # are computed at each prompt's last position only: one head per (1 - hit) * P computed tokens.
     hit, ratio = 342 / 608, 608 / 168
     prompt = 4989 * ratio / (ratio + 0.5)  # P / O = 608 / 168 and P + O / 2 = 4,989
     attention = 61 * 128 * (192 + 128) * (1 + hit) * prompt
-    per_gpu = mfu / (fp8 / fp8_peak + (attention + 2 * embedding) / bf16_peak)
+    head = 2 * embedding / ((1 - hit) * prompt)
+    per_gpu = mfu / (fp8 / fp8_peak + (attention + head) / bf16_peak)
     assert figures(report)["prefill"]["derived"] == pytest.approx(8 * per_gpu / (1 - hit))
+    sglang = mfu / (fp8 / fp8_peak + (61 * 128 * (192 + 128) * 2000 + 2 * embedding / 2000) / bf16_peak)
+    assert figures(report, layout=1)["prefill"]["derived"] == pytest.approx(8 * sglang)  # 2K prompts, no hits
     # SGLang's decode: 256 sequences per GPU, each token's absorbed MLA over 2,000 cached latents.
     mla = 61 * 2 * 128 * (2 * 512 + 64) * 2000
     step = 256 * (fp8 / fp8_peak + (mla + 2 * embedding) / bf16_peak) / mfu
