@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from nanoseek.serve.async_engine import AsyncEngine, EngineError
 from nanoseek.serve.engine import RequestOutput
-from nanoseek.serve.errors import ApiError
+from nanoseek.serve.errors import ApiError, engine_unavailable
 from nanoseek.serve.ledger import Meter
 from nanoseek.serve.metrics import ServerMetrics
 from nanoseek.serve.output import releasable
@@ -82,8 +82,9 @@ class Generation:
             if isinstance(item, EngineError):
                 self.live.discard(item.request_id)
                 self.failed = True
-                code = "engine_unavailable" if item.status == 503 else None
-                raise ApiError(item.status, item.message, type="server_error", code=code)
+                if item.status == 503:  # the engine can no longer generate: the words a new request gets
+                    raise engine_unavailable(item.message)
+                raise ApiError(item.status, item.message, type="server_error")
             i, now = index[item.request_id], time.perf_counter()
             previous = self.latest[i]
             if previous.token_ids:
