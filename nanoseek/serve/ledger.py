@@ -83,6 +83,9 @@ INSERT_USAGE = "INSERT INTO usage (key, request, time, hit, miss, output, cost) 
 INSERT_RESERVATION = "INSERT INTO reservations (id, key, amount, owner, time) VALUES (?, ?, ?, ?, ?)"
 LIVE_RESERVATIONS = "SELECT amount, used FROM reservations JOIN leases USING (owner) WHERE key = ? AND expires > ?"
 RENEW_LEASE = "INSERT INTO leases VALUES (?, ?) ON CONFLICT (owner) DO UPDATE SET expires = excluded.expires"
+# SQLite's result codes (extended ones start with these) that say a file cannot be written, not that it is
+# no ledger: a read-only file, folder or disk, a full disk.
+UNWRITABLE = ("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_PERM", "SQLITE_AUTH")
 # An account's totals in the JSON ledger of nanoseek before SQLite, in the order of ADD_USAGE.
 JSON_TOTALS = ("requests", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens")
 
@@ -139,30 +142,16 @@ class Ledger:
     def __init__(self, path: str | Path | None = None, prices: PriceTable | None = None):
         self.prices = prices or PriceTable()
         self.path = Path(path) if path is not None else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            _private(self.path)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # its lease's name
-        self._db = sqlite3.connect(
-            ":memory:" if self.path is None else self.path, isolation_level=None, check_same_thread=False, timeout=30
-        )
         self._lock = threading.RLock()
         self._secret = b""  # the HMAC key of API keys, read from `meta` in _prepare
-        for name, arity, fn in (
-            ("add_decimal", 2, lambda a, b: str(Decimal(a) + Decimal(b))),
-            ("price", 3, lambda hit, miss, out: str(self.prices.cost(hit, miss, out))),
-            ("key_hash", 1, self._hash),
-            ("key_hint", 1, key_hint),
-        ):
-            self._db.create_function(name, arity, fn, deterministic=True)
+        self._db: sqlite3.Connection | None = None
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # committed rows survive a killed process
-            self._db.execute("PRAGMA secure_delete=ON")  # what is replaced (a plaintext key) is zeroed, not left over
-            with self._transaction() as db:  # one process migrates; the others find it done
-                migrated = self._prepare(db)
-        except sqlite3.DatabaseError as e:
-            raise ValueError(f"{self.path} is not a nanoseek ledger (SQLite said: {e}); move it aside") from e
+            migrated = self._open()
+        except (OSError, sqlite3.DatabaseError) as e:
+            if self._db is not None:
+                self._db.close()
+            raise self._refusal(e) from e
         if migrated:  # the old pages, plaintext keys included, leave the WAL and the file
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._file = None if self.path is None else _identity(self.path)
@@ -174,6 +163,40 @@ class Ledger:
         self._renew_at = time.monotonic() + RENEW_EVERY
         self._writer = threading.Thread(target=self._write_loop, name="nanoseek-ledger", daemon=True)
         self._writer.start()
+
+    def _open(self) -> bool:
+        """Open (or create) the database, 0600, in WAL mode, and prepare it; True if it was migrated."""
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _private(self.path)
+        self._db = sqlite3.connect(
+            ":memory:" if self.path is None else self.path, isolation_level=None, check_same_thread=False, timeout=30
+        )
+        for name, arity, fn in (
+            ("add_decimal", 2, lambda a, b: str(Decimal(a) + Decimal(b))),
+            ("price", 3, lambda hit, miss, out: str(self.prices.cost(hit, miss, out))),
+            ("key_hash", 1, self._hash),
+            ("key_hint", 1, key_hint),
+        ):
+            self._db.create_function(name, arity, fn, deterministic=True)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # committed rows survive a killed process
+        self._db.execute("PRAGMA secure_delete=ON")  # what is replaced (a plaintext key) is zeroed, not left over
+        with self._transaction() as db:  # one process migrates; the others find it done
+            return self._prepare(db)
+
+    def _refusal(self, e: OSError | sqlite3.DatabaseError) -> ValueError:
+        """Why the ledger cannot be opened, for the one line a start-up error prints: a file, folder or disk
+        that takes no writes (what to do about it), or a file that is no ledger."""
+        if isinstance(e, OSError):  # a read-only file, folder or disk: not even opened for writing
+            return unwritable(self.path, e.strerror or str(e))
+        name = getattr(e, "sqlite_errorname", "") or ""
+        if name == "SQLITE_READONLY_DIRECTORY":
+            folder = f"its folder takes no new files, and SQLite keeps {self.path.name}-wal and -shm beside it"
+            return unwritable(self.path, folder)
+        if name.startswith(UNWRITABLE):
+            return unwritable(self.path, f"SQLite said: {e}")
+        return ValueError(f"{self.path} is not a nanoseek ledger (SQLite said: {e}); move it aside")
 
     def _prepare(self, db: sqlite3.Connection) -> bool:
         """Create the tables, take a lease, and bring a ledger of an older nanoseek up to date (its keys
@@ -461,6 +484,14 @@ class Ledger:
         self._write(take)
         path.rename(path.with_name(path.name + ".imported"))
         return True
+
+
+def unwritable(path: Path | None, reason: str) -> ValueError:
+    """The error of a ledger that cannot be opened for writing: the file, why, and what to do."""
+    return ValueError(
+        f"the ledger {path} cannot be written ({reason}): make it and its folder writable for this user, "
+        "or give --ledger a file in a writable folder"
+    )
 
 
 def _identity(path: Path) -> tuple[int, int]:
