@@ -1,18 +1,20 @@
-"""The API server, run for real (`nanoseek serve` on a free loopback port) and called with the real
-`openai` client: chat and completions, streaming, context caching in memory and on disk, per-key
-isolation, billing, auth and the error envelope, cancellation on disconnect, metrics."""
+"""The API server called with the real `openai` client: chat and completions, streaming, context caching in
+memory and on disk, per-key isolation, billing, auth and the error envelope, cancellation on disconnect,
+metrics. The app runs in this process (tests/serving.py's InProcess: a real engine behind httpx's ASGI
+transport); `nanoseek serve` runs as a process only where its own console is what is tested."""
 
+import asyncio
 import time
 from decimal import Decimal
 
-import httpx
 import openai
 import pytest
-from serving import Server, make_model_dir
+from serving import InProcess, Server, make_model_dir
 
+from nanoseek.serve.config import EngineConfig, ServeConfig
 from nanoseek.serve.ledger import Ledger
 
-pytestmark = pytest.mark.auto_dtype  # CI runs this module again with the other CPU kind's auto dtype
+pytestmark = [pytest.mark.auto_dtype, pytest.mark.anyio]  # CI runs this module again with the other auto dtype
 
 LONG = (
     "Summarise this function for me, please: def fibonacci(n):\n    if n < 2:\n        return n\n"
@@ -25,36 +27,52 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @pytest.fixture(scope="module")
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
     return make_model_dir(tmp_path_factory.mktemp("served") / "model", tokenizer)
 
 
+def settings(model_dir, **changes) -> ServeConfig:
+    """`nanoseek serve --model DIR --enforce-eager` and `changes`, the engine's (cache_dir) among them."""
+    engine = EngineConfig(enforce_eager=True, cache_dir=changes.pop("cache_dir", None))
+    return ServeConfig(model=str(model_dir), engine=engine, **changes)
+
+
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
+async def server(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     (root / "keys.txt").write_text("key-a\nkey-b  # no balance: unlimited\nkey-poor 0.0000001\n")
-    keys, kv = str(root / "keys.txt"), str(root / "kv")
-    args = ["--api-keys", keys, "--cache-dir", kv, "--max-pending", "8", "--admin-key", ADMIN_KEY]
-    with Server(model_dir, *args, log=root / "server.log") as s:
+    cfg = settings(
+        model_dir, api_keys=str(root / "keys.txt"), cache_dir=str(root / "kv"), max_pending=8, admin_key=ADMIN_KEY
+    )
+    async with InProcess(cfg) as s:  # the engine as `nanoseek serve` builds it: the hardware's auto dtype
         yield s
 
 
-def client(server: Server, key: str = "key-a") -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+def client(server: InProcess, key: str = "key-a") -> openai.AsyncOpenAI:
+    return server.openai(key)
 
 
-def chat(c: openai.OpenAI, content: str = LONG, **kwargs):
-    return c.chat.completions.create(
+async def chat(c: openai.AsyncOpenAI, content: str = LONG, **kwargs):
+    return await c.chat.completions.create(
         model="nanoseek", messages=[{"role": "user", "content": content}], **(GREEDY | kwargs)
     )
 
 
-def test_chat_streamed_and_not_give_the_same_greedy_reply_and_usage(server):
+async def streamed(response) -> list:
+    return [chunk async for chunk in await response]
+
+
+async def test_chat_streamed_and_not_give_the_same_greedy_reply_and_usage(server):
     c = client(server)
-    whole = chat(c, "Hello there")
-    chunks = list(chat(c, "Hello there", stream=True, stream_options={"include_usage": True}))
-    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-    assert whole.choices[0].message.content == streamed and streamed
+    whole = await chat(c, "Hello there")
+    chunks = await streamed(chat(c, "Hello there", stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert whole.choices[0].message.content == text and text
     assert whole.choices[0].finish_reason == "length" and chunks[-2].choices[0].finish_reason == "length"
     usage = chunks[-1].usage
     assert chunks[-1].choices == [] and usage.completion_tokens == 8 == whole.usage.completion_tokens
@@ -65,23 +83,23 @@ def test_chat_streamed_and_not_give_the_same_greedy_reply_and_usage(server):
     assert usage.completion_tokens_details.reasoning_tokens == 0
 
 
-def test_completions_streamed_and_not_and_fill_in_the_middle(server):
+async def test_completions_streamed_and_not_and_fill_in_the_middle(server):
     c = client(server)
-    whole = c.completions.create(model="nanoseek", prompt="def add(a, b):", **GREEDY)
-    pieces = list(c.completions.create(model="nanoseek", prompt="def add(a, b):", stream=True, **GREEDY))
+    whole = await c.completions.create(model="nanoseek", prompt="def add(a, b):", **GREEDY)
+    pieces = await streamed(c.completions.create(model="nanoseek", prompt="def add(a, b):", stream=True, **GREEDY))
     assert "".join(p.choices[0].text for p in pieces) == whole.choices[0].text
     assert whole.usage.completion_tokens == 8 and whole.object == "text_completion"
-    echoed = c.completions.create(model="nanoseek", prompt="def add(a, b):", echo=True, **GREEDY)
+    echoed = await c.completions.create(model="nanoseek", prompt="def add(a, b):", echo=True, **GREEDY)
     assert echoed.choices[0].text == "def add(a, b):" + whole.choices[0].text
-    fim = c.completions.create(model="nanoseek", prompt="def add(a, b):\n", suffix="\n    return c\n", **GREEDY)
+    fim = await c.completions.create(model="nanoseek", prompt="def add(a, b):\n", suffix="\n    return c\n", **GREEDY)
     assert fim.usage.completion_tokens == 8
-    batch = c.completions.create(model="nanoseek", prompt=["x = 1", "y = 2"], n=2, **GREEDY)
+    batch = await c.completions.create(model="nanoseek", prompt=["x = 1", "y = 2"], n=2, **GREEDY)
     assert [ch.index for ch in batch.choices] == [0, 1, 2, 3] and batch.usage.completion_tokens == 32
 
 
-def test_a_repeated_long_prompt_hits_the_cache_in_64_token_units_with_the_same_reply(server):
+async def test_a_repeated_long_prompt_hits_the_cache_in_64_token_units_with_the_same_reply(server):
     c = client(server, "key-a")
-    first, second = chat(c, LONG + " (repeat)"), chat(c, LONG + " (repeat)")
+    first, second = await chat(c, LONG + " (repeat)"), await chat(c, LONG + " (repeat)")
     assert first.usage.prompt_tokens > 128
     assert first.usage.prompt_cache_hit_tokens == 0
     hit = second.usage.prompt_cache_hit_tokens
@@ -89,35 +107,38 @@ def test_a_repeated_long_prompt_hits_the_cache_in_64_token_units_with_the_same_r
     assert second.choices[0].message.content == first.choices[0].message.content
 
 
-def test_one_keys_prefix_never_hits_for_another_key(server):
+async def test_one_keys_prefix_never_hits_for_another_key(server):
     text = LONG + " (isolation)"
-    chat(client(server, "key-a"), text)
-    assert chat(client(server, "key-a"), text).usage.prompt_cache_hit_tokens > 0
-    assert chat(client(server, "key-b"), text).usage.prompt_cache_hit_tokens == 0
+    await chat(client(server, "key-a"), text)
+    assert (await chat(client(server, "key-a"), text)).usage.prompt_cache_hit_tokens > 0
+    assert (await chat(client(server, "key-b"), text)).usage.prompt_cache_hit_tokens == 0
 
 
-def test_n_choices_logprobs_and_seeds(server):
+async def test_n_choices_logprobs_and_seeds(server):
     c = client(server)
-    out = chat(c, "Pick a number", n=2, temperature=1.0, seed=7, logprobs=True, top_logprobs=3, max_tokens=5)
+    options = dict(n=2, temperature=1.0, seed=7, logprobs=True, top_logprobs=3, max_tokens=5)
+    out = await chat(c, "Pick a number", **options)
     assert [ch.index for ch in out.choices] == [0, 1] and out.usage.completion_tokens == 10
     for choice in out.choices:
         assert len(choice.logprobs.content) == 5
         assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in choice.logprobs.content)
-    again = chat(c, "Pick a number", n=2, temperature=1.0, seed=7, logprobs=True, top_logprobs=3, max_tokens=5)
+    again = await chat(c, "Pick a number", **options)
     assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in out.choices]
 
 
-def test_streamed_logprobs_cover_every_token_even_when_text_is_held_back(server):
-    chunks = list(chat(client(server), "Hello", stream=True, logprobs=True, top_logprobs=2, stop=["\n\n"]))
+async def test_streamed_logprobs_cover_every_token_even_when_text_is_held_back(server):
+    chunks = await streamed(chat(client(server), "Hello", stream=True, logprobs=True, top_logprobs=2, stop=["\n\n"]))
     entries = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
     assert len(entries) == 8 and all(len(e.top_logprobs) == 2 for e in entries)
 
 
-def test_billing_sums_the_requests_usage_at_the_price_table(server):
+async def test_billing_sums_the_requests_usage_at_the_price_table(server):
     c = client(server, "key-b")
-    before = httpx.get(server.url + "/v1/billing", headers={"Authorization": "Bearer key-b"}).json()
-    usages = [chat(c, LONG + f" (bill {i})").usage for i in range(2)] + [chat(c, LONG + " (bill 0)").usage]
-    after = httpx.get(server.url + "/v1/billing", headers={"Authorization": "Bearer key-b"}).json()
+    async with server.client("key-b") as http:
+        before = (await http.get("/v1/billing")).json()
+        usages = [(await chat(c, LONG + f" (bill {i})")).usage for i in range(2)]
+        usages.append((await chat(c, LONG + " (bill 0)")).usage)
+        after = (await http.get("/v1/billing")).json()
     delta = {k: after["usage"][k] - before["usage"][k] for k in after["usage"]}
     assert delta == {
         "requests": 3,
@@ -140,37 +161,39 @@ def test_billing_sums_the_requests_usage_at_the_price_table(server):
     assert after["currency"] == "CNY" and after["balance"] is None
 
 
-def test_auth_errors_are_401_and_a_spent_balance_is_402(server):
-    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "key-a"}):
-        r = httpx.get(server.url + "/v1/models", headers=headers)
-        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-    with pytest.raises(openai.AuthenticationError):
-        chat(client(server, "wrong"))
-    with pytest.raises(openai.APIStatusError) as e:  # 0.0000001 yuan cannot cover one token's reservation
-        chat(client(server, "key-poor"), "hi", max_tokens=1)
-    assert e.value.status_code == 402 and e.value.body["type"] == "insufficient_balance"
-    balance = httpx.get(server.url + "/user/balance", headers={"Authorization": "Bearer key-poor"}).json()
-    assert balance["is_available"] is False
+async def test_auth_errors_are_401_and_a_spent_balance_is_402(server):
+    async with server.client() as http:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "key-a"}):
+            r = await http.get("/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.AuthenticationError):
+            await chat(client(server, "wrong"))
+        with pytest.raises(openai.APIStatusError) as e:  # 0.0000001 yuan cannot cover one token's reservation
+            await chat(client(server, "key-poor"), "hi", max_tokens=1)
+        assert e.value.status_code == 402 and e.value.body["type"] == "insufficient_balance"
+        balance = (await http.get("/user/balance", headers={"Authorization": "Bearer key-poor"})).json()
+        assert balance["is_available"] is False
 
 
-def test_bad_requests_are_400_in_the_openai_envelope_and_unknown_models_404(server):
-    c, headers = client(server), {"Authorization": "Bearer key-a", "Content-Type": "application/json"}
-    r = httpx.post(server.url + "/v1/chat/completions", headers=headers, content=b"{not json")
-    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+async def test_bad_requests_are_400_in_the_openai_envelope_and_unknown_models_404(server):
+    c = client(server)
+    async with server.client("key-a") as http:
+        r = await http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        r = await http.get("/v1/nothing-here")
+        assert r.status_code == 404 and "error" in r.json()
     with pytest.raises(openai.BadRequestError) as e:
-        chat(c, temperature=3.5)
+        await chat(c, temperature=3.5)
     assert e.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError) as e:
-        chat(c, "word " * 1200)
+        await chat(c, "word " * 1200)
     assert e.value.body["code"] == "context_length_exceeded" and "1024" in e.value.message
     with pytest.raises(openai.NotFoundError) as e:
-        c.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+        await c.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
     assert e.value.body["code"] == "model_not_found"
-    r = httpx.get(server.url + "/v1/nothing-here", headers=headers)
-    assert r.status_code == 404 and "error" in r.json()
 
 
-def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server):
+async def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server):
     body = {
         "model": "nanoseek",
         "messages": [{"role": "user", "content": "count"}],
@@ -178,34 +201,41 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server):
         "temperature": 0,
         "stream": True,
     }
-    headers = {"Authorization": "Bearer key-a"}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
-        lines = r.iter_lines()
-        for _ in range(6):
-            next(lines)
-        assert server.health()["running"] == 1
-    deadline = time.monotonic() + 10
-    while server.health()["running"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert server.health() | {"status": "ok"} == {"status": "ok", "running": 0, "waiting": 0, "pending": 0}
-    metrics = httpx.get(server.url + "/metrics", headers=ADMIN).text
+    async with server.client("key-a") as http, server.client() as probe:
+        stream = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+        while (await probe.get("/health")).json()["running"] < 1:
+            assert not stream.done(), "the stream ended before it was seen running"
+            await asyncio.sleep(0.01)
+        stream.cancel()  # the client leaves (as a dropped connection cancels the app)
+        await asyncio.gather(stream, return_exceptions=True)
+        deadline = time.monotonic() + 10
+        while (await probe.get("/health")).json()["running"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        health = (await probe.get("/health")).json()
+        assert health | {"status": "ok"} == {"status": "ok", "running": 0, "waiting": 0, "pending": 0}
+        metrics = (await probe.get("/metrics", headers=ADMIN)).text
     generated = next(
         float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("nanoseek_generation_tokens_total")
     )
     assert generated < 900  # far fewer than the request asked for: it was stopped
 
 
-def test_a_server_captures_its_decode_buckets_before_it_serves_and_replies_as_eager(model_dir, server, tmp_path):
+async def test_a_server_captures_its_decode_buckets_before_it_serves_and_replies_as_eager(model_dir, server, tmp_path):
+    """A process: what `nanoseek serve` prints as it starts is the test."""
     with Server(model_dir, "--max-seqs", "2", log=tmp_path / "log", eager=False) as s:
         log = (tmp_path / "log").read_text()
         assert log.count("captured") == 1 and "decode steps for batches 1-2 captured in" in log, log  # said once
         assert log.index("batches 1-2 captured") < log.index("nanoseek serving")
-        captured = [chat(openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0), text) for text in "ab"]
-    eager = [chat(client(server), text) for text in "ab"]
+        process = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        captured = [
+            process.chat.completions.create(model="nanoseek", messages=[{"role": "user", "content": t}], **GREEDY)
+            for t in "ab"
+        ]
+    eager = [await chat(client(server), text) for text in "ab"]
     assert [r.choices[0].message.content for r in captured] == [r.choices[0].message.content for r in eager]
 
 
-def test_a_full_server_answers_429_with_retry_after(model_dir, tmp_path):
+async def test_a_full_server_answers_429_with_retry_after(model_dir, tmp_path):
     body = {
         "model": "nanoseek",
         "messages": [{"role": "user", "content": "count"}],
@@ -213,27 +243,34 @@ def test_a_full_server_answers_429_with_retry_after(model_dir, tmp_path):
         "temperature": 0,
         "stream": True,
     }
-    with (
-        Server(model_dir, "--max-pending", "1") as s,
-        httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r,
-    ):
-        lines = r.iter_lines()  # kept: a dropped iterator closes the connection, which cancels the request
-        next(lines)
-        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+    cfg = settings(model_dir, max_pending=1, ledger=str(tmp_path / "ledger.db"))
+    async with InProcess(cfg) as s, s.client() as http:
+        stream = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+        while (await http.get("/health")).json()["pending"] < 1:
+            assert not stream.done(), "the stream ended before it was seen pending"
+            await asyncio.sleep(0.01)
         with pytest.raises(openai.RateLimitError) as e:
-            c.chat.completions.create(model="nanoseek", messages=[{"role": "user", "content": "hi"}])
+            await s.openai("x").chat.completions.create(model="nanoseek", messages=[{"role": "user", "content": "hi"}])
         assert e.value.response.headers["retry-after"] == "1"
+        stream.cancel()
+        await asyncio.gather(stream, return_exceptions=True)
 
 
-def test_the_disk_cache_survives_a_restart_and_a_corrupt_file_is_a_correct_miss(model_dir, tmp_path):
-    cache, ledger = tmp_path / "kv", ["--ledger", str(tmp_path / "ledger.db")]
-    with Server(model_dir, "--cache-dir", str(cache), *ledger) as s:
-        first = chat(client(s), LONG)
+async def test_the_disk_cache_survives_a_restart_and_a_corrupt_file_is_a_correct_miss(model_dir, tmp_path):
+    """Three servers, one after the other, on one cache folder and one ledger: each a new engine that reads
+    the disk cache the one before wrote (its shutdown finished the writes)."""
+    cache = tmp_path / "kv"
+    cfg = settings(model_dir, cache_dir=str(cache), ledger=str(tmp_path / "ledger.db"))
+
+    async def serve_once() -> tuple:
+        async with InProcess(cfg) as s, s.client() as http:
+            reply = await chat(s.openai("x"))
+            return reply, (await http.get("/metrics")).text
+
+    first, _ = await serve_once()
     files = sorted(cache.glob("*/*.kv"))
     assert first.usage.prompt_cache_hit_tokens == 0 and len(files) == first.usage.prompt_tokens // 64
-    with Server(model_dir, "--cache-dir", str(cache), *ledger) as s:
-        restarted = chat(client(s), LONG)
-        metrics = httpx.get(s.url + "/metrics").text
+    restarted, metrics = await serve_once()
     assert restarted.usage.prompt_cache_hit_tokens == 64 * (first.usage.prompt_tokens // 64)
     assert restarted.choices[0].message.content == first.choices[0].message.content
     assert (
@@ -244,20 +281,19 @@ def test_the_disk_cache_survives_a_restart_and_a_corrupt_file_is_a_correct_miss(
         data = bytearray(f.read_bytes())
         data[len(data) // 2] ^= 0xFF
         f.write_bytes(bytes(data))
-    with Server(model_dir, "--cache-dir", str(cache), *ledger) as s:
-        corrupt = chat(client(s), LONG)
-        metrics = httpx.get(s.url + "/metrics").text
+    corrupt, metrics = await serve_once()
     assert corrupt.usage.prompt_cache_hit_tokens == 0
     assert "nanoseek_disk_cache_corrupt_files_total 1.0" in metrics  # the chain stops at the first bad block
     assert corrupt.choices[0].message.content == first.choices[0].message.content
     assert Ledger(tmp_path / "ledger.db").account("anonymous").requests == 3  # the ledger survived the restarts
 
 
-def test_metrics_expose_latencies_tokens_cache_hits_and_load(server):
-    chat(client(server), "metrics please")
-    for headers in ({}, {"Authorization": "Bearer key-a"}):  # every tenant's traffic: the admin's alone
-        assert httpx.get(server.url + "/metrics", headers=headers).status_code == 401
-    text = httpx.get(server.url + "/metrics", headers=ADMIN).text
+async def test_metrics_expose_latencies_tokens_cache_hits_and_load(server):
+    await chat(client(server), "metrics please")
+    async with server.client() as http:
+        for headers in ({}, {"Authorization": "Bearer key-a"}):  # every tenant's traffic: the admin's alone
+            assert (await http.get("/metrics", headers=headers)).status_code == 401
+        text = (await http.get("/metrics", headers=ADMIN)).text
     for name in (
         "nanoseek_time_to_first_token_seconds_bucket",
         "nanoseek_inter_token_latency_seconds_count",
@@ -272,32 +308,27 @@ def test_metrics_expose_latencies_tokens_cache_hits_and_load(server):
         assert name in text, name
 
 
-def test_streamed_completion_text_offsets_run_on_across_chunks_as_the_whole_replys(server):
+async def test_streamed_completion_text_offsets_run_on_across_chunks_as_the_whole_replys(server):
     """text_offset is each token's place in the whole text (the echoed prompt included), not in its chunk:
     the streamed offsets equal the non-streamed ones (they once restarted at 0 in every chunk)."""
     c = client(server)
     options = dict(model="nanoseek", prompt="def add(a, b):", max_tokens=12, temperature=0, logprobs=1)
-    whole = c.completions.create(**options).choices[0].logprobs.text_offset
-    streamed = [
-        o
-        for ch in c.completions.create(stream=True, **options)
-        if ch.choices[0].logprobs
-        for o in ch.choices[0].logprobs.text_offset
-    ]
-    assert streamed == whole and whole == sorted(whole) and len(set(whole)) > 1
-    echoed = c.completions.create(echo=True, **options | {"logprobs": None, "max_tokens": 1}).choices[0].text
-    assert echoed.startswith("def add(a, b):")
+    whole = (await c.completions.create(**options)).choices[0].logprobs.text_offset
+    chunks = await streamed(c.completions.create(stream=True, **options))
+    offsets = [o for ch in chunks if ch.choices[0].logprobs for o in ch.choices[0].logprobs.text_offset]
+    assert offsets == whole and whole == sorted(whole) and len(set(whole)) > 1
+    echoed = await c.completions.create(echo=True, **options | {"logprobs": None, "max_tokens": 1})
+    assert echoed.choices[0].text.startswith("def add(a, b):")
 
 
-def test_tokenize_adds_bos_as_vllms_does_and_text_completions_do_not(server):
+async def test_tokenize_adds_bos_as_vllms_does_and_text_completions_do_not(server):
     """Settled: /tokenize follows vLLM (add_special_tokens, default true, puts BOS first); a text completion's
     prompt has no BOS, as nanoseek's pretraining windows never had one (documents end in EOS instead)."""
-    c = client(server)
     text = "def add(a, b):"
-    auth = {"Authorization": "Bearer key-a"}
-    counted = httpx.post(server.url + "/tokenize", json={"model": "nanoseek", "prompt": text}, headers=auth).json()
-    body = {"model": "nanoseek", "prompt": text, "add_special_tokens": False}
-    plain = httpx.post(server.url + "/tokenize", json=body, headers=auth).json()
+    async with server.client("key-a") as http:
+        counted = (await http.post("/tokenize", json={"model": "nanoseek", "prompt": text})).json()
+        body = {"model": "nanoseek", "prompt": text, "add_special_tokens": False}
+        plain = (await http.post("/tokenize", json=body)).json()
     assert counted["tokens"][1:] == plain["tokens"] and counted["count"] == plain["count"] + 1
-    out = c.completions.create(model="nanoseek", prompt=text, max_tokens=1, temperature=0)
+    out = await client(server).completions.create(model="nanoseek", prompt=text, max_tokens=1, temperature=0)
     assert out.usage.prompt_tokens == plain["count"]
