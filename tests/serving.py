@@ -56,9 +56,11 @@ class InProcess:
 
         self.app = create_app(cfg, engine)
 
-    def client(self, key: str | None = None) -> httpx.AsyncClient:
+    def client(self, key: str | None = None, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
+        """raise_app_exceptions=False: an exception that escapes the app reaches the test as the server's 500
+        response, as a client over the network would see it (by default it is raised in the test)."""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        transport = httpx.ASGITransport(app=self.app)
+        transport = httpx.ASGITransport(app=self.app, raise_app_exceptions=raise_app_exceptions)
         return httpx.AsyncClient(transport=transport, base_url=self.base_url, headers=headers, timeout=60)
 
     def openai(self, key: str, prefix: str = "/v1") -> openai.AsyncOpenAI:

@@ -4,6 +4,7 @@ metrics. The app runs in this process (tests/serving.py's InProcess: a real engi
 transport); `nanoseek serve` runs as a process only where its own console is what is tested."""
 
 import asyncio
+import logging
 import time
 from decimal import Decimal
 
@@ -332,3 +333,22 @@ async def test_tokenize_adds_bos_as_vllms_does_and_text_completions_do_not(serve
     assert counted["tokens"][1:] == plain["tokens"] and counted["count"] == plain["count"] + 1
     out = await client(server).completions.create(model="nanoseek", prompt=text, max_tokens=1, temperature=0)
     assert out.usage.prompt_tokens == plain["count"]
+
+
+# --- what a failure tells a client: a reason, or an error id; never a path, a port or SQLite's words ------------
+async def test_an_unexpected_error_is_a_500_with_an_error_id_never_the_exceptions_text(server, monkeypatch, caplog):
+    """A gloo error text, with its source path and ports, once reached a 500 body: the client gets an id, the
+    server's log has the details under it (as an engine failure's do)."""
+
+    def fail():
+        raise RuntimeError("[/__w/pytorch/third_party/gloo/transport/tcp/pair.cc:553] peer 127.0.0.1:29511 gone")
+
+    monkeypatch.setattr(server.app.state.service.engine, "stats", fail)
+    with caplog.at_level(logging.ERROR, logger="nanoseek.serve"):
+        async with server.client(raise_app_exceptions=False) as http:
+            r = await http.get("/health")
+    error = r.json()["error"]
+    assert r.status_code == 500 and error["type"] == "server_error" and "error id" in error["message"], r.text
+    assert "pair.cc" not in r.text and "29511" not in r.text
+    error_id = error["message"].rsplit("error id ", 1)[1].strip(")")
+    assert any(error_id in rec.getMessage() and "pair.cc" in (rec.exc_text or "") for rec in caplog.records)

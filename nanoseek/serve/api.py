@@ -40,8 +40,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanoseek.serve.async_engine import log_failure
 from nanoseek.serve.engine import Engine
-from nanoseek.serve.errors import ApiError, BodyLimit, validation_error
+from nanoseek.serve.errors import ApiError, BodyLimit, internal_server_error, validation_error
 from nanoseek.serve.routes import ROUTERS
 from nanoseek.serve.routes.common import openapi
 from nanoseek.serve.service import ServeConfig, Service
@@ -89,7 +90,8 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 
 
 async def server_error(request: Request, exc: Exception) -> JSONResponse:
-    return ApiError(500, f"internal server error: {exc}", type="server_error").response()
+    error_id = log_failure(f"{request.method} {request.url.path} failed", trace=exc)
+    return internal_server_error(error_id).response()
 
 
 def serve(cfg: ServeConfig) -> None:

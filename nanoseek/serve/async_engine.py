@@ -34,9 +34,10 @@ class EngineError:
     status: int = 500
 
 
-def log_failure(what: str, trace: bool = True) -> str:
+def log_failure(what: str, trace: bool | BaseException = True) -> str:
     """Log a failure with its details under a fresh id, which is all the client is told (an exception's text
-    can hold source paths, hosts and ports: a gloo error once reached a 500 body)."""
+    can hold source paths, hosts and ports: a gloo error once reached a 500 body). trace: True for the
+    exception being handled, or the exception itself."""
     error_id = uuid.uuid4().hex[:12]
     log.error("%s (error id %s)", what, error_id, exc_info=trace)
     return error_id

@@ -103,6 +103,13 @@ def ledger_unavailable(reason: str) -> ApiError:
     return ApiError(503, message, type="server_error", code="ledger_unavailable", headers={"Retry-After": "5"})
 
 
+def internal_server_error(error_id: str) -> ApiError:
+    """A bug: the client is told an id, under which the server's log has the exception (whose text can hold
+    source paths, hosts and ports)."""
+    message = f"internal server error: the server's log has the details (error id {error_id})"
+    return ApiError(500, message, type="server_error", code="internal_error")
+
+
 def engine_unavailable(reason: str) -> ApiError:
     message = f"{reason}: this server cannot generate; retry on another"
     return ApiError(503, message, type="server_error", code="engine_unavailable")
