@@ -5,6 +5,7 @@ transport); `nanoseek serve` runs as a process only where its own console is wha
 
 import asyncio
 import logging
+import sqlite3
 import time
 from decimal import Decimal
 
@@ -352,3 +353,82 @@ async def test_an_unexpected_error_is_a_500_with_an_error_id_never_the_exception
     assert "pair.cc" not in r.text and "29511" not in r.text
     error_id = error["message"].rsplit("error id ", 1)[1].strip(")")
     assert any(error_id in rec.getMessage() and "pair.cc" in (rec.exc_text or "") for rec in caplog.records)
+
+
+async def test_a_ledger_that_cannot_be_read_is_the_same_503_as_other_ledger_failures(server, monkeypatch, caplog):
+    """/v1/billing and /user/balance read the ledger: SQLite's error there was a 500 that quoted it."""
+    ledger = server.app.state.service.admission.ledger
+
+    def malformed(*args):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(ledger, "_account", malformed)
+    with caplog.at_level(logging.ERROR, logger="nanoseek.serve"):
+        async with server.client("key-a", raise_app_exceptions=False) as http:
+            for route in ("/v1/billing", "/user/balance"):
+                r = await http.get(route)
+                assert r.status_code == 503 and r.headers["retry-after"] == "5", (route, r.text)
+                assert r.json()["error"]["code"] == "ledger_unavailable" and "malformed" not in r.text, r.text
+    assert any("malformed" in rec.getMessage() and str(ledger.path) in rec.getMessage() for rec in caplog.records)
+
+
+class FullDisk:
+    """A ledger connection on a full disk: every write fails as SQLite's do there (SQLITE_FULL)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+    def execute(self, sql: str, *args):
+        if sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def executemany(self, sql: str, *args):
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+@pytest.mark.parametrize("fault", ["deleted", "disk full"])
+async def test_health_and_billed_requests_are_503s_while_the_ledger_takes_no_writes(
+    model_dir, tmp_path, monkeypatch, caplog, fault
+):
+    """/health said ok while the ledger's disk was full and every billed request got a 503: it says why now
+    (in plain words: no path, no SQLite text, which go to the log), and a billed request gets the 503 in
+    OpenAI's envelope."""
+    from nanoseek.serve import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "RENEW_EVERY", 0.2)  # the lease renewal that finds a full disk, soon
+    path = tmp_path / "billing" / "ledger.db"
+    body = {"model": "nanoseek", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with caplog.at_level(logging.WARNING, logger="nanoseek.serve"):
+        async with InProcess(settings(model_dir, ledger=str(path))) as s, s.client() as http:
+            assert (await http.get("/health")).status_code == 200
+            assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+            ledger = s.app.state.service.admission.ledger
+            if fault == "deleted":
+                for f in path.parent.iterdir():
+                    f.unlink()
+            else:
+                ledger._db = FullDisk(ledger._db)
+            deadline = time.monotonic() + 10
+            while (health := await http.get("/health")).status_code == 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert health.status_code == 503 and health.json()["status"] == "unavailable", health.text
+            reason = health.json()["reason"]
+            assert "billing ledger" in reason, reason
+            refused = await http.post("/v1/chat/completions", json=body)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "5", refused.text
+            error = refused.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["code"] == "ledger_unavailable"
+            assert (await http.get("/v1/billing")).status_code == 503  # its numbers would miss the unwritten usage
+            for text in (reason, error["message"]):
+                assert str(tmp_path) not in text and "disk is full" not in text, text
+            if fault == "disk full":  # room again: the ledger writes what it kept and takes requests again
+                ledger._db = ledger._db.db
+                while (await http.get("/health")).status_code == 503 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+    logged = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert str(path) in logged and ("disk is full" in logged or fault == "deleted"), logged

@@ -99,6 +99,7 @@ def key_concurrency_limit(limit: int) -> ApiError:
 
 
 def ledger_unavailable(reason: str) -> ApiError:
+    """reason: Ledger.unavailable's plain words (the ledger's path and SQLite's text stay in the log)."""
     message = f"{reason}: no billed request is admitted until it can be; retry later"
     return ApiError(503, message, type="server_error", code="ledger_unavailable", headers={"Retry-After": "5"})
 

@@ -86,6 +86,10 @@ RENEW_LEASE = "INSERT INTO leases VALUES (?, ?) ON CONFLICT (owner) DO UPDATE SE
 # SQLite's result codes (extended ones start with these) that say a file cannot be written, not that it is
 # no ledger: a read-only file, folder or disk, a full disk.
 UNWRITABLE = ("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_PERM", "SQLITE_AUTH")
+# Why the ledger is unavailable, as clients and /health are told (the log has the path and SQLite's words).
+CANNOT_WRITE = "the billing ledger cannot be written"
+CANNOT_READ = "the billing ledger cannot be read"
+LOST = "the billing ledger was removed or replaced while serving"
 # An account's totals in the JSON ledger of nanoseek before SQLite, in the order of ADD_USAGE.
 JSON_TOTALS = ("requests", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens")
 
@@ -155,8 +159,9 @@ class Ledger:
         if migrated:  # the old pages, plaintext keys included, leave the WAL and the file
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._file = None if self.path is None else _identity(self.path)
-        self.unavailable: str | None = None  # why the ledger cannot be written now
-        self._lost: str | None = None  # why it never can again (its file went)
+        self._failing: str | None = None  # why the database refuses writes now (a full or read-only disk)
+        self._lost: str | None = None  # why it never takes any again (its file went)
+        self._lost_lock = threading.Lock()  # not self._lock, which a transaction holds: the event loop asks
         self._dirty: dict[int, Meter] = {}
         self._wake = threading.Condition()
         self._stopped = False
@@ -244,6 +249,23 @@ class Ledger:
                     self._db.execute("ROLLBACK")
                 raise
 
+    @property
+    def unavailable(self) -> str | None:
+        """Why the ledger takes no writes now (None while it does), in words for clients and /health: no
+        path, no SQLite text (the log has those). A removed or replaced file is noticed here, unwritten."""
+        self._notice_lost()
+        return self._lost or self._failing
+
+    def _failed(self, e: Exception) -> LedgerUnavailable:
+        """A write that failed: the details to the log (once, as the ledger starts failing), the reason to
+        clients."""
+        if self._failing is None:
+            log.error(
+                "the billing ledger %s cannot be written (%s): billed requests get 503 until it can", self.path, e
+            )
+        self._failing = CANNOT_WRITE
+        return LedgerUnavailable(CANNOT_WRITE)
+
     def _write(self, fn, *args):
         """Run a write transaction; a database that refuses writes makes the ledger unavailable."""
         with self._lock:
@@ -252,26 +274,48 @@ class Ledger:
                 with self._transaction() as db:
                     result = fn(db, *args)
             except sqlite3.DatabaseError as e:
-                self.unavailable = f"the billing ledger cannot be written ({e})"
-                raise LedgerUnavailable(self.unavailable) from e
-            self.unavailable = None  # a transaction went through: the database takes writes again
+                raise self._failed(e) from e
+            if self._failing is not None:  # a transaction went through: the database takes writes again
+                log.warning("the billing ledger %s takes writes again", self.path)
+                self._failing = None
             return result
 
-    def _check_file(self) -> None:
-        """Raise LedgerUnavailable for good once the ledger's file is removed or replaced: this connection
-        would go on writing to a file that no one reads."""
-        with self._lock:
-            if self._lost is None and self.path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    if _identity(self.path) == self._file:
-                        return
-                self._lost = (
-                    f"the billing ledger {self.path} was removed or replaced while serving (restart the server)"
+    def _notice_lost(self) -> None:
+        """Once the ledger's file is removed or replaced, the ledger is lost for good: this connection would go
+        on writing to a file that no one reads. One stat; said in the log once."""
+        if self._lost is not None or self.path is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            if _identity(self.path) == self._file:
+                return
+        with self._lost_lock:
+            if self._lost is None:
+                log.error(
+                    "the billing ledger %s was removed or replaced while serving (restart the server); usage from "
+                    "now on is kept in memory and logged at shutdown",
+                    self.path,
                 )
-                log.error("%s; usage from now on is kept in memory and logged at shutdown", self._lost)
-            if self._lost is not None:
-                self.unavailable = self._lost
-                raise LedgerUnavailable(self._lost)
+                self._lost = LOST
+
+    def _check_file(self) -> None:
+        """Raise LedgerUnavailable for good once the ledger's file is removed or replaced."""
+        self._notice_lost()
+        if self._lost is not None:
+            raise LedgerUnavailable(self._lost)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction (one snapshot). A ledger that takes no writes is not read either (its numbers
+        would miss the usage it keeps in memory); a read that fails makes LedgerUnavailable, its details
+        logged."""
+        if (reason := self.unavailable) is not None:
+            raise LedgerUnavailable(reason)
+        try:
+            with self._transaction("BEGIN") as db:
+                yield db
+        except sqlite3.DatabaseError as e:
+            log.error("the billing ledger %s cannot be read (%s)", self.path, e)
+            raise LedgerUnavailable(CANNOT_READ) from e
 
     def _hash(self, key: str) -> str:
         return key_hash(self._secret, key)
@@ -308,11 +352,11 @@ class Ledger:
         """A key's account; settled=True first waits (up to a second) for the usage still being written."""
         if settled:
             self.flush(timeout=1.0)
-        with self._transaction("BEGIN") as db:  # one snapshot: the totals and the reservations agree
+        with self._reading() as db:  # one snapshot: the totals and the reservations agree
             return self._account(db, self._hash(key))
 
     def accounts(self) -> list[Account]:
-        with self._transaction("BEGIN") as db:
+        with self._reading() as db:
             keys = [k for (k,) in db.execute("SELECT key FROM accounts ORDER BY hint, key")]
             return [self._account(db, k) for k in keys]
 
@@ -421,7 +465,7 @@ class Ledger:
             except Exception as e:  # a full or read-only disk, or worse: keep the usage, retry
                 if not isinstance(e, LedgerUnavailable):
                     log.exception("the ledger writer failed")
-                    self.unavailable = f"the billing ledger cannot be written ({e})"
+                    self._failing = CANNOT_WRITE
                 if self._stopped:  # shutting down: say what could not be written, do not hang
                     log.error("unwritten usage at shutdown: %s", [(m.key, m.delivered) for m in meters])
                     return
