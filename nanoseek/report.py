@@ -32,6 +32,10 @@ def run_cost(cfg, plan: dict[str, Any], stages: dict[str, Any]) -> dict[str, Any
         "grpo": (tokens("grpo", "rollout_tokens") + tokens("grpo", "scored_tokens")) * forward
         + tokens("grpo", "trained_tokens") * chat,
     }
+    if "tools" in stages:  # conversations with the tools' descriptions: longer rows
+        long = flops_per_token(cfg, 320, mtp=False).total
+        flops["tools"] = tokens("tools", "sft_tokens") * long + tokens("tools", "trained_tokens") * long
+        flops["tools"] += (tokens("tools", "rollout_tokens") + tokens("tools", "scored_tokens")) * forward
     mfu, gpu = v3_implied_mfu(get_preset("v3-671b")), GPUS["h100"]
     seconds = {stage: gpu_hours(f, gpu, mfu) * 3600 for stage, f in flops.items()}
     hours = sum(seconds.values()) / 3600
@@ -117,9 +121,14 @@ def write_report(out: Path, preset: str, cfg, plan: dict[str, Any], stages: dict
     plots_dir = out / "plots"
     plots_dir.mkdir(exist_ok=True)
     plots = []
-    for stage, name in (("pretrain", "loss.png"), ("pretrain", "expert_load.png"), ("grpo", "reward.png")):
+    for stage, name in (
+        ("pretrain", "loss.png"),
+        ("pretrain", "expert_load.png"),
+        ("grpo", "reward.png"),
+        ("tools/grpo", "reward.png"),
+    ):
         if (out / stage / name).is_file():
-            plots.append(Path(shutil.copy(out / stage / name, plots_dir / f"{stage}_{name}")))
+            plots.append(Path(shutil.copy(out / stage / name, plots_dir / f"{stage.replace('/', '_')}_{name}")))
     plots.append(fp8_plot(plots_dir / "fp8_vs_bf16.png", stages["fp8"]))
     throughput = stages["inference"]["decode_tokens_per_s"]
     title = "engine decode throughput (this machine)"
@@ -162,6 +171,7 @@ def write_report(out: Path, preset: str, cfg, plan: dict[str, Any], stages: dict
 
     s, grpo, sft, distill = stages, stages["grpo"], stages["sft"], stages["distill"]
     gpu_s = cost["gpu_seconds"]
+    tool_samples = (s.get("tools") or {}).get("samples", {})
     lines = [
         f"# nanoseek speedrun: preset {preset}",
         "",
@@ -198,6 +208,7 @@ def write_report(out: Path, preset: str, cfg, plan: dict[str, Any], stages: dict
         f"{grpo['eval_n']} problems)"
         + (f"; rollouts at {grpo['rollout_tokens_per_s']:.0f} tok/s" if "rollout_tokens_per_s" in grpo else "")
         + " |",
+        *tools_row(s.get("tools"), gpu_s.get("tools", 0.0)),
         f"| inference | {s['inference']['seconds']:.0f} | – | decode "
         + ", ".join(f"batch {b}: {v:.0f} tok/s" for b, v in throughput.items())
         + roofline_text(s["inference"])
@@ -229,12 +240,29 @@ def write_report(out: Path, preset: str, cfg, plan: dict[str, Any], stages: dict
             f"- `{_one_line(prompt)}` -> `{_one_line(text)[:160]}`"
             for prompt, text in s["inference"]["samples"].items()
         ],
+        *(["", "Tool use (the turns, the calculator's results between them):", ""] if s.get("tools") else []),
+        *[f"- `{_one_line(q)}` -> `{_one_line(text)[:400]}`" for q, text in tool_samples.items()],
         "",
     ]
     (out / "report.md").write_text("\n".join(lines))
     html = _markdown_to_html("\n".join(lines), {p.name: base64.b64encode(p.read_bytes()).decode() for p in plots})
     (out / "report.html").write_text(html)
     return [out / "report.json", out / "report.md", out / "report.html", *plots]
+
+
+def tools_row(tools: dict[str, Any] | None, gpu_seconds: float) -> list[str]:
+    """The tools stage's row (none for a run from before it existed)."""
+    if not tools:
+        return []
+    gain = (tools["pass_at_1_with_tools"] - tools["pass_at_1_without_tools"]) * 100
+    rl = (tools["pass_at_1_with_tools"] - tools["pass_at_1_sft_with_tools"]) * 100
+    return [
+        f"| tools | {tools['seconds']:.0f} | {gpu_seconds:.3g} | 3-digit x 2-digit products with a calculator: "
+        f"SFT ({tools['sft_steps']} steps) then multi-turn GRPO ({tools['grpo_steps']} steps); held-out pass@1 "
+        f"{tools['pass_at_1_with_tools']:.3f} with the tool ({rl:+.1f} points from GRPO, SFT "
+        f"{tools['pass_at_1_sft_with_tools']:.3f}), {tools['pass_at_1_without_tools']:.3f} without it "
+        f"({gain:+.1f} points for the tool; {tools['eval_n']} problems) |"
+    ]
 
 
 def _one_line(text: str) -> str:

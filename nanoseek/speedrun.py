@@ -5,8 +5,9 @@
 Stages: data (a BPE and token shards of Python's own stdlib) -> pretrain (MLA + MoE + MTP, FP8 GEMMs
 where the hardware has them) -> fp8 (a short FP8 run against BF16 from the same start) -> sft (worked
 arithmetic solutions) -> distill (the SFT model's verified traces, rejection-sampled, taught to the
-pretrained model) -> grpo (RL on the SFT model: held-out pass@1 before and after) -> inference (decode
-throughput, samples)
+pretrained model) -> grpo (RL on the SFT model: held-out pass@1 before and after) -> tools (agentic RL:
+SFT on calculator conversations, then multi-turn GRPO with the calculator; pass@1 with and without it)
+-> inference (decode throughput, samples)
 -> the report card (report.md, a self-contained report.html, report.json) -> optionally the API server.
 Each stage leaves DIR/<stage>/result.json when done: a rerun skips finished stages, and a killed stage
 resumes from its last checkpoint.
@@ -33,6 +34,7 @@ from nanoseek.device import default_device, read_bandwidth
 from nanoseek.flags import flag
 from nanoseek.plots import plot_run
 from nanoseek.report import write_report
+from nanoseek.rl.agent import Toolbox
 from nanoseek.rl.distill import distill
 from nanoseek.rl.evaluate import evaluate
 from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
@@ -54,6 +56,14 @@ class Plan:
     distill_steps: int
     grpo_steps: int
     eval_n: int
+    # The tools stage: SFT on calculator conversations (small batches: copying the tool's result is learnt in
+    # a jump after about 300 updates, whatever their size), then GRPO with the calculator.
+    tools_sft_steps: int = 400
+    tools_sft_batch: int = 4
+    tools_examples: int = 2400
+    tools_grpo_steps: int = 15
+    tools_prompts: int = 8  # per GRPO step, 8 rollouts each
+    tools_lr: float = 2e-4
     batch_size: int = 16
     seq_len: int = 256
     teacher_samples: int = 2  # replies sampled per distillation prompt; the first verified one is kept
@@ -92,11 +102,15 @@ PLANS = {
         distill_steps=3,
         grpo_steps=2,
         eval_n=16,
+        tools_sft_steps=6,
+        tools_grpo_steps=2,
+        tools_examples=64,
+        tools_prompts=4,
         batch_size=8,
         seq_len=128,
     ),
 }
-STAGES = ("data", "pretrain", "fp8", "sft", "distill", "grpo", "inference")
+STAGES = ("data", "pretrain", "fp8", "sft", "distill", "grpo", "tools", "inference")
 TASK = "arithmetic"
 
 
@@ -209,8 +223,8 @@ class Speedrun:
             "speed_ratio": runs["fp8"]["tokens_per_s"] / runs["bf16"]["tokens_per_s"],
         }
 
-    def _sft_config(self, out: Path, init: Path, data: Path, steps: int) -> TrainConfig:
-        return self._train_config(
+    def _sft_config(self, out: Path, init: Path, data: Path, steps: int, **overrides) -> TrainConfig:
+        options = dict(
             out=str(out),
             init=str(init),
             data=str(data),
@@ -223,6 +237,7 @@ class Speedrun:
             warmup_steps=min(10, steps),
             sample_tokens=0,
         )
+        return self._train_config(**(options | overrides))
 
     def pass_at_1(self, model: Path) -> float:
         """Greedy held-out pass@1 of a model folder (the same problems for every stage)."""
@@ -310,6 +325,71 @@ class Speedrun:
             **{f"{kind}_tokens": n for kind, n in tokens.items()},
             # a step's rollouts, sampled by the engine (the median: the first step also compiles the decode step)
             "rollout_tokens_per_s": statistics.median(m["rollout_tokens_per_s"] for m in metrics if "reward" in m),
+        }
+
+    def stage_tools(self) -> dict[str, Any]:
+        """Agentic RL on 3-digit x 2-digit products, which the chain of thought cannot do at this size: the GRPO
+        model is fine-tuned on conversations that call the calculator, then trained by GRPO with multi-turn
+        rollouts that run it. Held-out pass@1 with the tool offered, before and after GRPO, and without it
+        (the same model and problems, no tools in the prompt)."""
+        plan, task, out = self.plan, get_task("multiply"), self.dir("tools")
+        problems = task.problems("train", plan.tools_examples, seed=2)
+        rows = [sft_row(task.conversation(p, use_tools=True), task.tools) for p in problems]
+        atomic_write(out / "tools_sft.jsonl", "".join(rows))
+        sft = self._sft_config(
+            out / "sft",
+            self.dir("grpo") / "model",
+            out / "tools_sft.jsonl",
+            plan.tools_sft_steps,
+            batch_size=plan.tools_sft_batch,
+            seq_len=320,  # the tool's description makes a conversation about 270 tokens
+        )
+        Trainer(sft).fit()
+        steps, grpo = plan.tools_grpo_steps, out / "grpo"
+        cfg = GRPOConfig(
+            model=str(out / "sft" / "model"),
+            task="multiply",
+            tools="calculator",
+            max_turns=3,
+            out=str(grpo),
+            steps=steps,
+            eval_every=steps,
+            eval_n=plan.eval_n,
+            save_every=steps,
+            resume=(grpo / "checkpoints").is_dir() and any((grpo / "checkpoints").glob("step_*")),
+            progress=self.progress,
+            lr=plan.tools_lr,
+            prompts_per_step=plan.tools_prompts,
+            dynamic_sampling=True,  # most groups agree (all right or all wrong): train on the others
+        )
+        GRPOTrainer(cfg).fit()
+        plot_run(grpo)
+        metrics = read_metrics(grpo)
+        evals = [m["eval/pass_at_1"] for m in metrics if "eval/pass_at_1" in m]
+        from nanoseek.serve import Engine
+
+        engine = Engine(grpo / "model", config=EngineConfig.for_batches())
+        test = task.problems("test", plan.eval_n)
+        shown = evaluate(engine, task, test[:3], max_tokens=64, toolbox=Toolbox.named("calculator"))
+        without = evaluate(engine, task, test, max_tokens=160)  # room for a worked long multiplication
+        rewards = [m["reward"] for m in metrics if "reward" in m]
+        tokens = {kind: sum(m.get(f"tokens/{kind}", 0) for m in metrics) for kind in ("rollout", "trained", "scored")}
+        return {
+            "task": "multiply",
+            "sft_examples": len(problems),
+            "sft_steps": plan.tools_sft_steps,
+            "sft_tokens": read_metrics(out / "sft")[-1]["tokens"],
+            "grpo_steps": steps,
+            "pass_at_1_sft_with_tools": evals[0],
+            "pass_at_1_with_tools": evals[-1],
+            "pass_at_1_without_tools": without.pass_at_1,
+            "eval_n": plan.eval_n,
+            "reward_first": rewards[0],
+            "reward_last": rewards[-1],
+            "calls_per_rollout": _mean(m.get("tools/calls_per_rollout", 0.0) for m in metrics if "reward" in m),
+            **{f"{kind}_tokens": n for kind, n in tokens.items()},
+            "samples": {p.question: reply for p, reply, _ in shown.samples}
+            | {f"{without.samples[0][0].question} (no tools)": without.samples[0][1]},
         }
 
     def stage_inference(self) -> dict[str, Any]:

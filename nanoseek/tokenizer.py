@@ -196,8 +196,9 @@ class Tokenizer:
             raise ValueError("continue_final_message needs an assistant message last")
         # several system messages are one prompt, joined by a blank line (V3's template)
         system = "\n\n".join(m.get("content") or "" for m in messages if m["role"] == "system")
-        system += tools_prompt(tools or [])
-        parts, previous = [(self.bos_token, SPECIAL, False), (system, TEXT, False)], None
+        parts = [(self.bos_token, SPECIAL, False), (system, TEXT, False)]
+        parts += [(text, kind, False) for text, kind in tools_prompt_parts(tools or [])]
+        previous = None
         for m in messages:
             role, content = m["role"], m.get("content") or ""
             if role == "user":
@@ -239,6 +240,13 @@ class Tokenizer:
         parts = self.chat_parts(messages, add_generation_prompt, thinking, continue_final_message, tools)
         if not tokenize:
             return "".join(text for text, _, _ in parts)
+        return [i for text, kind, _ in parts for i in self.encode_part(text, kind)]
+
+    def tool_results_ids(self, results: Sequence[str]) -> list[int]:
+        """The tokens that follow an assistant's tool calls in the chat format: the tools' results, then the
+        marker after which the reply goes on (what the template renders between the calls' end of sentence
+        and the next reply, so a multi-turn rollout is the very sequence that SFT and serving see)."""
+        parts = self.chat_parts([{"role": "tool", "content": r} for r in results])[2:]  # past BOS and system
         return [i for text, kind, _ in parts for i in self.encode_part(text, kind)]
 
     def encode_part(self, text: str, kind: str) -> list[int]:
@@ -293,12 +301,20 @@ class Tokenizer:
 
 
 def tools_prompt(tools: Sequence[dict]) -> str:
-    """The tools' descriptions for the system prompt, and the call format. Settled: DeepSeek-V3's own template
+    """The tools' descriptions for the system prompt, and the call format, as text (tools_prompt_parts)."""
+    return "".join(text for text, _ in tools_prompt_parts(tools))
+
+
+def tools_prompt_parts(tools: Sequence[dict]) -> list[tuple[str, str]]:
+    """The tools' descriptions and the call format as (text, kind) parts. Settled: DeepSeek-V3's own template
     renders no tool descriptions, so they follow V3.1's wording ("## Tools", "### name", "Description",
     "Parameters", "IMPORTANT: ALWAYS adhere..."), while the example call is V3's format (function<sep>name,
-    arguments in a json fence), the one tool_call_parts renders, the grammar constrains and the parser reads."""
+    arguments in a json fence), the one tool_call_parts renders, the grammar constrains and the parser reads.
+    The descriptions are a client's text (plain text: they cannot open a turn); the example's markers are
+    this server's own, one special token each, as DeepSeek's tokenizer reads the rendered template (and
+    about 100 tokens shorter than spelling them out)."""
     if not tools:
-        return ""
+        return []
     lines = ["\n\n## Tools\nYou have access to the following tools:\n"]
     for tool in tools:
         f = tool["function"]
@@ -306,12 +322,9 @@ def tools_prompt(tools: Sequence[dict]) -> str:
             f"### {f['name']}\nDescription: {f.get('description', '')}\n\n"
             f"Parameters: {json.dumps(f.get('parameters', {}), ensure_ascii=False)}\n"
         )
-    lines.append(
-        f"IMPORTANT: ALWAYS adhere to this exact format for tool use:\n{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}"
-        f"function{TOOL_SEP}tool_call_name\n```json\ntool_call_arguments\n```{TOOL_CALL_END}"
-        f"{TOOL_CALLS_END}\n"
-    )
-    return "\n".join(lines)
+    lines.append("IMPORTANT: ALWAYS adhere to this exact format for tool use:\n")
+    placeholder = {"type": "function", "function": {"name": "tool_call_name", "arguments": "tool_call_arguments"}}
+    return [("\n".join(lines), TEXT), *tool_call_parts([placeholder]), ("\n", TEXT)]
 
 
 def tool_call_parts(calls: Sequence[dict]) -> list[tuple[str, str]]:

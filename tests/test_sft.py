@@ -32,10 +32,12 @@ def test_only_assistant_replies_and_their_end_token_are_trained(tokenizer):
 
 
 def test_tool_use_conversations_train_the_calls_and_the_answer_not_the_tool_results(tmp_path, tokenizer):
-    """`nanoseek task write --task calculator --solutions` writes DeepSeek-V3 tool-use conversations; the
-    calls (special tokens, name and arguments) and the final answer are trained, the results are not."""
+    """`nanoseek task write --task multiply --solutions --tools calculator` writes DeepSeek-V3 tool-use
+    conversations; the calls (special tokens, name and arguments) and the final answer are trained, the
+    results are not. Without --tools the same problems are worked out in the chain of thought."""
     out = tmp_path / "calc.jsonl"
-    assert main(["task", "write", "--task", "calculator", "--n", "40", "--solutions", "--out", str(out)]) == 0
+    write = ["task", "write", "--task", "multiply", "--n", "40", "--solutions", "--out"]
+    assert main([*write, str(out), "--tools", "calculator"]) == 0
     row = json.loads(out.read_text().splitlines()[0])
     [call] = row["messages"][1]["tool_calls"]
     expression = json.loads(call["function"]["arguments"])["expression"]
@@ -51,6 +53,12 @@ def test_tool_use_conversations_train_the_calls_and_the_answer_not_the_tool_resu
     assert "## Tools" in tokenizer.decode([i for i, t in zip(ids, trained, strict=True) if not t])
     loader = ChatLoader(out, tokenizer, "train", 4, 1024)  # the tools prompt is long in a 512-token vocabulary
     assert loader.n_windows >= 30
+    assert main([*write, str(tmp_path / "worked.jsonl")]) == 0
+    worked = json.loads((tmp_path / "worked.jsonl").read_text().splitlines()[0])
+    assert "tools" not in worked and worked["messages"][1]["content"].startswith("<think>")
+    assert worked["messages"][0] == row["messages"][0]  # the same problems
+    arithmetic = ["task", "write", "--task", "arithmetic", "--n", "4", "--solutions", "--out", str(out)]
+    assert main([*arithmetic, "--tools", "calculator"]) == 2  # its solutions call no tools
 
 
 def write_chats(path, n: int) -> None:

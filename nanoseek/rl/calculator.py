@@ -19,17 +19,12 @@ MAX_DIGITS = 100  # no number, on the way or at the end, has more digits than th
 DECIMALS = 10  # a non-integer result is shown to this many decimal places
 NAME = "calculator"
 
-TOOL = {  # the tool as OpenAI's API (and nanoseek's chat template) describes it
+TOOL = {  # the tool as OpenAI's API (and nanoseek's chat template) describes it; every token of it is in each prompt
     "type": "function",
     "function": {
         "name": NAME,
-        "description": "Evaluate an arithmetic expression exactly: + - * / // % ** and parentheses.",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string", "description": "for example 12 * (34 + 5)"}},
-            "required": ["expression"],
-            "additionalProperties": False,
-        },
+        "description": "Exact arithmetic: + - * / // % ** and parentheses.",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
     },
 }
 
@@ -53,6 +48,14 @@ def calculate(expression: str) -> str:
         return show(evaluate(expression))
     except CalculatorError as e:
         return f"error: {e}"
+
+
+def call(arguments: dict) -> str:
+    """The tool as a policy calls it: {"expression": "..."} -> its value or an error, as text."""
+    expression = arguments.get("expression")
+    if not isinstance(expression, str):
+        return 'error: call the calculator with {"expression": "..."}, the expression as a string'
+    return calculate(expression)
 
 
 def evaluate(expression: str) -> Fraction:

@@ -45,13 +45,15 @@ class GRPOConfig(RunConfig):
     )
     reward_weights: str | None = flag("weights of the reward functions, comma-separated (default: all 1)", default=None)
     eval_n: int = flag("held-out problems per evaluation", default=200)
+    tools: str | None = flag("tools the policy may call in its rollouts and evaluations (calculator)", default=None)
+    max_turns: int = flag("with --tools: assistant turns per rollout, tool results in between", default=3)
     engine: EngineConfig = field(default_factory=EngineConfig.for_batches)  # the rollouts' and evaluations'
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("nanoseek grpo needs --model DIR (best a supervised warm start, e.g. nanoseek sft)")
         RunConfig.__post_init__(self)
-        for name in ("prompts_per_step", "group_size", "max_tokens", "mu"):
+        for name in ("prompts_per_step", "group_size", "max_tokens", "mu", "max_turns"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.group_size < 2:
@@ -98,7 +100,7 @@ class EvalConfig:
     one, or --model DIR to serve it for the run."""
 
     model: str | None = flag("a model folder", default=None, metavar="DIR")
-    task: str | None = flag("arithmetic, countdown or FILE.jsonl", default=None)
+    task: str | None = flag("arithmetic, countdown, multiply or FILE.jsonl", default=None)
     n: int = flag("problems", default=200)
     split: str = flag("which problems", default="test", choices=["test", "train"])
     samples: int = flag("replies per problem", default=1)
@@ -107,6 +109,8 @@ class EvalConfig:
     max_tokens: int = flag("longest reply", default=128)
     seed: int = flag("seed of the problems and of sampling", default=0)
     show: int = flag("print this many replies", default=3)
+    tools: str | None = flag("offer these tools (calculator) and report pass@k with and without them", default=None)
+    max_turns: int = flag("with --tools: assistant turns per reply, tool calls in between", default=3)
     json: bool = flag("print one JSON object", default=False)
     lm_eval: list[str] = flag(
         "lm-evaluation-harness task YAMLs (data files relative to them; pip install 'lm-eval[api]')",
@@ -138,9 +142,10 @@ class EvalConfig:
 class TaskWriteConfig:
     """Write a task's problems as prompts (prompt/answer/meta, for distill) or as chat examples for sft."""
 
-    task: str = flag("arithmetic, countdown or calculator (tool use)")
+    task: str = flag("arithmetic, countdown or multiply")
     n: int = flag("problems")
     out: str = flag("the JSONL file to write", metavar="FILE")
     split: str = flag("which problems", default="train", choices=["train", "test"])
     seed: int = flag("seed of the problems", default=0)
     solutions: bool = flag("chat examples with worked solutions", default=False)
+    tools: str | None = flag("with --solutions: solve by calling these tools (multiply: calculator)", default=None)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from math import comb
 from pathlib import Path
 
+from nanoseek.rl.agent import Rollout, Toolbox, run_rollouts
 from nanoseek.rl.config import EvalConfig
 from nanoseek.rl.tasks import Problem, Task, get_task
 from nanoseek.serve.engine import Engine
@@ -38,6 +39,7 @@ def completion_text(engine: Engine, token_ids: list[int]) -> str:
 class EvalResult:
     pass_at: dict[int, float]
     samples: list[tuple[Problem, str, float]]  # (problem, reply, reward) of the first sample of each problem
+    tool_use: float = 0.0  # the fraction of replies that called a tool
 
     @property
     def pass_at_1(self) -> float:
@@ -53,41 +55,64 @@ def evaluate(
     temperature: float = 0.0,
     max_tokens: int = 128,
     seed: int = 0,
+    toolbox: Toolbox | None = None,
+    max_turns: int = 3,
 ) -> EvalResult:
-    """Sample `samples` replies per problem (greedy if temperature is 0) and score them."""
+    """Sample `samples` replies per problem (greedy if temperature is 0) and score them; with a toolbox, the
+    tools are offered in the prompt and run when called (up to max_turns turns), and the last turn is scored."""
     if any(k > samples for k in ks):
         raise ValueError(f"pass@k needs k <= samples, got k={max(ks)} with {samples} samples")
+    tools = toolbox.definitions if toolbox else None
     prompts, params = [], []
     for i, problem in enumerate(problems):
-        ids = engine.tokenizer.apply_chat_template(problem.messages(), tokenize=True)
+        ids = engine.tokenizer.apply_chat_template(problem.messages(), tokenize=True, tools=tools)
         for j in range(samples):
             prompts.append(ids)
             params.append(SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i * samples + j))
-    outputs = engine.generate(prompts, params)
+    rollouts = run_rollouts(engine, prompts, params, toolbox, max_turns if toolbox else 1)
     correct, firsts = [], []
     for i, problem in enumerate(problems):
-        replies = [completion_text(engine, o.token_ids) for o in outputs[i * samples : (i + 1) * samples]]
-        rewards = [task.verify(problem, r) for r in replies]
+        group = rollouts[i * samples : (i + 1) * samples]
+        rewards = [task.verify(problem, r.text) for r in group]
         correct.append(sum(r >= 1.0 for r in rewards))
-        firsts.append((problem, replies[0], rewards[0]))
+        firsts.append((problem, transcript(engine, group[0]), rewards[0]))
     scores = {k: sum(pass_at_k(samples, c, k) for c in correct) / len(problems) for k in ks}
-    return EvalResult(scores, firsts)
+    return EvalResult(scores, firsts, sum(bool(r.calls) for r in rollouts) / len(rollouts))
+
+
+def transcript(engine: Engine, rollout: Rollout) -> str:
+    """A rollout as the chat format shows it: the turns with the tools' results between them."""
+    ids = rollout.tokens[:-1] if rollout.tokens and rollout.tokens[-1] == engine.eos_id else rollout.tokens
+    return engine.tokenizer.decode(ids)
 
 
 def run(cfg: EvalConfig) -> int:
     """`nanoseek eval`: pass@k with the verifier, or lm-evaluation-harness tasks against a server."""
     if cfg.lm_eval:
         return run_lm_eval(cfg)
-    task = get_task(cfg.task)
+    task, engine = get_task(cfg.task), Engine(cfg.model, config=cfg.engine)
     problems = task.problems(cfg.split, cfg.n, cfg.seed)
     sampling = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "seed": cfg.seed}
-    result = evaluate(Engine(cfg.model, config=cfg.engine), task, problems, samples=cfg.samples, ks=cfg.ks, **sampling)
+    # With tools: the same problems with the tools offered, then without them (what the tools are worth).
+    runs = {"with tools": Toolbox.named(cfg.tools), "without tools": None} if cfg.tools else {"": None}
+    results = {
+        name: evaluate(engine, task, problems, cfg.samples, cfg.ks, toolbox=box, max_turns=cfg.max_turns, **sampling)
+        for name, box in runs.items()
+    }
     if cfg.json:
-        print(json.dumps({f"pass@{k}": v for k, v in result.pass_at.items()} | {"n": cfg.n, "task": cfg.task}))
+        row = {"n": cfg.n, "task": cfg.task} | ({"tools": cfg.tools} if cfg.tools else {})
+        for name, result in results.items():
+            suffix = "_" + name.replace(" ", "_") if name else ""
+            row |= {f"pass@{k}{suffix}": v for k, v in result.pass_at.items()}
+            row |= {"tool_use_with_tools": result.tool_use} if name == "with tools" else {}
+        print(json.dumps(row))
         return 0
-    for problem, reply, reward in result.samples[: cfg.show]:
-        print(f"{problem.question}\n  -> {reply!r} (reward {reward})")
-    print(", ".join(f"pass@{k} {v:.3f}" for k, v in result.pass_at.items()) + f" on {cfg.n} {cfg.split} problems")
+    for name, result in results.items():
+        for problem, reply, reward in result.samples[: cfg.show]:
+            print(f"{problem.question}\n  -> {reply!r} (reward {reward})")
+        scores = ", ".join(f"pass@{k} {v:.3f}" for k, v in result.pass_at.items())
+        called = f" ({result.tool_use:.0%} of replies called a tool)" if name == "with tools" else ""
+        print(f"{scores} on {cfg.n} {cfg.split} problems" + (f", {name}{called}" if name else ""))
     return 0
 
 

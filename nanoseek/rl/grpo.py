@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ from tqdm import tqdm
 
 from nanoseek.checkpoint import from_pretrained
 from nanoseek.device import default_device
+from nanoseek.rl.agent import Rollout, Toolbox, run_rollouts
 from nanoseek.rl.config import GRPOConfig
-from nanoseek.rl.evaluate import completion_text, evaluate
+from nanoseek.rl.evaluate import evaluate, transcript
 from nanoseek.rl.grpo_loss import group_advantages, grpo_loss
 from nanoseek.rl.rewards import load_reward, overlong_penalty, reward_name
 from nanoseek.rl.tasks import get_task
@@ -36,7 +38,9 @@ from nanoseek.train import loop, parallel
 from nanoseek.train.optim import build_optimizer, lr_at
 from nanoseek.train.run import RunFolder
 
-RESUME_MUST_MATCH = ("model", "task", "seed", "prompts_per_step", "group_size", "max_tokens", "rewards")
+RESUME_MUST_MATCH = (
+    *("model", "task", "seed", "prompts_per_step", "group_size", "max_tokens", "rewards", "tools", "max_turns"),
+)
 
 
 def token_logprobs(
@@ -52,6 +56,18 @@ def token_logprobs(
     return chosen, entropy
 
 
+def batch_rollouts(rollouts: list[Rollout], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [N, L] (prompt then the rest, right-padded) and the loss mask [N, L - 1] over next-token positions:
+    1 where the next token is one the policy sampled, 0 on prompts, tool results and padding."""
+    width = max(len(r.prompt) + len(r.tokens) for r in rollouts)
+    ids = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rollouts), width - 1)
+    for row, r in enumerate(rollouts):
+        ids[row, : len(r.prompt) + len(r.tokens)] = torch.tensor(r.prompt + r.tokens)
+        mask[row, len(r.prompt) - 1 : len(r.prompt) + len(r.tokens) - 1] = torch.tensor(r.own, dtype=torch.float)
+    return ids, mask
+
+
 class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig):
         self.cfg, self.out = cfg, Path(cfg.out)
@@ -64,6 +80,7 @@ class GRPOTrainer:
         # The reference is a frozen copy of the starting policy, and only exists when the KL term does.
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False) if cfg.beta > 0 else None
         self.engine = Engine(self.policy, self.tokenizer, cfg.engine, device=self.device)
+        self.toolbox = Toolbox.named(cfg.tools) if cfg.tools else None
         self.optimizer = build_optimizer(self.policy, cfg.lr, 0.0, (0.9, 0.99))
         self.par = parallel.Parallel()  # one process; checkpoints in the trainer's format
         self.reward_paths = [p.strip() for p in cfg.rewards.split(",") if p.strip()]
@@ -77,78 +94,98 @@ class GRPOTrainer:
         self.step = 0
 
     # --- rollouts and rewards --------------------------------------------------------------------
-    def rollouts(self, problems) -> tuple[list[list[int]], list[list[int]], list[str]]:
-        cfg = self.cfg
-        prompts = [self.tokenizer.apply_chat_template(p.messages(), tokenize=True) for p in problems]
+    def rollouts(self, problems) -> list[Rollout]:
+        """G rollouts per problem from the current policy; with tools, multi-turn (rl/agent.py)."""
+        cfg, tools = self.cfg, self.toolbox.definitions if self.toolbox else None
+        prompts = [self.tokenizer.apply_chat_template(p.messages(), tokenize=True, tools=tools) for p in problems]
         requests = [ids for ids in prompts for _ in range(cfg.group_size)]
         seeds = [cfg.seed * 1_000_003 + self.step * 10_000 + i for i in range(len(requests))]
         params = [SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=s) for s in seeds]
         self.policy.eval()
         self.engine.reset_prefix_cache()  # cached latents came from the weights before the last update
-        outputs = self.engine.generate(requests, params)
-        completions = [o.token_ids for o in outputs]
-        return requests, completions, [completion_text(self.engine, c) for c in completions]
+        return run_rollouts(self.engine, requests, params, self.toolbox, cfg.max_turns if self.toolbox else 1)
 
-    def score(self, problems, completions: list[list[int]], texts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Rewards [P, G] and each function's mean."""
+    def score(self, problems, rollouts: list[Rollout]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Rewards [P, G] (on each rollout's last turn, its answer) and each function's mean."""
         cfg, g = self.cfg, self.cfg.group_size
         parts = torch.tensor(
-            [[fn(text, problems[i // g], self.task) for fn in self.reward_fns] for i, text in enumerate(texts)]
+            [[fn(r.text, problems[i // g], self.task) for fn in self.reward_fns] for i, r in enumerate(rollouts)]
         )  # [P*G, F]
         total = parts @ torch.tensor(self.reward_weights)
         if cfg.overlong_buffer:
-            total += torch.tensor([overlong_penalty(len(c), cfg.max_tokens, cfg.overlong_buffer) for c in completions])
+            longest = cfg.max_tokens * self.turns
+            total += torch.tensor([overlong_penalty(len(r.own), longest, cfg.overlong_buffer) for r in rollouts])
         means = {f"rewards/{reward_name(p)}/mean": parts[:, i].mean().item() for i, p in enumerate(self.reward_paths)}
         return total.view(-1, g), means
+
+    @property
+    def turns(self) -> int:
+        return self.cfg.max_turns if self.toolbox else 1
+
+    def keep_rollouts(self, problems, rollouts: list[Rollout], rewards: torch.Tensor) -> None:
+        """Every rollout of the step, its tool calls and reward, to DIR/rollouts.jsonl for inspection."""
+        g = self.cfg.group_size
+        with open(self.out / "rollouts.jsonl", "a") as f:
+            for i, (r, reward) in enumerate(zip(rollouts, rewards.flatten().tolist(), strict=True)):
+                row = {
+                    "step": self.step + 1,
+                    "question": problems[i // g].question,
+                    "answer": problems[i // g].answer,
+                    "reward": reward,
+                    "finish_reason": r.finish_reason,
+                    "calls": r.calls,
+                    "transcript": transcript(self.engine, r),
+                }
+                f.write(json.dumps(row) + "\n")
 
     # --- one step --------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         cfg, start = self.cfg, time.perf_counter()
         first = (self.step * cfg.prompts_per_step) % len(self.train_problems)
         problems = (self.train_problems * 2)[first : first + cfg.prompts_per_step]
-        prompts, completions, texts = self.rollouts(problems)
+        rollouts = self.rollouts(problems)
         rollout_seconds = time.perf_counter() - start
-        rewards, reward_means = self.score(problems, completions, texts)
+        rewards, reward_means = self.score(problems, rollouts)
+        if self.par.is_main:
+            self.keep_rollouts(problems, rollouts, rewards)
         advantages = group_advantages(rewards, cfg.scale_rewards)  # [P, G]
         zero_std = rewards.std(dim=1) == 0
         keep = (
             (~zero_std).repeat_interleave(cfg.group_size)
             if cfg.dynamic_sampling
-            else torch.ones(len(texts), dtype=torch.bool)
+            else torch.ones(len(rollouts), dtype=torch.bool)
         )
+        generated = [r.completion_tokens for r in rollouts]
         metrics: dict[str, Any] = {
             "step": self.step + 1,
             "reward": rewards.mean().item(),
             "reward_std": rewards.std(dim=1).mean().item(),
             **reward_means,
             "frac_reward_zero_std": zero_std.float().mean().item(),
-            "completions/mean_length": sum(map(len, completions)) / len(completions),
-            "rollout_tokens_per_s": sum(map(len, completions)) / rollout_seconds,
-            "completions/clipped_ratio": sum(len(c) >= cfg.max_tokens for c in completions) / len(completions),
-            "tokens/rollout": sum(len(p) + len(c) for p, c in zip(prompts, completions, strict=True)),
+            "completions/mean_length": sum(generated) / len(rollouts),
+            "rollout_tokens_per_s": sum(generated) / rollout_seconds,
+            "completions/clipped_ratio": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+            "tokens/rollout": sum(len(r.prompt) + len(r.tokens) for r in rollouts),
         }
+        if self.toolbox:
+            metrics |= {
+                "tools/calls_per_rollout": sum(len(r.calls) for r in rollouts) / len(rollouts),
+                "tools/mean_turns": sum(len(r.turns) for r in rollouts) / len(rollouts),
+            }
         rows = keep.nonzero().flatten().tolist()
         lr = lr_at(self.step, cfg.steps, cfg.lr, cfg.warmup_steps, "wsd", 1.0)
         if rows:
-            metrics |= self.update(
-                [prompts[i] for i in rows], [completions[i] for i in rows], advantages.flatten()[rows], lr
-            )
+            metrics |= self.update([rollouts[i] for i in rows], advantages.flatten()[rows], lr)
         self.step += 1
-        metrics |= {"lr": lr, "seconds": time.perf_counter() - start, "samples": {"completion": texts[0][:200]}}
+        sample = transcript(self.engine, rollouts[0])[:300]
+        metrics |= {"lr": lr, "seconds": time.perf_counter() - start, "samples": {"completion": sample}}
         return metrics
 
-    def update(
-        self, prompts: list[list[int]], completions: list[list[int]], advantages: torch.Tensor, lr: float
-    ) -> dict[str, float]:
+    def update(self, rollouts: list[Rollout], advantages: torch.Tensor, lr: float) -> dict[str, float]:
         cfg = self.cfg
-        width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
-        ids = torch.full((len(prompts), width), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(prompts), width - 1)  # over next-token positions
-        for row, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-            ids[row, : len(p) + len(c)] = torch.tensor(p + c)
-            mask[row, len(p) - 1 : len(p) + len(c) - 1] = 1
+        ids, mask = batch_rollouts(rollouts, self.tokenizer.pad_id)
         ids, mask, advantages = ids.to(self.device), mask.to(self.device), advantages.to(self.device)
-        start = torch.tensor([len(p) for p in prompts])
+        start = torch.tensor([len(r.prompt) for r in rollouts])
         self.policy.train()
         with torch.no_grad():
             old = token_logprobs(self.policy, ids, start, cfg.temperature)[0] if cfg.mu > 1 else None
@@ -168,7 +205,7 @@ class GRPOTrainer:
                 epsilon=cfg.epsilon,
                 epsilon_high=cfg.epsilon_high,
                 loss_type=cfg.loss_type,
-                max_tokens=cfg.max_tokens,
+                max_tokens=cfg.max_tokens * self.turns,
             )
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip).item()
@@ -188,7 +225,11 @@ class GRPOTrainer:
     def evaluate(self) -> float:
         self.policy.eval()
         self.engine.reset_prefix_cache()
-        return evaluate(self.engine, self.task, self.test_problems, max_tokens=self.cfg.max_tokens).pass_at_1
+        cfg, box = self.cfg, self.toolbox
+        result = evaluate(
+            self.engine, self.task, self.test_problems, max_tokens=cfg.max_tokens, toolbox=box, max_turns=cfg.max_turns
+        )
+        return result.pass_at_1
 
     # --- run folder (train/run.py) -------------------------------------------------------------
     def save(self) -> None:

@@ -3,9 +3,10 @@
     nanoseek task write --task arithmetic --split train --n 2000 --solutions --out arith.jsonl
 
 Built in: `arithmetic` (multi-digit addition and subtraction, with a digit-by-digit worked solution for
-supervised warm starts) and `countdown` (TinyZero's: reach a target from 3-4 numbers, each used once,
-with + - * /; reward 1 if right, 0.1 if well formed but wrong, 0 otherwise). Any JSONL file with
-"prompt" and "answer" per line is a task too (exact, or numeric, match). Replies follow R1's format,
+supervised warm starts), `multiply` (3-digit by 2-digit products: long multiplication worked in the chain
+of thought, or one call of the calculator tool) and `countdown` (TinyZero's: reach a target from 3-4
+numbers, each used once, with + - * /; reward 1 if right, 0.1 if well formed but wrong, 0 otherwise).
+Any JSONL file with "prompt" and "answer" per line is a task too (exact, or numeric, match). Replies follow R1's format,
 `<think>reasoning</think><answer>answer</answer>`; a problem lands in the test split by a hash of its
 content, so no seed can leak a test problem into training.
 """
@@ -80,9 +81,15 @@ class Task:
         """A correct reply in the R1 format (for supervised warm starts)."""
         return f"<think>The answer is {problem.answer}.</think><answer>{problem.answer}</answer>"
 
-    def conversation(self, problem: Problem) -> list[dict]:
-        """A solved example as chat messages (for nanoseek sft)."""
+    def conversation(self, problem: Problem, use_tools: bool = False) -> list[dict]:
+        """A solved example as chat messages (for nanoseek sft): reasoned out, or with calls of the task's tools
+        (offered to the model as `self.tools`)."""
+        if use_tools:
+            return self.tool_conversation(problem)
         return [*problem.messages(), {"role": "assistant", "content": self.solution(problem)}]
+
+    def tool_conversation(self, problem: Problem) -> list[dict]:
+        raise ValueError(f"the {self.name} task has no tool-use solutions (multiply has)")
 
 
 def same_value(given: str, expected: str) -> bool:
@@ -112,25 +119,30 @@ class Arithmetic(Task):
     def solution(self, problem: Problem) -> str:
         """Column arithmetic, one digit at a time from the right, with carries or borrows."""
         a, b, op = problem.meta["a"], problem.meta["b"], problem.meta["op"]
-        xs, ys = str(a)[::-1], str(b)[::-1].ljust(len(str(a)), "0")
-        steps, carry, digits = [], 0, []
-        for x, y in zip(xs, ys, strict=False):
-            x, y = int(x), int(y)
-            if op == "+":
-                total = x + y + carry
-                steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}")
-                digits.append(total % 10)
-                carry = total // 10
-            else:
-                total = x - y - carry
-                borrow = total < 0
-                steps.append(f"{x}-{y}" + (f"-{carry}" if carry else "") + f"={total}" + (" borrow" if borrow else ""))
-                digits.append(total + 10 if borrow else total)
-                carry = int(borrow)
-        if op == "+" and carry:
-            digits.append(carry)
-        result = int("".join(map(str, reversed(digits))))
-        return f"<think>{', '.join(steps)}, so {a} {op} {b} = {result}.</think><answer>{result}</answer>"
+        steps, result = column_steps(a, b, op)
+        return f"<think>{steps}, so {a} {op} {b} = {result}.</think><answer>{result}</answer>"
+
+
+def column_steps(a: int, b: int, op: str) -> tuple[str, int]:
+    """a + b or a - b (a >= b) worked one digit at a time from the right: ("2+0=2, 8+6=14, ...", the result)."""
+    xs, ys = str(a)[::-1], str(b)[::-1].ljust(len(str(a)), "0")
+    steps, carry, digits = [], 0, []
+    for x, y in zip(xs, ys, strict=False):
+        x, y = int(x), int(y)
+        if op == "+":
+            total = x + y + carry
+            steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}")
+            digits.append(total % 10)
+            carry = total // 10
+        else:
+            total = x - y - carry
+            borrow = total < 0
+            steps.append(f"{x}-{y}" + (f"-{carry}" if carry else "") + f"={total}" + (" borrow" if borrow else ""))
+            digits.append(total + 10 if borrow else total)
+            carry = int(borrow)
+    if op == "+" and carry:
+        digits.append(carry)
+    return ", ".join(steps), int("".join(map(str, reversed(digits))))
 
 
 OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -199,33 +211,54 @@ class Countdown(Task):
 
 
 @dataclass
-class Calculator(Task):
-    """Products and sums of multi-digit numbers with a calculator tool: a solved example calls the tool in
-    DeepSeek-V3's format, reads its result, and answers inside <answer></answer> (verified as arithmetic).
-    `nanoseek task write --task calculator --solutions` writes tool-use conversations for nanoseek sft."""
+class Multiply(Task):
+    """a * b with a `digits`-digit a and a `by_digits`-digit b: worked out by long multiplication in the chain
+    of thought, or (with the calculator offered) by one call of the tool whose result the answer reads.
+
+    nanoseek task write --task multiply --solutions [--tools calculator] --n 4000 --out multiply.jsonl"""
 
     digits: int = 3
-    name = "calculator"
+    by_digits: int = 2
+    name = "multiply"
     tools = [calculator.TOOL]  # noqa: RUF012 - a class constant, like name
 
     def generate(self, rng: random.Random) -> Problem:
-        low, high = 10 ** (self.digits - 1), 10**self.digits - 1
-        a, b, op = rng.randint(low, high), rng.randint(low, high), rng.choice("*+-")
-        value = {"*": a * b, "+": a + b, "-": a - b}[op]
-        instruction = "Use the calculator tool, then give the result inside <answer></answer>."
-        return Problem(f"What is {a} {op} {b}?", str(value), {"expression": f"{a} {op} {b}"}, instruction)
+        a = rng.randint(10 ** (self.digits - 1), 10**self.digits - 1)
+        b = rng.randint(10 ** (self.by_digits - 1), 10**self.by_digits - 1)
+        return Problem(f"What is {a} * {b}?", str(a * b), {"a": a, "b": b})
 
     def solution(self, problem: Problem) -> str:
-        return f"<answer>{problem.answer}</answer>"
+        """Long multiplication: a times each digit of b from the right, digit by digit with carries, shifted
+        by its place; then the partial products summed in columns."""
+        a, b = problem.meta["a"], problem.meta["b"]
+        lines, total = [], 0
+        for place, digit in enumerate(int(d) for d in reversed(str(b))):
+            steps, carry = [], 0
+            for x in (int(d) for d in reversed(str(a))):
+                product = x * digit + carry
+                steps.append(f"{x}*{digit}" + (f"+{carry}" if carry else "") + f"={product}")
+                carry = product // 10
+            partial = a * digit * 10**place
+            shifted = f", shifted {partial}" if place and partial else ""
+            lines.append(f"{a}*{digit}: {', '.join(steps)}, so {a * digit}{shifted}.")
+            if place:
+                big, small = max(partial, total), min(partial, total)
+                total = big + small
+                lines.append(f"{big}+{small}: {column_steps(big, small, '+')[0]}, so {total}.")
+            else:
+                total = partial
+        return f"<think>{' '.join(lines)}</think><answer>{total}</answer>"
 
-    def conversation(self, problem: Problem) -> list[dict]:
-        arguments = json.dumps({"expression": problem.meta["expression"]})
-        call = {"id": "call_0", "type": "function", "function": {"name": "calculator", "arguments": arguments}}
+    def tool_conversation(self, problem: Problem) -> list[dict]:
+        expression = f"{problem.meta['a']} * {problem.meta['b']}"
+        arguments = json.dumps({"expression": expression})
+        call = {"id": "call_0", "type": "function", "function": {"name": calculator.NAME, "arguments": arguments}}
+        result = calculator.calculate(expression)
         return [
             *problem.messages(),
             {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": "call_0", "content": calculator.calculate(problem.meta["expression"])},
-            {"role": "assistant", "content": self.solution(problem)},
+            {"role": "tool", "tool_call_id": "call_0", "content": result},
+            {"role": "assistant", "content": f"<think>{expression} = {result}.</think><answer>{result}</answer>"},
         ]
 
 
@@ -256,7 +289,7 @@ class FileTask(Task):
         return random.Random(seed).sample(pool, n)
 
 
-TASKS = {"arithmetic": Arithmetic, "countdown": Countdown, "calculator": Calculator}
+TASKS = {"arithmetic": Arithmetic, "countdown": Countdown, "multiply": Multiply}
 
 
 def get_task(name: str) -> Task:
@@ -268,17 +301,29 @@ def get_task(name: str) -> Task:
     raise ValueError(f"unknown task {name!r}: use one of {sorted(TASKS)} or a .jsonl file with prompt and answer")
 
 
+def task_tools(task: Task, names: str | None) -> list[dict] | None:
+    """The descriptions of the named tools (comma-separated), which the task's tool-use solutions must call."""
+    if not names:
+        return None
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    offered = {t["function"]["name"] for t in task.tools or []}
+    if not wanted or not wanted <= offered:
+        raise ValueError(f"--tools {names}: the {task.name} task's solutions call {sorted(offered) or 'no tools'}")
+    return [t for t in task.tools if t["function"]["name"] in wanted]
+
+
 def write(cfg: TaskWriteConfig) -> int:
     """`nanoseek task write`: prompts for distill (with what the verifier needs), or chat examples for sft
     (with the tools they call, if any)."""
     from nanoseek.data import sft_row
 
     task = get_task(cfg.task)
+    tools = task_tools(task, cfg.tools)
     problems = task.problems(cfg.split, cfg.n, cfg.seed)
     with open(cfg.out, "w") as f:
         for p in problems:
             if cfg.solutions:
-                f.write(sft_row(task.conversation(p), task.tools))
+                f.write(sft_row(task.conversation(p, use_tools=bool(tools)), tools))
             else:
                 f.write(json.dumps({"prompt": p.question, "answer": p.answer, "meta": p.meta}) + "\n")
     print(f"{len(problems)} {cfg.split} problems of {cfg.task} -> {cfg.out}")

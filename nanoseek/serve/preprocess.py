@@ -111,10 +111,10 @@ class Preprocessor:
         tok = self.tokenizer.tok
         for p in params:
             p.grammar = grammar
-            if body.tools:
-                p.stop_token_ids = [*p.stop_token_ids, tok.token_to_id(TOOL_CALLS_END)]
-            if body.tool_mode == "none":
+            if body.tool_mode == "none":  # no call can begin, so none ends the reply
                 p.logit_bias = {**p.logit_bias, tok.token_to_id(TOOL_CALLS_BEGIN): float("-inf")}
+            elif body.tools:
+                p.stop_token_ids = [*p.stop_token_ids, tok.token_to_id(TOOL_CALLS_END)]
 
     def grammar(self, body: ChatCompletionRequest, reasoning: bool) -> str | None:
         """The llguidance grammar the reply must match (None: free text); a 400 that names what a schema
