@@ -132,3 +132,24 @@ def test_multiply_solutions_are_right_with_and_without_the_calculator():
     assert task.verify(problems[0], chat[3]["content"]) == 1.0
     with pytest.raises(ValueError, match="no tool-use solutions"):
         get_task("arithmetic").conversation(problems[0], use_tools=True)
+
+
+def test_grpo_and_eval_take_the_calculator(tmp_path, tokenizer, capsys):
+    """`nanoseek grpo --tools calculator` runs multi-turn rollouts and keeps them in the run folder;
+    `nanoseek eval --tools calculator` scores the same problems with the tool and without it."""
+    from nanoseek.cli import main
+
+    model = make_model_dir(tmp_path / "model", tokenizer)
+    run = tmp_path / "grpo"
+    grpo = f"grpo --model {model} --task multiply --tools calculator --max-turns 2 --steps 1 --prompts-per-step 2"
+    grpo += f" --group-size 2 --max-tokens 8 --eval-n 0 --no-progress --enforce-eager --out {run}"
+    assert main(grpo.split()) == 0
+    rows = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["step"] == 1 and "transcript" in r and "calls" in r for r in rows)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "tools/calls_per_rollout" in metrics[-1]
+    capsys.readouterr()
+    evaluate = f"eval --model {model} --task multiply --tools calculator --n 3 --max-tokens 4 --json --enforce-eager"
+    assert main(evaluate.split()) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"pass@1_with_tools", "pass@1_without_tools", "tool_use_with_tools"} <= set(row)
