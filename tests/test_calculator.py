@@ -42,6 +42,7 @@ def test_results_read_as_numbers_and_mistakes_as_errors_the_model_can_read():
         ("2 ** 0.5", "whole numbers"),
         ("1 +", "not an arithmetic expression"),
         ("1" * 300, "longer than"),
+        ("1e999 - 1", "finite"),
     ):
         assert calculate(bad).startswith("error:") and why in calculate(bad), (bad, calculate(bad))
 

@@ -165,8 +165,13 @@ def test_a_grpo_run_resumes_from_its_last_checkpoint(tmp_path, tokenizer):
     GRPOTrainer(GRPOConfig(steps=2, **options)).fit()
     with pytest.raises(CheckpointError, match="--resume"):
         GRPOTrainer(GRPOConfig(steps=3, **options)).fit()
+    log = tmp_path / "run" / "rollouts.jsonl"  # every rollout, kept for inspection
+    with open(log, "a") as f:  # a step logged by a run killed after it, before its checkpoint
+        f.write(json.dumps({"step": 3, "lost": True}) + "\n")
     resumed = GRPOTrainer(GRPOConfig(steps=3, resume=True, **options))
     history = resumed.fit()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] * 4 + [2] * 4 + [3] * 4 and not any("lost" in r for r in rows)
     assert [m["step"] for m in history] == [3]
     assert [m["step"] for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())] == [
         1,

@@ -15,10 +15,12 @@ prompt cached, when its results are in. A call in the last allowed turn is left 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 from nanoseek.rl import calculator
@@ -26,7 +28,7 @@ from nanoseek.serve.engine import Engine
 from nanoseek.serve.sampling import SamplingParams
 from nanoseek.serve.tools import ToolCall, parse_tool_calls
 
-TOOL_SECONDS = 10.0  # a tool that takes longer answers with an error the model can read
+TOOL_SECONDS = 10.0  # a tool that takes longer answers with an error the model can read (its thread is left)
 MAX_RESULT_CHARS = 1000  # a longer result is cut (it becomes prompt tokens of the next turn)
 TOOLS: dict[str, tuple[dict, Callable[[dict], str]]] = {  # name -> (OpenAI's description, run(arguments))
     calculator.NAME: (calculator.TOOL, calculator.call),
@@ -75,7 +77,8 @@ class Rollout:
     tokens: list[int] = field(default_factory=list)  # everything after the prompt
     own: list[bool] = field(default_factory=list)  # which of `tokens` the policy sampled (trained on)
     turns: list[str] = field(default_factory=list)  # each turn's text, special tokens kept, without its end
-    calls: list[dict] = field(default_factory=list)  # {"name", "arguments", "result"} of each call, in order
+    calls: list[dict] = field(default_factory=list)  # {"name", "arguments", "result"} of each call (result None:
+    # made in the last turn, unanswered), in order
     finish_reason: str | None = None  # stop, length (a turn or the context ran out), tool_calls (out of turns), error
 
     @property
@@ -104,7 +107,8 @@ def run_rollouts(
     toolbox: Toolbox | None = None,
     max_turns: int = 1,
 ) -> list[Rollout]:
-    """Each prompt's rollout, all in one continuous batch; without a toolbox, one turn each."""
+    """Each prompt's rollout, all in one continuous batch; without a toolbox, one turn each. A prompt the
+    engine refuses raises (as engine.generate does); a conversation that outgrows the context ends there."""
     if max_turns < 1:
         raise ValueError("max_turns must be at least 1")
     tokenizer = engine.tokenizer
@@ -116,26 +120,27 @@ def run_rollouts(
         rollout, turn = rollouts[i], len(rollouts[i].turns)
         sampling = params[i]
         if turn and sampling.seed is not None:  # each turn samples afresh, reproducibly
-            sampling = dataclasses.replace(sampling, seed=sampling.seed + 1_000_003 * turn)
+            sampling = dataclasses.replace(sampling, seed=turn_seed(sampling.seed, turn))
         try:
             live[engine.add_request(rollout.prompt + rollout.tokens, sampling)] = i
-        except ValueError:  # the conversation no longer fits the context
-            rollout.finish_reason = "length"
+        except ValueError:
+            if not turn:
+                raise
+            rollout.finish_reason = "length"  # the conversation no longer fits the context
 
     def end_turn(i: int, ids: list[int], finish_reason: str) -> list[ToolCall]:
         rollout = rollouts[i]
-        end = len(ids) - (bool(ids) and ids[-1] == engine.eos_id)
-        rollout.add_turn(ids, tokenizer.decode(ids[:end]))
+        rollout.add_turn(ids, reply_text(engine, ids))
         calls = parse_tool_calls(tokenizer, ids) if toolbox and finish_reason == "stop" else []
         if calls and len(rollout.turns) < max_turns:
             return calls
+        rollout.calls += [{"name": c.name, "arguments": c.arguments, "result": None} for c in calls]  # unanswered
         rollout.finish_reason = "tool_calls" if calls else finish_reason
         return []
 
-    for i in range(len(rollouts)):
-        start_turn(i)
-    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tools")
     try:
+        for i in range(len(rollouts)):
+            start_turn(i)
         while live or running:
             if live:
                 outputs = engine.step()
@@ -143,12 +148,15 @@ def run_rollouts(
                 wait(running, timeout=TOOL_SECONDS, return_when=FIRST_COMPLETED)
                 outputs = []
             for out in outputs:
-                if out.finish_reason is None:
+                if out.finish_reason is None or out.request_id not in live:
                     continue
                 i = live.pop(out.request_id)
                 if calls := end_turn(i, out.token_ids, out.finish_reason):
-                    work = pool.submit(lambda calls=calls: [toolbox.run(c) for c in calls])
-                    running[work] = (i, calls, time.monotonic())
+                    running[in_thread(lambda calls=calls: [toolbox.run(c) for c in calls])] = (
+                        i,
+                        calls,
+                        time.monotonic(),
+                    )
             now = time.monotonic()
             for work in [w for w, (_, _, t) in running.items() if w.done() or now - t > TOOL_SECONDS]:
                 i, calls, _ = running.pop(work)
@@ -159,6 +167,33 @@ def run_rollouts(
                 ]
                 rollouts[i].add_results(tokenizer.tool_results_ids(results))
                 start_turn(i)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # a hung tool's thread is not waited for
+    finally:  # an error or an interrupt leaves nothing running in the engine, which may serve on
+        for request_id in live:
+            engine.cancel(request_id)
     return rollouts
+
+
+def reply_text(engine: Engine, ids: list[int]) -> str:
+    """A reply's text with its special tokens kept (<think>, the tool-call markup), without its end token."""
+    return engine.tokenizer.decode(ids[:-1] if ids and ids[-1] == engine.eos_id else ids)
+
+
+def turn_seed(seed: int, turn: int) -> int:
+    """A turn's sampling seed, from the rollout's seed and the turn alone (no two pairs share one)."""
+    digest = hashlib.blake2b(f"{seed}/{turn}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def in_thread(work: Callable[[], list[str]]) -> Future:
+    """work() on a daemon thread of its own: a tool that hangs is left behind, and never holds up the
+    process's exit (a pool's threads are joined at exit)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as e:  # Toolbox.run returns errors as text; this is for the unforeseen
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True, name="tool").start()
+    return future

@@ -1,4 +1,4 @@
-"""The calculator tool (the `calculator` task's tool-use conversations, agentic RL): arithmetic expressions
+"""The calculator tool (the `multiply` task's tool-use conversations, agentic RL): arithmetic expressions
 parsed by Python's `ast` and evaluated by a small interpreter, never `eval`'d, in exact rationals, with
 bounded input, numbers and work. Errors come back as text the model can read, as a tool result would.
 
@@ -70,6 +70,8 @@ def evaluate(expression: str) -> Fraction:
 
 def _value(node: ast.AST) -> Fraction:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        if not math.isfinite(node.value):  # 1e999 parses as infinity
+            raise CalculatorError("numbers must be finite")
         return _bounded(Fraction(node.value))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
         value = _value(node.operand)

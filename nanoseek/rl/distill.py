@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from nanoseek.atomic import atomic_file, atomic_write
 from nanoseek.data import sft_row
+from nanoseek.rl.agent import reply_text
 from nanoseek.rl.config import DistillConfig
-from nanoseek.rl.evaluate import completion_text
 from nanoseek.rl.tasks import Problem, Task
 from nanoseek.serve.config import EngineConfig
 from nanoseek.serve.engine import Engine
@@ -70,7 +70,7 @@ def write_traces(
             outputs = engine.generate([ids for ids in prompts for _ in range(samples)], params)
             tokens += samples * sum(map(len, prompts)) + sum(len(o.token_ids) for o in outputs)
             for i, problem in enumerate(chunk):
-                replies = [completion_text(engine, o.token_ids) for o in outputs[i * samples : (i + 1) * samples]]
+                replies = [reply_text(engine, o.token_ids) for o in outputs[i * samples : (i + 1) * samples]]
                 right = [r for r in replies if task is None or task.verify(problem, r) >= 1.0]
                 total_right += len(right)
                 if right:  # the prompt as the teacher saw it (no tools offered), and its verified reply

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from math import comb
 from pathlib import Path
 
-from nanoseek.rl.agent import Rollout, Toolbox, run_rollouts
+from nanoseek.rl.agent import Toolbox, reply_text, run_rollouts
 from nanoseek.rl.config import EvalConfig
 from nanoseek.rl.tasks import Problem, Task, get_task
 from nanoseek.serve.engine import Engine
@@ -26,13 +26,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - comb(n - c, k) / comb(n, k)
-
-
-def completion_text(engine: Engine, token_ids: list[int]) -> str:
-    """A reply with its special tokens kept (<think>, </think>), without the end-of-sentence token."""
-    if token_ids and token_ids[-1] == engine.eos_id:
-        token_ids = token_ids[:-1]
-    return engine.tokenizer.decode(token_ids, skip_special_tokens=False)
 
 
 @dataclass
@@ -75,15 +68,9 @@ def evaluate(
         group = rollouts[i * samples : (i + 1) * samples]
         rewards = [task.verify(problem, r.text) for r in group]
         correct.append(sum(r >= 1.0 for r in rewards))
-        firsts.append((problem, transcript(engine, group[0]), rewards[0]))
+        firsts.append((problem, reply_text(engine, group[0].tokens), rewards[0]))  # turns and results
     scores = {k: sum(pass_at_k(samples, c, k) for c in correct) / len(problems) for k in ks}
     return EvalResult(scores, firsts, sum(bool(r.calls) for r in rollouts) / len(rollouts))
-
-
-def transcript(engine: Engine, rollout: Rollout) -> str:
-    """A rollout as the chat format shows it: the turns with the tools' results between them."""
-    ids = rollout.tokens[:-1] if rollout.tokens and rollout.tokens[-1] == engine.eos_id else rollout.tokens
-    return engine.tokenizer.decode(ids)
 
 
 def run(cfg: EvalConfig) -> int:

@@ -18,16 +18,16 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from tqdm import tqdm
 
 from nanoseek.checkpoint import from_pretrained
 from nanoseek.device import default_device
-from nanoseek.rl.agent import Rollout, Toolbox, run_rollouts
+from nanoseek.rl.agent import Rollout, Toolbox, reply_text, run_rollouts
 from nanoseek.rl.config import GRPOConfig
-from nanoseek.rl.evaluate import evaluate, transcript
+from nanoseek.rl.evaluate import evaluate
 from nanoseek.rl.grpo_loss import group_advantages, grpo_loss
 from nanoseek.rl.rewards import load_reward, overlong_penalty, reward_name
 from nanoseek.rl.tasks import get_task
@@ -38,9 +38,8 @@ from nanoseek.train import loop, parallel
 from nanoseek.train.optim import build_optimizer, lr_at
 from nanoseek.train.run import RunFolder
 
-RESUME_MUST_MATCH = (
-    *("model", "task", "seed", "prompts_per_step", "group_size", "max_tokens", "rewards", "tools", "max_turns"),
-)
+RESUME_MUST_MATCH = ("model", "task", "seed", "prompts_per_step", "group_size", "max_tokens", "rewards")
+RESUME_MUST_MATCH += ("tools", "max_turns")
 
 
 def token_logprobs(
@@ -92,6 +91,7 @@ class GRPOTrainer:
         self.train_problems = self.task.problems("train", min(cfg.steps * cfg.prompts_per_step, 20_000), cfg.seed)
         self.test_problems = self.task.problems("test", cfg.eval_n, cfg.seed) if cfg.eval_n else []
         self.step = 0
+        self.rollout_log: IO[str] | None = None  # opened at the first step, once a resumed run knows its step
 
     # --- rollouts and rewards --------------------------------------------------------------------
     def rollouts(self, problems) -> list[Rollout]:
@@ -114,7 +114,9 @@ class GRPOTrainer:
         total = parts @ torch.tensor(self.reward_weights)
         if cfg.overlong_buffer:
             longest = cfg.max_tokens * self.turns
-            total += torch.tensor([overlong_penalty(len(r.own), longest, cfg.overlong_buffer) for r in rollouts])
+            total += torch.tensor(
+                [overlong_penalty(r.completion_tokens, longest, cfg.overlong_buffer) for r in rollouts]
+            )
         means = {f"rewards/{reward_name(p)}/mean": parts[:, i].mean().item() for i, p in enumerate(self.reward_paths)}
         return total.view(-1, g), means
 
@@ -123,20 +125,23 @@ class GRPOTrainer:
         return self.cfg.max_turns if self.toolbox else 1
 
     def keep_rollouts(self, problems, rollouts: list[Rollout], rewards: torch.Tensor) -> None:
-        """Every rollout of the step, its tool calls and reward, to DIR/rollouts.jsonl for inspection."""
+        """Every rollout of the step, its tool calls and reward, to DIR/rollouts.jsonl for inspection (a resumed
+        run keeps the rows up to its checkpoint, as metrics.jsonl)."""
+        if self.rollout_log is None:
+            self.rollout_log = self.run.open_log("rollouts.jsonl", self.step, self.cfg.resume)
         g = self.cfg.group_size
-        with open(self.out / "rollouts.jsonl", "a") as f:
-            for i, (r, reward) in enumerate(zip(rollouts, rewards.flatten().tolist(), strict=True)):
-                row = {
-                    "step": self.step + 1,
-                    "question": problems[i // g].question,
-                    "answer": problems[i // g].answer,
-                    "reward": reward,
-                    "finish_reason": r.finish_reason,
-                    "calls": r.calls,
-                    "transcript": transcript(self.engine, r),
-                }
-                f.write(json.dumps(row) + "\n")
+        for i, (r, reward) in enumerate(zip(rollouts, rewards.flatten().tolist(), strict=True)):
+            row = {
+                "step": self.step + 1,
+                "question": problems[i // g].question,
+                "answer": problems[i // g].answer,
+                "reward": reward,
+                "finish_reason": r.finish_reason,
+                "calls": r.calls,
+                "transcript": reply_text(self.engine, r.tokens),
+            }
+            self.rollout_log.write(json.dumps(row) + "\n")
+        self.rollout_log.flush()
 
     # --- one step --------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -177,7 +182,7 @@ class GRPOTrainer:
         if rows:
             metrics |= self.update([rollouts[i] for i in rows], advantages.flatten()[rows], lr)
         self.step += 1
-        sample = transcript(self.engine, rollouts[0])[:300]
+        sample = reply_text(self.engine, rollouts[0].tokens)[:300]
         metrics |= {"lr": lr, "seconds": time.perf_counter() - start, "samples": {"completion": sample}}
         return metrics
 
@@ -276,7 +281,11 @@ class GRPOTrainer:
         return {"reward": f"{metrics['reward']:.3f}", "len": f"{metrics['completions/mean_length']:.0f}"}
 
     def fit(self) -> list[dict[str, Any]]:
-        return loop.fit(self, self.run, self.cfg.resume, self.cfg.progress)
+        try:
+            return loop.fit(self, self.run, self.cfg.resume, self.cfg.progress)
+        finally:
+            if self.rollout_log is not None:
+                self.rollout_log.close()
 
 
 def run(cfg: GRPOConfig) -> int:

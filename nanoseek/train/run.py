@@ -27,13 +27,18 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: pass a folder written by `nanoseek train`")
-    metrics = []
+    return read_jsonl(path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One dict per line (a line cut short by a killed run is skipped)."""
+    rows = []
     for line in path.read_text().splitlines():
         try:
-            metrics.append(json.loads(line))
+            rows.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut short by a killed run
             continue
-    return metrics
+    return rows
 
 
 class RunFolder:
@@ -63,10 +68,14 @@ class RunFolder:
         return saved
 
     def open_metrics(self, step: int, resume: bool) -> IO[str]:
-        """metrics.jsonl for appending: a resumed run keeps what was logged up to its checkpoint's step
-        (rewritten atomically: a run killed here loses no line)."""
-        path = self.out / "metrics.jsonl"
-        kept = [m for m in read_metrics(self.out) if m["step"] <= step] if resume and path.is_file() else []
+        return self.open_log("metrics.jsonl", step, resume)
+
+    def open_log(self, name: str, step: int, resume: bool) -> IO[str]:
+        """A JSONL log of rows with a "step" (metrics.jsonl, GRPO's rollouts.jsonl) for appending: a resumed
+        run keeps the rows up to its checkpoint's step, a fresh one none (rewritten atomically: a run killed
+        here loses no line)."""
+        path = self.out / name
+        kept = [m for m in read_jsonl(path) if m["step"] <= step] if resume and path.is_file() else []
         atomic_write(path, "".join(json.dumps(m) + "\n" for m in kept))
         return open(path, "a")
 
