@@ -67,7 +67,7 @@ def batch_rollouts(rollouts: list[Rollout], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-class GRPOTrainer:
+class GRPOTrainer(loop.Cadence):
     def __init__(self, cfg: GRPOConfig):
         self.cfg, self.out = cfg, Path(cfg.out)
         # A resumed run must draw the same problems and groups its checkpoint stood in.
@@ -250,18 +250,6 @@ class GRPOTrainer:
 
     # --- the loop (train/loop.py) ------------------------------------------------------------------
     name = "grpo"
-
-    @property
-    def steps(self) -> int:
-        return self.cfg.steps
-
-    @property
-    def eval_every(self) -> int:
-        return self.cfg.eval_every
-
-    @property
-    def save_every(self) -> int:
-        return self.cfg.save_every
 
     def before(self) -> dict[str, Any] | None:
         """Held-out pass@1 of the starting policy, the run's first row."""

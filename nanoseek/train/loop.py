@@ -41,6 +41,24 @@ class Job(Protocol):
         """A checkpoint and the model folder (collective under torchrun)."""
 
 
+class Cadence:
+    """A job's steps and its evaluation and save cadence, read from its settings (`self.cfg`)."""
+
+    cfg: Any
+
+    @property
+    def steps(self) -> int:
+        return self.cfg.steps
+
+    @property
+    def eval_every(self) -> int:
+        return self.cfg.eval_every
+
+    @property
+    def save_every(self) -> int:
+        return self.cfg.save_every
+
+
 def fit(
     job: Job, run: RunFolder, resume: bool, progress: bool, main: bool = True, tensorboard: bool = False
 ) -> list[dict[str, Any]]:

@@ -69,7 +69,7 @@ def mtp_targets(targets: torch.Tensor, depth: int) -> torch.Tensor:
     return targets[:, depth:]
 
 
-class Trainer:
+class Trainer(loop.Cadence):
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig | None = None, tokenizer: Tokenizer | None = None):
         self.cfg, self.out = cfg, Path(cfg.out)
         self.device, self.par = self._placement()
@@ -449,18 +449,6 @@ class Trainer:
 
     # --- the loop (train/loop.py) ------------------------------------------------------------------
     name = "train"
-
-    @property
-    def steps(self) -> int:
-        return self.cfg.steps
-
-    @property
-    def eval_every(self) -> int:
-        return self.cfg.eval_every
-
-    @property
-    def save_every(self) -> int:
-        return self.cfg.save_every
 
     def before(self) -> None:
         return None
