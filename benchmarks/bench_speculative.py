@@ -32,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="runs/tiny/model")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per engine, interleaved")
     parser.add_argument("--enforce-eager", action="store_true", help="measure the eager engine")
     args = parser.parse_args()
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
@@ -39,12 +40,17 @@ def main() -> None:
     engines = {k: Engine(args.model, speculative_tokens=k, enforce_eager=args.enforce_eager) for k in (0, 1, 2)}
     for batch in (1, len(PROMPTS)):
         prompts, base, plain = PROMPTS[:batch], None, None
-        for k, engine in engines.items():
+        for engine in engines.values():
             engine.generate(prompts, params)  # warm up: every graph this batch needs is compiled
             engine.metrics.__init__()
-            seconds = min(timed(lambda e=engine, p=prompts: e.generate(p, params)) for _ in range(3))
+        # Rounds interleaved across the engines, the best of each kept: this machine's speed drifts over seconds.
+        seconds = {k: float("inf") for k in engines}
+        for _ in range(args.rounds):
+            for k, engine in engines.items():
+                seconds[k] = min(seconds[k], timed(lambda e=engine, p=prompts: e.generate(p, params)))
+        for k, engine in engines.items():
             tokens = [o.token_ids for o in engine.generate(prompts, params)]
-            tps = sum(map(len, tokens)) / seconds
+            tps = sum(map(len, tokens)) / seconds[k]
             base, plain = base or tps, plain or tokens
             stats = engine.stats()
             print(

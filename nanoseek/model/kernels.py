@@ -1,5 +1,6 @@
 """`linear(x, weight)`: `F.linear`, or the product on a copy of `weight` that a CPU kernel laid out for itself
-and registered (`register_packed`; nanoseek.serve.packed does, for oneDNN's prepacked weights).
+and registered (`register_packed`; nanoseek.serve.packed does, for oneDNN's prepacked weights); inside a
+captured CPU step, a product of a few rows is one multiply-and-sum that Inductor fuses with its neighbours.
 
 The model stays the model: the layout is chosen from outside, and the weight itself stays where the checkpoint
 put it. As a custom op it is opaque to torch.compile, so a captured decode step calls it as it is (Dynamo cannot
@@ -13,6 +14,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+# Rows up to which a captured CPU product is one fused multiply-and-sum (kernels.linear, Int8Linear): it reads
+# the weight at ~31 GB/s where oneDNN's packed matvec reads ~25 and MKL's `F.linear` ~10 (16,384 x 512 fp32),
+# and it saves a library call per product. Measured in whole decode steps: `small` 2 rows 6.0 against 8.7 ms,
+# 8 rows 22.0 against 24.4; a `tiny` speculative step (2 rows) 0.67 against 1.00 ms (benchmarks/bench_rows.py).
+FUSED_ROWS = 8
 
 # weight.data_ptr() -> (weight's shape, the product x @ weight.T on its packed copy); see register_packed
 _packed: dict[int, tuple[torch.Size, Callable[[torch.Tensor], torch.Tensor]]] = {}
@@ -49,8 +56,7 @@ torch.library.register_fake(
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ weight.T -> [..., out], on weight's packed copy where one is registered."""
     if torch.compiler.is_compiling():
-        if x.numel() == x.shape[-1]:  # one row (a batch-1 decode graph): a reduction over weight's rows that
-            # Inductor fuses, reading the weight where it lies at ~31 GB/s (oneDNN's packed matvec: ~25)
+        if x.device.type == "cpu" and x.numel() <= FUSED_ROWS * x.shape[-1]:  # a decode step's few rows
             return (x.unsqueeze(-2) * weight).sum(-1)
         return torch.ops.nanoseek.linear(x, weight)  # opaque to the compiler
     return _linear(x, weight)  # eagerly the op's dispatch would only cost time

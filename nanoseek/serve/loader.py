@@ -47,12 +47,13 @@ def load_model(
 
 def pack_for_decode(model: Transformer, device: torch.device, pack_weights: str) -> bool:
     """Pack the weights for oneDNN's decode kernels (serve/packed.py): on, off, or auto (where the model is
-    larger than the CPU's cache, so that decode streams it). Returns whether they were packed."""
+    larger than the CPU's cache, so that decode streams it). Returns whether they were packed. On a CPU the
+    products go through kernels.linear either way, so that a captured step fuses those of a few rows."""
     wanted = packing_pays(model) if pack_weights == "auto" else pack_weights == "on"
-    if wanted and packing_available(device):
-        pack_model(model)
-        return True
-    return False
+    packed = wanted and packing_available(device)
+    if device.type == "cpu":
+        pack_model(model, packed)
+    return packed
 
 
 def fingerprint(model: Transformer, layout: str, model_dir: Path | None, every_byte: bool) -> bytes:

@@ -24,6 +24,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from nanoseek.model import Transformer
+from nanoseek.model.kernels import FUSED_ROWS
 from nanoseek.model.moe import RoutedExperts
 from nanoseek.serve.grammar import Grammars
 from nanoseek.serve.kv_cache import LatentPool, StepCache
@@ -225,11 +226,12 @@ class ModelRunner:
         if not self.captured:
             return
         sizes = [1 << i for i in range(bucket(max_batch).bit_length())]
+        widths = sorted({1, self.graph_tokens})
         if self.dynamic_batch:  # each of the MoE's paths, its dynamic graph marked at batches of 2 and more
             experts = [m for m in self.model.modules() if isinstance(m, RoutedExperts)][:1]
             paths = experts[0].captured_paths(self.model.cfg.num_experts_per_tok, max_batch) if experts else set()
-            sizes = sorted({1, min(2, max_batch), max_batch} | paths)
-        widths = sorted({1, self.graph_tokens})
+            fused = {min(FUSED_ROWS // width, max_batch) for width in widths}  # products of a few rows fused
+            sizes = sorted({1, min(2, max_batch), max_batch} | paths | fused)
         hidden = self.model.cfg.hidden_size
         start = time.perf_counter()
         kinds = ["decode", "draft"] if self.graph_tokens > 1 else ["decode"]  # drafting: the MTP module's too
