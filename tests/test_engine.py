@@ -7,7 +7,7 @@ import torch
 from hf_reference import make_hf_model, perturb_
 
 from nanoseek import Engine, SamplingParams, Transformer, get_preset, save_pretrained
-from nanoseek.model.moe import Gate
+from nanoseek.model.moe import Gate, RoutedExperts
 from nanoseek.serve.kv_cache import CacheSpec, LatentPool
 from nanoseek.serve.sampling import sample_token
 
@@ -439,19 +439,22 @@ def test_a_captured_decode_step_gives_the_eager_tokens(model):
     assert captured.block_manager.num_free == captured.block_manager.num_blocks
 
 
-def test_a_captured_step_of_many_rows_runs_each_expert_on_its_own_tokens(model):
-    """Past 4 (token, expert) pairs per expert, a captured step sorts the pairs by expert around an opaque op
-    (nanoseek::experts_by_group) instead of running every expert on every token: the eager greedy tokens."""
-    from torch.profiler import profile
-
+def test_a_captured_cpu_step_of_many_rows_reads_each_pairs_expert_where_it_lies(model):
+    """On a CPU a captured step takes the gathered path (each (token, expert) pair's products one fused
+    reduction) at any batch, past 4 pairs per expert too: the eager greedy tokens. FP8-resident experts, whose
+    per-pair conversion has no vector instruction there, and CUDA keep it to fewer pairs than experts."""
     prompts = [[1 + i, 2 + i, 3 + 2 * i, 5] for i in range(20)]  # 20 rows x 2 experts > 4 x 8 experts
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     eager = engine(model).generate(prompts, params)
     captured = engine(model, enforce_eager=False, max_batched_tokens=128)
-    with profile() as prof:
-        outputs = captured.generate(prompts, params)
-    assert [o.token_ids for o in outputs] == [o.token_ids for o in eager]
-    assert any(event.name == "nanoseek::experts_by_group" for event in prof.events())
+    assert [o.token_ids for o in captured.generate(prompts, params)] == [o.token_ids for o in eager]
+    experts = next(m for m in captured.model.modules() if isinstance(m, RoutedExperts))
+    cpu, cuda, pairs = torch.device("cpu"), torch.device("cuda"), 40 * experts.n_experts
+    assert experts._gathered_pays(pairs, cpu) and experts.captured_paths(2, 64, cpu) == {64}
+    assert not experts._gathered_pays(pairs, cuda) and experts._gathered_pays(experts.n_experts, cuda)
+    fp8 = copy.copy(experts)  # (the model is the module's fixture)
+    fp8.quantized = "fp8"
+    assert not fp8._gathered_pays(pairs, cpu) and fp8._gathered_pays(experts.n_experts, cpu)
 
 
 @pytest.mark.parametrize("k", [1, 2])

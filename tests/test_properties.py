@@ -103,9 +103,8 @@ def test_softmax_gate_weights_are_softmax_probabilities_of_the_chosen():
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 12))
 def test_the_decode_paths_over_experts_match_the_sorted_path(seed, n):
-    """The eager loop over chosen experts, and the three paths of a captured step (gathered weights per pair,
-    every expert on every token, the pairs sorted by expert around one opaque op), against the sorted grouped
-    path that training runs."""
+    """The eager loop over chosen experts, and the two paths of a captured step (gathered weights per pair,
+    every expert on every token), against the sorted grouped path that training runs."""
     experts = model().layers[CFG.first_k_dense_replace].mlp.experts
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, CFG.hidden_size, generator=g)
@@ -114,5 +113,5 @@ def test_the_decode_paths_over_experts_match_the_sorted_path(seed, n):
     with torch.enable_grad():  # gradients on: the sorted grouped path
         sorted_path = experts(x, weights, indices).detach()
     with torch.no_grad():
-        for path in (experts._few_tokens, experts._few_tokens_gathered, experts._every_expert, experts._by_expert):
+        for path in (experts._few_tokens, experts._gathered, experts._every_expert):
             torch.testing.assert_close(path(x, weights, indices), sorted_path, rtol=1e-5, atol=1e-5)  # fp32 sum orders

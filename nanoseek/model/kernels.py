@@ -18,7 +18,8 @@ import torch.nn.functional as F
 # Rows up to which a captured CPU product is one fused multiply-and-sum (kernels.linear, Int8Linear): it reads
 # the weight at ~31 GB/s where oneDNN's packed matvec reads ~25 and MKL's `F.linear` ~10 (16,384 x 512 fp32),
 # and it saves a library call per product. Measured in whole decode steps: `small` 2 rows 6.0 against 8.7 ms,
-# 8 rows 22.0 against 24.4; a `tiny` speculative step (2 rows) 0.67 against 1.00 ms (benchmarks/bench_rows.py).
+# 8 rows 22.0 against 24.4; a `tiny` speculative step (2 rows) 0.67 against 1.00 ms. benchmarks/bench_captured.py
+# measures whole decodes both ways.
 FUSED_ROWS = 8
 
 # weight.data_ptr() -> (weight's shape, the product x @ weight.T on its packed copy); see register_packed

@@ -120,21 +120,9 @@ def grouped_mm(
     return _GroupedMM.apply(x, weight, counts.tolist() if sizes is None else sizes, fp8)
 
 
-@torch.library.custom_op("nanoseek::experts_by_group", mutates_args=())
-def experts_by_group(
-    rows: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
-) -> torch.Tensor:
-    """Rows sorted by expert through their expert's SwiGLU (counts [E] rows each), as one opaque op: a captured
-    graph keeps its static shapes around it, while inside, the group sizes are read and each expert's
-    matmuls run on its own rows only (a graph cannot loop over data-dependent sizes)."""
-    sizes = counts.tolist()
-    gate, up = grouped_mm(rows, gate_up, counts, sizes=sizes).chunk(2, dim=-1)
-    return grouped_mm(F.silu(gate) * up, down, counts, sizes=sizes)
-
-
-@experts_by_group.register_fake
-def _(rows: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    return rows.new_empty(rows.shape[0], down.shape[1])
+# A captured CPU step's routed experts take the gathered path at every batch (RoutedExperts._gathered_pays);
+# read while a graph is traced, so benchmarks/bench_captured.py compiles both ways side by side.
+GATHERED_ON_CPU = True
 
 
 class Gate(nn.Module):
@@ -267,10 +255,8 @@ class RoutedExperts(nn.Module):
             if torch.compiler.is_compiling():  # a captured step: static shapes, no sorting tokens by expert
                 # (Quantised experts: few pairs dequantise only the chosen ones, inside the products; more pairs
                 # dequantise each expert once, a bounded temporary where gathering would hold one per pair)
-                if self._few_tokens_pay(n * k):
-                    return self._few_tokens_gathered(x, weights, indices)
-                if self._sorting_pays(n * k) and self.quantized is None:
-                    return self._by_expert(x, weights, indices)
+                if self._gathered_pays(n * k, x.device):
+                    return self._gathered(x, weights, indices)
                 return self._every_expert(x, weights, indices)
             if self._few_tokens_pay(n * k) or self.quantized or self.packed:
                 return self._few_tokens(x, weights, indices)  # quantised: dequantise only the chosen experts
@@ -295,16 +281,25 @@ class RoutedExperts(nn.Module):
         weights (nanoseek.model.kernels) the loop runs at every batch: only it reads the packed copies."""
         return pairs <= self.n_experts
 
-    def _sorting_pays(self, pairs: int) -> bool:
-        """In a captured step, sorting tokens by expert (an op outside the graph, 2E small matmuls) beats every
-        expert on every token once each expert has more than a few tokens: measured on `small` (E = 16,
-        k = 4), the sorted path is 0.65x the time at 8 pairs per expert and 1.3x at 4."""
-        return pairs > 4 * self.n_experts
+    def _gathered_pays(self, pairs: int, device: torch.device) -> bool:
+        """In a captured step on a CPU, each (token, expert) pair's products as one fused reduction over its
+        expert's rows beat every expert on every token (benchmarks/bench_captured.py) and sorting the pairs
+        by expert around an opaque op (since removed) at every batch measured, greedy tokens equal: `small`
+        fp32 b8 1.47x, b32 1.41x, b128 1.05x; `tiny` b32 1.42x, b256 1.26x; `small` int8 b8 2.4x, b32 1.39x;
+        bf16 level.
+        Not FP8-resident experts, whose per-pair conversion has no vector instruction on such a CPU (b32
+        0.37x), nor CUDA (unmeasured): there, only while pairs are fewer than experts."""
+        return self._always_gathered(device) or self._few_tokens_pay(pairs)
 
-    def captured_paths(self, k: int, max_batch: int) -> set[int]:
+    def _always_gathered(self, device: torch.device) -> bool:
+        return GATHERED_ON_CPU and device.type == "cpu" and self.quantized != "fp8"
+
+    def captured_paths(self, k: int, max_batch: int, device: torch.device) -> set[int]:
         """The largest batch (up to max_batch) on each of a captured step's paths, so that warming the step
         at these sizes compiles every graph a batch of decoding tokens can need."""
-        return {min(self.n_experts // k, max_batch), min(4 * self.n_experts // k, max_batch), max_batch} - {0}
+        if self._always_gathered(device):
+            return {max_batch}
+        return {min(self.n_experts // k, max_batch), max_batch} - {0}
 
     def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Decoding a handful of tokens: each chosen expert's weights are read where they lie (copying them out,
@@ -356,31 +351,18 @@ class RoutedExperts(nn.Module):
             else:
                 setattr(self, name, grown)
 
-    def _few_tokens_gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def _gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The loop above, static in shape for a captured graph (whose loops cannot depend on data): each
         (token, expert) pair's products as multiply-and-sum over the chosen expert's rows, which Inductor
-        compiles into one reduction that reads the weights where they lie. (As a batched matmul, the pairs'
-        weights were first gathered into a copy: 44 MB written and read again per token on `small`.)"""
+        compiles into one reduction that reads the weights where they lie (from the cache, for the pairs of
+        an expert chosen more than once). (As a batched matmul, the pairs' weights were first gathered into
+        a copy: 44 MB written and read again per token on `small`.)"""
         n, k = indices.shape
         rows = x.repeat_interleave(k, dim=0)  # [N * k, hidden]
         gate_up, down = self.expert_weights(indices.flatten(), x.dtype)  # indexed, fused into the products
         gate, up = (gate_up * rows[:, None, :]).sum(-1).chunk(2, dim=-1)  # [N * k, i] each
         out = (down * (F.silu(gate) * up)[:, None, :]).sum(-1)  # [N * k, hidden]
         return (weights.reshape(-1, 1).float() * out.float()).view(n, k, -1).sum(1).to(x.dtype)
-
-    def _by_expert(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """The routed computation of the general path, with static shapes around `experts_by_group`: pairs
-        sorted by expert (a counting scatter, not bincount, whose length depends on the data), each expert's
-        SwiGLU on its rows only, and back to (token, slot) order."""
-        n, k = indices.shape
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
-            0, flat, torch.ones_like(flat)
-        )
-        out = experts_by_group(x.index_select(0, order // k), counts, self.gate_up_proj, self.down_proj)
-        out = torch.empty_like(out).index_copy_(0, order, out).view(n, k, -1)  # back to (token, slot) order
-        return (weights.unsqueeze(-1).float() * out.float()).sum(1).to(x.dtype)
 
     def _every_expert(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """A captured step with more (token, expert) pairs than experts: every expert runs on every token,

@@ -229,7 +229,8 @@ class ModelRunner:
         widths = sorted({1, self.graph_tokens})
         if self.dynamic_batch:  # each of the MoE's paths, its dynamic graph marked at batches of 2 and more
             experts = [m for m in self.model.modules() if isinstance(m, RoutedExperts)][:1]
-            paths = experts[0].captured_paths(self.model.cfg.num_experts_per_tok, max_batch) if experts else set()
+            k = self.model.cfg.num_experts_per_tok
+            paths = experts[0].captured_paths(k, max_batch, self.device) if experts else set()
             fused = {min(FUSED_ROWS // width, max_batch) for width in widths}  # products of a few rows fused
             sizes = sorted({1, min(2, max_batch), max_batch} | paths | fused)
         hidden = self.model.cfg.hidden_size
