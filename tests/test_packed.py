@@ -57,8 +57,7 @@ def test_a_captured_product_of_a_few_rows_is_one_fused_reduction_and_equals_f_li
     from torch._inductor.utils import run_and_get_code
 
     x, w = torch.randn(rows, 48), torch.randn(80, 48)
-    compiled = torch.compile(kernels.linear, dynamic=False)
-    torch._dynamo.reset()
+    compiled = torch.compile(kernels.linear, dynamic=False)  # (a new row count: a new graph, its code seen)
     out, code = run_and_get_code(compiled, x, w)
     torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
     assert ("nanoseek.linear" in "".join(code)) == (rows > kernels.FUSED_ROWS)
