@@ -286,9 +286,8 @@ class RoutedExperts(nn.Module):
         expert's rows beat every expert on every token (benchmarks/bench_captured.py) and sorting the pairs
         by expert around an opaque op (since removed) at every batch measured, greedy tokens equal: `small`
         fp32 b8 1.47x, b32 1.41x, b128 1.05x; `tiny` b32 1.42x, b256 1.26x; `small` int8 b8 2.4x, b32 1.39x;
-        bf16 level.
-        Not FP8-resident experts, whose per-pair conversion has no vector instruction on such a CPU (b32
-        0.37x), nor CUDA (unmeasured): there, only while pairs are fewer than experts."""
+        bf16 level. Not FP8-resident experts, whose per-pair conversion has no vector instruction on such a
+        CPU (b32 0.37x), nor CUDA (unmeasured): there, only while pairs are fewer than experts."""
         return self._always_gathered(device) or self._few_tokens_pay(pairs)
 
     def _always_gathered(self, device: torch.device) -> bool:
