@@ -71,6 +71,7 @@ def test_the_balancing_hook_moves_the_biases_once_per_optimizer_step_with_the_lo
     hook = BalancingHook(optimizer, gates, gamma=1e-3)
     hook.loads = {"model.layers.1": torch.tensor([40.0, 0.0, 10.0, 10.0, 10.0, 10.0, 0.0, 0.0])}
     for g in gates.values():
+        torch.nn.init.normal_(g.weight)  # Gate allocates its weight uninitialised: garbage may hold a NaN
         g.weight.grad = torch.ones_like(g.weight)
     weight_before = gates["model.layers.1"].weight.detach().clone()
     optimizer.step()
